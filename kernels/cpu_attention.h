@@ -1,0 +1,39 @@
+// CPU paths over a paged KV cache in host memory: the fp32 append and attention the CPU backend
+// serves with, and the fp64 reference tests compare every backend against.
+#ifndef ATTND_KERNELS_CPU_ATTENTION_H_
+#define ATTND_KERNELS_CPU_ATTENTION_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/paged_kv.h"
+
+namespace attnd::kernels {
+
+// Writes n tokens' K and V, each [n][num_kv_heads][head_dim] of shape.dtype contiguous, into
+// positions [start, start + n) of `layer`, following seq.page_table.
+void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
+                 int64_t start, int64_t n, const void* k, const void* v);
+
+// Causal attention of one sequence's num_queries new queries over its kv_len positions.
+// q and out are [num_queries][num_qo_heads][head_dim] of shape.dtype; lse (may be null) is
+// [num_queries][num_qo_heads] float32, natural log of the softmax denominator. Computes in fp32
+// with an online softmax, one pass over the KV.
+void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
+                       const SequenceView& seq, const AttentionOptions& opts, const void* q,
+                       void* out, float* lse);
+
+// fp64 reference of CpuPagedAttention: gathers the sequence's K/V densely and computes
+// softmax(logits) V in double, two passes. Output in double, [num_queries][qo_heads][head_dim];
+// lse [num_queries][qo_heads].
+void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
+                             const SequenceView& seq, const AttentionOptions& opts,
+                             const void* q, std::vector<double>* out, std::vector<double>* lse);
+
+// Conversions between the storage dtypes and float (round-to-nearest-even on the way down).
+float LoadAsFloat(const void* base, int64_t index, DType dtype);
+void StoreFromFloat(void* base, int64_t index, DType dtype, float value);
+
+}  // namespace attnd::kernels
+
+#endif  // ATTND_KERNELS_CPU_ATTENTION_H_
