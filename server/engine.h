@@ -1,0 +1,105 @@
+// The engine: everything the service does, without gRPC. It validates requests (the message
+// names the field and the limit), resolves tensors, and runs each device's work on that
+// device's worker in arrival order. Replies come through a completion callback, from the
+// worker thread, once outputs are written.
+#ifndef ATTND_SERVER_ENGINE_H_
+#define ATTND_SERVER_ENGINE_H_
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "attnd/v1/attention.pb.h"
+#include "server/backend.h"
+#include "server/config.h"
+#include "server/device_worker.h"
+#include "server/kv_pool.h"
+#include "server/metrics.h"
+#include "server/region.h"
+#include "server/tensor_ref.h"
+
+namespace attnd {
+
+class Engine {
+ public:
+  using Done = absl::AnyInvocable<void(absl::Status) &&>;
+  // Called when a device stops (or starts) serving; the service mirrors it in health.
+  using ServingListener = std::function<void(int device_index, bool serving)>;
+
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ServerConfig& config,
+                                                        Metrics* metrics);
+  // Finishes all queued work, then stops the workers.
+  ~Engine();
+
+  void SetServingListener(ServingListener listener) { serving_listener_ = std::move(listener); }
+  const ServerConfig& config() const { return config_; }
+  int num_devices() const { return static_cast<int>(devices_.size()); }
+  bool device_serving(int index) const { return devices_[index]->serving.load(); }
+
+  void GetServerInfo(v1::ServerInfo* info) const;
+
+  absl::Status RegisterHostRegion(const v1::RegisterHostRegionRequest& req);
+  absl::Status RegisterCudaRegion(const v1::RegisterCudaRegionRequest& req);
+  absl::Status UnregisterRegion(const v1::UnregisterRegionRequest& req);
+  void ListRegions(v1::ListRegionsResponse* resp) const;
+  absl::Status RegisterCudaEvent(const v1::RegisterCudaEventRequest& req);
+  absl::Status UnregisterCudaEvent(const v1::UnregisterCudaEventRequest& req);
+
+  void CreateSequence(const v1::CreateSequenceRequest& req, v1::SequenceInfo* resp, Done done);
+  void ForkSequence(const v1::ForkSequenceRequest& req, v1::SequenceInfo* resp, Done done);
+  void TruncateSequence(const v1::TruncateSequenceRequest& req, v1::SequenceInfo* resp,
+                        Done done);
+  void ReleaseSequence(const v1::ReleaseSequenceRequest& req, v1::ReleaseSequenceResponse* resp,
+                       Done done);
+  void GetSequence(const v1::GetSequenceRequest& req, v1::SequenceInfo* resp, Done done);
+  void ListSequences(const v1::ListSequencesRequest& req, v1::ListSequencesResponse* resp,
+                     Done done);
+
+  void Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done);
+  void Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done);
+  void Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done);
+  void ExportKv(const v1::ExportKvRequest& req, v1::ExportKvResponse* resp, Done done);
+  void ImportKv(const v1::ImportKvRequest& req, v1::ImportKvResponse* resp, Done done);
+
+ private:
+  struct Device {
+    int id = 0;       // the index clients name
+    int index = 0;    // position in devices_
+    std::unique_ptr<DeviceBackend> backend;
+    std::unique_ptr<KvPool> pool;
+    std::atomic<bool> serving{true};
+    std::atomic<int64_t> used_pages{0};
+    std::atomic<int64_t> live_sequences{0};
+    std::unique_ptr<DeviceWorker> worker;  // last: destroyed (drained) first
+  };
+
+  Engine(const ServerConfig& config, Metrics* metrics) : config_(config), metrics_(metrics) {}
+
+  // Finds the device a request names; INVALID_ARGUMENT if it is not one of ours, UNAVAILABLE
+  // after a fault.
+  absl::StatusOr<Device*> FindDevice(uint32_t device) const;
+  // Runs `task` on the device's worker, which answers through `done`.
+  void Post(Device* device, Done done,
+            absl::AnyInvocable<absl::Status(Device&) &&> task);
+  void AttentionImpl(const v1::AttentionRequest& req, bool decode, v1::AttentionResponse* resp,
+                     Done done);
+  void PublishPoolState(Device& device);
+  // A backend error is sticky: the device takes no more work.
+  void MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
+  void FillSequenceInfo(const Device& device, const Sequence& seq, v1::SequenceInfo* info) const;
+  Placement PlacementFor(const Device& device) const;
+
+  ServerConfig config_;
+  Metrics* metrics_;
+  RegionRegistry regions_;
+  ServingListener serving_listener_;
+  std::vector<std::unique_ptr<Device>> devices_;
+};
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_ENGINE_H_
