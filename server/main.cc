@@ -53,6 +53,8 @@ int Run(const ServerConfig& config) {
     spdlog::error("--backend=cuda: this build has no CUDA backend yet; use --backend=cpu");
     return 2;
   }
+  if (config.backend == BackendChoice::kAuto)
+    spdlog::info("backend=auto: this build has no CUDA backend, serving on the CPU");
   spdlog::info("backend=cpu layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
                config.model.head_dim, config.model.page_size);
@@ -120,6 +122,7 @@ int Run(const ServerConfig& config) {
   const auto deadline = std::chrono::system_clock::now() +
                         std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
   server->Shutdown(deadline);
+  spdlog::debug("grpc server shut down");
   server->Wait();
   engine.reset();  // finishes work still queued on the device workers
   if (!config.unix_socket.empty()) unlink(config.unix_socket.c_str());

@@ -1,0 +1,56 @@
+// Starts a real attnd process for end-to-end tests and stops it with SIGTERM.
+#ifndef ATTND_TESTS_E2E_SERVER_PROCESS_H_
+#define ATTND_TESTS_E2E_SERVER_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/client.h"
+
+namespace attnd::testing {
+
+class ServerProcess {
+ public:
+  // Starts attnd with `flags` plus a fresh Unix socket and a free TCP port, and waits until it
+  // reports SERVING. /metrics is off unless `flags` holds "--metrics_port=auto", which becomes a
+  // free port.
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(std::vector<std::string> flags);
+  // Sends SIGTERM if still running.
+  ~ServerProcess();
+
+  const std::string& unix_target() const { return unix_target_; }
+  const std::string& tcp_target() const { return tcp_target_; }
+  int metrics_port() const { return metrics_port_; }
+  pid_t pid() const { return pid_; }
+
+  // Sends SIGTERM and returns the exit status (-1 if it did not exit by itself in time).
+  int Terminate(int timeout_ms = 20000);
+  bool Running();
+  // What the server wrote to stderr so far.
+  std::string Log() const;
+
+ private:
+  ServerProcess() = default;
+
+  pid_t pid_ = -1;
+  std::string socket_path_;
+  std::string log_path_;
+  std::string unix_target_;
+  std::string tcp_target_;
+  int metrics_port_ = 0;
+  int exit_status_ = -1;  // once reaped
+};
+
+// A TCP port that was free a moment ago.
+int PickFreePort();
+
+// GET http://127.0.0.1:port/path; the response body, or an error.
+absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
+
+}  // namespace attnd::testing
+
+#endif  // ATTND_TESTS_E2E_SERVER_PROCESS_H_
