@@ -18,10 +18,19 @@ void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int
 // Causal attention of one sequence's num_queries new queries over its kv_len positions.
 // q and out are [num_queries][num_qo_heads][head_dim] of shape.dtype; lse (may be null) is
 // [num_queries][num_qo_heads] float32, natural log of the softmax denominator. Computes in fp32
-// with an online softmax, one pass over the KV.
+// with an online softmax, one pass over the KV. A query that sees no key (only possible when
+// num_queries > kv_len) gets a zero output row and lse = -inf; num_queries == 0 is a no-op.
 void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                        const SequenceView& seq, const AttentionOptions& opts, const void* q,
                        void* out, float* lse);
+
+// CpuPagedAttention restricted to kv heads [kv_head_begin, kv_head_end) and the query heads of
+// their GQA groups; writes only those heads' rows of out and lse. Calls on disjoint head ranges
+// touch disjoint memory, so a backend may run them on different threads.
+void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64_t layer,
+                              const SequenceView& seq, const AttentionOptions& opts,
+                              const void* q, void* out, float* lse, int64_t kv_head_begin,
+                              int64_t kv_head_end);
 
 // fp64 reference of CpuPagedAttention: gathers the sequence's K/V densely and computes
 // softmax(logits) V in double, two passes. Output in double, [num_queries][qo_heads][head_dim];
@@ -33,6 +42,11 @@ void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_
 // Conversions between the storage dtypes and float (round-to-nearest-even on the way down).
 float LoadAsFloat(const void* base, int64_t index, DType dtype);
 void StoreFromFloat(void* base, int64_t index, DType dtype, float value);
+
+// The same for n consecutive elements starting at element `index`; the same results as the
+// scalar forms, but vectorised (for the CPU backend's bulk conversions).
+void LoadRowAsFloat(const void* base, int64_t index, int64_t n, DType dtype, float* dst);
+void StoreRowFromFloat(const float* src, int64_t n, DType dtype, void* base, int64_t index);
 
 }  // namespace attnd::kernels
 
