@@ -93,6 +93,10 @@ absl::Status ServerConfig::Validate() {
 
   if (unix_socket.empty() && tcp_address.empty())
     return absl::InvalidArgumentError("set --unix_socket or --tcp_address: attnd listens nowhere");
+  static constexpr const char* kLogLevels[] = {"trace", "debug", "info", "warn", "error"};
+  if (std::find(std::begin(kLogLevels), std::end(kLogLevels), log_level) == std::end(kLogLevels))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--log_level=", log_level, ": expected trace, debug, info, warn or error"));
   if (metrics_port < 0 || metrics_port > 65535) return OutOfRange("metrics_port", metrics_port, "0..65535");
   if (!(drain_timeout_s >= 0)) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
   return absl::OkStatus();

@@ -138,6 +138,8 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const Pag
   // page that two writes of this batch both touch is copied once per writer until only one
   // owner is left, so track planned releases.
   absl::flat_hash_map<int32_t, int32_t> planned_releases;
+  // Page-table sizes as planned so far: several writes (layers) of one sequence share pages.
+  absl::flat_hash_map<uint64_t, int64_t> planned_pages;
   absl::flat_hash_set<std::pair<uint64_t, int64_t>> seen;
   int64_t needed = 0;
   for (size_t i = 0; i < writes.size(); ++i) {
@@ -153,6 +155,7 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const Pag
     const int64_t first = w.start / page_size_;
     const int64_t last = (w.start + w.n - 1) / page_size_;
     const int64_t have = static_cast<int64_t>(seq->pages.size());
+    int64_t& planned = planned_pages.try_emplace(w.seq_id, have).first->second;
     for (int64_t p = first; p <= std::min(last, have - 1); ++p) {
       const int32_t page = seq->pages[static_cast<size_t>(p)];
       int32_t& released = planned_releases[page];
@@ -161,7 +164,8 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const Pag
         ++needed;
       }
     }
-    needed += std::max<int64_t>(0, last + 1 - have);
+    needed += std::max<int64_t>(0, last + 1 - planned);
+    planned = std::max(planned, last + 1);
   }
   if (needed > free_pages())
     return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the request needs ",
