@@ -51,6 +51,7 @@ struct ServerConfig {
   std::string metrics_bind = "0.0.0.0";
   std::string log_level = "info";
   double drain_timeout_s = 30.0;
+  int cpu_threads = 0;  // CPU backend threads per device; 0: all cores
 
   // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
   // flag and its limit.

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cpu_attention.h"
 #include "server/backend.h"
+#include "server/thread_pool.h"
 
 namespace attnd {
 namespace {
@@ -37,7 +38,8 @@ class CpuDeviceBackend final : public DeviceBackend {
       : shape_(config.model.CacheShape(num_pages)),
         options_(config.model.Options()),
         num_qo_heads_(config.model.num_qo_heads),
-        pool_(std::move(pool)) {}
+        pool_(std::move(pool)),
+        threads_(std::max(0, config.cpu_threads - 1)) {}
 
   std::string name() const override { return "cpu"; }
   int64_t num_pages() const override { return shape_.num_pages; }
@@ -68,16 +70,25 @@ class CpuDeviceBackend final : public DeviceBackend {
 
   absl::Status Attention(const AttentionWork& work) override {
     if (absl::Status s = Append(work.append); !s.ok()) return s;
+    // One task per (sequence, kv head): disjoint rows of out and lse, so tasks run in parallel
+    // and each task's arithmetic does not depend on how they are spread (deterministic).
     const int64_t q_row_bytes = RowBytes(num_qo_heads_);
-    int64_t row = 0;
-    for (const BatchEntry& e : work.append.entries) {
+    const auto& entries = work.append.entries;
+    std::vector<int64_t> first_row(entries.size());
+    for (size_t i = 1; i < entries.size(); ++i)
+      first_row[i] = first_row[i - 1] + entries[i - 1].num_new;
+    const int64_t heads = shape_.num_kv_heads;
+    threads_.ParallelFor(static_cast<int64_t>(entries.size()) * heads, [&](int64_t task) {
+      const BatchEntry& e = entries[static_cast<size_t>(task / heads)];
+      const int64_t head = task % heads;
+      const int64_t row = first_row[static_cast<size_t>(task / heads)];
       kernels::SequenceView view{e.page_table.data(), e.start + e.num_new, e.num_new};
-      kernels::CpuPagedAttention(pool_->data(), shape_, work.append.layer, view, options_,
-                                 static_cast<const uint8_t*>(work.q) + row * q_row_bytes,
-                                 static_cast<uint8_t*>(work.out) + row * q_row_bytes,
-                                 work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_);
-      row += e.num_new;
-    }
+      kernels::CpuPagedAttentionKvHeads(
+          pool_->data(), shape_, work.append.layer, view, options_,
+          static_cast<const uint8_t*>(work.q) + row * q_row_bytes,
+          static_cast<uint8_t*>(work.out) + row * q_row_bytes,
+          work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_, head, head + 1);
+    });
     return absl::OkStatus();
   }
 
@@ -117,6 +128,7 @@ class CpuDeviceBackend final : public DeviceBackend {
   kernels::AttentionOptions options_;
   int64_t num_qo_heads_;
   std::unique_ptr<HostPool> pool_;
+  ThreadPool threads_;
 };
 
 int64_t PhysicalMemoryBytes() {

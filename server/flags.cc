@@ -35,6 +35,7 @@ ABSL_FLAG(std::string, tcp_address, "", "host:port to listen on over TCP; empty 
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(std::string, metrics_bind, "0.0.0.0", "Address the /metrics endpoint binds");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(int32_t, cpu_threads, 0, "CPU backend: threads computing each device's attention; 0 = all cores");
 ABSL_FLAG(double, drain_timeout_s, 30.0,
           "On SIGTERM, how long in-flight calls may take before they are cancelled");
 
@@ -101,6 +102,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);
   c.log_level = absl::GetFlag(FLAGS_log_level);
   c.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
+  c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   if (absl::Status s = c.Validate(); !s.ok()) return s;
   return c;
 }

@@ -1,0 +1,118 @@
+#include "client/attnctl/print.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "client/tensor.h"
+
+namespace attnd::attnctl {
+namespace {
+
+std::string BackendName(v1::BackendKind backend) {
+  switch (backend) {
+    case v1::BACKEND_CPU:
+      return "cpu";
+    case v1::BACKEND_CUDA:
+      return "cuda";
+    default:
+      return "unspecified";
+  }
+}
+
+std::string LayoutName(v1::KvLayout layout) {
+  switch (layout) {
+    case v1::KV_LAYOUT_NHD:
+      return "NHD";
+    case v1::KV_LAYOUT_HND:
+      return "HND";
+    default:
+      return "unspecified";
+  }
+}
+
+std::string Bytes(uint64_t bytes) {
+  if (bytes >= (uint64_t{1} << 30)) return absl::StrFormat("%.2f GiB", bytes / 1073741824.0);
+  if (bytes >= (uint64_t{1} << 20)) return absl::StrFormat("%.2f MiB", bytes / 1048576.0);
+  if (bytes >= (uint64_t{1} << 10)) return absl::StrFormat("%.2f KiB", bytes / 1024.0);
+  return absl::StrCat(bytes, " B");
+}
+
+std::string Percent(uint64_t part, uint64_t whole) {
+  return whole == 0 ? "-" : absl::StrFormat("%.1f%%", 100.0 * part / whole);
+}
+
+}  // namespace
+
+std::string FormatModel(const v1::ModelConfig& model) {
+  std::string out = absl::StrFormat(
+      "layers=%d qo_heads=%d kv_heads=%d head_dim=%d dtype=%s page_size=%d layout=%s "
+      "sm_scale=%g",
+      model.num_layers(), model.num_qo_heads(), model.num_kv_heads(), model.head_dim(),
+      client::DTypeName(model.dtype()), model.page_size(), LayoutName(model.kv_layout()),
+      model.sm_scale());
+  absl::StrAppend(&out, " soft_cap=",
+                  model.logits_soft_cap() > 0 ? absl::StrFormat("%g", model.logits_soft_cap())
+                                              : std::string("off"));
+  absl::StrAppend(
+      &out, " window_left=",
+      model.window_left() >= 0 ? absl::StrCat(model.window_left()) : std::string("none"));
+  return out;
+}
+
+std::string FormatServerInfo(const v1::ServerInfo& info) {
+  std::string out;
+  absl::StrAppend(&out, "attnd ", info.version(), ", backend ", BackendName(info.backend()), "\n");
+  absl::StrAppend(&out, "model:    ", FormatModel(info.model()), "\n");
+  absl::StrAppend(&out, "limits:   max_batch_size=", info.max_batch_size(),
+                  " max_seq_len=", info.max_seq_len(),
+                  " max_tokens_per_request=", info.max_tokens_per_request(), "\n");
+  absl::StrAppend(&out, "buckets:  ",
+                  info.graph_buckets().empty() ? "none" : absl::StrJoin(info.graph_buckets(), " "),
+                  "\n");
+  absl::StrAppend(&out, "features: ",
+                  info.features().empty() ? "none" : absl::StrJoin(info.features(), " "), "\n");
+  for (const v1::DeviceInfo& device : info.devices()) {
+    const uint64_t used =
+        device.total_pages() - std::min(device.free_pages(), device.total_pages());
+    absl::StrAppend(
+        &out, absl::StrFormat(
+                  "device %d (%s): %s, pages used %d/%d (%s), free %d, pool %s, "
+                  "live sequences %d\n",
+                  device.device(), device.name(), device.serving() ? "serving" : "NOT SERVING",
+                  used, device.total_pages(), Percent(used, device.total_pages()),
+                  device.free_pages(), Bytes(device.pool_bytes()), device.live_sequences()));
+  }
+  return out;
+}
+
+std::string FormatStats(const v1::Stats& stats) {
+  std::string out = absl::StrFormat("uptime %.1f s\n", stats.uptime_seconds());
+  absl::StrAppend(
+      &out, absl::StrFormat("%-20s %-20s %10s %14s\n", "rpc", "code", "count", "mean latency"));
+  std::vector<const v1::RpcStats*> rows;
+  for (const v1::RpcStats& row : stats.rpcs()) rows.push_back(&row);
+  std::sort(rows.begin(), rows.end(), [](const v1::RpcStats* a, const v1::RpcStats* b) {
+    return std::tie(a->rpc(), a->code()) < std::tie(b->rpc(), b->code());
+  });
+  for (const v1::RpcStats* row : rows) {
+    const double mean_us = row->count() == 0 ? 0 : 1e6 * row->total_seconds() / row->count();
+    absl::StrAppend(&out, absl::StrFormat("%-20s %-20s %10d %11.1f us\n", row->rpc(), row->code(),
+                                          row->count(), mean_us));
+  }
+  if (rows.empty()) absl::StrAppend(&out, "(no calls yet)\n");
+  for (const v1::DeviceStats& device : stats.devices()) {
+    absl::StrAppend(
+        &out,
+        absl::StrFormat("device %d: pages used %d/%d (%s), live sequences %d, "
+                        "tokens appended %d, attention queries %d\n",
+                        device.device(), device.used_pages(), device.total_pages(),
+                        Percent(device.used_pages(), device.total_pages()), device.live_sequences(),
+                        device.tokens_appended(), device.attention_queries()));
+  }
+  return out;
+}
+
+}  // namespace attnd::attnctl

@@ -1,0 +1,66 @@
+#include "client/half.h"
+
+#include <bit>
+
+namespace attnd::client {
+
+uint16_t FloatToHalfBits(float value) {
+  const uint32_t x = std::bit_cast<uint32_t>(value);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  uint32_t ax = x & 0x7fffffffu;
+
+  if (ax >= 0x7f800000u) {  // inf or NaN
+    if (ax == 0x7f800000u) return sign | 0x7c00u;
+    // Keep the top payload bits and force the quiet bit so no NaN turns into inf.
+    return sign | 0x7e00u | static_cast<uint16_t>((ax >> 13) & 0x3ffu);
+  }
+  // 65520 is half-way between the largest half (65504) and 2^16; ties go to the even
+  // neighbour, which is 2^16, i.e. inf.
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;
+
+  if (ax < 0x38800000u) {  // below 2^-14: a half subnormal (or zero)
+    // Adding 0.5f puts the value in a binade whose ulp is 2^-24, the half subnormal step, so the
+    // FPU's own round-to-nearest-even does the rounding; the low bits are then the mantissa.
+    // A result of 0x400 is the smallest normal, which is encoded the same way.
+    constexpr uint32_t kHalfBits = 0x3f000000u;  // 0.5f
+    const float shifted = std::bit_cast<float>(ax) + std::bit_cast<float>(kHalfBits);
+    return sign | static_cast<uint16_t>(std::bit_cast<uint32_t>(shifted) - kHalfBits);
+  }
+
+  // Normal: rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest
+  // even. A carry out of the mantissa correctly bumps the exponent (and may reach inf).
+  const uint32_t odd = (ax >> 13) & 1u;
+  ax -= (127u - 15u) << 23;
+  ax += 0xfffu + odd;
+  return sign | static_cast<uint16_t>(ax >> 13);
+}
+
+float HalfBitsToFloat(uint16_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+  const uint32_t exponent = (bits >> 10) & 0x1fu;
+  const uint32_t mantissa = bits & 0x3ffu;
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24, exact in float.
+    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    return std::bit_cast<float>(sign | std::bit_cast<uint32_t>(magnitude));
+  }
+  if (exponent == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+  return std::bit_cast<float>(sign | ((exponent + (127u - 15u)) << 23) | (mantissa << 13));
+}
+
+uint16_t FloatToBFloat16Bits(float value) {
+  const uint32_t x = std::bit_cast<uint32_t>(value);
+  if ((x & 0x7fffffffu) > 0x7f800000u) {
+    // Truncating a NaN could clear every payload bit left and make it inf; set the quiet bit.
+    return static_cast<uint16_t>((x >> 16) | 0x40u);
+  }
+  // Round to nearest even on the 16 dropped bits; overflow rounds up into inf as it should.
+  const uint32_t odd = (x >> 16) & 1u;
+  return static_cast<uint16_t>((x + 0x7fffu + odd) >> 16);
+}
+
+float BFloat16BitsToFloat(uint16_t bits) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
+
+}  // namespace attnd::client

@@ -1,0 +1,277 @@
+"""The Python client of attnd: one method per RPC, and DataStream for the bidirectional Stream.
+
+Mirrors the C++ attnd::client::Client. Failed calls raise AttndError with the gRPC code and the
+server's message (which names the offending field and the limit).
+"""
+
+import collections
+import queue
+
+import grpc
+
+from ._protos import load as _load
+
+pb, pb_grpc, health_pb, health_pb_grpc = _load()
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class AttndError(Exception):
+    """A rejected call: `code` is a grpc.StatusCode, `message` the server's explanation."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _raise(error):
+    raise AttndError(error.code(), error.details()) from None
+
+
+def batch_items(items):
+    """[(seq_id, num_new_tokens), ...] -> [BatchItem, ...]."""
+    return [pb.BatchItem(seq_id=int(s), num_new_tokens=int(n)) for s, n in items]
+
+
+def attention_request(device, layer, items, q, k_new, v_new, out, lse=None,
+                      deterministic=False):
+    """An AttentionRequest (Prefill/Decode); items are (seq_id, num_new_tokens) pairs."""
+    request = pb.AttentionRequest(device=device, layer=layer, items=batch_items(items), q=q,
+                                  k_new=k_new, v_new=v_new, out=out,
+                                  deterministic=deterministic)
+    if lse is not None:
+        request.lse.CopyFrom(lse)
+    return request
+
+
+def append_request(device, layer, items, k_new, v_new):
+    return pb.AppendRequest(device=device, layer=layer, items=batch_items(items), k_new=k_new,
+                            v_new=v_new)
+
+
+class Client:
+    """A connection to one attnd.
+
+    target: "unix:///path/to.sock" or "host:port". timeout: default deadline of each call in
+    seconds (None: none). connect_timeout: seconds to wait for the server at construction.
+    """
+
+    def __init__(self, target="unix:///tmp/attnd.sock", timeout=None, connect_timeout=5.0):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        if connect_timeout:
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+            except grpc.FutureTimeoutError:
+                self._channel.close()
+                raise AttndError(grpc.StatusCode.UNAVAILABLE,
+                                 f"cannot connect to {target} within {connect_timeout} s") from None
+        self._stub = pb_grpc.AttentionStub(self._channel)
+        self._health = health_pb_grpc.HealthStub(self._channel)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method, request, timeout):
+        try:
+            return method(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            _raise(error)
+
+    # ---- server ----
+    def get_server_info(self, timeout=None):
+        return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+
+    def get_stats(self, timeout=None):
+        return self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout)
+
+    def health(self, service="", timeout=None):
+        """"SERVING", "NOT_SERVING", ... for "" (server), "attnd.v1.Attention" or
+        "attnd.v1.Attention/device/<i>"."""
+        response = self._call(self._health.Check, health_pb.HealthCheckRequest(service=service),
+                              timeout)
+        return health_pb.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # ---- regions ----
+    def register_host_region(self, name, shm_key, offset, byte_size, timeout=None):
+        self._call(self._stub.RegisterHostRegion,
+                   pb.RegisterHostRegionRequest(name=name, shm_key=shm_key, offset=offset,
+                                                byte_size=byte_size), timeout)
+
+    def register_cuda_region(self, name, ipc_handle, device, byte_size, timeout=None):
+        self._call(self._stub.RegisterCudaRegion,
+                   pb.RegisterCudaRegionRequest(name=name, ipc_handle=bytes(ipc_handle),
+                                                device=device, byte_size=byte_size), timeout)
+
+    def unregister_region(self, name, timeout=None):
+        self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name), timeout)
+
+    def list_regions(self, timeout=None):
+        return list(self._call(self._stub.ListRegions, pb.ListRegionsRequest(), timeout).regions)
+
+    # ---- CUDA IPC events ----
+    def register_cuda_event(self, name, ipc_handle, device, timeout=None):
+        self._call(self._stub.RegisterCudaEvent,
+                   pb.RegisterCudaEventRequest(name=name, ipc_handle=bytes(ipc_handle),
+                                               device=device), timeout)
+
+    def unregister_cuda_event(self, name, timeout=None):
+        self._call(self._stub.UnregisterCudaEvent, pb.UnregisterCudaEventRequest(name=name),
+                   timeout)
+
+    # ---- sequences ----
+    def create_sequence(self, device, seq_id, timeout=None):
+        return self._call(self._stub.CreateSequence,
+                          pb.CreateSequenceRequest(device=device, seq_id=seq_id), timeout)
+
+    def fork_sequence(self, device, parent_id, child_id, timeout=None):
+        return self._call(self._stub.ForkSequence,
+                          pb.ForkSequenceRequest(device=device, parent_id=parent_id,
+                                                 child_id=child_id), timeout)
+
+    def truncate_sequence(self, device, seq_id, length, timeout=None):
+        return self._call(self._stub.TruncateSequence,
+                          pb.TruncateSequenceRequest(device=device, seq_id=seq_id,
+                                                     length=length), timeout)
+
+    def release_sequence(self, device, seq_id, timeout=None):
+        """Returns the number of pages freed."""
+        return self._call(self._stub.ReleaseSequence,
+                          pb.ReleaseSequenceRequest(device=device, seq_id=seq_id),
+                          timeout).freed_pages
+
+    def get_sequence(self, device, seq_id, timeout=None):
+        return self._call(self._stub.GetSequence,
+                          pb.GetSequenceRequest(device=device, seq_id=seq_id), timeout)
+
+    def list_sequences(self, device, timeout=None):
+        return list(self._call(self._stub.ListSequences, pb.ListSequencesRequest(device=device),
+                               timeout).sequences)
+
+    # ---- data ----
+    def append(self, request, timeout=None):
+        return self._call(self._stub.Append, request, timeout)
+
+    def prefill(self, request, timeout=None):
+        return self._call(self._stub.Prefill, request, timeout)
+
+    def decode(self, request, timeout=None):
+        return self._call(self._stub.Decode, request, timeout)
+
+    def export_kv(self, request, timeout=None):
+        return self._call(self._stub.ExportKv, request, timeout)
+
+    def import_kv(self, request, timeout=None):
+        return self._call(self._stub.ImportKv, request, timeout)
+
+    def open_stream(self, timeout=None):
+        """A DataStream; `timeout` (seconds) bounds the stream's whole life."""
+        return DataStream(self._stub.Stream, timeout)
+
+
+_CLOSE = object()
+
+
+class DataStream:
+    """One open Stream. Answers come exactly once per request and in order, so it can be used
+    synchronously (append/prefill/decode wait for their answer) or pipelined (send several,
+    then receive their answers in order). A per-request error raises AttndError and leaves the
+    stream open; a transport error ends it."""
+
+    def __init__(self, stream_method, timeout):
+        self._requests = queue.SimpleQueue()
+        self._responses = stream_method(iter(self._requests.get, _CLOSE), timeout=timeout)
+        self._next_tag = 1
+        self._pending = collections.deque()
+        self._closed = False
+
+    def send(self, op, request):
+        """Queues one request; op is "append", "prefill" or "decode". Returns its tag."""
+        if self._closed:
+            raise AttndError(grpc.StatusCode.FAILED_PRECONDITION, "stream is closed")
+        tag = self._next_tag
+        self._next_tag += 1
+        self._requests.put(pb.StreamRequest(tag=tag, **{op: request}))
+        self._pending.append(tag)
+        return tag
+
+    def receive(self):
+        """The StreamResponse to the oldest request not yet answered (its own status is in
+        .code/.message; see result())."""
+        if not self._pending:
+            raise AttndError(grpc.StatusCode.FAILED_PRECONDITION,
+                             "no request is awaiting a response")
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as error:
+            self._pending.clear()
+            _raise(error)
+        except StopIteration:
+            self._pending.clear()
+            raise AttndError(grpc.StatusCode.UNAVAILABLE, "stream ended by the server") from None
+        expected = self._pending.popleft()
+        if response.tag != expected:
+            self.cancel()
+            raise AttndError(grpc.StatusCode.INTERNAL,
+                             f"stream response has tag {response.tag}, expected {expected}")
+        return response
+
+    @staticmethod
+    def result(response):
+        """The AppendResponse/AttentionResponse of a StreamResponse, or AttndError."""
+        if response.code != 0:
+            raise AttndError(_CODES.get(response.code, grpc.StatusCode.UNKNOWN), response.message)
+        return getattr(response, response.WhichOneof("result"))
+
+    def _round_trip(self, op, request):
+        if self._pending:
+            raise AttndError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{len(self._pending)} pipelined responses must be received first")
+        self.send(op, request)
+        return self.result(self.receive())
+
+    def append(self, request):
+        return self._round_trip("append", request)
+
+    def prefill(self, request):
+        return self._round_trip("prefill", request)
+
+    def decode(self, request):
+        return self._round_trip("decode", request)
+
+    @property
+    def pending(self):
+        return len(self._pending)
+
+    def close(self):
+        """Half-closes the stream after reading (and dropping) answers still pending."""
+        if self._closed:
+            return
+        while self._pending:
+            self.receive()
+        self._closed = True
+        self._requests.put(_CLOSE)
+        for _ in self._responses:  # wait for the server to end the call
+            pass
+
+    def cancel(self):
+        self._closed = True
+        self._pending.clear()
+        self._responses.cancel()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()
