@@ -8,31 +8,6 @@
 
 namespace attnd::client {
 
-size_t DTypeSize(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT16:
-    case v1::DTYPE_BFLOAT16:
-      return 2;
-    case v1::DTYPE_FLOAT32:
-      return 4;
-    default:
-      return 0;
-  }
-}
-
-absl::string_view DTypeName(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT16:
-      return "float16";
-    case v1::DTYPE_BFLOAT16:
-      return "bfloat16";
-    case v1::DTYPE_FLOAT32:
-      return "float32";
-    default:
-      return "unspecified";
-  }
-}
-
 v1::TensorRef MakeTensorRef(absl::string_view region, uint64_t offset, v1::DType dtype,
                             absl::Span<const uint64_t> shape) {
   v1::TensorRef ref;

@@ -11,14 +11,13 @@
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "attnd/v1/attention.pb.h"
+#include "attnd/v1/dtype.h"
 
 namespace attnd::client {
 
-// Bytes per element; 0 for DTYPE_UNSPECIFIED or an unknown value.
-size_t DTypeSize(v1::DType dtype);
-
-// "float16", "bfloat16", "float32", or "unspecified".
-absl::string_view DTypeName(v1::DType dtype);
+// Bytes per element and readable names of the wire dtypes (proto/attnd/v1/dtype.h).
+using v1::DTypeName;
+using v1::DTypeSize;
 
 // A TensorRef for a dense row-major array of `shape` elements of `dtype`, `offset` bytes into
 // the region named `region`.

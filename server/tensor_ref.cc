@@ -2,21 +2,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "attnd/v1/dtype.h"
 
 namespace attnd {
 namespace {
-
-uint64_t WireDTypeSize(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT16:
-    case v1::DTYPE_BFLOAT16:
-      return 2;
-    case v1::DTYPE_FLOAT32:
-      return 4;
-    default:
-      return 0;
-  }
-}
 
 std::string ShapeString(const google::protobuf::RepeatedField<uint64_t>& shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
@@ -41,19 +30,6 @@ v1::DType ToWire(kernels::DType dtype) {
   return v1::DTYPE_UNSPECIFIED;
 }
 
-absl::string_view DTypeName(v1::DType dtype) {
-  switch (dtype) {
-    case v1::DTYPE_FLOAT16:
-      return "float16";
-    case v1::DTYPE_BFLOAT16:
-      return "bfloat16";
-    case v1::DTYPE_FLOAT32:
-      return "float32";
-    default:
-      return "unspecified";
-  }
-}
-
 absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions,
                                              const v1::TensorRef& ref, absl::string_view field,
                                              v1::DType expected_dtype,
@@ -62,15 +38,15 @@ absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions,
   if (ref.region().empty())
     return absl::InvalidArgumentError(absl::StrCat(field, ".region: required"));
   if (ref.dtype() != expected_dtype)
-    return absl::InvalidArgumentError(absl::StrCat(field, ".dtype: ", DTypeName(ref.dtype()),
-                                                   ", expected ", DTypeName(expected_dtype)));
+    return absl::InvalidArgumentError(absl::StrCat(field, ".dtype: ", v1::DTypeName(ref.dtype()),
+                                                   ", expected ", v1::DTypeName(expected_dtype)));
   bool shape_ok = ref.shape_size() == static_cast<int>(expected_shape.size());
   for (int i = 0; shape_ok && i < ref.shape_size(); ++i) shape_ok = ref.shape(i) == expected_shape[i];
   if (!shape_ok)
     return absl::InvalidArgumentError(absl::StrCat(field, ".shape: ", ShapeString(ref.shape()),
                                                    ", expected [",
                                                    absl::StrJoin(expected_shape, ", "), "]"));
-  const uint64_t elem = WireDTypeSize(expected_dtype);
+  const uint64_t elem = v1::DTypeSize(expected_dtype);
   if (ref.offset() % elem != 0)
     return absl::InvalidArgumentError(
         absl::StrCat(field, ".offset: ", ref.offset(), " is not a multiple of ", elem, " bytes"));

@@ -38,7 +38,6 @@ absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions,
                                              const Placement& placement);
 
 v1::DType ToWire(kernels::DType dtype);
-absl::string_view DTypeName(v1::DType dtype);
 
 }  // namespace attnd
 

@@ -3,6 +3,8 @@
 // the request may use.
 #include "server/tensor_ref.h"
 
+#include "attnd/v1/dtype.h"
+
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -174,7 +176,7 @@ TEST_F(TensorRefTest, AnOffsetThatIsNotAMultipleOfTheDtypeSizeIsInvalidArgument)
                                {v1::DTYPE_FLOAT32, uint64_t{2}},
                                {v1::DTYPE_FLOAT32, uint64_t{6}},
                                {v1::DTYPE_FLOAT32, kMax}}) {
-    SCOPED_TRACE(testing::Message() << DTypeName(dtype) << " offset " << offset);
+    SCOPED_TRACE(testing::Message() << v1::DTypeName(dtype) << " offset " << offset);
     auto t = Resolve(Ref("host", offset, dtype, {4}), {4}, dtype);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q.offset")) << t.status();
@@ -258,10 +260,10 @@ TEST(WireDTypeTest, ModelDtypesMapToTheirWireDtypesAndNames) {
   EXPECT_EQ(ToWire(kernels::DType::kFloat16), v1::DTYPE_FLOAT16);
   EXPECT_EQ(ToWire(kernels::DType::kBFloat16), v1::DTYPE_BFLOAT16);
   EXPECT_EQ(ToWire(kernels::DType::kFloat32), v1::DTYPE_FLOAT32);
-  EXPECT_EQ(DTypeName(v1::DTYPE_FLOAT16), "float16");
-  EXPECT_EQ(DTypeName(v1::DTYPE_BFLOAT16), "bfloat16");
-  EXPECT_EQ(DTypeName(v1::DTYPE_FLOAT32), "float32");
-  EXPECT_EQ(DTypeName(v1::DTYPE_UNSPECIFIED), "unspecified");
+  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_FLOAT16), "float16");
+  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_BFLOAT16), "bfloat16");
+  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_FLOAT32), "float32");
+  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_UNSPECIFIED), "unspecified");
 }
 
 }  // namespace
