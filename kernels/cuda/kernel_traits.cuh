@@ -1,0 +1,39 @@
+// Tile shapes of the CUDA kernels, one place to tune them.
+#ifndef ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_
+#define ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_
+
+namespace attnd::kernels::cuda::detail {
+
+// Batch decode. A CTA owns one (work item, kv head, block of up to 16 query heads of the GQA
+// group). Its 4 warps each run an independent cp.async pipeline over their own slice of
+// kWarpTokens tokens of every tile and keep their own online-softmax state; the query rows (the
+// group's heads, padded to 16) are the M dimension of mma.m16n8k16. Warps merge in shared
+// memory at the end, in a fixed order. head_dim 64 takes 32-token slices so that a stage moves
+// as many bytes as at 128.
+template <int D>
+struct DecodeTraits {
+  static constexpr int kHeadDim = D;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 16;        // query rows per CTA (mma M)
+  static constexpr int kWarpTokens = D == 64 ? 32 : 16;  // tokens per warp per stage
+  static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
+  static constexpr int kTileTokens = kWarps * kWarpTokens;
+  static constexpr int kStages = 3;
+  static constexpr int kChunks = D / 8;                      // 16-byte chunks per row
+  static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
+  static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
+  static constexpr bool kQInRegs = D <= 128;
+  static constexpr int kMinBlocks = D == 256 ? 1 : 2;
+  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
+  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes;
+  // The fp32 per-warp accumulators reuse the pipeline buffers at the end.
+  static_assert(kWarps * kRows * D * 4 <= kPipeBytes, "merge scratch must fit the pipeline");
+  static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
+};
+
+}  // namespace attnd::kernels::cuda::detail
+
+#endif  // ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_

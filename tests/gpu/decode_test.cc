@@ -1,0 +1,360 @@
+// GPU tests of batch decode: against the fp64 reference over a sweep of shapes and options,
+// bitwise batch invariance and graph replay in deterministic mode, and a graph captured on short
+// sequences replayed on long ones. Skipped without a CUDA device.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tests/gpu/gpu_test_util.h"
+
+namespace attnd::kernels::testing {
+namespace {
+
+struct ErrorStats {
+  double rel = 0;      // ||out - ref|| / ||ref||
+  double lse_max = 0;  // max |lse - ref|
+  bool finite = true;
+};
+
+// Compares every request's output and lse with the reference.
+ErrorStats Check(const DecodeProblem& p, const std::vector<uint16_t>& out,
+                 const std::vector<float>& lse) {
+  ErrorStats st;
+  double num = 0, den = 0;
+  const int64_t H = p.spec.qo_heads, D = p.spec.head_dim;
+  for (int b = 0; b < p.batch(); ++b) {
+    std::vector<double> ref, ref_lse;
+    p.Reference(b, &ref, &ref_lse);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t d = 0; d < D; ++d) {
+        const double x = LoadAsFloat(out.data(), b * p.q_sb + h * p.q_sh + d, p.spec.dtype);
+        if (!std::isfinite(x)) st.finite = false;
+        const double r = p.lens[b] == 0 ? 0.0 : ref[h * D + d];
+        num += (x - r) * (x - r);
+        den += r * r;
+      }
+      const double l = lse[b * H + h];
+      if (p.lens[b] == 0) {
+        if (!(std::isinf(l) && l < 0)) st.finite = false;
+      } else {
+        if (!std::isfinite(l)) st.finite = false;
+        st.lse_max = std::max(st.lse_max, std::fabs(l - ref_lse[h]));
+      }
+    }
+  }
+  st.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return st;
+}
+
+double Tolerance(DType t) { return t == DType::kBFloat16 ? 1e-2 : 2e-3; }
+
+struct Case {
+  std::string name;
+  DecodeProblemSpec spec;
+  std::vector<int32_t> lens;
+  bool deterministic = false;
+};
+
+std::vector<int32_t> DefaultLens(int64_t ps) {
+  return {1, static_cast<int32_t>(ps), static_cast<int32_t>(ps) + 1,
+          static_cast<int32_t>(std::max<int64_t>(ps - 1, 2)), 100, 1000, 4097, 63, 65};
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cs;
+  auto add = [&](std::string name, auto mutate, bool det = false) {
+    Case c;
+    c.name = std::move(name);
+    mutate(c.spec);
+    c.lens = DefaultLens(c.spec.page_size);
+    c.deterministic = det;
+    cs.push_back(c);
+  };
+  add("bf16_d128_g4_p16_nhd", [](DecodeProblemSpec&) {});
+  add("fp16_d128_g4_p16_nhd", [](DecodeProblemSpec& s) { s.dtype = DType::kFloat16; });
+  add("bf16_d64", [](DecodeProblemSpec& s) { s.head_dim = 64; });
+  add("fp16_d64_hnd", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("bf16_d256", [](DecodeProblemSpec& s) { s.head_dim = 256; s.qo_heads = 8; s.kv_heads = 2; });
+  add("fp16_d256_hnd", [](DecodeProblemSpec& s) { s.head_dim = 256; s.dtype = DType::kFloat16; s.qo_heads = 8; s.kv_heads = 2; s.layout = KvLayout::kHND; });
+  add("bf16_hnd", [](DecodeProblemSpec& s) { s.layout = KvLayout::kHND; });
+  add("bf16_page1", [](DecodeProblemSpec& s) { s.page_size = 1; });
+  add("bf16_page64_hnd", [](DecodeProblemSpec& s) { s.page_size = 64; s.layout = KvLayout::kHND; });
+  add("fp16_page3", [](DecodeProblemSpec& s) { s.page_size = 3; s.dtype = DType::kFloat16; });
+  add("bf16_page17", [](DecodeProblemSpec& s) { s.page_size = 17; });
+  add("bf16_group1", [](DecodeProblemSpec& s) { s.qo_heads = 8; });
+  add("bf16_group8", [](DecodeProblemSpec& s) { s.qo_heads = 64; });
+  add("fp16_group5", [](DecodeProblemSpec& s) { s.qo_heads = 10; s.kv_heads = 2; s.dtype = DType::kFloat16; });
+  add("bf16_group32_mqa", [](DecodeProblemSpec& s) { s.qo_heads = 32; s.kv_heads = 1; });
+  add("bf16_group24", [](DecodeProblemSpec& s) { s.qo_heads = 48; s.kv_heads = 2; });
+  add("bf16_softcap", [](DecodeProblemSpec& s) { s.soft_cap = 5.0f; });
+  add("fp16_softcap_window", [](DecodeProblemSpec& s) { s.soft_cap = 30.0f; s.window_left = 100; s.dtype = DType::kFloat16; });
+  add("bf16_window0", [](DecodeProblemSpec& s) { s.window_left = 0; });
+  add("bf16_window700_hnd", [](DecodeProblemSpec& s) { s.window_left = 700; s.layout = KvLayout::kHND; });
+  add("bf16_strided_q", [](DecodeProblemSpec& s) { s.q_pad = 8; });
+  add("bf16_det", [](DecodeProblemSpec&) {}, true);
+  add("fp16_d64_det_window", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.window_left = 300; }, true);
+  return cs;
+}
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class DecodeVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DecodeVsReference, MatchesFp64) {
+  SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  for (int trial = 0; trial < 2; ++trial) {  // fresh random inputs each time
+    DecodeProblem p;
+    std::vector<int32_t> lens = c.lens;
+    if (trial == 1) std::reverse(lens.begin(), lens.end());
+    p.Build(c.spec, lens, std::random_device{}());
+    DecodeRunner r;
+    r.Init(c.spec, p.batch(), 8192, c.deterministic, 512);
+    r.Plan(p.lens, p.indptr);
+    DeviceProblem d;
+    d.Upload(p);
+    d.Poison();
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+    EXPECT_TRUE(st.finite) << c.name;
+    EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
+    EXPECT_LT(st.lse_max, 2e-3) << c.name;
+    std::printf("[ %-24s ] rel err %.3e  lse err %.3e  chunk %d items %d\n", c.name.c_str(),
+                st.rel, st.lse_max, r.plan_host[1], r.plan_host[0]);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, DecodeVsReference, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+TEST(Decode, LongSequence32k) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  s.kv_heads = 2;
+  s.qo_heads = 8;
+  DecodeProblem p;
+  p.Build(s, {32768, 32771}, std::random_device{}());
+  for (int det = 0; det < 2; ++det) {
+    DecodeRunner r;
+    r.Init(s, 2, 40000, det != 0);
+    r.Plan(p.lens, p.indptr);
+    DeviceProblem d;
+    d.Upload(p);
+    d.Poison();
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+    EXPECT_TRUE(st.finite);
+    EXPECT_LT(st.rel, 1e-2);
+    EXPECT_LT(st.lse_max, 2e-3);
+  }
+}
+
+TEST(Decode, PaddedEntriesGiveZeroAndMinusInfinity) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  DecodeProblem p;
+  p.Build(s, {0, 37, 0, 0, 1, 0}, std::random_device{}());
+  DecodeRunner r;
+  r.Init(s, 8, 4096, false);
+  r.Plan(p.lens, p.indptr);
+  DeviceProblem d;
+  d.Upload(p);
+  d.Poison();
+  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const auto out = d.out.Download();
+  const ErrorStats st = Check(p, out, d.lse.Download());
+  EXPECT_TRUE(st.finite);
+  EXPECT_LT(st.rel, 1e-2);
+  for (int64_t i = 0; i < p.q_sb; ++i) EXPECT_EQ(out[i], 0) << i;  // request 0 is padding
+}
+
+// Runs the decode for `p` in deterministic mode; returns out and lse of all requests.
+void RunDecode(const DecodeProblem& p, bool det, bool graph, std::vector<uint16_t>* out,
+               std::vector<float>* lse, int bucket = 0) {
+  DecodeRunner r;
+  r.Init(p.spec, std::max(bucket, p.batch()), 40000, det, 512);
+  r.Plan(p.lens, p.indptr);
+  DeviceProblem d;
+  d.Upload(p);
+  d.Poison();
+  cudaStream_t stream;
+  ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  if (graph) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
+    ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
+    ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+    ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
+    ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+  } else {
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
+    ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+  }
+  cudaStreamDestroy(stream);
+  *out = d.out.Download();
+  *lse = d.lse.Download();
+}
+
+TEST(DecodeDeterminism, AloneVsBatchOf256AndGraphVsEager) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(std::random_device{}());
+  for (int64_t ps : {16, 5}) {
+    DecodeProblemSpec s;
+    s.page_size = ps;
+    s.kv_heads = 2;
+    s.qo_heads = 8;
+    std::vector<int32_t> lens(256);
+    for (auto& l : lens) l = 1 + static_cast<int32_t>(rng() % 6000);
+    const int target = 77;
+    lens[target] = 5003;
+    DecodeProblem big;
+    big.Build(s, lens, rng());
+    // The same request alone: same pages (the pool is shared), same q row.
+    DecodeProblem one = big;
+    one.lens = {lens[target]};
+    one.indptr = {0, big.indptr[target + 1] - big.indptr[target]};
+    one.indices.assign(big.indices.begin() + big.indptr[target],
+                       big.indices.begin() + big.indptr[target + 1]);
+    one.q.assign(big.q.begin() + target * big.q_sb, big.q.begin() + (target + 1) * big.q_sb);
+
+    std::vector<uint16_t> out_big, out_one, out_graph, out_pad;
+    std::vector<float> lse_big, lse_one, lse_graph, lse_pad;
+    RunDecode(big, true, false, &out_big, &lse_big);
+    RunDecode(one, true, false, &out_one, &lse_one);
+    RunDecode(one, true, true, &out_graph, &lse_graph, 16);  // a graph for bucket 16
+    const int64_t row = big.q_sb, H = s.qo_heads;
+    EXPECT_EQ(0, std::memcmp(out_big.data() + target * row, out_one.data(), row * 2));
+    EXPECT_EQ(0, std::memcmp(lse_big.data() + target * H, lse_one.data(), H * 4));
+    EXPECT_EQ(0, std::memcmp(out_graph.data(), out_one.data(), row * 2));
+    EXPECT_EQ(0, std::memcmp(lse_graph.data(), lse_one.data(), H * 4));
+    // And it is right.
+    const ErrorStats st = Check(one, out_one, lse_one);
+    EXPECT_LT(st.rel, 1e-2);
+    // Non-deterministic mode: graph and eager agree bitwise for the same plan.
+    std::vector<uint16_t> nd_eager, nd_graph;
+    std::vector<float> nl_eager, nl_graph;
+    RunDecode(big, false, false, &nd_eager, &nl_eager);
+    RunDecode(big, false, true, &nd_graph, &nl_graph);
+    EXPECT_EQ(nd_eager, nd_graph);
+    EXPECT_EQ(0, std::memcmp(nl_eager.data(), nl_graph.data(), nl_eager.size() * 4));
+  }
+}
+
+// A graph captured while every sequence is 16 tokens long, replayed after they grew to 32k:
+// only device buffers (lengths, page tables, plan) change between capture and replay.
+TEST(DecodeGraph, CapturedShortReplaysLong) {
+  SKIP_WITHOUT_GPU();
+  for (int det = 0; det < 2; ++det) {
+    DecodeProblemSpec s;
+    s.kv_heads = 2;
+    s.qo_heads = 8;
+    const int bucket = 4;
+    const int64_t max_len = 32768 + 7;
+    DecodeProblem longp;
+    longp.Build(s, {32768, 32768 + 7, 32000, 0}, std::random_device{}());  // last: padding
+    DecodeProblem shortp = longp;  // same pool and page tables, 16 tokens each
+    shortp.lens = {16, 16, 16, 0};  // the padded entry has no pages
+
+    DecodeRunner r;
+    r.Init(s, bucket, max_len, det != 0);
+    DeviceProblem d;
+    d.Upload(longp);
+    d.lens.Upload(shortp.lens);
+    r.Plan(shortp.lens, shortp.indptr);
+    cudaStream_t stream;
+    ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(longp, r), stream));
+    ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
+    ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+    // Replay short: correct for the short problem.
+    d.Poison();
+    ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
+    ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+    ErrorStats st = Check(shortp, d.out.Download(), d.lse.Download());
+    EXPECT_TRUE(st.finite);
+    EXPECT_LT(st.rel, 1e-2);
+    // Grow: new lengths and plan in the same device buffers, replay.
+    d.lens.Upload(longp.lens);
+    r.Plan(longp.lens, longp.indptr);
+    d.Poison();
+    ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
+    ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+    st = Check(longp, d.out.Download(), d.lse.Download());
+    EXPECT_TRUE(st.finite) << "det " << det;
+    EXPECT_LT(st.rel, 1e-2) << "det " << det;
+    EXPECT_LT(st.lse_max, 2e-3) << "det " << det;
+    std::printf("graph 16 -> 32k (det %d): rel err %.3e, %d items of %d tokens\n", det, st.rel,
+                r.plan_host[0], r.plan_host[1]);
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(stream);
+  }
+}
+
+// Back-to-back launches on one stream share the workspace; each launch starts early (PDL) and
+// must not touch partials or counters before the previous one is done. Twenty launches over two
+// alternating problems must give the same bits as one launch of each.
+TEST(Decode, BackToBackLaunchesDoNotRace) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  DecodeProblem p1, p2;
+  p1.Build(s, {4096, 3000, 17}, std::random_device{}());
+  p2.Build(s, {2500, 1, 5000}, std::random_device{}());
+  DecodeRunner r, r2;  // own plans; r2's launches borrow r's partials and counters below
+  r.Init(s, 3, 8192, false);
+  r2.Init(s, 3, 8192, false);
+  DeviceProblem d1, d2;
+  d1.Upload(p1);
+  d2.Upload(p2);
+  r.Plan(p1.lens, p1.indptr);
+  r2.Plan(p2.lens, p2.indptr);
+  cudaStream_t stream;
+  ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  // Reference bits: one launch each.
+  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d1.Args(p1, r), stream));
+  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d2.Args(p2, r2), stream));
+  ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+  const auto ref1 = d1.out.Download(), ref2 = d2.out.Download();
+  d1.Poison();
+  d2.Poison();
+  cuda::DecodeArgs a1 = d1.Args(p1, r), a2 = d2.Args(p2, r2);
+  a2.ws.partial_out = a1.ws.partial_out;
+  a2.ws.partial_lse = a1.ws.partial_lse;
+  a2.ws.counters = a1.ws.counters;
+  for (int i = 0; i < 10; ++i) {
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(a1, stream));
+    ATTND_CUDA_OK(cuda::LaunchBatchDecode(a2, stream));
+  }
+  ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+  EXPECT_EQ(d1.out.Download(), ref1);
+  EXPECT_EQ(d2.out.Download(), ref2);
+  const ErrorStats st = Check(p2, d2.out.Download(), d2.lse.Download());
+  EXPECT_LT(st.rel, 1e-2);
+  cudaStreamDestroy(stream);
+}
+
+TEST(Decode, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  cuda::DecodeArgs a;
+  EXPECT_NE(cuda::LaunchBatchDecode(a, nullptr), cudaSuccess);
+  cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace attnd::kernels::testing

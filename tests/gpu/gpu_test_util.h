@@ -1,0 +1,267 @@
+// Helpers of the GPU tests: device detection, device buffers, random paged KV problems and a
+// decode runner that owns the plan and workspace buffers the way a backend would.
+#ifndef ATTND_TESTS_GPU_GPU_TEST_UTIL_H_
+#define ATTND_TESTS_GPU_GPU_TEST_UTIL_H_
+
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu_attention.h"
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/decode_plan.h"
+
+namespace attnd::kernels::testing {
+
+#define ATTND_CUDA_OK(expr)                                                         \
+  do {                                                                              \
+    const cudaError_t attnd_err_ = (expr);                                          \
+    ASSERT_EQ(attnd_err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(attnd_err_); \
+  } while (0)
+
+inline bool HasCudaDevice() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU()                                          \
+  do {                                                              \
+    if (!::attnd::kernels::testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) { Resize(n); }
+  ~DeviceBuffer() { if (p_) cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void Resize(size_t n) {
+    if (p_) cudaFree(p_);
+    p_ = nullptr;
+    n_ = n;
+    if (n > 0 && cudaMalloc(&p_, n * sizeof(T)) != cudaSuccess) p_ = nullptr;
+  }
+  T* get() const { return static_cast<T*>(p_); }
+  size_t size() const { return n_; }
+  void Upload(const std::vector<T>& h) {
+    if (h.size() > n_) Resize(h.size());
+    // A pageable cudaMemcpy may return before its DMA lands; kernels on other streams must not
+    // race it.
+    cudaMemcpy(p_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+    cudaDeviceSynchronize();
+  }
+  std::vector<T> Download() const {
+    std::vector<T> h(n_);
+    cudaMemcpy(h.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+  }
+  void Fill(uint8_t byte) {
+    cudaMemset(p_, byte, n_ * sizeof(T));
+    cudaDeviceSynchronize();
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// Fast random fill of 16-bit storage: normal-ish values times `scale`.
+inline void RandomFill16(std::vector<uint16_t>* v, DType dtype, float scale, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (size_t i = 0; i < v->size(); ++i) {
+    s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+    // Sum of 4 uniforms: roughly normal, mean 0, variance 1/3.
+    const uint32_t a = static_cast<uint32_t>(s), b = static_cast<uint32_t>(s >> 32);
+    const float u = ((a & 0xffff) + (a >> 16) + (b & 0xffff) + (b >> 16)) / 65536.0f - 2.0f;
+    StoreFromFloat(v->data(), static_cast<int64_t>(i), dtype, u * 1.7320508f * scale);
+  }
+}
+
+struct DecodeProblemSpec {
+  DType dtype = DType::kBFloat16;
+  int64_t head_dim = 128;
+  int64_t qo_heads = 32;
+  int64_t kv_heads = 8;
+  int64_t page_size = 16;
+  KvLayout layout = KvLayout::kNHD;
+  float soft_cap = 0.f;
+  int64_t window_left = -1;
+  int64_t num_layers = 2;
+  int64_t layer = 1;
+  int64_t q_pad = 0;  // extra elements per q/out head row (strided q and out)
+};
+
+// A random batch over a shared pool: page tables drawn from a shuffled page list.
+struct DecodeProblem {
+  DecodeProblemSpec spec;
+  KvCacheShape shape;
+  AttentionOptions opts;
+  std::vector<int32_t> lens;
+  std::vector<int32_t> indptr;
+  std::vector<int32_t> indices;
+  std::vector<uint16_t> pool;  // host copy
+  std::vector<uint16_t> q;     // [batch][qo_heads][head_dim + q_pad]
+  int64_t q_sh = 0, q_sb = 0;
+
+  void Build(const DecodeProblemSpec& s, const std::vector<int32_t>& lengths, uint64_t seed,
+             int64_t extra_pages = 3) {
+    spec = s;
+    lens = lengths;
+    std::mt19937_64 rng(seed);
+    shape.num_layers = s.num_layers;
+    shape.page_size = s.page_size;
+    shape.num_kv_heads = s.kv_heads;
+    shape.head_dim = s.head_dim;
+    shape.layout = s.layout;
+    shape.dtype = s.dtype;
+    int64_t pages = extra_pages;
+    for (int32_t l : lens) pages += (l + s.page_size - 1) / s.page_size;
+    shape.num_pages = pages;
+    std::vector<int32_t> perm(pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    indptr.assign(1, 0);
+    indices.clear();
+    size_t next = 0;
+    for (int32_t l : lens) {
+      const int64_t n = (l + s.page_size - 1) / s.page_size;
+      for (int64_t i = 0; i < n; ++i) indices.push_back(perm[next++]);
+      indptr.push_back(static_cast<int32_t>(indices.size()));
+    }
+    if (indices.empty()) indices.push_back(0);
+    pool.resize(shape.TotalElems());
+    RandomFill16(&pool, s.dtype, 1.0f, rng());
+    opts.num_qo_heads = s.qo_heads;
+    opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    opts.logits_soft_cap = s.soft_cap;
+    opts.window_left = s.window_left;
+    q_sh = s.head_dim + s.q_pad;
+    q_sb = s.qo_heads * q_sh;
+    q.resize(lens.size() * q_sb);
+    RandomFill16(&q, s.dtype, 1.0f, rng());
+  }
+
+  int batch() const { return static_cast<int>(lens.size()); }
+
+  // fp64 reference for request b: out [qo_heads][head_dim], lse [qo_heads].
+  void Reference(int b, std::vector<double>* out, std::vector<double>* lse) const {
+    std::vector<uint16_t> qb(spec.qo_heads * spec.head_dim);
+    for (int64_t h = 0; h < spec.qo_heads; ++h) {
+      std::memcpy(&qb[h * spec.head_dim], &q[b * q_sb + h * q_sh], spec.head_dim * 2);
+    }
+    SequenceView seq;
+    seq.page_table = indices.data() + indptr[b];
+    seq.kv_len = lens[b];
+    seq.num_queries = 1;
+    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse);
+  }
+};
+
+// Device-side state of one decode configuration, as a backend would hold it per bucket.
+struct DecodeRunner {
+  DecodePlanConfig cfg;
+  DecodePlanLayout layout;
+  int grid_x = 0;
+  std::vector<int32_t> plan_host;
+  DeviceBuffer<int32_t> plan;
+  DeviceBuffer<float> partial_out, partial_lse;
+  DeviceBuffer<int> counters;
+
+  // max_batch: bucket; max_len: longest sequence the buffers must serve.
+  void Init(const DecodeProblemSpec& s, int max_batch, int64_t max_len, bool deterministic,
+            int fixed_chunk = 1024) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    ASSERT_EQ(cuda::MakeDecodePlanConfig(dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads,
+                                         s.window_left, &cfg),
+              cudaSuccess);
+    cfg.deterministic = deterministic;
+    cfg.fixed_chunk_tokens = fixed_chunk;
+    layout = MakeDecodePlanLayout(max_batch, max_len, cfg);
+    grid_x = DecodeGridX(max_batch, cfg);
+    plan_host.assign(layout.TotalInts(), 0);
+    plan.Resize(layout.TotalInts());
+    partial_out.Resize(layout.max_items * s.qo_heads * s.head_dim);
+    partial_lse.Resize(layout.max_items * s.qo_heads);
+    counters.Resize(static_cast<size_t>(max_batch) * cfg.kv_head_blocks);
+    counters.Fill(0);
+  }
+
+  // Plans on the host and copies the plan to the device (synchronously).
+  void Plan(const std::vector<int32_t>& lens, const std::vector<int32_t>& indptr) {
+    int64_t used = 0;
+    std::string err;
+    ASSERT_TRUE(PlanDecode(lens.data(), indptr.data(), static_cast<int>(lens.size()), grid_x,
+                           cfg, layout, plan_host.data(), &used, &err))
+        << err;
+    ATTND_CUDA_OK(cudaMemcpy(plan.get(), plan_host.data(), used * 4, cudaMemcpyHostToDevice));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+  }
+
+  cuda::DecodeWorkspace Workspace() const {
+    cuda::DecodeWorkspace ws;
+    ws.plan = plan.get();
+    ws.layout = layout;
+    ws.grid_x = grid_x;
+    ws.partial_out = partial_out.get();
+    ws.partial_lse = partial_lse.get();
+    ws.counters = counters.get();
+    return ws;
+  }
+};
+
+// Device copies of a problem's tensors.
+struct DeviceProblem {
+  DeviceBuffer<uint16_t> pool, q, out;
+  DeviceBuffer<float> lse;
+  DeviceBuffer<int32_t> indptr, indices, lens;
+
+  void Upload(const DecodeProblem& p) {
+    pool.Resize(p.pool.size());
+    pool.Upload(p.pool);
+    q.Resize(p.q.size());
+    q.Upload(p.q);
+    out.Resize(p.q.size());
+    lse.Resize(std::max<size_t>(1, p.lens.size() * p.spec.qo_heads));
+    indptr.Upload(p.indptr);
+    indices.Upload(p.indices);
+    lens.Upload(p.lens.empty() ? std::vector<int32_t>{0} : p.lens);
+  }
+  void Poison() {
+    out.Fill(0xff);  // NaN in fp16 and bf16
+    lse.Fill(0xff);  // NaN
+  }
+  cuda::DecodeArgs Args(const DecodeProblem& p, const DecodeRunner& r) const {
+    cuda::DecodeArgs a;
+    a.kv.pool = pool.get();
+    a.kv.shape = p.shape;
+    a.kv.layer = p.spec.layer;
+    a.opts = p.opts;
+    a.batch = p.batch();
+    a.q = q.get();
+    a.q_stride_b = p.q_sb;
+    a.q_stride_h = p.q_sh;
+    a.out = out.get();
+    a.out_stride_b = p.q_sb;
+    a.out_stride_h = p.q_sh;
+    a.lse = lse.get();
+    a.kv_indices = indices.get();
+    a.ws = r.Workspace();
+    a.deterministic = r.cfg.deterministic;
+    return a;
+  }
+};
+
+}  // namespace attnd::kernels::testing
+
+#endif  // ATTND_TESTS_GPU_GPU_TEST_UTIL_H_
