@@ -8,9 +8,12 @@ attnd=$1
 build=$2
 root=$(cd "$(dirname "$0")/../.." && pwd)
 venv="$build/python-venv"
-if [ ! -x "$venv/bin/python" ]; then
+# .ready marks a finished install: a run cut short (no network) starts over next time.
+if [ ! -f "$venv/.ready" ] || [ "$root/client/python/requirements.txt" -nt "$venv/.ready" ]; then
+  rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r "$root/client/python/requirements.txt"
+  touch "$venv/.ready"
 fi
 py="$venv/bin/python"
 export PYTHONPATH="$root/client/python"
