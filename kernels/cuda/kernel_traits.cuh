@@ -34,6 +34,33 @@ struct DecodeTraits {
   static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
 };
 
+
+// Batch prefill. A CTA owns one work item (a tile of query rows of one kv head, a range of
+// keys). The CTA loads 64-key K/V stages through a shared cp.async pipeline. Wide tiles (64
+// rows): each warp owns 16 rows and runs every key of a stage (FlashAttention-2). Narrow tiles
+// (at most 16 rows: decodes): the warps share the 16 rows and each takes 16 keys of a stage,
+// merging their states in shared memory at the end, in a fixed order.
+template <int D>
+struct PrefillTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 64;  // rows of a wide tile
+  static constexpr int kKeys = 64;  // keys per stage
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kChunks = D / 8;
+  static constexpr int kLoadsPerThread = kKeys * kChunks / kThreads;  // per K (or V) per stage
+  static constexpr int kStageElems = 2 * kKeys * D;
+  static constexpr bool kQInRegs = D <= 128;
+  static constexpr int kMinBlocks = D == 256 ? 1 : 2;
+  static constexpr int kPipeBytes = kStages * kStageElems * 2;
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kOffBytes = kStages * kKeys * 8;
+  static constexpr int kMergeBytes = 2 * kWarps * 16 * 4;
+  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kOffBytes + kMergeBytes;
+  static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
+  static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
+};
+
 }  // namespace attnd::kernels::cuda::detail
 
 #endif  // ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_

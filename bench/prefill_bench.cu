@@ -1,0 +1,405 @@
+// Benchmark of attnd's CUDA batch prefill. Measures in the same run the device's mma.sync bf16
+// ceiling (independent m16n8k16 MMAs from registers, the instruction the kernel uses), then
+// times each case through CUDA graph replays over several copies of the inputs (separate page
+// sets and query buffers, > L2 together), median of 30 replays. FLOPs count 4 * d * heads per
+// visible (query, key) pair. Writes CSV rows with --csv (bench/peers.py --prefill reads them).
+//
+//   prefill_bench [--csv FILE]
+#include <cuda_runtime.h>
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/decode_plan.h"
+#include "kernels/prefill_plan.h"
+
+using namespace attnd::kernels;
+
+#define CK(x)                                                                          \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                    \
+    }                                                                                  \
+  } while (0)
+
+namespace {
+
+__global__ void FillRandom(uint16_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15; x *= 2246822519u; x ^= x >> 13; x *= 3266489917u; x ^= x >> 16;
+    const float f = (static_cast<float>(x & 0xffff) / 65536.f - 0.5f) * 3.4f;
+    __nv_bfloat16 b = __float2bfloat16(f);
+    p[i] = *reinterpret_cast<uint16_t*>(&b);
+  }
+}
+
+// 8 independent accumulators per warp, kIters rounds: the mma.sync issue ceiling.
+constexpr int kMmaIters = 4096;
+__global__ void MmaPeak(float* sink, uint32_t seed) {
+  uint32_t a[4] = {seed, seed ^ 1u, seed ^ 2u, seed ^ 3u};
+  uint32_t b0 = seed * 3u, b1 = seed * 5u;
+  float d[8][4] = {};
+  for (int i = 0; i < kMmaIters; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+  float s = 0.f;
+  for (int j = 0; j < 8; ++j) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
+  if (s == 1.2345f) sink[0] = s;
+}
+
+float Median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+template <typename F>
+float TimeGraph(cudaStream_t s, int per_graph, F body, int reps = 30) {
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  body();
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&ge, g, 0));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, s));
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(a, s));
+    CK(cudaGraphLaunch(ge, s));
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / per_graph);
+  }
+  CK(cudaGraphExecDestroy(ge));
+  CK(cudaGraphDestroy(g));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return Median(t);
+}
+
+struct Req {
+  int q_len, kv_len;
+};
+
+// One batch on the device in `copies` copies (own pages and queries each), with its plan.
+struct Batch {
+  std::vector<Req> reqs;
+  int qo = 32, kv = 8, d = 128, page = 16;
+  bool causal = true;
+  int copies = 1;
+  KvCacheShape sh;
+  void* pool = nullptr;
+  int32_t* indices = nullptr;
+  uint16_t *q = nullptr, *out = nullptr;
+  float* lse = nullptr;
+  int64_t pages = 0, total_q = 0;
+  std::vector<int32_t> qo_indptr, kv_len, kv_indptr;
+  double flops = 0, kv_bytes = 0;
+
+  void Build(cudaStream_t s, std::mt19937& rng) {
+    qo_indptr.assign(1, 0);
+    kv_indptr.assign(1, 0);
+    for (const Req& r : reqs) {
+      qo_indptr.push_back(qo_indptr.back() + r.q_len);
+      kv_indptr.push_back(kv_indptr.back() + (r.kv_len + page - 1) / page);
+      kv_len.push_back(r.kv_len);
+      double pairs = causal ? r.q_len * (r.kv_len - r.q_len) + 0.5 * r.q_len * (r.q_len + 1.0)
+                            : double(r.q_len) * r.kv_len;
+      flops += 4.0 * d * qo * pairs;
+      kv_bytes += double(r.kv_len) * kv * d * 4;
+    }
+    pages = kv_indptr.back();
+    total_q = qo_indptr.back();
+    const double per_copy = kv_bytes + total_q * qo * d * 4.0;
+    copies = std::max(1, static_cast<int>(std::ceil(300e6 / per_copy)));
+    sh.num_layers = 1;
+    sh.page_size = page;
+    sh.num_kv_heads = kv;
+    sh.head_dim = d;
+    sh.dtype = DType::kBFloat16;
+    sh.num_pages = pages * copies;
+    CK(cudaMalloc(&pool, sh.TotalBytes()));
+    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng());
+    std::vector<int32_t> perm(sh.num_pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    CK(cudaMalloc(&indices, perm.size() * 4));
+    CK(cudaMemcpy(indices, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+    const size_t qn = size_t(total_q) * qo * d * copies;
+    CK(cudaMalloc(&q, qn * 2));
+    CK(cudaMalloc(&out, qn * 2));
+    CK(cudaMalloc(&lse, size_t(total_q) * qo * copies * 4));
+    FillRandom<<<1024, 256, 0, s>>>(q, qn, rng());
+    CK(cudaDeviceSynchronize());
+  }
+  void Free() {
+    cudaFree(pool);
+    cudaFree(indices);
+    cudaFree(q);
+    cudaFree(out);
+    cudaFree(lse);
+  }
+};
+
+// A planned prefill launch over a batch.
+struct PrefillRun {
+  PrefillPlanLayout layout;
+  std::vector<int32_t> plan;
+  int32_t* d_plan = nullptr;
+  float *po = nullptr, *pl = nullptr;
+  cuda::PrefillArgs a;
+
+  void Init(int dev, const Batch& b, bool det) {
+    PrefillPlanConfig cfg;
+    CK(cuda::MakePrefillPlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, b.causal, &cfg));
+    cfg.deterministic = det;
+    cfg.fixed_chunk_tokens = 1024;
+    int64_t mk = 0;
+    for (const Req& r : b.reqs) mk = std::max<int64_t>(mk, r.kv_len);
+    layout = MakePrefillPlanLayout(static_cast<int>(b.reqs.size()), b.total_q, mk, cfg);
+    plan.assign(layout.TotalInts(), 0);
+    std::string err;
+    if (!PlanPrefill(b.qo_indptr.data(), b.kv_len.data(), b.kv_indptr.data(),
+                     static_cast<int>(b.reqs.size()), cfg, layout, plan.data(), &err)) {
+      std::fprintf(stderr, "plan: %s\n", err.c_str());
+      std::exit(1);
+    }
+    CK(cudaMalloc(&d_plan, plan.size() * 4));
+    CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
+    const size_t np = std::max<int64_t>(1, layout.max_partials) * b.kv * 64;
+    CK(cudaMalloc(&po, np * b.d * 4));
+    CK(cudaMalloc(&pl, np * 4));
+    a.kv.pool = b.pool;
+    a.kv.shape = b.sh;
+    a.opts.num_qo_heads = b.qo;
+    a.opts.sm_scale = 1.f / std::sqrt(float(b.d));
+    a.causal = b.causal;
+    a.q_stride_n = int64_t(b.qo) * b.d;
+    a.q_stride_h = b.d;
+    a.out_stride_n = a.q_stride_n;
+    a.out_stride_h = b.d;
+    a.ws.plan = d_plan;
+    a.ws.layout = layout;
+    a.ws.grid_y = std::max(1, std::min(plan[0], 65535));
+    a.ws.partial_out = po;
+    a.ws.partial_lse = pl;
+    a.may_merge = plan[1] > 0;
+    CK(cudaDeviceSynchronize());
+  }
+  void Launch(const Batch& b, int copy, cudaStream_t s) {
+    a.kv_indices = b.indices + size_t(copy) * b.pages;
+    a.q = b.q + size_t(copy) * b.total_q * b.qo * b.d;
+    a.out = b.out + size_t(copy) * b.total_q * b.qo * b.d;
+    a.lse = b.lse + size_t(copy) * b.total_q * b.qo;
+    CK(cuda::LaunchBatchPrefill(a, s));
+  }
+  void Free() {
+    cudaFree(d_plan);
+    cudaFree(po);
+    cudaFree(pl);
+  }
+};
+
+// Batch decode over a batch of q_len-1 requests (the two-launch baseline of the mixed case).
+struct DecodeRun {
+  DecodePlanLayout layout;
+  int32_t* d_plan = nullptr;
+  float *po = nullptr, *pl = nullptr;
+  int* counters = nullptr;
+  cuda::DecodeArgs a;
+  void Init(int dev, const Batch& b) {
+    DecodePlanConfig cfg;
+    CK(cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, &cfg));
+    const int batch = static_cast<int>(b.reqs.size());
+    int64_t mk = 0;
+    for (const Req& r : b.reqs) mk = std::max<int64_t>(mk, r.kv_len);
+    layout = MakeDecodePlanLayout(batch, mk, cfg);
+    const int grid_x = DecodeGridX(batch, cfg);
+    std::vector<int32_t> plan(layout.TotalInts());
+    std::string err;
+    int64_t used;
+    if (!PlanDecode(b.kv_len.data(), b.kv_indptr.data(), batch, grid_x, cfg, layout, plan.data(),
+                    &used, &err)) {
+      std::fprintf(stderr, "decode plan: %s\n", err.c_str());
+      std::exit(1);
+    }
+    CK(cudaMalloc(&d_plan, plan.size() * 4));
+    CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&po, layout.max_items * b.qo * b.d * 4));
+    CK(cudaMalloc(&pl, layout.max_items * b.qo * 4));
+    CK(cudaMalloc(&counters, size_t(batch) * cfg.kv_head_blocks * 4));
+    CK(cudaMemset(counters, 0, size_t(batch) * cfg.kv_head_blocks * 4));
+    a.kv.pool = b.pool;
+    a.kv.shape = b.sh;
+    a.opts.num_qo_heads = b.qo;
+    a.opts.sm_scale = 1.f / std::sqrt(float(b.d));
+    a.batch = batch;
+    a.q_stride_b = int64_t(b.qo) * b.d;
+    a.q_stride_h = b.d;
+    a.out_stride_b = a.q_stride_b;
+    a.out_stride_h = b.d;
+    a.ws = {d_plan, layout, grid_x, po, pl, counters};
+    CK(cudaDeviceSynchronize());
+  }
+  void Launch(const Batch& b, int copy, cudaStream_t s) {
+    a.kv_indices = b.indices + size_t(copy) * b.pages;
+    a.q = b.q + size_t(copy) * b.total_q * b.qo * b.d;
+    a.out = b.out + size_t(copy) * b.total_q * b.qo * b.d;
+    a.lse = b.lse + size_t(copy) * b.total_q * b.qo;
+    CK(cuda::LaunchBatchDecode(a, s));
+  }
+  void Free() {
+    cudaFree(d_plan);
+    cudaFree(po);
+    cudaFree(pl);
+    cudaFree(counters);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* csv_path = nullptr;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
+  }
+  cudaStream_t s;
+  CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  int dev = 0;
+  CK(cudaGetDevice(&dev));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, dev));
+  std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  FILE* csv = csv_path != nullptr ? std::fopen(csv_path, "w") : nullptr;
+  if (csv != nullptr) std::fprintf(csv, "kind,name,us,tflops,items,merges\n");
+  auto emit = [&](const char* kind, const std::string& name, double us, double tf, int items,
+                  int merges) {
+    std::printf("%-8s %-44s %10.2f us %7.1f TFLOP/s  (items %d, merges %d)\n", kind,
+                name.c_str(), us, tf, items, merges);
+    if (csv != nullptr) {
+      std::fprintf(csv, "%s,%s,%.3f,%.2f,%d,%d\n", kind, name.c_str(), us, tf, items, merges);
+      std::fflush(csv);
+    }
+  };
+
+  float* sink;
+  CK(cudaMalloc(&sink, 4));
+  const int mma_blocks = prop.multiProcessorCount * 8;
+  const float mma_ms = TimeGraph(s, 1, [&] { MmaPeak<<<mma_blocks, 128, 0, s>>>(sink, 7); }, 10);
+  const double mma_tf = double(mma_blocks) * 4 * kMmaIters * 8 * 4096.0 / mma_ms / 1e9;
+  emit("ceiling", "mma.sync bf16", mma_ms * 1e3, mma_tf, 0, 0);
+
+  std::mt19937 rng(5);
+  struct Case {
+    std::string name;
+    std::vector<Req> reqs;
+    int d;
+    bool causal;
+    bool det;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"causal B1 S4096 d128", {{4096, 4096}}, 128, true, false});
+  cases.push_back({"causal B1 S8192 d128", {{8192, 8192}}, 128, true, false});
+  cases.push_back({"noncausal B4 S2048 d128", {{2048, 2048}, {2048, 2048}, {2048, 2048}, {2048, 2048}}, 128, false, false});
+  cases.push_back({"causal B1 S4096 d64", {{4096, 4096}}, 64, true, false});
+  cases.push_back({"causal B1 S4096 d128 det", {{4096, 4096}}, 128, true, true});
+  for (Case& c : cases) {
+    Batch b;
+    b.reqs = c.reqs;
+    b.d = c.d;
+    b.causal = c.causal;
+    b.Build(s, rng);
+    PrefillRun r;
+    r.Init(dev, b, c.det);
+    const int per = std::max(b.copies, 4);
+    const float ms = TimeGraph(s, per, [&] { for (int i = 0; i < per; ++i) r.Launch(b, i % b.copies, s); });
+    emit("prefill", c.name, ms * 1e3, b.flops / ms / 1e9, r.plan[0], r.plan[1]);
+    r.Free();
+    b.Free();
+  }
+
+  // Mixed: one 2048-token chunk at 4096 context + 128 decodes at 4096 context, one launch vs
+  // two launches (our prefill for the chunk, our batch decode for the decodes).
+  for (int det = 0; det < 2; ++det) {
+    Batch mixed, chunk, decodes;
+    mixed.reqs.push_back({2048, 4096});
+    for (int i = 0; i < 128; ++i) mixed.reqs.push_back({1, 4096});
+    chunk.reqs = {{2048, 4096}};
+    for (int i = 0; i < 128; ++i) decodes.reqs.push_back({1, 4096});
+    mixed.Build(s, rng);
+    chunk.Build(s, rng);
+    decodes.Build(s, rng);
+    PrefillRun rm, rc, rd;
+    rm.Init(dev, mixed, det);
+    rc.Init(dev, chunk, det);
+    rd.Init(dev, decodes, det);
+    DecodeRun dd;
+    dd.Init(dev, decodes);
+    const int per = 4;
+    const std::string tag = det ? " det" : "";
+    const float t_mixed = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) rm.Launch(mixed, i % mixed.copies, s);
+    });
+    emit("mixed", "one launch" + tag, t_mixed * 1e3, mixed.flops / t_mixed / 1e9, rm.plan[0],
+         rm.plan[1]);
+    const float t_two = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) {
+        rc.Launch(chunk, i % chunk.copies, s);
+        dd.a.deterministic = false;
+        dd.Launch(decodes, i % decodes.copies, s);
+      }
+    });
+    emit("mixed", "two launches prefill+decode" + tag, t_two * 1e3, mixed.flops / t_two / 1e9,
+         rc.plan[0], 0);
+    const float t_chunk = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) rc.Launch(chunk, i % chunk.copies, s);
+    });
+    emit("mixed", "chunk alone" + tag, t_chunk * 1e3, chunk.flops / t_chunk / 1e9, rc.plan[0],
+         rc.plan[1]);
+    const float t_dec = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) dd.Launch(decodes, i % decodes.copies, s);
+    });
+    emit("mixed", "128 decodes alone (decode kernel)" + tag, t_dec * 1e3,
+         decodes.flops / t_dec / 1e9, 0, 0);
+    const float t_dec_p = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) rd.Launch(decodes, i % decodes.copies, s);
+    });
+    emit("mixed", "128 decodes alone (prefill kernel)" + tag, t_dec_p * 1e3,
+         decodes.flops / t_dec_p / 1e9, rd.plan[0], rd.plan[1]);
+    rm.Free();
+    rc.Free();
+    rd.Free();
+    dd.Free();
+    mixed.Free();
+    chunk.Free();
+    decodes.Free();
+  }
+  CK(cudaGetLastError());
+  if (csv != nullptr) std::fclose(csv);
+  return 0;
+}

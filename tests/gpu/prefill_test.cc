@@ -1,0 +1,448 @@
+// GPU tests of batch prefill: against the fp64 reference over a sweep of shapes and options
+// (ragged chunks with and without history, decodes beside chunks, chunks crossing pages, cut
+// tiles and their merge), bitwise batch invariance of deterministic mode for chunked prefill,
+// graph replay. Skipped without a CUDA device.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/prefill_plan.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace attnd::kernels::testing {
+namespace {
+
+struct Req {
+  int32_t q_len, kv_len;
+};
+
+// A random ragged batch over a shared pool with shuffled pages.
+struct PrefillProblem {
+  DecodeProblemSpec spec;
+  KvCacheShape shape;
+  AttentionOptions opts;
+  std::vector<Req> reqs;
+  std::vector<int32_t> qo_indptr, kv_len, kv_indptr, indices;
+  std::vector<uint16_t> pool, q;
+  int64_t q_sh = 0, q_sn = 0;
+
+  void Build(const DecodeProblemSpec& s, const std::vector<Req>& r, uint64_t seed) {
+    spec = s;
+    reqs = r;
+    std::mt19937_64 rng(seed);
+    shape.num_layers = s.num_layers;
+    shape.page_size = s.page_size;
+    shape.num_kv_heads = s.kv_heads;
+    shape.head_dim = s.head_dim;
+    shape.layout = s.layout;
+    shape.dtype = s.dtype;
+    int64_t pages = 3;
+    for (const Req& x : reqs) pages += (x.kv_len + s.page_size - 1) / s.page_size;
+    shape.num_pages = pages;
+    std::vector<int32_t> perm(pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    qo_indptr.assign(1, 0);
+    kv_indptr.assign(1, 0);
+    kv_len.clear();
+    indices.clear();
+    size_t next = 0;
+    for (const Req& x : reqs) {
+      const int64_t n = (x.kv_len + s.page_size - 1) / s.page_size;
+      for (int64_t i = 0; i < n; ++i) indices.push_back(perm[next++]);
+      kv_indptr.push_back(static_cast<int32_t>(indices.size()));
+      qo_indptr.push_back(qo_indptr.back() + x.q_len);
+      kv_len.push_back(x.kv_len);
+    }
+    if (indices.empty()) indices.push_back(0);
+    pool.resize(shape.TotalElems());
+    RandomFill16(&pool, s.dtype, 1.0f, rng());
+    opts.num_qo_heads = s.qo_heads;
+    opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    opts.logits_soft_cap = s.soft_cap;
+    opts.window_left = s.window_left;
+    q_sh = s.head_dim + s.q_pad;
+    q_sn = s.qo_heads * q_sh;
+    q.resize(std::max<int64_t>(1, qo_indptr.back()) * q_sn);
+    RandomFill16(&q, s.dtype, 1.0f, rng());
+  }
+  int batch() const { return static_cast<int>(reqs.size()); }
+  int total_q() const { return qo_indptr.back(); }
+
+  // fp64 reference of request b: out [q_len][qo_heads][head_dim], lse [q_len][qo_heads].
+  void Reference(int b, std::vector<double>* out, std::vector<double>* lse) const {
+    const int64_t H = spec.qo_heads, D = spec.head_dim;
+    const int64_t n = reqs[b].q_len;
+    std::vector<uint16_t> qb(n * H * D);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(&qb[(i * H + h) * D], &q[(qo_indptr[b] + i) * q_sn + h * q_sh], D * 2);
+      }
+    }
+    SequenceView seq;
+    seq.page_table = indices.data() + kv_indptr[b];
+    seq.kv_len = reqs[b].kv_len;
+    seq.num_queries = n;
+    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse);
+  }
+};
+
+struct PrefillRunner {
+  PrefillPlanConfig cfg;
+  PrefillPlanLayout layout;
+  std::vector<int32_t> plan_host;
+  DeviceBuffer<int32_t> plan, indices;
+  DeviceBuffer<uint16_t> pool, q, out;
+  DeviceBuffer<float> lse, partial_out, partial_lse;
+  int grid_y = 0;
+
+  void Init(const PrefillProblem& p, bool det, int fixed_chunk = 512, int64_t max_total_q = 0,
+            int64_t max_kv = 0, int max_batch = 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    ASSERT_EQ(cuda::MakePrefillPlanConfig(dev, p.spec.dtype, p.spec.head_dim, p.spec.qo_heads,
+                                          p.spec.kv_heads, p.spec.window_left, true, &cfg),
+              cudaSuccess);
+    cfg.deterministic = det;
+    cfg.fixed_chunk_tokens = fixed_chunk;
+    int64_t mk = max_kv;
+    for (const Req& r : p.reqs) mk = std::max<int64_t>(mk, r.kv_len);
+    layout = MakePrefillPlanLayout(std::max(max_batch, p.batch()),
+                                   std::max<int64_t>(max_total_q, p.total_q()), mk, cfg);
+    plan_host.assign(layout.TotalInts(), 0);
+    plan.Resize(layout.TotalInts());
+    partial_out.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * 64 *
+                       p.spec.head_dim);
+    partial_lse.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * 64);
+  }
+  void Upload(const PrefillProblem& p) {
+    pool.Resize(p.pool.size());
+    pool.Upload(p.pool);
+    q.Resize(p.q.size());
+    q.Upload(p.q);
+    out.Resize(p.q.size());
+    lse.Resize(std::max<int64_t>(1, p.total_q()) * p.spec.qo_heads);
+    indices.Resize(p.indices.size());
+    indices.Upload(p.indices);
+  }
+  void Plan(const PrefillProblem& p) {
+    std::string err;
+    ASSERT_TRUE(PlanPrefill(p.qo_indptr.data(), p.kv_len.data(), p.kv_indptr.data(), p.batch(),
+                            cfg, layout, plan_host.data(), &err))
+        << err;
+    ATTND_CUDA_OK(cudaMemcpy(plan.get(), plan_host.data(), plan_host.size() * 4,
+                             cudaMemcpyHostToDevice));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    grid_y = std::max(1, plan_host[0]);
+  }
+  void Poison() {
+    out.Fill(0xff);
+    lse.Fill(0xff);
+  }
+  cuda::PrefillArgs Args(const PrefillProblem& p) const {
+    cuda::PrefillArgs a;
+    a.kv.pool = pool.get();
+    a.kv.shape = p.shape;
+    a.kv.layer = p.spec.layer;
+    a.opts = p.opts;
+    a.causal = true;
+    a.q = q.get();
+    a.q_stride_n = p.q_sn;
+    a.q_stride_h = p.q_sh;
+    a.out = out.get();
+    a.out_stride_n = p.q_sn;
+    a.out_stride_h = p.q_sh;
+    a.lse = lse.get();
+    a.kv_indices = indices.get();
+    a.ws.plan = plan.get();
+    a.ws.layout = layout;
+    a.ws.grid_y = grid_y;
+    a.ws.partial_out = partial_out.get();
+    a.ws.partial_lse = partial_lse.get();
+    return a;
+  }
+};
+
+struct Stats {
+  double rel = 0, lse_max = 0;
+  bool finite = true;
+};
+
+Stats Check(const PrefillProblem& p, const std::vector<uint16_t>& out,
+            const std::vector<float>& lse) {
+  Stats st;
+  double num = 0, den = 0;
+  const int64_t H = p.spec.qo_heads, D = p.spec.head_dim;
+  for (int b = 0; b < p.batch(); ++b) {
+    if (p.reqs[b].q_len == 0) continue;
+    std::vector<double> ref, ref_lse;
+    p.Reference(b, &ref, &ref_lse);
+    for (int64_t i = 0; i < p.reqs[b].q_len; ++i) {
+      const int64_t n = p.qo_indptr[b] + i;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t d = 0; d < D; ++d) {
+          const double x = LoadAsFloat(out.data(), n * p.q_sn + h * p.q_sh + d, p.spec.dtype);
+          if (!std::isfinite(x)) st.finite = false;
+          const double r = ref[(i * H + h) * D + d];
+          num += (x - r) * (x - r);
+          den += r * r;
+        }
+        const double l = lse[n * H + h];
+        if (!std::isfinite(l)) st.finite = false;
+        st.lse_max = std::max(st.lse_max, std::fabs(l - ref_lse[i * H + h]));
+      }
+    }
+  }
+  st.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return st;
+}
+
+double Tolerance(DType t) { return t == DType::kBFloat16 ? 1e-2 : 2e-3; }
+
+struct Case {
+  std::string name;
+  DecodeProblemSpec spec;
+  bool det = false;
+};
+
+// Chunks with and without history, decodes, tiny chunks, chunks crossing pages, a long context
+// with few queries (cut along the keys and merged).
+std::vector<Req> DefaultReqs() {
+  return {{1, 1}, {1, 100}, {3, 40}, {17, 17}, {40, 1000}, {150, 170}, {64, 64}, {5, 300},
+          {33, 2049}, {1, 4097}, {200, 200}};
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cs;
+  auto add = [&](std::string name, auto mutate, bool det = false) {
+    Case c;
+    c.name = std::move(name);
+    c.spec.qo_heads = 8;
+    c.spec.kv_heads = 2;
+    mutate(c.spec);
+    c.det = det;
+    cs.push_back(c);
+  };
+  add("bf16_d128_g4_p16_nhd", [](DecodeProblemSpec&) {});
+  add("fp16_d128", [](DecodeProblemSpec& s) { s.dtype = DType::kFloat16; });
+  add("bf16_d64", [](DecodeProblemSpec& s) { s.head_dim = 64; });
+  add("fp16_d64_hnd", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("bf16_d256", [](DecodeProblemSpec& s) { s.head_dim = 256; });
+  add("fp16_d256_hnd", [](DecodeProblemSpec& s) { s.head_dim = 256; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("bf16_hnd", [](DecodeProblemSpec& s) { s.layout = KvLayout::kHND; });
+  add("bf16_page1", [](DecodeProblemSpec& s) { s.page_size = 1; });
+  add("bf16_page64_hnd", [](DecodeProblemSpec& s) { s.page_size = 64; s.layout = KvLayout::kHND; });
+  add("fp16_page3", [](DecodeProblemSpec& s) { s.page_size = 3; s.dtype = DType::kFloat16; });
+  add("bf16_page17", [](DecodeProblemSpec& s) { s.page_size = 17; });
+  add("bf16_group1", [](DecodeProblemSpec& s) { s.qo_heads = 2; });
+  add("bf16_group8", [](DecodeProblemSpec& s) { s.qo_heads = 16; });
+  add("fp16_group5", [](DecodeProblemSpec& s) { s.qo_heads = 10; s.dtype = DType::kFloat16; });
+  add("bf16_group32_mqa", [](DecodeProblemSpec& s) { s.qo_heads = 32; s.kv_heads = 1; });
+  add("bf16_softcap", [](DecodeProblemSpec& s) { s.soft_cap = 5.0f; });
+  add("fp16_softcap_window", [](DecodeProblemSpec& s) { s.soft_cap = 30.0f; s.window_left = 100; s.dtype = DType::kFloat16; });
+  add("bf16_window0", [](DecodeProblemSpec& s) { s.window_left = 0; });
+  add("bf16_window700_hnd", [](DecodeProblemSpec& s) { s.window_left = 700; s.layout = KvLayout::kHND; });
+  add("bf16_strided_q", [](DecodeProblemSpec& s) { s.q_pad = 8; });
+  add("bf16_det", [](DecodeProblemSpec&) {}, true);
+  add("fp16_d64_det_window", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.window_left = 300; }, true);
+  return cs;
+}
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
+class PrefillVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(PrefillVsReference, MatchesFp64) {
+  SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  for (int trial = 0; trial < 2; ++trial) {
+    std::vector<Req> reqs = DefaultReqs();
+    if (trial == 1) std::reverse(reqs.begin(), reqs.end());
+    PrefillProblem p;
+    p.Build(c.spec, reqs, std::random_device{}());
+    PrefillRunner r;
+    r.Init(p, c.det);
+    r.Upload(p);
+    r.Plan(p);
+    r.Poison();
+    ATTND_CUDA_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const Stats st = Check(p, r.out.Download(), r.lse.Download());
+    EXPECT_TRUE(st.finite) << c.name;
+    EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
+    EXPECT_LT(st.lse_max, 2e-2) << c.name;
+    if (trial == 0) {
+      std::printf("  %-24s rel %.2e  lse %.2e  items %d merges %d\n", c.name.c_str(), st.rel,
+                  st.lse_max, r.plan_host[0], r.plan_host[1]);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sweep, PrefillVsReference, ::testing::ValuesIn(Cases()),
+                         [](const auto& info) { return info.param.name; });
+
+// A grid smaller than the item count (columns loop over items) gives the same bits.
+TEST(Prefill, SmallGridLoopsOverItems) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  s.qo_heads = 8;
+  s.kv_heads = 2;
+  PrefillProblem p;
+  p.Build(s, DefaultReqs(), 11);
+  PrefillRunner r;
+  r.Init(p, false);
+  r.Upload(p);
+  r.Plan(p);
+  r.Poison();
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const auto out1 = r.out.Download();
+  const auto lse1 = r.lse.Download();
+  r.Poison();
+  cuda::PrefillArgs a = r.Args(p);
+  a.ws.grid_y = 3;
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(0, std::memcmp(out1.data(), r.out.Download().data(), out1.size() * 2));
+  EXPECT_EQ(0, std::memcmp(lse1.data(), r.lse.Download().data(), lse1.size() * 4));
+}
+
+// A 2000-token prompt prefilled in chunks of 512: the last chunk's output (deterministic mode)
+// is bitwise the same alone, in a mixed batch of decodes and other chunks, and through a graph
+// captured for the bigger batch; it also matches the reference.
+TEST(PrefillDeterminism, ChunkedPrefillLastChunkAloneVsMixedBatch) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;  // d128, bf16, page 16
+  s.qo_heads = 16;
+  s.kv_heads = 4;
+  s.num_layers = 1;
+  s.layer = 0;
+  std::mt19937 rng(3);
+  std::vector<Req> mixed;
+  for (int i = 0; i < 40; ++i) mixed.push_back({1, static_cast<int32_t>(1 + rng() % 5000)});
+  mixed.push_back({512, 1536});
+  const int target = static_cast<int>(mixed.size());
+  mixed.push_back({464, 2000});  // the last chunk of the prompt
+  for (int i = 0; i < 10; ++i) mixed.push_back({1, static_cast<int32_t>(1 + rng() % 300)});
+  mixed.push_back({300, 4000});
+  PrefillProblem big;
+  big.Build(s, mixed, 99);
+  // The same request alone: its pages, K/V and queries copied from the big problem.
+  PrefillProblem one = big;
+  one.reqs = {mixed[target]};
+  one.qo_indptr = {0, 464};
+  one.kv_len = {2000};
+  one.indices.assign(big.indices.begin() + big.kv_indptr[target],
+                     big.indices.begin() + big.kv_indptr[target + 1]);
+  one.kv_indptr = {0, static_cast<int32_t>(one.indices.size())};
+  one.q.assign(big.q.begin() + big.qo_indptr[target] * big.q_sn,
+               big.q.begin() + big.qo_indptr[target + 1] * big.q_sn);
+
+  PrefillRunner rb, ro;
+  rb.Init(big, true, 512);
+  rb.Upload(big);
+  rb.Plan(big);
+  rb.Poison();
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(rb.Args(big), nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const auto out_big = rb.out.Download();
+  const auto lse_big = rb.lse.Download();
+
+  ro.Init(one, true, 512);
+  ro.Upload(one);
+  ro.Plan(one);
+  ro.Poison();
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(ro.Args(one), nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const auto out_one = ro.out.Download();
+  const auto lse_one = ro.lse.Download();
+  const Stats st = Check(one, out_one, lse_one);
+  EXPECT_TRUE(st.finite);
+  EXPECT_LT(st.rel, 1e-2);
+  EXPECT_GT(ro.plan_host[1], 0) << "the chunk's tiles are cut at 512-key boundaries and merged";
+  const size_t rows = 464;
+  EXPECT_EQ(0, std::memcmp(out_big.data() + big.qo_indptr[target] * big.q_sn, out_one.data(),
+                           rows * big.q_sn * 2));
+  EXPECT_EQ(0, std::memcmp(lse_big.data() + big.qo_indptr[target] * s.qo_heads, lse_one.data(),
+                           rows * s.qo_heads * 4));
+
+  // Graph captured once with a fixed grid, replayed after a re-plan.
+  cudaStream_t stream;
+  ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cuda::PrefillArgs a = rb.Args(big);
+  a.ws.grid_y = static_cast<int>(std::min<int64_t>(rb.layout.max_items, 65535));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, stream));
+  ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
+  ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+  rb.Poison();
+  ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
+  ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+  EXPECT_EQ(0, std::memcmp(out_big.data(), rb.out.Download().data(), out_big.size() * 2));
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(stream);
+}
+
+// Non-causal (every query sees all keys): each query row equals a one-query reference.
+TEST(Prefill, NonCausalMatchesPerQueryReference) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  s.qo_heads = 8;
+  s.kv_heads = 2;
+  PrefillProblem p;
+  p.Build(s, {{70, 300}, {1, 50}, {20, 20}}, 5);
+  PrefillRunner r;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  r.Init(p, false);
+  ASSERT_EQ(cuda::MakePrefillPlanConfig(dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads, -1,
+                                        false, &r.cfg),
+            cudaSuccess);
+  r.Upload(p);
+  r.Plan(p);
+  r.Poison();
+  cuda::PrefillArgs a = r.Args(p);
+  a.causal = false;
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const auto out = r.out.Download();
+  double num = 0, den = 0;
+  for (int b = 0; b < p.batch(); ++b) {
+    for (int i = 0; i < p.reqs[b].q_len; ++i) {
+      PrefillProblem one = p;
+      one.reqs = {{1, p.reqs[b].kv_len}};
+      one.qo_indptr = {0, 1};
+      one.kv_indptr = {0, p.kv_indptr[b + 1] - p.kv_indptr[b]};
+      one.indices.assign(p.indices.begin() + p.kv_indptr[b],
+                         p.indices.begin() + p.kv_indptr[b + 1]);
+      const int64_t n = p.qo_indptr[b] + i;
+      one.q.assign(p.q.begin() + n * p.q_sn, p.q.begin() + (n + 1) * p.q_sn);
+      std::vector<double> ref, ref_lse;
+      one.Reference(0, &ref, &ref_lse);
+      for (int64_t k = 0; k < s.qo_heads * s.head_dim; ++k) {
+        const double x = LoadAsFloat(out.data(), n * p.q_sn + k, s.dtype);
+        num += (x - ref[k]) * (x - ref[k]);
+        den += ref[k] * ref[k];
+      }
+    }
+  }
+  EXPECT_LT(std::sqrt(num / den), 1e-2);
+}
+
+TEST(Prefill, RejectsBadArguments) {
+  SKIP_WITHOUT_GPU();
+  cuda::PrefillArgs a;
+  EXPECT_EQ(cuda::LaunchBatchPrefill(a, nullptr), cudaErrorInvalidValue);
+}
+
+}  // namespace
+}  // namespace attnd::kernels::testing
