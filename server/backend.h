@@ -64,6 +64,14 @@ class DeviceBackend {
   virtual absl::Status Append(const AppendWork& work) = 0;
   virtual absl::Status Attention(const AttentionWork& work) = 0;
   virtual absl::Status TransferKv(const KvTransferWork& work) = 0;
+  // Whether an attention batch with these lengths (before the call) and new-token counts fits
+  // the backend's fixed workspaces. Asked before any page is reserved, so a batch that does not
+  // fit is refused with nothing changed (RESOURCE_EXHAUSTED naming the limit).
+  virtual absl::Status CheckAttentionFits(absl::Span<const int64_t> starts,
+                                          absl::Span<const int64_t> num_new, bool deterministic) {
+    (void)starts, (void)num_new, (void)deterministic;
+    return absl::OkStatus();
+  }
 };
 
 // The CPU backend: pools in host memory, attention in fp32 (kernels/cpu_attention.h).

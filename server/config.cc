@@ -99,6 +99,8 @@ absl::Status ServerConfig::Validate() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--log_level=", log_level, ": expected trace, debug, info, warn or error"));
   if (metrics_port < 0 || metrics_port > 65535) return OutOfRange("metrics_port", metrics_port, "0..65535");
+  if (cuda_workspace_mb < 16 || cuda_workspace_mb > (int64_t{1} << 20))
+    return OutOfRange("cuda_workspace_mb", cuda_workspace_mb, "16..2^20");
   if (cpu_threads < 0 || cpu_threads > 1024) return OutOfRange("cpu_threads", cpu_threads, "0..1024");
   if (cpu_threads == 0) cpu_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   if (!(drain_timeout_s >= 0)) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");

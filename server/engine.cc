@@ -3,7 +3,11 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "spdlog/spdlog.h"
+#ifdef ATTND_HAVE_CUDA
+#include "server/cuda_backend.h"
+#endif
 
 namespace attnd {
 namespace {
@@ -56,20 +60,70 @@ std::vector<AppendItem> ToAppendItems(const google::protobuf::RepeatedPtrField<v
 
 }  // namespace
 
+namespace {
+
+// Whether to serve on CUDA: --backend=cuda insists, auto takes it when it can.
+absl::StatusOr<bool> ChooseCuda(const ServerConfig& config) {
+  if (config.backend == BackendChoice::kCpu) return false;
+#ifdef ATTND_HAVE_CUDA
+  absl::Status why = CudaDeviceCount() > 0
+                         ? absl::OkStatus()
+                         : absl::FailedPreconditionError("no CUDA device is visible");
+  for (int d : config.devices) {
+    if (why.ok()) why = CheckCudaSupport(config, d);
+  }
+  if (why.ok()) return true;
+  if (config.backend == BackendChoice::kCuda) return why;
+  spdlog::info("backend=auto: serving on the CPU ({})", std::string(why.message()));
+  return false;
+#else
+  if (config.backend == BackendChoice::kCuda)
+    return absl::FailedPreconditionError("--backend=cuda: this build has no CUDA (ATTND_CUDA=OFF)");
+  spdlog::info("backend=auto: this build has no CUDA backend, serving on the CPU");
+  return false;
+#endif
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& config,
                                                        Metrics* metrics) {
   std::unique_ptr<Engine> engine(new Engine(config, metrics));
+  auto cuda = ChooseCuda(config);
+  if (!cuda.ok()) return cuda.status();
+  engine->cuda_ = *cuda;
   for (size_t i = 0; i < config.devices.size(); ++i) {
     auto device = std::make_unique<Device>();
     device->id = config.devices[i];
     device->index = static_cast<int>(i);
-    auto backend = CreateCpuDeviceBackend(config, device->id);
+    const int id = device->id;
+    std::function<void()> bind;
+#ifdef ATTND_HAVE_CUDA
+    // Every CUDA call of this device runs on its worker, bound to it for the thread's life.
+    if (engine->cuda_) {
+      bind = [id] {
+        if (absl::Status s = BindThreadToDevice(id); !s.ok()) spdlog::error("{}", s.ToString());
+      };
+    }
+#endif
+    device->worker = std::make_unique<DeviceWorker>(std::move(bind));
+    absl::StatusOr<std::unique_ptr<DeviceBackend>> backend;
+    if (engine->cuda_) {
+#ifdef ATTND_HAVE_CUDA
+      absl::Status made = engine->RunOnWorker(*device, [&]() -> absl::Status {
+        backend = CreateCudaDeviceBackend(config, id);
+        return backend.status();
+      });
+      if (!made.ok()) return made;
+#endif
+    } else {
+      backend = CreateCpuDeviceBackend(config, id);
+    }
     if (!backend.ok()) return backend.status();
     device->backend = *std::move(backend);
     device->pool = std::make_unique<KvPool>(device->id, device->backend->num_pages(),
                                             config.model.num_layers, config.model.page_size,
                                             config.max_seq_len);
-    device->worker = std::make_unique<DeviceWorker>();
     engine->PublishPoolState(*device);
     spdlog::info("device={} backend={} pages={} page_bytes={} pool_bytes={}", device->id,
                  device->backend->name(), device->backend->num_pages(),
@@ -80,8 +134,28 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& confi
 }
 
 Engine::~Engine() {
-  // Drain each worker before the backends and pools it uses go away.
+  // Regions first (a CUDA region is closed on its device's worker), then each backend on its
+  // own worker, then drain and join the workers.
+  regions_.Clear();
+  for (auto& device : devices_) {
+    if (device->backend == nullptr) continue;
+    (void)RunOnWorker(*device, [&device]() -> absl::Status {
+      device->backend.reset();
+      return absl::OkStatus();
+    });
+  }
   for (auto& device : devices_) device->worker.reset();
+}
+
+absl::Status Engine::RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn) {
+  absl::Notification done;
+  absl::Status status;
+  device.worker->Post([&] {
+    status = std::move(fn)();
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return status;
 }
 
 absl::StatusOr<Engine::Device*> Engine::FindDevice(uint32_t id) const {
@@ -123,15 +197,16 @@ void Engine::MarkFaulted(Device& device, const absl::Status& status, absl::strin
   if (serving_listener_) serving_listener_(device.index, false);
 }
 
-Placement Engine::PlacementFor(const Device&) const {
-  // The CPU backend reads host memory only.
-  return Placement{true, -1};
+Placement Engine::PlacementFor(const Device& device) const {
+  // The CPU backend reads host memory only; the CUDA backend its device's memory and host
+  // regions it page-locked.
+  return Placement{true, cuda_ ? device.id : -1};
 }
 
 void Engine::GetServerInfo(v1::ServerInfo* info) const {
   const ModelShape& m = config_.model;
   info->set_version(kVersion);
-  info->set_backend(v1::BACKEND_CPU);
+  info->set_backend(cuda_ ? v1::BACKEND_CUDA : v1::BACKEND_CPU);
   v1::ModelConfig* model = info->mutable_model();
   model->set_num_layers(static_cast<uint32_t>(m.num_layers));
   model->set_num_qo_heads(static_cast<uint32_t>(m.num_qo_heads));
@@ -153,13 +228,14 @@ void Engine::GetServerInfo(v1::ServerInfo* info) const {
     d->set_serving(device->serving.load());
     d->set_pool_bytes(static_cast<uint64_t>(device->backend->pool_bytes()));
   }
-  // The CPU backend captures no graphs.
+  // No backend captures graphs yet: decode runs eagerly.
   info->set_max_batch_size(static_cast<uint32_t>(config_.max_batch_size));
   info->set_max_seq_len(static_cast<uint64_t>(config_.max_seq_len));
   info->set_max_tokens_per_request(static_cast<uint64_t>(config_.max_tokens_per_request));
   for (const char* f : {"host_regions", "stream", "fork", "truncate", "kv_export", "kv_import",
                         "lse", "deterministic"})
     info->add_features(f);
+  if (cuda_) info->add_features("cuda_regions");
 }
 
 // ---- Regions ----
@@ -171,16 +247,48 @@ absl::Status Engine::RegisterHostRegion(const v1::RegisterHostRegionRequest& req
         absl::StrCat("name: a region named '", req.name(), "' is already registered"));
   auto region = HostRegion::Open(req.name(), req.shm_key(), req.offset(), req.byte_size());
   if (!region.ok()) return region.status();
+#ifdef ATTND_HAVE_CUDA
+  if (cuda_) {
+    // Page-locked, portable: every device's kernels reach it. Pinning is done from the first
+    // device's worker; unpinning needs no device (the pointer names the registration).
+    HostRegion* host = region->get();
+    absl::Status pinned = RunOnWorker(*devices_.front(), [host]() {
+      return RegisterHostMemory(host->mapping(), host->mapping_bytes());
+    });
+    if (!pinned.ok()) return pinned;
+    host->SetBeforeUnmap([mapping = host->mapping()] { UnregisterHostMemory(mapping); });
+  }
+#endif
   if (absl::Status s = regions_.Add(std::shared_ptr<Region>(*std::move(region))); !s.ok()) return s;
   spdlog::info("region={} kind=host shm_key={} offset={} bytes={}", req.name(), req.shm_key(),
                req.offset(), req.byte_size());
   return absl::OkStatus();
 }
 
-absl::Status Engine::RegisterCudaRegion(const v1::RegisterCudaRegionRequest&) {
-  return absl::FailedPreconditionError(
-      "this server runs the CPU backend, which cannot open CUDA IPC handles; register host "
-      "(POSIX shared-memory) regions with RegisterHostRegion");
+void Engine::RegisterCudaRegion(const v1::RegisterCudaRegionRequest& req,
+                                v1::RegisterRegionResponse*, Done done) {
+  if (!cuda_)
+    return std::move(done)(absl::FailedPreconditionError(
+        "this server runs the CPU backend, which cannot open CUDA IPC handles; register host "
+        "(POSIX shared-memory) regions with RegisterHostRegion"));
+#ifdef ATTND_HAVE_CUDA
+  if (absl::Status s = ValidateRegionName(req.name()); !s.ok()) return std::move(done)(s);
+  if (regions_.Find(req.name()) != nullptr)
+    return std::move(done)(absl::AlreadyExistsError(
+        absl::StrCat("name: a region named '", req.name(), "' is already registered")));
+  auto device = FindDevice(req.device());
+  if (!device.ok()) return std::move(done)(device.status());
+  DeviceWorker* worker = (*device)->worker.get();
+  Post(*device, std::move(done), [this, req, worker](Device& d) -> absl::Status {
+    auto region = OpenCudaIpcRegion(req.name(), req.ipc_handle(), d.id, req.byte_size(),
+                                    [worker](std::function<void()> fn) { worker->Post(std::move(fn)); });
+    if (!region.ok()) return region.status();
+    if (absl::Status s = regions_.Add(std::shared_ptr<Region>(*std::move(region))); !s.ok())
+      return s;
+    spdlog::info("region={} kind=cuda device={} bytes={}", req.name(), d.id, req.byte_size());
+    return absl::OkStatus();
+  });
+#endif
 }
 
 absl::Status Engine::UnregisterRegion(const v1::UnregisterRegionRequest& req) {
@@ -357,7 +465,8 @@ void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done
   if (!v.ok()) return std::move(done)(v.status());
   if (req.sync().wait_event().size() + req.sync().signal_event().size() > 0)
     return std::move(done)(absl::FailedPreconditionError(
-        "sync: the CPU backend has no CUDA events; leave sync empty"));
+        cuda_ ? "sync: IPC events are not implemented yet; leave sync empty"
+              : "sync: the CPU backend has no CUDA events; leave sync empty"));
   metrics_->RecordBatch("Append", req.items_size());
   Post(device, std::move(done),
        [this, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()), k = *std::move(k),
@@ -399,7 +508,8 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
   if (!s.ok()) return std::move(done)(s);
   if (req.sync().wait_event().size() + req.sync().signal_event().size() > 0)
     return std::move(done)(absl::FailedPreconditionError(
-        "sync: the CPU backend has no CUDA events; leave sync empty"));
+        cuda_ ? "sync: IPC events are not implemented yet; leave sync empty"
+              : "sync: the CPU backend has no CUDA events; leave sync empty"));
 
   const ModelShape& m = config_.model;
   const v1::DType dtype = attnd::ToWire(m.dtype);
@@ -434,6 +544,19 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
        [this, rpc, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()),
         t = std::move(t), total, decode, deterministic = req.deterministic(),
         resp](Device& d) -> absl::Status {
+         // Ask the backend first: a batch its workspaces cannot plan is refused unchanged.
+         std::vector<int64_t> lengths, counts;
+         for (const AppendItem& item : items) {
+           const Sequence* seq = d.pool->Find(item.seq_id);
+           if (seq == nullptr) break;  // ReserveAppend names it below
+           lengths.push_back(seq->lengths[static_cast<size_t>(layer)]);
+           counts.push_back(item.num_new_tokens);
+         }
+         if (lengths.size() == items.size()) {
+           if (absl::Status s = d.backend->CheckAttentionFits(lengths, counts, deterministic);
+               !s.ok())
+             return s;
+         }
          std::vector<int64_t> starts;
          auto copies = d.pool->ReserveAppend(layer, items, &starts);
          if (!copies.ok()) return copies.status();
@@ -480,7 +603,7 @@ absl::StatusOr<std::vector<uint64_t>> TransferShape(const Req& req, const Server
                                                    " must be in [1, max_seq_len ",
                                                    config.max_seq_len, "]"));
   if (req.sync().wait_event().size() + req.sync().signal_event().size() > 0)
-    return absl::FailedPreconditionError("sync: the CPU backend has no CUDA events");
+    return absl::FailedPreconditionError("sync: IPC events are not implemented for KV transfers yet");
   return std::vector<uint64_t>{req.layer_end() - req.layer_begin(), 2, req.num_tokens(),
                                req.head_end() - req.head_begin(),
                                static_cast<uint64_t>(m.head_dim)};

@@ -39,11 +39,13 @@ class Engine {
   const ServerConfig& config() const { return config_; }
   int num_devices() const { return static_cast<int>(devices_.size()); }
   bool device_serving(int index) const { return devices_[index]->serving.load(); }
+  bool cuda() const { return cuda_; }
 
   void GetServerInfo(v1::ServerInfo* info) const;
 
   absl::Status RegisterHostRegion(const v1::RegisterHostRegionRequest& req);
-  absl::Status RegisterCudaRegion(const v1::RegisterCudaRegionRequest& req);
+  void RegisterCudaRegion(const v1::RegisterCudaRegionRequest& req,
+                          v1::RegisterRegionResponse* resp, Done done);
   absl::Status UnregisterRegion(const v1::UnregisterRegionRequest& req);
   void ListRegions(v1::ListRegionsResponse* resp) const;
   absl::Status RegisterCudaEvent(const v1::RegisterCudaEventRequest& req);
@@ -92,11 +94,14 @@ class Engine {
   void MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
   void FillSequenceInfo(const Device& device, const Sequence& seq, v1::SequenceInfo* info) const;
   Placement PlacementFor(const Device& device) const;
+  // Runs fn on the device's worker and waits for it.
+  absl::Status RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn);
 
   ServerConfig config_;
   Metrics* metrics_;
   RegionRegistry regions_;
   ServingListener serving_listener_;
+  bool cuda_ = false;  // the CUDA backend serves every device
   std::vector<std::unique_ptr<Device>> devices_;
 };
 

@@ -36,6 +36,9 @@ ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint
 ABSL_FLAG(std::string, metrics_bind, "0.0.0.0", "Address the /metrics endpoint binds");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(int32_t, cpu_threads, 0, "CPU backend: threads computing each device's attention; 0 = all cores");
+ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
+          "CUDA backend: MiB per device for split-KV partial states (bounds the batches one "
+          "request may carry)");
 ABSL_FLAG(double, drain_timeout_s, 30.0,
           "On SIGTERM, how long in-flight calls may take before they are cancelled");
 
@@ -103,6 +106,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.log_level = absl::GetFlag(FLAGS_log_level);
   c.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
   c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  c.cuda_workspace_mb = absl::GetFlag(FLAGS_cuda_workspace_mb);
   if (absl::Status s = c.Validate(); !s.ok()) return s;
   return c;
 }

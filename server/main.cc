@@ -49,13 +49,7 @@ absl::Status PrepareUnixSocket(const std::string& path) {
 }
 
 int Run(const ServerConfig& config) {
-  if (config.backend == BackendChoice::kCuda) {
-    spdlog::error("--backend=cuda: this build has no CUDA backend yet; use --backend=cpu");
-    return 2;
-  }
-  if (config.backend == BackendChoice::kAuto)
-    spdlog::info("backend=auto: this build has no CUDA backend, serving on the CPU");
-  spdlog::info("backend=cpu layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
+  spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
                config.model.head_dim, config.model.page_size);
 
@@ -66,6 +60,7 @@ int Run(const ServerConfig& config) {
     return 1;
   }
   std::unique_ptr<Engine> engine = *std::move(engine_or);
+  spdlog::info("backend={}", engine->cuda() ? "cuda" : "cpu");
   AttentionService service(engine.get(), &metrics);
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -72,7 +72,10 @@ absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
       new HostRegion(std::move(name), base, byte_size, map, map_len, shm_key, offset));
 }
 
-HostRegion::~HostRegion() { munmap(map_, map_len_); }
+HostRegion::~HostRegion() {
+  if (before_unmap_) before_unmap_();
+  munmap(map_, map_len_);
+}
 
 std::string HostRegion::source() const { return absl::StrCat("shm:", shm_key_, "+", shm_offset_); }
 
@@ -115,6 +118,14 @@ std::vector<RegionSummary> RegionRegistry::List() const {
     out.push_back(std::move(s));
   }
   return out;
+}
+
+void RegionRegistry::Clear() {
+  absl::flat_hash_map<std::string, std::shared_ptr<Region>> doomed;
+  {
+    absl::MutexLock lock(&mu_);
+    doomed.swap(regions_);
+  }
 }
 
 size_t RegionRegistry::size() const {

@@ -5,6 +5,7 @@
 #define ATTND_SERVER_REGION_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,6 +55,11 @@ class HostRegion final : public Region {
   std::string source() const override;
   const std::string& shm_key() const { return shm_key_; }
   uint64_t shm_offset() const { return shm_offset_; }
+  // The whole page-aligned mapping that holds the region.
+  void* mapping() const { return map_; }
+  size_t mapping_bytes() const { return map_len_; }
+  // Runs just before the memory is unmapped (the CUDA backend unpins it there).
+  void SetBeforeUnmap(std::function<void()> hook) { before_unmap_ = std::move(hook); }
 
  private:
   HostRegion(std::string name, uint8_t* base, uint64_t byte_size, void* map, size_t map_len,
@@ -65,6 +71,7 @@ class HostRegion final : public Region {
   size_t map_len_;
   std::string shm_key_;
   uint64_t shm_offset_;
+  std::function<void()> before_unmap_;
 };
 
 struct RegionSummary {
@@ -87,6 +94,8 @@ class RegionRegistry {
   std::shared_ptr<Region> Find(const std::string& name) const;
   std::vector<RegionSummary> List() const;
   size_t size() const;
+  // Drops every region (at shutdown, after all work is done).
+  void Clear();
 
  private:
   mutable absl::Mutex mu_;

@@ -164,8 +164,6 @@ ATTND_SYNC_HANDLER(GetServerInfo, v1::GetServerInfoRequest, v1::ServerInfo,
                    ((void)req, engine_->GetServerInfo(resp), absl::OkStatus()))
 ATTND_SYNC_HANDLER(GetStats, v1::GetStatsRequest, v1::Stats,
                    ((void)req, metrics_->FillStats(resp), absl::OkStatus()))
-ATTND_SYNC_HANDLER(RegisterCudaRegion, v1::RegisterCudaRegionRequest, v1::RegisterRegionResponse,
-                   ((void)resp, engine_->RegisterCudaRegion(*req)))
 ATTND_SYNC_HANDLER(RegisterHostRegion, v1::RegisterHostRegionRequest, v1::RegisterRegionResponse,
                    ((void)resp, engine_->RegisterHostRegion(*req)))
 ATTND_SYNC_HANDLER(UnregisterRegion, v1::UnregisterRegionRequest, v1::UnregisterRegionResponse,
@@ -176,6 +174,7 @@ ATTND_SYNC_HANDLER(RegisterCudaEvent, v1::RegisterCudaEventRequest, v1::Register
                    ((void)resp, engine_->RegisterCudaEvent(*req)))
 ATTND_SYNC_HANDLER(UnregisterCudaEvent, v1::UnregisterCudaEventRequest,
                    v1::UnregisterCudaEventResponse, ((void)resp, engine_->UnregisterCudaEvent(*req)))
+ATTND_ASYNC_HANDLER(RegisterCudaRegion, v1::RegisterCudaRegionRequest, v1::RegisterRegionResponse)
 ATTND_ASYNC_HANDLER(CreateSequence, v1::CreateSequenceRequest, v1::SequenceInfo)
 ATTND_ASYNC_HANDLER(ForkSequence, v1::ForkSequenceRequest, v1::SequenceInfo)
 ATTND_ASYNC_HANDLER(TruncateSequence, v1::TruncateSequenceRequest, v1::SequenceInfo)

@@ -16,7 +16,7 @@
 namespace attnd::testing {
 namespace {
 
-constexpr uint32_t kQoHeads = 4, kKvHeads = 2, kHeadDim = 32, kLayers = 2;
+constexpr uint32_t kQoHeads = 4, kKvHeads = 2, kHeadDim = 64, kLayers = 2;
 constexpr uint64_t kPages = 48, kPageSize = 4, kMaxBatch = 8;
 
 struct Snapshot {
@@ -198,7 +198,7 @@ const std::vector<Row>& Rows() {
          a.mutable_k_new()->set_shape(0, 4);
          return AppendCall(c, a);
        }},
-      {"CudaEventsOnCpuBackend", C::kFailedPrecondition, "sync",
+      {"UnsupportedEventSync", C::kFailedPrecondition, "sync",
        [](Cl& c, Harness&, R r) { r.mutable_sync()->set_signal_event("e"); return DecodeCall(c, r); }},
       {"CreateDuplicateSequence", C::kAlreadyExists, "seq_id",
        [](Cl& c, Harness&, R) -> Call { return [&c] { return c.CreateSequence(0, 1).status(); }; }},
@@ -230,7 +230,10 @@ const std::vector<Row>& Rows() {
            return c.RegisterHostRegion("x", h.buffer().key(), std::numeric_limits<uint64_t>::max() - 8, 64);
          };
        }},
-      {"RegisterCudaRegionOnCpuBackend", C::kFailedPrecondition, "CPU backend",
+      // The CPU backend cannot open IPC handles; the CUDA backend rejects an all-zero one.
+      {"RegisterCudaRegionWithoutAUsableHandle",
+       E2eBackend() == "cuda" ? C::kInvalidArgument : C::kFailedPrecondition,
+       E2eBackend() == "cuda" ? "ipc_handle" : "CPU backend",
        [](Cl& c, Harness&, R) -> Call {
          return [&c] { return c.RegisterCudaRegion("x", std::string(64, '\0'), 0, 64); };
        }},

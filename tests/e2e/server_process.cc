@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -17,6 +19,16 @@
 #include "absl/strings/str_cat.h"
 
 namespace attnd::testing {
+
+std::string E2eBackend() {
+  const char* b = getenv("ATTND_E2E_BACKEND");
+  return b != nullptr && std::string(b) == "cuda" ? "cuda" : "cpu";
+}
+
+int E2eCudaDevices() {
+  const char* n = getenv("ATTND_E2E_CUDA_DEVICES");
+  return n == nullptr ? 1 : std::max(1, atoi(n));
+}
 
 int PickFreePort() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
@@ -69,6 +81,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   // /metrics only where a test asks for it ("--metrics_port=auto"): stopping its HTTP server
   // costs a second or two at exit.
   for (std::string& f : flags) {
+    if (f.rfind("--backend=", 0) == 0) f = "--backend=" + E2eBackend();
     if (f == "--metrics_port=auto") {
       p->metrics_port_ = PickFreePort();
       f = absl::StrCat("--metrics_port=", p->metrics_port_);
@@ -81,7 +94,9 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   flags.push_back(absl::StrCat("--tcp_address=127.0.0.1:", tcp_port));
   flags.push_back("--metrics_bind=127.0.0.1");
 
-  std::vector<std::string> argv_storage = {ATTND_BINARY};
+  // ATTND_BINARY in the environment overrides the build's path (bundles run elsewhere).
+  const char* binary = getenv("ATTND_BINARY");
+  std::vector<std::string> argv_storage = {binary != nullptr ? binary : ATTND_BINARY};
   argv_storage.insert(argv_storage.end(), flags.begin(), flags.end());
   std::vector<char*> argv;
   for (std::string& a : argv_storage) argv.push_back(a.data());

@@ -45,6 +45,12 @@ class ServerProcess {
   int exit_status_ = -1;  // once reaped
 };
 
+// The backend the e2e suite runs against: "cpu" unless ATTND_E2E_BACKEND says "cuda" (the GPU
+// host runs the same suite against the CUDA backend with host regions page-locked by attnd).
+std::string E2eBackend();
+// CUDA devices the suite may name when running against CUDA (ATTND_E2E_CUDA_DEVICES, 1).
+int E2eCudaDevices();
+
 // A TCP port that was free a moment ago.
 int PickFreePort();
 

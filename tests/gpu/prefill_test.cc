@@ -117,9 +117,9 @@ struct PrefillRunner {
                                    std::max<int64_t>(max_total_q, p.total_q()), mk, cfg);
     plan_host.assign(layout.TotalInts(), 0);
     plan.Resize(layout.TotalInts());
-    partial_out.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * 64 *
+    partial_out.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * kPrefillWideRows *
                        p.spec.head_dim);
-    partial_lse.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * 64);
+    partial_lse.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * kPrefillWideRows);
   }
   void Upload(const PrefillProblem& p) {
     pool.Resize(p.pool.size());

@@ -1,0 +1,27 @@
+#include "server/gpu_batch.h"
+
+namespace attnd {
+
+void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch) {
+  batch->qo_indptr.assign(1, 0);
+  batch->kv_indptr.assign(1, 0);
+  batch->kv_indices.clear();
+  batch->kv_len.clear();
+  batch->slot_mapping.clear();
+  batch->all_single_token = true;
+  for (const BatchEntry& e : entries) {
+    const int64_t len = e.start + e.num_new;
+    const int64_t pages = (len + page_size - 1) / page_size;
+    batch->kv_indices.insert(batch->kv_indices.end(), e.page_table.begin(),
+                             e.page_table.begin() + pages);
+    batch->kv_indptr.push_back(static_cast<int32_t>(batch->kv_indices.size()));
+    batch->kv_len.push_back(static_cast<int32_t>(len));
+    batch->qo_indptr.push_back(batch->qo_indptr.back() + static_cast<int32_t>(e.num_new));
+    for (int64_t p = e.start; p < len; ++p)
+      batch->slot_mapping.push_back(int64_t{e.page_table[static_cast<size_t>(p / page_size)]} *
+                                        page_size + p % page_size);
+    batch->all_single_token = batch->all_single_token && e.num_new == 1;
+  }
+}
+
+}  // namespace attnd

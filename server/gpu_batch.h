@@ -1,0 +1,28 @@
+// The host-side arrays a GPU launch reads for one data batch: the CSR page table, each
+// request's length after the append, ragged query offsets, and the pool slot of every new
+// token. Plain C++ so CI tests it; the CUDA backend copies these to the device.
+#ifndef ATTND_SERVER_GPU_BATCH_H_
+#define ATTND_SERVER_GPU_BATCH_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "server/backend.h"
+
+namespace attnd {
+
+struct GpuBatch {
+  std::vector<int32_t> qo_indptr;     // [batch + 1]: new-token rows of each request
+  std::vector<int32_t> kv_indptr;     // [batch + 1]: offsets into kv_indices
+  std::vector<int32_t> kv_indices;    // pages of [0, kv_len) of each request, in order
+  std::vector<int32_t> kv_len;        // [batch]: start + num_new
+  std::vector<int64_t> slot_mapping;  // [total new]: page * page_size + slot of each new token
+  bool all_single_token = true;       // every request brings exactly one token (decode)
+};
+
+void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch);
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_GPU_BATCH_H_
