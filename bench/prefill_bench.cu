@@ -191,7 +191,7 @@ struct PrefillRun {
     }
     CK(cudaMalloc(&d_plan, plan.size() * 4));
     CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
-    const size_t np = std::max<int64_t>(1, layout.max_partials) * b.kv * 64;
+    const size_t np = std::max<int64_t>(1, layout.max_partials) * b.kv * kPrefillWideRows;
     CK(cudaMalloc(&po, np * b.d * 4));
     CK(cudaMalloc(&pl, np * 4));
     a.kv.pool = b.pool;

@@ -6,7 +6,7 @@
 // request's queries as rows: row R = qi * group + g (query qi, query head g of the GQA group), so
 // one tile of rows reuses each K/V tile for the whole group. A request with at most
 // kDecodeRows rows (decodes, short speculative chunks) is one 16-row "narrow" tile whose four
-// warps split the keys; longer requests are cut into 64-row "wide" tiles whose four warps split
+// warps split the keys; longer requests are cut into 128-row "wide" tiles whose four warps split
 // the rows (FlashAttention-2). A tile sees keys [lo, hi): hi is one past its last query's
 // position (causal), lo is 0 or the sliding window's start for its first query.
 //
@@ -40,7 +40,7 @@ namespace attnd::kernels {
 inline constexpr int kPrefillPlanHeaderInts = 8;
 inline constexpr int kPrefillItemInts = 8;
 inline constexpr int kPrefillMergeInts = 8;
-inline constexpr int kPrefillWideRows = 64;   // rows of a wide tile (4 warps x 16)
+inline constexpr int kPrefillWideRows = 128;  // rows of a wide tile (4 warps x 32)
 inline constexpr int kPrefillDecodeRows = 16;  // a request of at most this many rows is narrow
 inline constexpr int kPrefillTileKeys = 64;   // keys per pipeline stage
 

@@ -36,21 +36,24 @@ struct DecodeTraits {
 
 
 // Batch prefill. A CTA owns one work item (a tile of query rows of one kv head, a range of
-// keys). The CTA loads 64-key K/V stages through a shared cp.async pipeline. Wide tiles (64
-// rows): each warp owns 16 rows and runs every key of a stage (FlashAttention-2). Narrow tiles
-// (at most 16 rows: decodes): the warps share the 16 rows and each takes 16 keys of a stage,
-// merging their states in shared memory at the end, in a fixed order.
+// keys). The CTA loads 64-key K/V stages through a shared cp.async pipeline. Wide tiles
+// (kPrefillWideRows = 128 rows): each warp owns kMT 16-row m-tiles and runs every key of a stage
+// (FlashAttention-2), so each K/V fragment read from shared memory feeds kMT MMAs; a pass covers
+// kRows = 4 warps x 16 kMT rows, and head_dim 256 (kMT 1, registers) runs a tile in two passes.
+// Narrow tiles (at most 16 rows: decodes): the warps share the 16 rows and each takes 16 keys of
+// a stage, merging their states in shared memory at the end, in a fixed order.
 template <int D>
 struct PrefillTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRows = 64;  // rows of a wide tile
+  static constexpr int kMT = D <= 128 ? 2 : 1;  // 16-row m-tiles per warp (wide)
+  static constexpr int kRows = kWarps * 16 * kMT;  // rows of one wide pass
   static constexpr int kKeys = 64;  // keys per stage
   static constexpr int kStages = D == 64 ? 3 : 2;
   static constexpr int kChunks = D / 8;
   static constexpr int kLoadsPerThread = kKeys * kChunks / kThreads;  // per K (or V) per stage
   static constexpr int kStageElems = 2 * kKeys * D;
-  static constexpr bool kQInRegs = D <= 128;
+  static constexpr bool kQInRegs = D <= 64;  // wide passes keep Q fragments in registers
   static constexpr int kMinBlocks = D == 256 ? 1 : 2;
   static constexpr int kPipeBytes = kStages * kStageElems * 2;
   static constexpr int kQBytes = kRows * D * 2;

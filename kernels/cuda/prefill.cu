@@ -43,8 +43,8 @@ struct PrefillParams {
   const int32_t* plan;
   int items_offset;
   int merges_offset;
-  float* partial_out;  // [slot][kv_head][64 rows][D]
-  float* partial_lse;  // [slot][kv_head][64 rows], log2 units
+  float* partial_out;  // [slot][kv_head][kPrefillWideRows][D]
+  float* partial_lse;  // [slot][kv_head][kPrefillWideRows], log2 units
 };
 
 // Element offset of (row, 16-byte chunk) in a [rows][D] tile, chunks XOR-swizzled by row.
@@ -66,15 +66,22 @@ __device__ __forceinline__ int64_t OutRowOffset(const PrefillParams& p, int q_st
   return (static_cast<int64_t>(q_start) + qi) * sn + static_cast<int64_t>(*head) * sh;
 }
 
-template <typename T, int D, bool kNarrow>
+// One pass of a work item over its keys. Wide (kNarrow false): the 4 warps split the pass's
+// Tr::kRows rows, kMT 16-row m-tiles each, and every warp runs every key of a stage; a K (or V)
+// fragment read from shared memory feeds kMT MMAs. Narrow: the warps share 16 rows and each
+// takes 16 keys of a stage. slot_row: the pass's first row within the item's partial slot.
+template <typename T, int D, bool kNarrow, int kMT>
 __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& it, int kvh,
-                                        unsigned char* smem) {
+                                        int slot_row, unsigned char* smem) {
   using Tr = PrefillTraits<D>;
   constexpr int S = Tr::kStages;
   constexpr int kKSteps = D / 16;
   constexpr int kNTiles = D / 8;
   constexpr int kSub = kNarrow ? 1 : 4;  // 16-key blocks per warp per stage
   constexpr int kQRows = kNarrow ? 16 : Tr::kRows;
+  constexpr int kWarpRows = 16 * kMT;
+  constexpr bool kQRegs = Tr::kQInRegs && !kNarrow;
+  static_assert(kNarrow ? kMT == 1 : kMT == Tr::kMT, "m-tiles per warp");
   T* pipe = reinterpret_cast<T*>(smem);
   T* q_smem = reinterpret_cast<T*>(smem + Tr::kPipeBytes);
   int64_t* off_smem = reinterpret_cast<int64_t*>(smem + Tr::kPipeBytes + Tr::kQBytes);
@@ -90,17 +97,27 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
   const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride;
   const int32_t* pages = p.kv_indices + it.page_off;
 
-  // Threads 0..63 resolve the page offsets of a tile's 64 keys into its stage's slot.
-  auto resolve = [&](int tile) {
+  // Threads 0..63 resolve the page offsets of a tile's 64 keys: fetch() loads the page index
+  // into a register early, store() writes the offset into the tile's stage slot late, so that
+  // the global load's latency hides behind a stage of MMAs.
+  int pf_page = -1;
+  uint32_t pf_slot = 0;
+  auto fetch = [&](int tile) {
     if (tid < Tr::kKeys) {
       const int tok = it.t0 + tile * Tr::kKeys + tid;
-      int64_t off = -1;
+      pf_page = -1;
       if (tile < num_tiles && tok < it.t1) {
-        uint32_t pg, slot;
-        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
-        off = static_cast<int64_t>(__ldg(pages + pg)) * p.page_stride + slot * p.slot_stride;
+        uint32_t pg;
+        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, pf_slot);
+        pf_page = __ldg(pages + pg);
       }
-      off_smem[(tile % S) * Tr::kKeys + tid] = off;
+    }
+  };
+  auto store = [&](int tile) {
+    if (tid < Tr::kKeys) {
+      off_smem[(tile % S) * Tr::kKeys + tid] =
+          pf_page < 0 ? int64_t{-1}
+                      : static_cast<int64_t>(pf_page) * p.page_stride + pf_slot * p.slot_stride;
     }
   };
   auto issue = [&](int tile) {
@@ -121,7 +138,10 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
 
   // Prologue: page offsets of the first S tiles, the query rows, the first S - 1 stages.
 #pragma unroll
-  for (int s = 0; s < S; ++s) resolve(s);
+  for (int s = 0; s < S; ++s) {
+    fetch(s);
+    store(s);
+  }
   {
     for (int idx = tid; idx < kQRows * Tr::kChunks; idx += Tr::kThreads) {
       const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
@@ -145,191 +165,243 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
   CpAsyncWait<S - 1>();  // the query group
   __syncthreads();
 
-  const int qr0 = kNarrow ? 0 : warp * 16;  // this warp's rows within the tile
-  uint32_t qfrag[Tr::kQInRegs ? kKSteps : 1][4];
-  auto load_q = [&](uint32_t (&a)[4], int kk) {
+  const int qr0 = kNarrow ? 0 : warp * kWarpRows;  // this warp's rows within the tile
+  auto load_q = [&](uint32_t (&a)[4], int kk, int mt) {
     const int mi = lane >> 3;
-    const int r = qr0 + ((mi & 1) << 3) + (lane & 7);
+    const int r = qr0 + mt * 16 + ((mi & 1) << 3) + (lane & 7);
     LdMatrixX4(a, SmemAddr(q_smem + PSwz<D>(r, kk * 2 + (mi >> 1))));
   };
-  if constexpr (Tr::kQInRegs) {
+  uint32_t qfrag[kQRegs ? kMT : 1][kQRegs ? kKSteps : 1][4];
+  if constexpr (kQRegs) {
 #pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) load_q(qfrag[kk], kk);
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) load_q(qfrag[mt][kk], kk, mt);
+    }
   }
 
-  // Positions of this thread's two rows (-1: padding row, sees nothing) and the warp's span.
+  // Positions of this thread's rows (-1: padding row, sees nothing) and the warp's span.
   const int r_lo = lane >> 2;
-  int qpos[2];
+  int qpos[kMT][2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int R = it.row0 + qr0 + r_lo + 8 * i;
-    qpos[i] = -1;
-    if (R < rows_total) {
-      uint32_t qi, g;
-      p.group_div.Divmod(static_cast<uint32_t>(R), qi, g);
-      qpos[i] = it.pos0 + (p.causal ? static_cast<int>(qi) : 0);
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int R = it.row0 + qr0 + mt * 16 + r_lo + 8 * i;
+      qpos[mt][i] = -1;
+      if (R < rows_total) {
+        uint32_t qi, g;
+        p.group_div.Divmod(static_cast<uint32_t>(R), qi, g);
+        qpos[mt][i] = it.pos0 + (p.causal ? static_cast<int>(qi) : 0);
+      }
     }
   }
   const bool warp_has_rows = it.row0 + qr0 < rows_total;
-  int warp_max_pos = max(qpos[0], qpos[1]);
-  int warp_min_pos = qpos[0] < 0 ? INT_MAX : qpos[0];  // qpos[1] >= qpos[0] when valid
+  int warp_max_pos = -1;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) warp_max_pos = max(warp_max_pos, max(qpos[mt][0], qpos[mt][1]));
+  // Rows grow with the position: the first valid row has the smallest.
+  int warp_min_pos = qpos[0][0] < 0 ? INT_MAX : qpos[0][0];
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
     warp_max_pos = max(warp_max_pos, __shfl_xor_sync(0xffffffffu, warp_max_pos, o));
     warp_min_pos = min(warp_min_pos, __shfl_xor_sync(0xffffffffu, warp_min_pos, o));
   }
 
-  float m[2] = {-INFINITY, -INFINITY};
-  float l[2] = {0.f, 0.f};
-  float acc[kNTiles][4];
+  // Scores stay raw (no soft cap) and are scaled inside the exponent's FFMA; with the soft cap
+  // they are capped in place, already in log2 units.
+  const float sc = p.soft_cap ? 1.f : p.scale_pre;
+  float m[kMT][2], l[kMT][2];
+  float acc[kMT][kNTiles][4];
 #pragma unroll
-  for (int n = 0; n < kNTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  for (int mt = 0; mt < kMT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.f;
+  }
 
   for (int k = 0; k < num_tiles; ++k) {
     CpAsyncWait<S - 2>();
     __syncthreads();  // tile k is in; every warp is done with tile k - 1
     if (k + S - 1 < num_tiles) issue(k + S - 1);
     CpAsyncCommit();
-    resolve(k + S);
+    fetch(k + S);
 
     const int krow0 = kNarrow ? warp * 16 : 0;  // this warp's keys within the stage
     const int key_first = it.t0 + k * Tr::kKeys + krow0;
     const int key_last = key_first + kSub * 16 - 1;
-    if (!warp_has_rows || key_first >= it.t1 || key_first > warp_max_pos) continue;
-    if (p.window_left >= 0 && key_last < warp_min_pos - p.window_left) continue;
-    const bool need_mask = key_last >= it.t1 || key_last > warp_min_pos ||
-                           (p.window_left >= 0 && warp_max_pos - key_first > p.window_left);
+    const bool active = warp_has_rows && key_first < it.t1 && key_first <= warp_max_pos &&
+                        !(p.window_left >= 0 && key_last < warp_min_pos - p.window_left);
+    if (active) {
+      const bool need_mask = key_last >= it.t1 || key_last > warp_min_pos ||
+                             (p.window_left >= 0 && warp_max_pos - key_first > p.window_left);
 
-    const T* ks = pipe + (k % S) * Tr::kStageElems;
-    const T* vs = ks + Tr::kKeys * D;
+      const T* ks = pipe + (k % S) * Tr::kStageElems;
+      const T* vs = ks + Tr::kKeys * D;
 
-    float s[2 * kSub][4];
+      float s[kMT][2 * kSub][4];
 #pragma unroll
-    for (int j = 0; j < 2 * kSub; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      uint32_t a[4];
-      if constexpr (Tr::kQInRegs) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
-      } else {
-        load_q(a, kk);
+        for (int j = 0; j < 2 * kSub; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
       }
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        uint32_t a[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kQRegs) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) a[mt][e] = qfrag[mt][kk][e];
+          } else {
+            load_q(a[mt], kk, mt);
+          }
+        }
+#pragma unroll
+        for (int sub = 0; sub < kSub; ++sub) {
+          uint32_t kb[4];
+          const int mi = lane >> 3;
+          LdMatrixX4(kb, SmemAddr(ks + PSwz<D>(krow0 + sub * 16 + ((mi >> 1) << 3) + (lane & 7),
+                                               kk * 2 + (mi & 1))));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma16816<T>(s[mt][2 * sub], a[mt], kb[0], kb[1]);
+            Mma16816<T>(s[mt][2 * sub + 1], a[mt], kb[2], kb[3]);
+          }
+        }
+      }
+
+      if (p.soft_cap) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+          for (int j = 0; j < 2 * kSub; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][j][e] = p.scale_post * tanhf(p.scale_pre * s[mt][j][e]);
+          }
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < 2 * kSub; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[mt][j][e];
+            if (need_mask) {
+              const int tok = key_first + j * 8 + ((lane & 3) << 1) + (e & 1);
+              const int qp = qpos[mt][e >> 1];
+              const bool vis = tok < it.t1 && tok <= qp &&
+                               (p.window_left < 0 || qp - tok <= p.window_left);
+              x = vis ? x : -INFINITY;
+            }
+            s[mt][j][e] = x;
+            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+          mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+          const float m_new = fmaxf(m[mt][i], mx[i] * sc);
+          const float m_use = m_new == -INFINITY ? 0.f : m_new;
+          const float alpha = FastExp2(m[mt][i] - m_use);
+          m[mt][i] = m_new;
+          l[mt][i] *= alpha;
+#pragma unroll
+          for (int n = 0; n < kNTiles; ++n) {
+            acc[mt][n][2 * i] *= alpha;
+            acc[mt][n][2 * i + 1] *= alpha;
+          }
+#pragma unroll
+          for (int j = 0; j < 2 * kSub; ++j) {
+            s[mt][j][2 * i] = FastExp2(fmaf(s[mt][j][2 * i], sc, -m_use));
+            s[mt][j][2 * i + 1] = FastExp2(fmaf(s[mt][j][2 * i + 1], sc, -m_use));
+            l[mt][i] += s[mt][j][2 * i] + s[mt][j][2 * i + 1];
+          }
+        }
+      }
+
 #pragma unroll
       for (int sub = 0; sub < kSub; ++sub) {
-        uint32_t kb[4];
-        const int mi = lane >> 3;
-        LdMatrixX4(kb, SmemAddr(ks + PSwz<D>(krow0 + sub * 16 + ((mi >> 1) << 3) + (lane & 7),
-                                             kk * 2 + (mi & 1))));
-        Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
-        Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
-      }
-    }
-
-    float mx[2] = {-INFINITY, -INFINITY};
+        uint32_t a[kMT][4];
 #pragma unroll
-    for (int j = 0; j < 2 * kSub; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[j][e];
-        x = p.soft_cap ? p.scale_post * tanhf(p.scale_pre * x) : p.scale_pre * x;
-        if (need_mask) {
-          const int tok = key_first + j * 8 + ((lane & 3) << 1) + (e & 1);
-          const int qp = qpos[e >> 1];
-          const bool vis = tok < it.t1 && tok <= qp &&
-                           (p.window_left < 0 || qp - tok <= p.window_left);
-          x = vis ? x : -INFINITY;
+        for (int mt = 0; mt < kMT; ++mt) {
+          a[mt][0] = PackPair<T>(s[mt][2 * sub][0], s[mt][2 * sub][1]);
+          a[mt][1] = PackPair<T>(s[mt][2 * sub][2], s[mt][2 * sub][3]);
+          a[mt][2] = PackPair<T>(s[mt][2 * sub + 1][0], s[mt][2 * sub + 1][1]);
+          a[mt][3] = PackPair<T>(s[mt][2 * sub + 1][2], s[mt][2 * sub + 1][3]);
         }
-        s[j][e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+#pragma unroll
+        for (int dd = 0; dd < kKSteps; ++dd) {
+          uint32_t vb[4];
+          const int mi = lane >> 3;
+          LdMatrixX4Trans(vb, SmemAddr(vs + PSwz<D>(krow0 + sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                    dd * 2 + (mi >> 1))));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            Mma16816<T>(acc[mt][2 * dd], a[mt], vb[0], vb[1]);
+            Mma16816<T>(acc[mt][2 * dd + 1], a[mt], vb[2], vb[3]);
+          }
+        }
       }
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float m_new = fmaxf(m[i], mx[i]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = FastExp2(m[i] - m_use);
-      m[i] = m_new;
-      l[i] *= alpha;
-#pragma unroll
-      for (int n = 0; n < kNTiles; ++n) {
-        acc[n][2 * i] *= alpha;
-        acc[n][2 * i + 1] *= alpha;
-      }
-#pragma unroll
-      for (int j = 0; j < 2 * kSub; ++j) {
-        s[j][2 * i] = FastExp2(s[j][2 * i] - m_use);
-        s[j][2 * i + 1] = FastExp2(s[j][2 * i + 1] - m_use);
-        l[i] += s[j][2 * i] + s[j][2 * i + 1];
-      }
-    }
-
-#pragma unroll
-    for (int sub = 0; sub < kSub; ++sub) {
-      uint32_t a[4];
-      a[0] = PackPair<T>(s[2 * sub][0], s[2 * sub][1]);
-      a[1] = PackPair<T>(s[2 * sub][2], s[2 * sub][3]);
-      a[2] = PackPair<T>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
-      a[3] = PackPair<T>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
-#pragma unroll
-      for (int dd = 0; dd < kKSteps; ++dd) {
-        uint32_t vb[4];
-        const int mi = lane >> 3;
-        LdMatrixX4Trans(vb, SmemAddr(vs + PSwz<D>(krow0 + sub * 16 + ((mi & 1) << 3) + (lane & 7),
-                                                  dd * 2 + (mi >> 1))));
-        Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
-        Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
-      }
-    }
+    store(k + S);
   }
 
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 1);
+      l[mt][i] += __shfl_xor_sync(0xffffffffu, l[mt][i], 2);
+    }
   }
   CpAsyncWait<0>();
   __syncthreads();  // the pipeline and the query tile are free
 
   const bool direct = it.slot < 0;
   const int64_t part_row0 =
-      (static_cast<int64_t>(it.slot) * p.num_kv_heads + kvh) * Tr::kRows;  // slot's row 0
+      (static_cast<int64_t>(it.slot) * p.num_kv_heads + kvh) * kPrefillWideRows + slot_row;
 
   if constexpr (!kNarrow) {
-    // Each warp finishes its own 16 rows.
+    // Each warp finishes its own rows.
     if (!warp_has_rows) return;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = qr0 + r_lo + 8 * i;
-      const int R = it.row0 + r;
-      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-      const float lse2 = l[i] > 0.f ? __log2f(l[i]) + m[i] : -INFINITY;
-      if (direct) {
+    for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
-          *reinterpret_cast<uint32_t*>(q_smem + PSwz<D>(r, n) + ((lane & 3) << 1)) =
-              PackPair<T>(acc[n][2 * i] * inv, acc[n][2 * i + 1] * inv);
-        }
-        if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
-          int h;
-          const int64_t o = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
-          p.lse[o] = lse2 * 0.69314718055994531f;
-        }
-      } else if (R < rows_total) {
-        float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
+      for (int i = 0; i < 2; ++i) {
+        const int r = qr0 + mt * 16 + r_lo + 8 * i;
+        const int R = it.row0 + r;
+        const float inv = l[mt][i] > 0.f ? 1.f / l[mt][i] : 0.f;
+        const float lse2 = l[mt][i] > 0.f ? __log2f(l[mt][i]) + m[mt][i] : -INFINITY;
+        if (direct) {
 #pragma unroll
-        for (int n = 0; n < kNTiles; ++n) {
-          __stcg(reinterpret_cast<float2*>(dst + n * 8),
-                 make_float2(acc[n][2 * i] * inv, acc[n][2 * i + 1] * inv));
+          for (int n = 0; n < kNTiles; ++n) {
+            *reinterpret_cast<uint32_t*>(q_smem + PSwz<D>(r, n) + ((lane & 3) << 1)) =
+                PackPair<T>(acc[mt][n][2 * i] * inv, acc[mt][n][2 * i + 1] * inv);
+          }
+          if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
+            int h;
+            const int64_t o = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
+            p.lse[o] = lse2 * 0.69314718055994531f;
+          }
+        } else if (R < rows_total) {
+          float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
+#pragma unroll
+          for (int n = 0; n < kNTiles; ++n) {
+            __stcg(reinterpret_cast<float2*>(dst + n * 8),
+                   make_float2(acc[mt][n][2 * i] * inv, acc[mt][n][2 * i + 1] * inv));
+          }
+          if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
         }
-        if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
       }
     }
     if (direct) {
       __syncwarp();
-      for (int idx = lane; idx < 16 * Tr::kChunks; idx += 32) {
+      for (int idx = lane; idx < kWarpRows * Tr::kChunks; idx += 32) {
         const int r = qr0 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
         const int R = it.row0 + r;
         if (R >= rows_total) continue;
@@ -342,17 +414,17 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
   } else {
     // Narrow: merge the 4 warps' states (same rows, different keys) in a fixed order.
     if ((lane & 3) == 0) {
-      m_smem[warp * 16 + r_lo] = m[0];
-      l_smem[warp * 16 + r_lo] = l[0];
-      m_smem[warp * 16 + r_lo + 8] = m[1];
-      l_smem[warp * 16 + r_lo + 8] = l[1];
+      m_smem[warp * 16 + r_lo] = m[0][0];
+      l_smem[warp * 16 + r_lo] = l[0][0];
+      m_smem[warp * 16 + r_lo + 8] = m[0][1];
+      l_smem[warp * 16 + r_lo + 8] = l[0][1];
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float* dst = acc_smem + (warp * 16 + r_lo + 8 * i) * D + ((lane & 3) << 1);
 #pragma unroll
       for (int n = 0; n < kNTiles; ++n) {
-        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(acc[n][2 * i], acc[n][2 * i + 1]);
+        *reinterpret_cast<float2*>(dst + n * 8) = make_float2(acc[0][n][2 * i], acc[0][n][2 * i + 1]);
       }
     }
     __syncthreads();
@@ -421,9 +493,20 @@ __global__ void __launch_bounds__(PrefillTraits<D>::kThreads, PrefillTraits<D>::
     const int4 b = __ldg(items + 2 * item + 1);
     const ItemDesc it{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
     if (it.q_len * p.group <= kPrefillDecodeRows) {
-      RunItem<T, D, true>(p, it, kvh, smem);
+      RunItem<T, D, true, 1>(p, it, kvh, 0, smem);
     } else {
-      RunItem<T, D, false>(p, it, kvh, smem);
+      // A wide tile of kPrefillWideRows rows runs in passes of Tr::kRows rows.
+      constexpr int kPassRows = PrefillTraits<D>::kRows;
+      static_assert(kPrefillWideRows % kPassRows == 0, "wide tile = whole passes");
+      const int rows_total = it.q_len * p.group;
+#pragma unroll 1
+      for (int pr = 0; pr < kPrefillWideRows; pr += kPassRows) {
+        ItemDesc pass = it;
+        pass.row0 = it.row0 + pr;
+        if (pass.row0 >= rows_total) break;
+        if (pr > 0) __syncthreads();  // the previous pass's buffers
+        RunItem<T, D, false, PrefillTraits<D>::kMT>(p, pass, kvh, pr, smem);
+      }
     }
     __syncthreads();  // the next item reuses the shared buffers
   }
