@@ -40,6 +40,8 @@ struct AttentionWork {
   float* lse = nullptr;         // [total_new, qo_heads] or null
   bool deterministic = false;
   bool decode = false;          // every entry has num_new == 1 (the graph path on CUDA)
+  // Set by the backend: the batch bucket whose captured graph ran it, or 0 (eager launches).
+  mutable int graph_bucket = 0;
 };
 
 // A head range of positions [0, num_tokens) of layers [layer_begin, layer_end), to or from a

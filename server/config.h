@@ -52,7 +52,8 @@ struct ServerConfig {
   std::string log_level = "info";
   double drain_timeout_s = 30.0;
   int cpu_threads = 0;  // CPU backend threads per device; 0: all cores
-  int64_t cuda_workspace_mb = 1024;  // CUDA backend: split-KV partial states per device
+  int64_t cuda_workspace_mb = 1024;
+  bool cuda_graphs = true;  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device
 
   // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
   // flag and its limit.

@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -59,6 +60,9 @@ class CudaDeviceBackend final : public DeviceBackend {
  public:
   static absl::StatusOr<std::unique_ptr<DeviceBackend>> Create(const ServerConfig& config,
                                                                int device);
+  ~CudaDeviceBackend() override {
+    for (DecodeGraph& g : graphs_) cudaGraphExecDestroy(g.exec);
+  }
 
   std::string name() const override { return name_; }
   int64_t num_pages() const override { return shape_.num_pages; }
@@ -86,6 +90,14 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   absl::Status Attention(const AttentionWork& work) override {
     BuildGpuBatch(work.append.entries, shape_.page_size, &batch_);
+    const int batch = static_cast<int>(batch_.kv_len.size());
+    if (batch_.all_single_token) {
+      if (const DecodeGraph* graph = GraphFor(batch, work.deterministic)) {
+        work.graph_bucket = graph->bucket;
+        return ReplayDecode(*graph, work);
+      }
+    }
+    work.graph_bucket = 0;
     if (absl::Status s = Upload(/*with_indices=*/true); !s.ok()) return s;
     if (absl::Status s = LaunchAppend(work.append); !s.ok()) return s;
     absl::Status s = batch_.all_single_token ? Decode(work) : Prefill(work);
@@ -199,6 +211,17 @@ class CudaDeviceBackend final : public DeviceBackend {
     const int batch = static_cast<int>(b.kv_len.size());
     if (b.all_single_token) {
       const kernels::DecodePlanConfig& cfg = deterministic ? decode_det_ : decode_cfg_;
+      const DecodeGraph* graph = GraphFor(batch, deterministic);
+      if (graph != nullptr) {
+        // The graph runs the whole bucket: padded entries have no keys.
+        padded_len_.assign(b.kv_len.begin(), b.kv_len.end());
+        padded_len_.resize(static_cast<size_t>(graph->bucket), 0);
+        padded_indptr_.assign(b.kv_indptr.begin(), b.kv_indptr.end());
+        padded_indptr_.resize(static_cast<size_t>(graph->bucket) + 1, b.kv_indptr.back());
+        return kernels::PlanDecode(padded_len_.data(), padded_indptr_.data(), graph->bucket,
+                                   kernels::DecodeGridX(graph->bucket, cfg), cfg, decode_layout_,
+                                   plan_host_.data(), &decode_plan_ints_, error);
+      }
       return kernels::PlanDecode(b.kv_len.data(), b.kv_indptr.data(), batch,
                                  kernels::DecodeGridX(batch, cfg), cfg, decode_layout_,
                                  plan_host_.data(), &decode_plan_ints_, error);
@@ -281,6 +304,149 @@ class CudaDeviceBackend final : public DeviceBackend {
     a.may_merge = num_merges > 0;
     return Check(kernels::cuda::LaunchBatchPrefill(a, stream_.get()), "prefill kernel");
   }
+
+  // One captured append + decode per (batch bucket, mode). Inputs and outputs go through the
+  // graph's own buffers (the client's differ per call); the layer, the slot mapping, the page
+  // table and the plan are read from fixed device buffers, so one graph serves every layer and
+  // any lengths.
+  struct DecodeGraph {
+    int bucket = 0;
+    bool deterministic = false;
+    cudaGraphExec_t exec = nullptr;
+    DeviceBuffer q, k, v, out, lse;
+  };
+
+  const DecodeGraph* GraphFor(int batch, bool deterministic) const {
+    for (const DecodeGraph& g : graphs_) {
+      if (g.deterministic == deterministic && g.bucket >= batch) return &g;
+    }
+    return nullptr;
+  }
+
+  kernels::cuda::DecodeArgs GraphDecodeArgs(const DecodeGraph& g) const {
+    const kernels::DecodePlanConfig& cfg = g.deterministic ? decode_det_ : decode_cfg_;
+    const int64_t row = num_qo_heads_ * shape_.head_dim;
+    kernels::cuda::DecodeArgs a;
+    a.kv = {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())};
+    a.opts = options_;
+    a.batch = g.bucket;
+    a.q = g.q.get();
+    a.q_stride_b = row;
+    a.q_stride_h = shape_.head_dim;
+    a.out = g.out.get();
+    a.out_stride_b = row;
+    a.out_stride_h = shape_.head_dim;
+    a.lse = static_cast<float*>(g.lse.get());
+    a.kv_indices = static_cast<const int32_t*>(indices_.get());
+    a.ws.plan = static_cast<const int32_t*>(plan_.get());
+    a.ws.layout = decode_layout_;
+    a.ws.grid_x = kernels::DecodeGridX(g.bucket, cfg);
+    a.ws.partial_out = static_cast<float*>(decode_partial_out_.get());
+    a.ws.partial_lse = static_cast<float*>(decode_partial_lse_.get());
+    a.ws.counters = static_cast<int*>(counters_.get());
+    a.deterministic = g.deterministic;
+    return a;
+  }
+
+  // Captures every bucket's graph, on the device's worker at start-up.
+  absl::Status CaptureGraphs(const std::vector<int64_t>& buckets) {
+    const size_t es = kernels::DTypeSize(shape_.dtype);
+    const size_t q_row = static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
+    const size_t kv_row = static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
+    std::vector<int64_t> no_slots(static_cast<size_t>(buckets.back()), -1);
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(slots_.get(), no_slots.data(), no_slots.size() * 8,
+                                      cudaMemcpyHostToDevice, stream_.get()),
+                      "graph set-up");
+    ATTND_CUDA_RETURN(cudaMemsetAsync(layer_.get(), 0, sizeof(int32_t), stream_.get()),
+                      "graph set-up");
+    for (bool det : {false, true}) {
+      for (int64_t bucket : buckets) {
+        DecodeGraph g;
+        g.bucket = static_cast<int>(bucket);
+        g.deterministic = det;
+        for (auto [buf, bytes] : {std::pair{&g.q, q_row}, std::pair{&g.out, q_row},
+                                  std::pair{&g.k, kv_row}, std::pair{&g.v, kv_row},
+                                  std::pair{&g.lse, size_t{4} * num_qo_heads_}}) {
+          auto b = AllocateDevice(bytes * static_cast<size_t>(bucket), "graph buffers");
+          if (!b.ok()) return b.status();
+          *buf = *std::move(b);
+          graph_bytes_ += bytes * static_cast<size_t>(bucket);
+        }
+        // A valid plan for an all-padding batch: capture runs nothing, but launch checks pass.
+        GpuBatch empty;
+        empty.kv_len.assign(static_cast<size_t>(bucket), 0);
+        empty.kv_indptr.assign(static_cast<size_t>(bucket) + 1, 0);
+        empty.all_single_token = true;
+        std::string error;
+        const kernels::DecodePlanConfig& cfg = det ? decode_det_ : decode_cfg_;
+        if (!kernels::PlanDecode(empty.kv_len.data(), empty.kv_indptr.data(), g.bucket,
+                                 kernels::DecodeGridX(g.bucket, cfg), cfg, decode_layout_,
+                                 plan_host_.data(), &decode_plan_ints_, &error))
+          return absl::InternalError(absl::StrCat("graph plan for bucket ", bucket, ": ", error));
+        ATTND_CUDA_RETURN(cudaMemcpyAsync(plan_.get(), plan_host_.data(), decode_plan_ints_ * 4,
+                                          cudaMemcpyHostToDevice, stream_.get()),
+                          "graph set-up");
+        ATTND_CUDA_RETURN(cudaStreamSynchronize(stream_.get()), "graph set-up");
+        cudaGraph_t graph = nullptr;
+        ATTND_CUDA_RETURN(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal),
+                          "begin graph capture");
+        kernels::cuda::AppendArgs append;
+        append.kv = {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())};
+        append.k = g.k.get();
+        append.v = g.v.get();
+        append.k_token_stride = append.v_token_stride = shape_.num_kv_heads * shape_.head_dim;
+        append.slot_mapping = static_cast<const int64_t*>(slots_.get());
+        append.num_tokens = bucket;
+        cudaError_t e = kernels::cuda::LaunchAppendKv(append, stream_.get());
+        if (e == cudaSuccess) e = kernels::cuda::LaunchBatchDecode(GraphDecodeArgs(g), stream_.get());
+        const cudaError_t end = cudaStreamEndCapture(stream_.get(), &graph);
+        ATTND_CUDA_RETURN(e, absl::StrCat("capture bucket ", bucket));
+        ATTND_CUDA_RETURN(end, absl::StrCat("end graph capture, bucket ", bucket));
+        e = cudaGraphInstantiate(&g.exec, graph, 0);
+        cudaGraphDestroy(graph);
+        ATTND_CUDA_RETURN(e, absl::StrCat("instantiate graph, bucket ", bucket));
+        graphs_.push_back(std::move(g));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ReplayDecode(const DecodeGraph& g, const AttentionWork& work) {
+    const size_t es = kernels::DTypeSize(shape_.dtype);
+    const size_t n = batch_.kv_len.size();
+    const size_t q_bytes = n * static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
+    const size_t kv_bytes = n * static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
+    std::string error;
+    if (!Plan(batch_, work.deterministic, &error))
+      return absl::InternalError(absl::StrCat("decode plan: ", error));
+    batch_.slot_mapping.resize(static_cast<size_t>(g.bucket), -1);  // padded tokens: skipped
+    const int32_t layer = static_cast<int32_t>(work.append.layer);
+    cudaStream_t s = stream_.get();
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(layer_.get(), &layer, sizeof(layer), cudaMemcpyHostToDevice, s),
+                      "upload layer");
+    if (absl::Status st = Upload(/*with_indices=*/true); !st.ok()) return st;
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(plan_.get(), plan_host_.data(), decode_plan_ints_ * 4,
+                                      cudaMemcpyHostToDevice, s),
+                      "upload decode plan");
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.q.get(), work.q, q_bytes, cudaMemcpyDefault, s), "copy q in");
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.k.get(), work.append.k_new, kv_bytes, cudaMemcpyDefault, s),
+                      "copy k in");
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.v.get(), work.append.v_new, kv_bytes, cudaMemcpyDefault, s),
+                      "copy v in");
+    ATTND_CUDA_RETURN(cudaGraphLaunch(g.exec, s), "graph replay");
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(work.out, g.out.get(), q_bytes, cudaMemcpyDefault, s),
+                      "copy out");
+    if (work.lse != nullptr)
+      ATTND_CUDA_RETURN(cudaMemcpyAsync(work.lse, g.lse.get(), n * num_qo_heads_ * 4,
+                                        cudaMemcpyDefault, s),
+                        "copy lse");
+    return Check(cudaStreamSynchronize(s), "decode graph");
+  }
+
+  std::vector<DecodeGraph> graphs_;
+  DeviceBuffer layer_;
+  size_t graph_bytes_ = 0;
+  std::vector<int32_t> padded_len_, padded_indptr_;
 
   std::string name_;
   kernels::KvCacheShape shape_;
@@ -401,6 +567,17 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   if (!pool.ok()) return pool.status();
   b->pool_ = *std::move(pool);
   ATTND_CUDA_RETURN(cudaStreamSynchronize(stream), "backend set-up");
+  auto layer = AllocateDevice(sizeof(int32_t), "the graph layer");
+  if (!layer.ok()) return layer.status();
+  b->layer_ = *std::move(layer);
+  if (config.cuda_graphs && !config.graph_buckets.empty()) {
+    const auto start = std::chrono::steady_clock::now();
+    if (absl::Status s = b->CaptureGraphs(config.graph_buckets); !s.ok()) return s;
+    spdlog::info("device={} graphs={} buckets={}..{} capture_s={:.3f} graph_buffer_bytes={}", device,
+                 b->graphs_.size(), config.graph_buckets.front(), config.graph_buckets.back(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                 b->graph_bytes_);
+  }
   spdlog::info("device={} gpu=\"{}\" pool_pages={} pool_bytes={} workspace_bytes={} free_bytes={}",
                device, b->name_, num_pages, b->shape_.TotalBytes(), workspace, free_bytes);
   return std::unique_ptr<DeviceBackend>(std::move(b));

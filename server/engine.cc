@@ -228,7 +228,8 @@ void Engine::GetServerInfo(v1::ServerInfo* info) const {
     d->set_serving(device->serving.load());
     d->set_pool_bytes(static_cast<uint64_t>(device->backend->pool_bytes()));
   }
-  // No backend captures graphs yet: decode runs eagerly.
+  if (cuda_ && config_.cuda_graphs)
+    for (int64_t b : config_.graph_buckets) info->add_graph_buckets(static_cast<uint32_t>(b));
   info->set_max_batch_size(static_cast<uint32_t>(config_.max_batch_size));
   info->set_max_seq_len(static_cast<uint64_t>(config_.max_seq_len));
   info->set_max_tokens_per_request(static_cast<uint64_t>(config_.max_tokens_per_request));
@@ -577,6 +578,7 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          for (size_t i = 0; i < items.size(); ++i)
            resp->add_lengths(static_cast<uint64_t>(starts[i] + items[i].num_new_tokens));
          metrics_->AddTokens(d.index, static_cast<int64_t>(total), static_cast<int64_t>(total));
+         if (cuda_ && decode) metrics_->RecordDecodeLaunch(d.index, work.graph_bucket);
          return absl::OkStatus();
        });
 }

@@ -39,6 +39,9 @@ ABSL_FLAG(int32_t, cpu_threads, 0, "CPU backend: threads computing each device's
 ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
           "CUDA backend: MiB per device for split-KV partial states (bounds the batches one "
           "request may carry)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "CUDA backend: run Decode batches up to the largest --graph_buckets entry by replaying "
+          "graphs captured at start-up (false: always launch eagerly)");
 ABSL_FLAG(double, drain_timeout_s, 30.0,
           "On SIGTERM, how long in-flight calls may take before they are cancelled");
 
@@ -107,6 +110,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
   c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   c.cuda_workspace_mb = absl::GetFlag(FLAGS_cuda_workspace_mb);
+  c.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   if (absl::Status s = c.Validate(); !s.ok()) return s;
   return c;
 }

@@ -40,7 +40,12 @@ Metrics::Metrics(const std::vector<int>& devices)
                       .Name("attnd_batch_size")
                       .Help("Sequences per data request, by method")
                       .Register(*registry_)),
-      device_ids_(devices) {
+      device_ids_(devices),
+      decode_launches_(prometheus::BuildCounter()
+                           .Name("attnd_decode_launches_total")
+                           .Help("CUDA Decode calls by device and path: a graph replay of a "
+                                 "batch bucket, or eager launches")
+                           .Register(*registry_)) {
   auto& pages_used = prometheus::BuildGauge()
                          .Name("attnd_pages_used")
                          .Help("KV pages owned by sequences, per device")
@@ -132,6 +137,20 @@ void Metrics::AddTokens(int i, int64_t appended, int64_t queries) {
 }
 
 void Metrics::SetServing(int i, bool serving) { devices_[i].serving->Set(serving ? 1 : 0); }
+
+void Metrics::RecordDecodeLaunch(int i, int bucket) {
+  prometheus::Counter* counter;
+  {
+    absl::MutexLock lock(&mu_);
+    auto& c = launch_counters_[absl::StrCat(i, "/", bucket)];
+    if (c == nullptr)
+      c = &decode_launches_.Add({{"device", absl::StrCat(device_ids_[static_cast<size_t>(i)])},
+                                 {"path", bucket > 0 ? "graph" : "eager"},
+                                 {"bucket", bucket > 0 ? absl::StrCat(bucket) : "none"}});
+    counter = c;
+  }
+  counter->Increment();
+}
 
 void Metrics::FillStats(v1::Stats* stats) const {
   stats->set_uptime_seconds(

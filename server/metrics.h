@@ -35,6 +35,9 @@ class Metrics {
   void SetLiveSequences(int device_index, int64_t n);
   void AddTokens(int device_index, int64_t appended, int64_t queries);
   void SetServing(int device_index, bool serving);
+  // A Decode on the CUDA backend: replayed through the graph of `bucket`, or (bucket 0)
+  // launched eagerly.
+  void RecordDecodeLaunch(int device_index, int bucket);
 
   void FillStats(v1::Stats* stats) const;
   prometheus::Registry& registry() { return *registry_; }
@@ -63,6 +66,8 @@ class Metrics {
   absl::flat_hash_map<std::string, prometheus::Counter*> request_counters_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, prometheus::Histogram*> latency_histograms_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, prometheus::Histogram*> batch_histograms_ ABSL_GUARDED_BY(mu_);
+  prometheus::Family<prometheus::Counter>& decode_launches_;
+  absl::flat_hash_map<std::string, prometheus::Counter*> launch_counters_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace attnd

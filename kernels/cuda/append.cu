@@ -11,6 +11,8 @@ namespace detail {
 
 struct AppendParams {
   void* kv_layer;
+  const int32_t* layer_ptr;  // non-null: add *layer_ptr * layer_elems to kv_layer
+  int64_t layer_elems;
   int64_t page_stride, v_offset, slot_stride, head_stride;
   FastDivmod page_div;
   FastDivmod heads_div;
@@ -49,7 +51,8 @@ __global__ void __launch_bounds__(kAppendThreads)
     kx[i] = __ldcs(reinterpret_cast<const uint4*>(p.k + tok * p.k_ts + head * p.head_dim + ch * 8));
     vx[i] = __ldcs(reinterpret_cast<const uint4*>(p.v + tok * p.v_ts + head * p.head_dim + ch * 8));
   }
-  uint16_t* base = static_cast<uint16_t*>(p.kv_layer);
+  uint16_t* base = static_cast<uint16_t*>(p.kv_layer) +
+                   (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     if (dst[i] < 0) continue;
@@ -76,7 +79,10 @@ cudaError_t LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
   }
   if (a.num_tokens == 0) return cudaSuccess;
   detail::AppendParams p{};
-  p.kv_layer = static_cast<char*>(a.kv.pool) + a.kv.layer * sh.LayerElems() * 2;
+  p.layer_ptr = a.kv.layer_in_device;
+  p.layer_elems = sh.LayerElems();
+  p.kv_layer = static_cast<char*>(a.kv.pool) +
+               (p.layer_ptr != nullptr ? 0 : a.kv.layer * sh.LayerElems() * 2);
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   const bool nhd = sh.layout == KvLayout::kNHD;

@@ -22,6 +22,9 @@ struct PagedKv {
   void* pool = nullptr;  // base of the whole pool, 16-byte aligned
   KvCacheShape shape;    // dtype fp16 or bf16; head_dim 64, 128 or 256
   int64_t layer = 0;
+  // When set (append and decode), the layer is read from this device int when the kernel runs
+  // and `layer` is ignored: one captured CUDA graph then serves every layer.
+  const int32_t* layer_in_device = nullptr;
 };
 
 // ---- Append -------------------------------------------------------------------------------

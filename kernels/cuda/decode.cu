@@ -17,6 +17,8 @@ namespace detail {
 
 struct DecodeParams {
   const void* kv_layer;  // pool + layer offset
+  const int32_t* layer_ptr;  // non-null: the layer is *layer_ptr, kv_layer the pool
+  int64_t layer_elems;
   int64_t page_stride;   // elements between pages
   int64_t v_offset;      // elements from a page's K block to its V block
   int64_t slot_stride;   // elements between slots of a page (one head)
@@ -103,7 +105,8 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
   const int row0 = (blockIdx.x - kvh * p.m_blocks) * Tr::kRows;
   const int nrows = min(Tr::kRows, p.group - row0);
   const int qo_head0 = kvh * p.group + row0;
-  const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride;
+  const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride +
+                (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
   T* my_pipe = pipe + warp * S * Tr::kStageElems;
 
   const int32_t* item_indptr = p.plan + p.item_indptr_offset;
@@ -493,8 +496,12 @@ cudaError_t LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
   const int m_blocks = static_cast<int>((group + 15) / 16);
 
   detail::DecodeParams p{};
+  p.layer_ptr = a.kv.layer_in_device;
+  p.layer_elems = sh.LayerElems();
   p.kv_layer = static_cast<const char*>(a.kv.pool) +
-               a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype));
+               (p.layer_ptr != nullptr
+                    ? 0
+                    : a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype)));
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   const bool nhd = sh.layout == KvLayout::kNHD;

@@ -307,6 +307,50 @@ TEST(DecodeGraph, CapturedShortReplaysLong) {
   }
 }
 
+// The server captures one decode graph per batch bucket and serves every layer with it: the
+// layer comes from device memory at replay time, not from the captured arguments.
+TEST(DecodeGraph, LayerReadFromDeviceMemoryServesEveryLayer) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;  // 2 layers; the reference reads spec.layer
+  s.kv_heads = 2;
+  s.qo_heads = 8;
+  DecodeProblem p;
+  p.Build(s, {300, 17, 1}, std::random_device{}());
+  DecodeRunner r;
+  r.Init(s, 3, 4096, false);
+  DeviceProblem d;
+  d.Upload(p);
+  r.Plan(p.lens, p.indptr);
+  int32_t* layer = nullptr;
+  ATTND_CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&layer), sizeof(int32_t)));
+  cuda::DecodeArgs a = d.Args(p, r);
+  a.kv.layer = 7;  // ignored: out of range on purpose
+  a.kv.layer_in_device = layer;
+  cudaStream_t stream;
+  ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  ATTND_CUDA_OK(cuda::LaunchBatchDecode(a, stream));
+  ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
+  ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+  for (int32_t l : {1, 0, 1}) {
+    ATTND_CUDA_OK(cudaMemcpy(layer, &l, sizeof(l), cudaMemcpyHostToDevice));
+    d.Poison();
+    ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
+    ATTND_CUDA_OK(cudaStreamSynchronize(stream));
+    DecodeProblem at = p;
+    at.spec.layer = l;
+    const ErrorStats st = Check(at, d.out.Download(), d.lse.Download());
+    EXPECT_TRUE(st.finite) << "layer " << l;
+    EXPECT_LT(st.rel, 1e-2) << "layer " << l;
+  }
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(stream);
+  cudaFree(layer);
+}
+
 // Back-to-back launches on one stream share the workspace; each launch starts early (PDL) and
 // must not touch partials or counters before the previous one is done. Twenty launches over two
 // alternating problems must give the same bits as one launch of each.
