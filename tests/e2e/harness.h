@@ -65,6 +65,14 @@ class Harness {
   const std::vector<float>& HistoryK(uint64_t seq_id, uint32_t layer) { return history_[seq_id].k[layer]; }
   const std::vector<float>& HistoryV(uint64_t seq_id, uint32_t layer) { return history_[seq_id].v[layer]; }
 
+  // Where BuildAttention puts each tensor in the region (bytes from its start).
+  uint64_t q_offset() const { return layout_.q; }
+  uint64_t k_offset() const { return layout_.k; }
+  uint64_t v_offset() const { return layout_.v; }
+  uint64_t out_offset() const { return layout_.out; }
+  uint64_t lse_offset() const { return layout_.lse; }
+  const uint8_t* bytes() const { return static_cast<const uint8_t*>(buffer_->data()); }
+
   // Maximum relative error seen by the checks so far.
   double max_error() const { return max_error_; }
   double tolerance() const;
