@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
@@ -26,11 +27,20 @@ struct BatchEntry {
   int64_t num_new = 0;
 };
 
+// CUDA IPC events of a request (cudaEvent_t, opened in this process): the stream waits on
+// `wait` before reading inputs and records `signal` after writing outputs; with `signal` the
+// backend returns once the work is enqueued instead of once it is done.
+struct EventSyncWork {
+  void* wait = nullptr;
+  void* signal = nullptr;
+};
+
 struct AppendWork {
   int64_t layer = 0;
   std::vector<BatchEntry> entries;
   const void* k_new = nullptr;  // [total_new, kv_heads, head_dim], rows packed in entry order
   const void* v_new = nullptr;
+  EventSyncWork sync;
 };
 
 struct AttentionWork {
@@ -66,6 +76,12 @@ class DeviceBackend {
   virtual absl::Status Append(const AppendWork& work) = 0;
   virtual absl::Status Attention(const AttentionWork& work) = 0;
   virtual absl::Status TransferKv(const KvTransferWork& work) = 0;
+  // Runs fn once the work enqueued so far has finished (at once where work is synchronous).
+  // fn must not call into the backend; it may post to the device's worker.
+  virtual absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) {
+    std::move(fn)();
+    return absl::OkStatus();
+  }
   // Whether an attention batch with these lengths (before the call) and new-token counts fits
   // the backend's fixed workspaces. Asked before any page is reserved, so a batch that does not
   // fit is refused with nothing changed (RESOURCE_EXHAUSTED naming the limit).

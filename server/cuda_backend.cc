@@ -83,18 +83,21 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   absl::Status Append(const AppendWork& work) override {
     BuildGpuBatch(work.entries, shape_.page_size, &batch_);
+    if (absl::Status s = WaitForInputs(work.sync); !s.ok()) return s;
     if (absl::Status s = Upload(/*with_indices=*/false); !s.ok()) return s;
     if (absl::Status s = LaunchAppend(work); !s.ok()) return s;
-    return Check(cudaStreamSynchronize(stream_.get()), "append");
+    return Finish(work.sync, "append");
   }
 
   absl::Status Attention(const AttentionWork& work) override {
     BuildGpuBatch(work.append.entries, shape_.page_size, &batch_);
+    if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
     const int batch = static_cast<int>(batch_.kv_len.size());
     if (batch_.all_single_token) {
       if (const DecodeGraph* graph = GraphFor(batch, work.deterministic)) {
         work.graph_bucket = graph->bucket;
-        return ReplayDecode(*graph, work);
+        if (absl::Status s = ReplayDecode(*graph, work); !s.ok()) return s;
+        return Finish(work.append.sync, "decode graph");
       }
     }
     work.graph_bucket = 0;
@@ -102,7 +105,24 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (absl::Status s = LaunchAppend(work.append); !s.ok()) return s;
     absl::Status s = batch_.all_single_token ? Decode(work) : Prefill(work);
     if (!s.ok()) return s;
-    return Check(cudaStreamSynchronize(stream_.get()), "attention");
+    return Finish(work.append.sync, "attention");
+  }
+
+  absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
+    auto* heap = new absl::AnyInvocable<void() &&>(std::move(fn));
+    const cudaError_t e = cudaLaunchHostFunc(
+        stream_.get(),
+        [](void* p) {
+          auto* f = static_cast<absl::AnyInvocable<void() &&>*>(p);
+          std::move (*f)();
+          delete f;
+        },
+        heap);
+    if (e != cudaSuccess) {
+      std::move (*heap)();
+      delete heap;
+    }
+    return Check(e, "completion callback");
   }
 
   absl::Status CheckAttentionFits(absl::Span<const int64_t> starts,
@@ -179,6 +199,21 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   kernels::cuda::PagedKv Kv(int64_t layer) const { return {pool_.get(), shape_, layer}; }
+
+  absl::Status WaitForInputs(const EventSyncWork& sync) {
+    if (sync.wait == nullptr) return absl::OkStatus();
+    return Check(cudaStreamWaitEvent(stream_.get(), static_cast<cudaEvent_t>(sync.wait), 0),
+                 "wait on the client's event");
+  }
+
+  // With a signal event: record it and return at once (the client's stream waits on it);
+  // without: return once the outputs are written.
+  absl::Status Finish(const EventSyncWork& sync, absl::string_view what) {
+    if (sync.signal != nullptr)
+      return Check(cudaEventRecord(static_cast<cudaEvent_t>(sync.signal), stream_.get()),
+                   "record the client's event");
+    return Check(cudaStreamSynchronize(stream_.get()), what);
+  }
 
   // Copies the slot mapping (and for attention the page table) to the device.
   absl::Status Upload(bool with_indices) {
@@ -440,7 +475,7 @@ class CudaDeviceBackend final : public DeviceBackend {
       ATTND_CUDA_RETURN(cudaMemcpyAsync(work.lse, g.lse.get(), n * num_qo_heads_ * 4,
                                         cudaMemcpyDefault, s),
                         "copy lse");
-    return Check(cudaStreamSynchronize(s), "decode graph");
+    return absl::OkStatus();
   }
 
   std::vector<DecodeGraph> graphs_;
@@ -672,6 +707,47 @@ absl::StatusOr<std::unique_ptr<Region>> OpenCudaIpcRegion(
   return std::unique_ptr<Region>(new CudaIpcRegion(std::move(name), device,
                                                    static_cast<uint8_t*>(ptr), byte_size,
                                                    std::move(run_on_device)));
+}
+
+namespace {
+
+class OpenedIpcEvent final : public CudaIpcEvent {
+ public:
+  OpenedIpcEvent(int device, cudaEvent_t event,
+                 std::function<void(std::function<void()>)> run_on_device)
+      : device_(device), event_(event), run_on_device_(std::move(run_on_device)) {}
+  ~OpenedIpcEvent() override {
+    cudaEvent_t e = event_;
+    run_on_device_([e] { cudaEventDestroy(e); });
+  }
+  int device() const override { return device_; }
+  void* event() const override { return event_; }
+
+ private:
+  int device_;
+  cudaEvent_t event_;
+  std::function<void(std::function<void()>)> run_on_device_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaIpcEvent>> OpenCudaIpcEvent(
+    const std::string& ipc_handle, int device,
+    std::function<void(std::function<void()>)> run_on_device) {
+  cudaIpcEventHandle_t handle;
+  if (ipc_handle.size() != sizeof(handle))
+    return absl::InvalidArgumentError(absl::StrCat("ipc_handle: ", ipc_handle.size(),
+                                                   " bytes, a cudaIpcEventHandle_t has ",
+                                                   sizeof(handle)));
+  std::memcpy(&handle, ipc_handle.data(), sizeof(handle));
+  cudaEvent_t event = nullptr;
+  const cudaError_t e = cudaIpcOpenEventHandle(&event, handle);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return absl::InvalidArgumentError(absl::StrCat("ipc_handle: cannot open the event on device ",
+                                                   device, ": ", cudaGetErrorString(e)));
+  }
+  return std::unique_ptr<CudaIpcEvent>(new OpenedIpcEvent(device, event, std::move(run_on_device)));
 }
 
 absl::Status RegisterHostMemory(void* data, size_t bytes) {

@@ -35,6 +35,18 @@ absl::StatusOr<std::unique_ptr<Region>> OpenCudaIpcRegion(
     std::string name, const std::string& ipc_handle, int device, uint64_t byte_size,
     std::function<void(std::function<void()>)> run_on_device);
 
+// A cudaIpcEventHandle_t (64 raw bytes) opened on a thread bound to `device`; destroyed on the
+// device's worker through run_on_device.
+class CudaIpcEvent {
+ public:
+  virtual ~CudaIpcEvent() = default;
+  virtual int device() const = 0;
+  virtual void* event() const = 0;  // a cudaEvent_t
+};
+absl::StatusOr<std::unique_ptr<CudaIpcEvent>> OpenCudaIpcEvent(
+    const std::string& ipc_handle, int device,
+    std::function<void(std::function<void()>)> run_on_device);
+
 // Page-locks a host region's memory so kernels on every device can read and write it (small
 // tests and clients without CUDA memory). Undone by UnregisterHostMemory.
 absl::Status RegisterHostMemory(void* data, size_t bytes);

@@ -236,7 +236,10 @@ void Engine::GetServerInfo(v1::ServerInfo* info) const {
   for (const char* f : {"host_regions", "stream", "fork", "truncate", "kv_export", "kv_import",
                         "lse", "deterministic"})
     info->add_features(f);
-  if (cuda_) info->add_features("cuda_regions");
+  if (cuda_) {
+    info->add_features("cuda_regions");
+    info->add_features("ipc_events");
+  }
 }
 
 // ---- Regions ----
@@ -311,14 +314,69 @@ void Engine::ListRegions(v1::ListRegionsResponse* resp) const {
   }
 }
 
-absl::Status Engine::RegisterCudaEvent(const v1::RegisterCudaEventRequest&) {
-  return absl::FailedPreconditionError(
-      "this server runs the CPU backend, which has no CUDA events; calls reply once outputs "
-      "are written");
+void Engine::RegisterCudaEvent(const v1::RegisterCudaEventRequest& req,
+                               v1::RegisterCudaEventResponse*, Done done) {
+  if (!cuda_)
+    return std::move(done)(absl::FailedPreconditionError(
+        "this server runs the CPU backend, which has no CUDA events; calls reply once outputs "
+        "are written"));
+#ifdef ATTND_HAVE_CUDA
+  if (absl::Status s = ValidateRegionName(req.name()); !s.ok()) return std::move(done)(s);
+  {
+    absl::MutexLock lock(&events_mu_);
+    if (events_.contains(req.name()))
+      return std::move(done)(absl::AlreadyExistsError(
+          absl::StrCat("name: a CUDA event named '", req.name(), "' is already registered")));
+  }
+  auto device = FindDevice(req.device());
+  if (!device.ok()) return std::move(done)(device.status());
+  DeviceWorker* worker = (*device)->worker.get();
+  Post(*device, std::move(done), [this, req, worker](Device& d) -> absl::Status {
+    auto event = OpenCudaIpcEvent(req.ipc_handle(), d.id, [worker](std::function<void()> fn) {
+      worker->Post(std::move(fn));
+    });
+    if (!event.ok()) return event.status();
+    std::shared_ptr<CudaIpcEvent> owner = *std::move(event);
+    absl::MutexLock lock(&events_mu_);
+    if (!events_.try_emplace(req.name(), IpcEvent{d.id, owner->event(), owner}).second)
+      return absl::AlreadyExistsError(
+          absl::StrCat("name: a CUDA event named '", req.name(), "' is already registered"));
+    spdlog::info("event={} device={} registered", req.name(), d.id);
+    return absl::OkStatus();
+  });
+#endif
 }
 
 absl::Status Engine::UnregisterCudaEvent(const v1::UnregisterCudaEventRequest& req) {
-  return absl::NotFoundError(absl::StrCat("name: no CUDA event named '", req.name(), "'"));
+  absl::MutexLock lock(&events_mu_);
+  if (events_.erase(req.name()) == 0)
+    return absl::NotFoundError(absl::StrCat("name: no CUDA event named '", req.name(), "'"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Engine::ResolvedSync> Engine::ResolveSync(const v1::EventSync& sync,
+                                                         const Device& device) const {
+  ResolvedSync out;
+  if (sync.wait_event().empty() && sync.signal_event().empty()) return out;
+  if (!cuda_)
+    return absl::FailedPreconditionError(
+        "sync: the CPU backend has no CUDA events; leave sync empty");
+  absl::MutexLock lock(&events_mu_);
+  for (auto [name, field, slot] :
+       {std::tuple{&sync.wait_event(), "sync.wait_event", &out.work.wait},
+        std::tuple{&sync.signal_event(), "sync.signal_event", &out.work.signal}}) {
+    if (name->empty()) continue;
+    auto it = events_.find(*name);
+    if (it == events_.end())
+      return absl::NotFoundError(absl::StrCat(field, ": no CUDA event named '", *name, "'"));
+    if (it->second.device != device.id)
+      return absl::InvalidArgumentError(absl::StrCat(field, ": event '", *name,
+                                                     "' lives on device ", it->second.device,
+                                                     "; the request runs on ", device.id));
+    *slot = it->second.event;
+    out.owners.push_back(it->second.owner);
+  }
+  return out;
 }
 
 // ---- Sequences ----
@@ -464,21 +522,21 @@ void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done
   if (!k.ok()) return std::move(done)(k.status());
   auto v = ResolveTensor(regions_, req.v_new(), "v_new", dtype, kv_shape, placement);
   if (!v.ok()) return std::move(done)(v.status());
-  if (req.sync().wait_event().size() + req.sync().signal_event().size() > 0)
-    return std::move(done)(absl::FailedPreconditionError(
-        cuda_ ? "sync: IPC events are not implemented yet; leave sync empty"
-              : "sync: the CPU backend has no CUDA events; leave sync empty"));
+  auto sync = ResolveSync(req.sync(), *device);
+  if (!sync.ok()) return std::move(done)(sync.status());
   metrics_->RecordBatch("Append", req.items_size());
   Post(device, std::move(done),
        [this, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()), k = *std::move(k),
-        v = *std::move(v), total, resp](Device& d) -> absl::Status {
+        v = *std::move(v), total, resp, sync = *std::move(sync)](Device& d) -> absl::Status {
          std::vector<int64_t> starts;
          auto copies = d.pool->ReserveAppend(layer, items, &starts);
          if (!copies.ok()) return copies.status();
          PublishPoolState(d);
-         AppendWork work{layer, MakeEntries(*d.pool, items, starts), k.data, v.data};
+         AppendWork work{layer, MakeEntries(*d.pool, items, starts), k.data, v.data, sync.work};
          absl::Status s = d.backend->CopyPages(*copies);
          if (s.ok()) s = d.backend->Append(work);
+         // Replying at once (a signal event): the client memory stays mapped until the GPU is done.
+         if (s.ok() && sync.work.signal != nullptr) s = KeepUntilDone(d, std::tuple{k, v, sync.owners});
          if (!s.ok()) {
            MarkFaulted(d, s, absl::StrCat("Append layer=", layer, " items=", items.size()));
            return absl::InternalError(absl::StrCat("device ", d.id, ": ", s.message()));
@@ -507,10 +565,8 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
   absl::Status s = ValidateLayer(req.layer(), config_);
   if (s.ok()) s = ValidateItems(req.items(), config_, decode, &total);
   if (!s.ok()) return std::move(done)(s);
-  if (req.sync().wait_event().size() + req.sync().signal_event().size() > 0)
-    return std::move(done)(absl::FailedPreconditionError(
-        cuda_ ? "sync: IPC events are not implemented yet; leave sync empty"
-              : "sync: the CPU backend has no CUDA events; leave sync empty"));
+  auto sync = ResolveSync(req.sync(), *device);
+  if (!sync.ok()) return std::move(done)(sync.status());
 
   const ModelShape& m = config_.model;
   const v1::DType dtype = attnd::ToWire(m.dtype);
@@ -543,8 +599,8 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
   metrics_->RecordBatch(rpc, req.items_size());
   Post(device, std::move(done),
        [this, rpc, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()),
-        t = std::move(t), total, decode, deterministic = req.deterministic(),
-        resp](Device& d) -> absl::Status {
+        t = std::move(t), total, decode, deterministic = req.deterministic(), resp,
+        sync = *std::move(sync)](Device& d) -> absl::Status {
          // Ask the backend first: a batch its workspaces cannot plan is refused unchanged.
          std::vector<int64_t> lengths, counts;
          for (const AppendItem& item : items) {
@@ -563,7 +619,8 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          if (!copies.ok()) return copies.status();
          PublishPoolState(d);
          AttentionWork work;
-         work.append = AppendWork{layer, MakeEntries(*d.pool, items, starts), t.k.data, t.v.data};
+         work.append = AppendWork{layer, MakeEntries(*d.pool, items, starts), t.k.data, t.v.data,
+                                  sync.work};
          work.q = t.q.data;
          work.out = t.out.data;
          work.lse = t.has_lse ? reinterpret_cast<float*>(t.lse.data) : nullptr;
@@ -571,6 +628,7 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          work.decode = decode;
          absl::Status s = d.backend->CopyPages(*copies);
          if (s.ok()) s = d.backend->Attention(work);
+         if (s.ok() && sync.work.signal != nullptr) s = KeepUntilDone(d, std::tuple{t, sync.owners});
          if (!s.ok()) {
            MarkFaulted(d, s, absl::StrCat(rpc, " layer=", layer, " items=", items.size()));
            return absl::InternalError(absl::StrCat("device ", d.id, ": ", s.message()));

@@ -10,7 +10,9 @@
 #include <memory>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "attnd/v1/attention.pb.h"
@@ -48,7 +50,8 @@ class Engine {
                           v1::RegisterRegionResponse* resp, Done done);
   absl::Status UnregisterRegion(const v1::UnregisterRegionRequest& req);
   void ListRegions(v1::ListRegionsResponse* resp) const;
-  absl::Status RegisterCudaEvent(const v1::RegisterCudaEventRequest& req);
+  void RegisterCudaEvent(const v1::RegisterCudaEventRequest& req,
+                         v1::RegisterCudaEventResponse* resp, Done done);
   absl::Status UnregisterCudaEvent(const v1::UnregisterCudaEventRequest& req);
 
   void CreateSequence(const v1::CreateSequenceRequest& req, v1::SequenceInfo* resp, Done done);
@@ -90,10 +93,25 @@ class Engine {
   void AttentionImpl(const v1::AttentionRequest& req, bool decode, v1::AttentionResponse* resp,
                      Done done);
   void PublishPoolState(Device& device);
+  // Keeps `held` (regions, events) alive until the GPU work enqueued so far is done, then lets
+  // go of it on the device's worker.
+  template <typename T>
+  absl::Status KeepUntilDone(Device& device, T held) {
+    DeviceWorker* worker = device.worker.get();
+    return device.backend->WhenDone([worker, held = std::move(held)]() mutable {
+      worker->Post([h = std::move(held)]() {});
+    });
+  }
   // A backend error is sticky: the device takes no more work.
   void MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
   void FillSequenceInfo(const Device& device, const Sequence& seq, v1::SequenceInfo* info) const;
   Placement PlacementFor(const Device& device) const;
+  // The IPC events a request names, opened in this process and kept alive by `owners`.
+  struct ResolvedSync {
+    EventSyncWork work;
+    std::vector<std::shared_ptr<void>> owners;
+  };
+  absl::StatusOr<ResolvedSync> ResolveSync(const v1::EventSync& sync, const Device& device) const;
   // Runs fn on the device's worker and waits for it.
   absl::Status RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn);
 
@@ -102,6 +120,13 @@ class Engine {
   RegionRegistry regions_;
   ServingListener serving_listener_;
   bool cuda_ = false;  // the CUDA backend serves every device
+  struct IpcEvent {
+    int device;
+    void* event;                  // cudaEvent_t
+    std::shared_ptr<void> owner;  // closes the event when the last user lets go
+  };
+  mutable absl::Mutex events_mu_;
+  absl::flat_hash_map<std::string, IpcEvent> events_ ABSL_GUARDED_BY(events_mu_);
   std::vector<std::unique_ptr<Device>> devices_;
 };
 

@@ -170,11 +170,10 @@ ATTND_SYNC_HANDLER(UnregisterRegion, v1::UnregisterRegionRequest, v1::Unregister
                    ((void)resp, engine_->UnregisterRegion(*req)))
 ATTND_SYNC_HANDLER(ListRegions, v1::ListRegionsRequest, v1::ListRegionsResponse,
                    ((void)req, engine_->ListRegions(resp), absl::OkStatus()))
-ATTND_SYNC_HANDLER(RegisterCudaEvent, v1::RegisterCudaEventRequest, v1::RegisterCudaEventResponse,
-                   ((void)resp, engine_->RegisterCudaEvent(*req)))
 ATTND_SYNC_HANDLER(UnregisterCudaEvent, v1::UnregisterCudaEventRequest,
                    v1::UnregisterCudaEventResponse, ((void)resp, engine_->UnregisterCudaEvent(*req)))
 ATTND_ASYNC_HANDLER(RegisterCudaRegion, v1::RegisterCudaRegionRequest, v1::RegisterRegionResponse)
+ATTND_ASYNC_HANDLER(RegisterCudaEvent, v1::RegisterCudaEventRequest, v1::RegisterCudaEventResponse)
 ATTND_ASYNC_HANDLER(CreateSequence, v1::CreateSequenceRequest, v1::SequenceInfo)
 ATTND_ASYNC_HANDLER(ForkSequence, v1::ForkSequenceRequest, v1::SequenceInfo)
 ATTND_ASYNC_HANDLER(TruncateSequence, v1::TruncateSequenceRequest, v1::SequenceInfo)

@@ -146,5 +146,97 @@ TEST_F(CudaRegionTest, PrefillAndDecodeReadAndWriteTheClientsDeviceMemory) {
   EXPECT_EQ(regions->regions_size(), 0);
 }
 
+// With IPC events the call replies once the work is enqueued: the server's stream waits on
+// the client's "inputs ready" event and records "outputs written", which the client's stream
+// waits on before reading the output.
+TEST_F(CudaRegionTest, IpcEventsOrderAnAsynchronousDecodeWithTheClientsStream) {
+  ASSERT_TRUE(client_->RegisterCudaRegion("gpu", handle_, 0, kBytes).ok());
+  cudaEvent_t ready, written;
+  const unsigned flags = cudaEventInterprocess | cudaEventDisableTiming;
+  ASSERT_EQ(cudaEventCreateWithFlags(&ready, flags), cudaSuccess);
+  ASSERT_EQ(cudaEventCreateWithFlags(&written, flags), cudaSuccess);
+  for (auto [name, ev] : {std::pair{"ready", ready}, std::pair{"written", written}}) {
+    cudaIpcEventHandle_t h;
+    ASSERT_EQ(cudaIpcGetEventHandle(&h, ev), cudaSuccess);
+    const absl::Status s =
+        client_->RegisterCudaEvent(name, std::string(reinterpret_cast<const char*>(&h), sizeof(h)), 0);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  EXPECT_EQ(client_->RegisterCudaEvent("ready", std::string(64, '\0'), 0).code(),
+            absl::StatusCode::kAlreadyExists);
+
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  auto info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  const client::AttentionParams params = client::ParamsFromModel(info->model());
+  ASSERT_TRUE(client_->CreateSequence(0, 1).ok());
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  std::vector<float> hk, hv;
+  const uint64_t q_off = 0, k_off = 1 << 20, v_off = 2 << 20, out_off = 3 << 20;
+  // Prefill 40 tokens, then 3 decodes, every call asynchronous.
+  for (uint32_t n : {40u, 1u, 1u, 1u}) {
+    std::vector<float> q(n * kQo * kDim), k(n * kKv * kDim), v(n * kKv * kDim);
+    for (auto* t : {&q, &k, &v})
+      for (float& x : *t) x = client::RoundToDType(v1::DTYPE_BFLOAT16, normal(rng));
+    std::vector<uint16_t> qb(q.size()), kb(k.size()), vb(v.size()), ob(q.size());
+    client::EncodeFloats(v1::DTYPE_BFLOAT16, q, qb.data());
+    client::EncodeFloats(v1::DTYPE_BFLOAT16, k, kb.data());
+    client::EncodeFloats(v1::DTYPE_BFLOAT16, v, vb.data());
+    auto* base = static_cast<uint8_t*>(device_buffer_);
+    // Inputs are written on the client's stream and may still be in flight when the call goes.
+    ASSERT_EQ(cudaMemsetAsync(base + out_off, 0xff, q.size() * 2, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(base + q_off, qb.data(), q.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(base + k_off, kb.data(), k.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(base + v_off, vb.data(), v.size() * 2, cudaMemcpyHostToDevice, stream), cudaSuccess);
+    ASSERT_EQ(cudaEventRecord(ready, stream), cudaSuccess);
+    v1::AttentionRequest req;
+    req.set_layer(0);
+    auto* item = req.add_items();
+    item->set_seq_id(1);
+    item->set_num_new_tokens(n);
+    *req.mutable_q() = client::MakeTensorRef("gpu", q_off, v1::DTYPE_BFLOAT16, {n, kQo, kDim});
+    *req.mutable_k_new() = client::MakeTensorRef("gpu", k_off, v1::DTYPE_BFLOAT16, {n, kKv, kDim});
+    *req.mutable_v_new() = client::MakeTensorRef("gpu", v_off, v1::DTYPE_BFLOAT16, {n, kKv, kDim});
+    *req.mutable_out() = client::MakeTensorRef("gpu", out_off, v1::DTYPE_BFLOAT16, {n, kQo, kDim});
+    req.mutable_sync()->set_wait_event("ready");
+    req.mutable_sync()->set_signal_event("written");
+    auto resp = n == 1 ? client_->Decode(req) : client_->Prefill(req);
+    ASSERT_TRUE(resp.ok()) << resp.status();
+    ASSERT_EQ(cudaStreamWaitEvent(stream, written, 0), cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(ob.data(), base + out_off, q.size() * 2, cudaMemcpyDeviceToHost, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    hk.insert(hk.end(), k.begin(), k.end());
+    hv.insert(hv.end(), v.begin(), v.end());
+    std::vector<float> out(q.size());
+    client::DecodeFloats(v1::DTYPE_BFLOAT16, ob.data(), absl::MakeSpan(out));
+    std::vector<double> ref(q.size()), ref_lse(n * kQo);
+    client::DenseAttentionReference(params, q.data(), n, hk.data(), hv.data(),
+                                    static_cast<int64_t>(hk.size() / (kKv * kDim)), ref.data(),
+                                    ref_lse.data());
+    EXPECT_LT(client::RelativeL2Error(out, ref), 1e-2) << n << " new tokens";
+  }
+  // An event on another device or an unknown one is refused by name.
+  v1::AttentionRequest bad;
+  bad.mutable_sync()->set_signal_event("nope");
+  auto* item = bad.add_items();
+  item->set_seq_id(1);
+  item->set_num_new_tokens(1);
+  *bad.mutable_q() = client::MakeTensorRef("gpu", q_off, v1::DTYPE_BFLOAT16, {1, kQo, kDim});
+  *bad.mutable_k_new() = client::MakeTensorRef("gpu", k_off, v1::DTYPE_BFLOAT16, {1, kKv, kDim});
+  *bad.mutable_v_new() = client::MakeTensorRef("gpu", v_off, v1::DTYPE_BFLOAT16, {1, kKv, kDim});
+  *bad.mutable_out() = client::MakeTensorRef("gpu", out_off, v1::DTYPE_BFLOAT16, {1, kQo, kDim});
+  const auto r = client_->Decode(bad);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  EXPECT_TRUE(client_->UnregisterCudaEvent("ready").ok());
+  EXPECT_TRUE(client_->UnregisterCudaEvent("written").ok());
+  cudaStreamDestroy(stream);
+  cudaEventDestroy(ready);
+  cudaEventDestroy(written);
+}
+
 }  // namespace
 }  // namespace attnd::testing
