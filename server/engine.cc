@@ -1,5 +1,6 @@
 #include "server/engine.h"
 
+#include <chrono>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -173,12 +174,22 @@ absl::StatusOr<Engine::Device*> Engine::FindDevice(uint32_t id) const {
 }
 
 void Engine::Post(Device* device, Done done, absl::AnyInvocable<absl::Status(Device&) &&> task) {
-  device->worker->Post([this, device, done = std::move(done), task = std::move(task)]() mutable {
+  using Clock = std::chrono::steady_clock;
+  device->worker->Post([this, device, done = std::move(done), task = std::move(task),
+                        posted = Clock::now()]() mutable {
+    const auto started = Clock::now();
     absl::Status status = device->serving.load()
                               ? std::move(task)(*device)
                               : absl::UnavailableError(absl::StrCat(
                                     "device: ", device->id, " is not serving after a fault"));
+    const auto ran = Clock::now();
     std::move(done)(std::move(status));
+    // Where a call's time goes on the server (debug level: per call).
+    if (spdlog::should_log(spdlog::level::trace)) {
+      auto us = [](auto a, auto b) { return std::chrono::duration<double, std::micro>(b - a).count(); };
+      spdlog::trace("device={} queue_us={:.1f} run_us={:.1f} reply_us={:.1f}", device->id,
+                    us(posted, started), us(started, ran), us(ran, Clock::now()));
+    }
   });
 }
 

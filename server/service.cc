@@ -21,6 +21,8 @@ using Clock = std::chrono::steady_clock;
 Engine::Done Finisher(grpc::ServerUnaryReactor* reactor, Metrics* metrics, const char* rpc) {
   return [reactor, metrics, rpc, start = Clock::now()](absl::Status status) {
     const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    if (spdlog::should_log(spdlog::level::trace))
+      spdlog::trace("rpc={} handled_us={:.1f}", rpc, seconds * 1e6);
     metrics->RecordRpc(rpc, status.code(), seconds);
     if (!status.ok()) spdlog::debug("rpc={} code={} msg={}", rpc, absl::StatusCodeToString(status.code()), std::string(status.message()));
     reactor->Finish(ToGrpc(status));
