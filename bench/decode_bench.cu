@@ -20,37 +20,16 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.cuh"
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/decode_plan.h"
 
 using namespace attnd::kernels;
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+using attnd::bench::FillRandom;
+using attnd::bench::Median;
+using attnd::bench::TimeGraph;
 
 namespace {
-
-__global__ void FillRandom(uint16_t* p, size_t n, uint32_t seed, bool bf16) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15; x *= 2246822519u; x ^= x >> 13; x *= 3266489917u; x ^= x >> 16;
-    const float f = (static_cast<float>(x & 0xffff) / 65536.f - 0.5f) * 3.4f;
-    if (bf16) {
-      __nv_bfloat16 b = __float2bfloat16(f);
-      p[i] = *reinterpret_cast<uint16_t*>(&b);
-    } else {
-      __half h = __float2half(f);
-      p[i] = *reinterpret_cast<uint16_t*>(&h);
-    }
-  }
-}
 
 __global__ void ReadReduce(const uint4* p, size_t n, unsigned* out) {
   // Four independent 16-byte loads in flight per thread per step; n a multiple of 4 * grid.
@@ -65,41 +44,6 @@ __global__ void ReadReduce(const uint4* p, size_t n, unsigned* out) {
     for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
   }
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads alive
-}
-
-float Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// Times `body` (enqueueing `per_graph` operations) through a graph: median ms per operation.
-template <typename F>
-float TimeGraph(cudaStream_t s, int per_graph, F body, int reps = 30) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  body();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, s));
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / per_graph);
-  }
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return Median(t);
 }
 
 struct DecodeCase {

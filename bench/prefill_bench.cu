@@ -19,33 +19,17 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.cuh"
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/decode_plan.h"
 #include "kernels/prefill_plan.h"
 
 using namespace attnd::kernels;
-
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+using attnd::bench::FillRandom;
+using attnd::bench::Median;
+using attnd::bench::TimeGraph;
 
 namespace {
-
-__global__ void FillRandom(uint16_t* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-       i += size_t(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15; x *= 2246822519u; x ^= x >> 13; x *= 3266489917u; x ^= x >> 16;
-    const float f = (static_cast<float>(x & 0xffff) / 65536.f - 0.5f) * 3.4f;
-    __nv_bfloat16 b = __float2bfloat16(f);
-    p[i] = *reinterpret_cast<uint16_t*>(&b);
-  }
-}
 
 // 8 independent accumulators per warp, kIters rounds: the mma.sync issue ceiling.
 constexpr int kMmaIters = 4096;
@@ -66,40 +50,6 @@ __global__ void MmaPeak(float* sink, uint32_t seed) {
   float s = 0.f;
   for (int j = 0; j < 8; ++j) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
   if (s == 1.2345f) sink[0] = s;
-}
-
-float Median(std::vector<float> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-template <typename F>
-float TimeGraph(cudaStream_t s, int per_graph, F body, int reps = 30) {
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  body();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&ge, g, 0));
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) CK(cudaGraphLaunch(ge, s));
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    CK(cudaEventRecord(a, s));
-    CK(cudaGraphLaunch(ge, s));
-    CK(cudaEventRecord(b, s));
-    CK(cudaEventSynchronize(b));
-    float ms;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / per_graph);
-  }
-  CK(cudaGraphExecDestroy(ge));
-  CK(cudaGraphDestroy(g));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return Median(t);
 }
 
 struct Req {
@@ -144,7 +94,7 @@ struct Batch {
     sh.dtype = DType::kBFloat16;
     sh.num_pages = pages * copies;
     CK(cudaMalloc(&pool, sh.TotalBytes()));
-    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng());
+    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng(), true);
     std::vector<int32_t> perm(sh.num_pages);
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
@@ -154,7 +104,7 @@ struct Batch {
     CK(cudaMalloc(&q, qn * 2));
     CK(cudaMalloc(&out, qn * 2));
     CK(cudaMalloc(&lse, size_t(total_q) * qo * copies * 4));
-    FillRandom<<<1024, 256, 0, s>>>(q, qn, rng());
+    FillRandom<<<1024, 256, 0, s>>>(q, qn, rng(), true);
     CK(cudaDeviceSynchronize());
   }
   void Free() {

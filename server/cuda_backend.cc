@@ -268,8 +268,6 @@ class CudaDeviceBackend final : public DeviceBackend {
 
   absl::Status Decode(const AttentionWork& work) {
     const int batch = static_cast<int>(batch_.kv_len.size());
-    const kernels::DecodePlanConfig& cfg = work.deterministic ? decode_det_ : decode_cfg_;
-    const int grid_x = kernels::DecodeGridX(batch, cfg);
     std::string error;
     if (!Plan(batch_, work.deterministic, &error))
       return absl::InternalError(absl::StrCat("decode plan: ", error));
@@ -277,26 +275,8 @@ class CudaDeviceBackend final : public DeviceBackend {
     ATTND_CUDA_RETURN(cudaMemcpyAsync(plan_.get(), plan_host_.data(), used * sizeof(int32_t),
                                       cudaMemcpyHostToDevice, stream_.get()),
                       "upload decode plan");
-    const int64_t row = num_qo_heads_ * shape_.head_dim;
-    kernels::cuda::DecodeArgs a;
-    a.kv = Kv(work.append.layer);
-    a.opts = options_;
-    a.batch = batch;
-    a.q = work.q;
-    a.q_stride_b = row;
-    a.q_stride_h = shape_.head_dim;
-    a.out = work.out;
-    a.out_stride_b = row;
-    a.out_stride_h = shape_.head_dim;
-    a.lse = work.lse;
-    a.kv_indices = static_cast<const int32_t*>(indices_.get());
-    a.ws.plan = static_cast<const int32_t*>(plan_.get());
-    a.ws.layout = decode_layout_;
-    a.ws.grid_x = grid_x;
-    a.ws.partial_out = static_cast<float*>(decode_partial_out_.get());
-    a.ws.partial_lse = static_cast<float*>(decode_partial_lse_.get());
-    a.ws.counters = static_cast<int*>(counters_.get());
-    a.deterministic = work.deterministic;
+    const kernels::cuda::DecodeArgs a =
+        MakeDecodeArgs(batch, work.deterministic, Kv(work.append.layer), work.q, work.out, work.lse);
     return Check(kernels::cuda::LaunchBatchDecode(a, stream_.get()), "decode kernel");
   }
 
@@ -358,29 +338,38 @@ class CudaDeviceBackend final : public DeviceBackend {
     return nullptr;
   }
 
-  kernels::cuda::DecodeArgs GraphDecodeArgs(const DecodeGraph& g) const {
-    const kernels::DecodePlanConfig& cfg = g.deterministic ? decode_det_ : decode_cfg_;
+  // Eager launches and every graph share these arguments, so both compute the same bits.
+  kernels::cuda::DecodeArgs MakeDecodeArgs(int batch, bool deterministic,
+                                           const kernels::cuda::PagedKv& kv, const void* q,
+                                           void* out, float* lse) const {
+    const kernels::DecodePlanConfig& cfg = deterministic ? decode_det_ : decode_cfg_;
     const int64_t row = num_qo_heads_ * shape_.head_dim;
     kernels::cuda::DecodeArgs a;
-    a.kv = {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())};
+    a.kv = kv;
     a.opts = options_;
-    a.batch = g.bucket;
-    a.q = g.q.get();
+    a.batch = batch;
+    a.q = q;
     a.q_stride_b = row;
     a.q_stride_h = shape_.head_dim;
-    a.out = g.out.get();
+    a.out = out;
     a.out_stride_b = row;
     a.out_stride_h = shape_.head_dim;
-    a.lse = static_cast<float*>(g.lse.get());
+    a.lse = lse;
     a.kv_indices = static_cast<const int32_t*>(indices_.get());
     a.ws.plan = static_cast<const int32_t*>(plan_.get());
     a.ws.layout = decode_layout_;
-    a.ws.grid_x = kernels::DecodeGridX(g.bucket, cfg);
+    a.ws.grid_x = kernels::DecodeGridX(batch, cfg);
     a.ws.partial_out = static_cast<float*>(decode_partial_out_.get());
     a.ws.partial_lse = static_cast<float*>(decode_partial_lse_.get());
     a.ws.counters = static_cast<int*>(counters_.get());
-    a.deterministic = g.deterministic;
+    a.deterministic = deterministic;
     return a;
+  }
+
+  kernels::cuda::DecodeArgs GraphDecodeArgs(const DecodeGraph& g) const {
+    return MakeDecodeArgs(g.bucket, g.deterministic,
+                          {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())},
+                          g.q.get(), g.out.get(), static_cast<float*>(g.lse.get()));
   }
 
   // Captures every bucket's graph, on the device's worker at start-up.

@@ -419,24 +419,6 @@ cudaError_t OccupancyTyped(int device, int* blocks) {
                                                        DecodeTraits<D>::kSmemBytes);
 }
 
-template <template <typename, int> class F, typename... Args>
-cudaError_t Dispatch(DType dtype, int64_t head_dim, Args&&... args) {
-  if (dtype == DType::kBFloat16) {
-    switch (head_dim) {
-      case 64: return F<__nv_bfloat16, 64>::Run(args...);
-      case 128: return F<__nv_bfloat16, 128>::Run(args...);
-      case 256: return F<__nv_bfloat16, 256>::Run(args...);
-    }
-  } else if (dtype == DType::kFloat16) {
-    switch (head_dim) {
-      case 64: return F<__half, 64>::Run(args...);
-      case 128: return F<__half, 128>::Run(args...);
-      case 256: return F<__half, 256>::Run(args...);
-    }
-  }
-  return cudaErrorInvalidValue;
-}
-
 template <typename T, int D>
 struct LaunchFn {
   static cudaError_t Run(const DecodeParams& p, dim3 grid, bool overlap, cudaStream_t s) {
@@ -462,7 +444,7 @@ cudaError_t MakeDecodePlanConfig(int device, DType dtype, int64_t head_dim, int6
   if (old != device && (e = cudaSetDevice(device)) != cudaSuccess) return e;
   int sms = 0, blocks = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess) e = detail::Dispatch<detail::OccupancyFn>(dtype, head_dim, device, &blocks);
+  if (e == cudaSuccess) e = detail::DispatchDTypeHeadDim<detail::OccupancyFn>(dtype, head_dim, device, &blocks);
   if (old != device) cudaSetDevice(old);
   if (e != cudaSuccess) return e;
   const int64_t group = num_qo_heads / num_kv_heads;
@@ -539,7 +521,7 @@ cudaError_t LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
 
   const dim3 grid(static_cast<unsigned>(kvh * m_blocks), a.ws.grid_x);
   cudaError_t e =
-      detail::Dispatch<detail::LaunchFn>(sh.dtype, d, p, grid, a.overlap_previous, stream);
+      detail::DispatchDTypeHeadDim<detail::LaunchFn>(sh.dtype, d, p, grid, a.overlap_previous, stream);
   if (e != cudaSuccess || !a.deterministic) return e;
   // Deterministic mode: partials of every split request, merged by a separate kernel launched
   // as a programmatic dependent so its launch overlaps the decode's tail.

@@ -2,6 +2,14 @@
 #ifndef ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_
 #define ATTND_KERNELS_CUDA_KERNEL_TRAITS_CUH_
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/paged_kv.h"
+
 namespace attnd::kernels::cuda::detail {
 
 // Batch decode. A CTA owns one (work item, kv head, block of up to 16 query heads of the GQA
@@ -63,6 +71,26 @@ struct PrefillTraits {
   static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
   static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
 };
+
+// Runs F<T, D>::Run(args...) for a model's dtype and head_dim: the one list of the (dtype,
+// head_dim) pairs every kernel family is instantiated for.
+template <template <typename, int> class F, typename... Args>
+cudaError_t DispatchDTypeHeadDim(DType dtype, int64_t head_dim, Args&&... args) {
+  if (dtype == DType::kBFloat16) {
+    switch (head_dim) {
+      case 64: return F<__nv_bfloat16, 64>::Run(args...);
+      case 128: return F<__nv_bfloat16, 128>::Run(args...);
+      case 256: return F<__nv_bfloat16, 256>::Run(args...);
+    }
+  } else if (dtype == DType::kFloat16) {
+    switch (head_dim) {
+      case 64: return F<__half, 64>::Run(args...);
+      case 128: return F<__half, 128>::Run(args...);
+      case 256: return F<__half, 256>::Run(args...);
+    }
+  }
+  return cudaErrorInvalidValue;
+}
 
 }  // namespace attnd::kernels::cuda::detail
 

@@ -589,24 +589,6 @@ struct PrefillOccupancyFn {
   }
 };
 
-template <template <typename, int> class F, typename... Args>
-cudaError_t PrefillDispatch(DType dtype, int64_t head_dim, Args&&... args) {
-  if (dtype == DType::kBFloat16) {
-    switch (head_dim) {
-      case 64: return F<__nv_bfloat16, 64>::Run(args...);
-      case 128: return F<__nv_bfloat16, 128>::Run(args...);
-      case 256: return F<__nv_bfloat16, 256>::Run(args...);
-    }
-  } else if (dtype == DType::kFloat16) {
-    switch (head_dim) {
-      case 64: return F<__half, 64>::Run(args...);
-      case 128: return F<__half, 128>::Run(args...);
-      case 256: return F<__half, 256>::Run(args...);
-    }
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace detail
 
 cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int64_t num_qo_heads,
@@ -622,7 +604,7 @@ cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int
   int sms = 0, blocks = 0;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e == cudaSuccess) {
-    e = detail::PrefillDispatch<detail::PrefillOccupancyFn>(dtype, head_dim, device, &blocks);
+    e = detail::DispatchDTypeHeadDim<detail::PrefillOccupancyFn>(dtype, head_dim, device, &blocks);
   }
   if (old != device) cudaSetDevice(old);
   if (e != cudaSuccess) return e;
@@ -694,7 +676,7 @@ cudaError_t LaunchBatchPrefill(const PrefillArgs& a, cudaStream_t stream) {
       std::max<int64_t>(1, std::min<int64_t>({a.ws.layout.max_merges, int64_t{gy}, 65535})));
   const dim3 merge_grid(static_cast<unsigned>(kvh), my);
   const bool merge = a.may_merge && a.ws.layout.max_merges > 0;
-  return detail::PrefillDispatch<detail::PrefillLaunchFn>(sh.dtype, d, p, grid, merge_grid, merge,
+  return detail::DispatchDTypeHeadDim<detail::PrefillLaunchFn>(sh.dtype, d, p, grid, merge_grid, merge,
                                                           stream);
 }
 
