@@ -53,7 +53,8 @@ struct ServerConfig {
   double drain_timeout_s = 30.0;
   int cpu_threads = 0;  // CPU backend threads per device; 0: all cores
   int64_t cuda_workspace_mb = 1024;
-  bool cuda_graphs = true;  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device
+  bool cuda_graphs = true;
+  int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device
 
   // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
   // flag and its limit.

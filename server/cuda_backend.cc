@@ -90,6 +90,12 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   absl::Status Attention(const AttentionWork& work) override {
+    if (work.append.layer == debug_fault_layer_) {
+      spdlog::warn("device={} --debug_fault_layer={}: faulting the device on purpose",
+                   name_, debug_fault_layer_);
+      ATTND_CUDA_RETURN(kernels::cuda::LaunchFaultingKernel(stream_.get()), "faulting kernel");
+      return Check(cudaStreamSynchronize(stream_.get()), "faulting kernel");
+    }
     BuildGpuBatch(work.append.entries, shape_.page_size, &batch_);
     if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
     const int batch = static_cast<int>(batch_.kv_len.size());
@@ -473,6 +479,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   std::vector<int32_t> padded_len_, padded_indptr_;
 
   std::string name_;
+  int64_t debug_fault_layer_ = -1;
   kernels::KvCacheShape shape_;
   kernels::AttentionOptions options_;
   int64_t num_qo_heads_ = 0;
@@ -497,6 +504,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   cudaDeviceProp prop;
   ATTND_CUDA_RETURN(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
   b->name_ = prop.name;
+  b->debug_fault_layer_ = config.debug_fault_layer;
   cudaStream_t stream = nullptr;
   ATTND_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   b->stream_.reset(stream);

@@ -42,6 +42,9 @@ ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
 ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA backend: run Decode batches up to the largest --graph_buckets entry by replaying "
           "graphs captured at start-up (false: always launch eagerly)");
+ABSL_FLAG(int64_t, debug_fault_layer, -1,
+          "Testing aid (CUDA backend): a data request at this layer launches a kernel that "
+          "traps, giving the device a sticky error; -1 = never");
 ABSL_FLAG(double, drain_timeout_s, 30.0,
           "On SIGTERM, how long in-flight calls may take before they are cancelled");
 
@@ -111,6 +114,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
   c.cuda_workspace_mb = absl::GetFlag(FLAGS_cuda_workspace_mb);
   c.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  c.debug_fault_layer = absl::GetFlag(FLAGS_debug_fault_layer);
   if (absl::Status s = c.Validate(); !s.ok()) return s;
   return c;
 }

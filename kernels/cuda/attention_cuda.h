@@ -167,6 +167,11 @@ cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int
                                   int64_t num_kv_heads, int64_t window_left, bool causal,
                                   PrefillPlanConfig* cfg);
 
+// ---- Testing aid ----------------------------------------------------------------------------
+// Launches a kernel that traps: the device's context takes a sticky error. Only for tests of
+// fault handling.
+cudaError_t LaunchFaultingKernel(cudaStream_t stream);
+
 }  // namespace attnd::kernels::cuda
 
 #endif  // ATTND_KERNELS_CUDA_ATTENTION_CUDA_H_

@@ -153,5 +153,38 @@ TEST(CudaServerTest, AGraphCapturedAtStartUpReplaysCorrectlyAt32kTokens) {
   EXPECT_EQ(h.HistoryLength(1, 0), 16u + 1 + 16 * 2048 + 1);
 }
 
+// Invariant 6: a sticky device error marks the device NOT_SERVING, is logged with the request,
+// and the device takes no more work (UNAVAILABLE) instead of answering with garbage.
+TEST(CudaServerTest, AStickyDeviceErrorStopsTheDeviceAndFlipsHealth) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  std::vector<std::string> flags = Flags(true);
+  flags.push_back("--debug_fault_layer=1");
+  auto server = ServerProcess::Start(flags);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto c = *client::Client::Connect((*server)->unix_target());
+  auto h = Harness::Create(c.get(), "h", 0, 64, std::random_device{}());
+  ASSERT_TRUE(h.ok()) << h.status();
+  ASSERT_TRUE((*h)->CreateSequence(1).ok());
+  ASSERT_TRUE((*h)->Attend(0, {{1, 5}}, false).ok());  // layer 0 works
+  const absl::Status fault = (*h)->Attend(1, {{1, 5}}, false);
+  EXPECT_EQ(fault.code(), absl::StatusCode::kInternal) << fault;
+  for (const char* name : {"", "attnd.v1.Attention", "attnd.v1.Attention/device/0"}) {
+    auto status = c->Health(name);
+    ASSERT_TRUE(status.ok()) << name;
+    EXPECT_EQ(*status, grpc::health::v1::HealthCheckResponse::NOT_SERVING) << name;
+  }
+  const absl::Status after = (*h)->Attend(0, {{1, 1}}, true);
+  EXPECT_EQ(after.code(), absl::StatusCode::kUnavailable) << after;
+  auto info = c->GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  EXPECT_FALSE(info->devices(0).serving());
+  h->reset();
+  c.reset();
+  const std::string log = (*server)->Log();
+  EXPECT_NE(log.find("fault, no more work is taken"), std::string::npos) << log;
+  EXPECT_NE(log.find("Prefill layer=1 items=1"), std::string::npos) << log;
+  EXPECT_EQ((*server)->Terminate(), 0) << (*server)->Log();
+}
+
 }  // namespace
 }  // namespace attnd::testing
