@@ -248,7 +248,9 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   // Plans `b` into plan_host_ (decode when every request brings one token, else prefill).
-  bool Plan(const GpuBatch& b, bool deterministic, std::string* error) {
+  bool Plan(const GpuBatch& b, bool deterministic, std::string* error,
+            int32_t* out = nullptr) {
+    if (out == nullptr) out = plan_host_.data();
     const int batch = static_cast<int>(b.kv_len.size());
     if (b.all_single_token) {
       const kernels::DecodePlanConfig& cfg = deterministic ? decode_det_ : decode_cfg_;
@@ -261,15 +263,15 @@ class CudaDeviceBackend final : public DeviceBackend {
         padded_indptr_.resize(static_cast<size_t>(graph->bucket) + 1, b.kv_indptr.back());
         return kernels::PlanDecode(padded_len_.data(), padded_indptr_.data(), graph->bucket,
                                    kernels::DecodeGridX(graph->bucket, cfg), cfg, decode_layout_,
-                                   plan_host_.data(), &decode_plan_ints_, error);
+                                   out, &decode_plan_ints_, error);
       }
       return kernels::PlanDecode(b.kv_len.data(), b.kv_indptr.data(), batch,
                                  kernels::DecodeGridX(batch, cfg), cfg, decode_layout_,
-                                 plan_host_.data(), &decode_plan_ints_, error);
+                                 out, &decode_plan_ints_, error);
     }
     return kernels::PlanPrefill(b.qo_indptr.data(), b.kv_len.data(), b.kv_indptr.data(), batch,
                                 deterministic ? prefill_det_ : prefill_cfg_, prefill_layout_,
-                                plan_host_.data(), error);
+                                out, error);
   }
 
   absl::Status Decode(const AttentionWork& work) {
@@ -373,9 +375,28 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   kernels::cuda::DecodeArgs GraphDecodeArgs(const DecodeGraph& g) const {
-    return MakeDecodeArgs(g.bucket, g.deterministic,
-                          {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())},
-                          g.q.get(), g.out.get(), static_cast<float*>(g.lse.get()));
+    kernels::cuda::DecodeArgs a = MakeDecodeArgs(
+        g.bucket, g.deterministic, {pool_.get(), shape_, 0, GraphArg<int32_t>(kLayerOffset)},
+        g.q.get(), g.out.get(), static_cast<float*>(g.lse.get()));
+    a.ws.plan = GraphArg<int32_t>(args_.plan);
+    a.kv_indices = GraphArg<int32_t>(args_.indices);
+    return a;
+  }
+
+  // One block of per-call arguments every graph reads, uploaded from pinned memory in two
+  // copies: [layer][copies in (q, k, v) and out (out, lse)][slot mapping][plan] ... [page table].
+  static constexpr size_t kLayerOffset = 0;
+  static constexpr size_t kCopiesOffset = 16;
+  struct GraphArgsLayout {
+    size_t slots = 0, plan = 0, indices = 0, bytes = 0;
+  };
+  template <typename T>
+  T* GraphArg(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<uint8_t*>(args_dev_.get()) + offset);
+  }
+  template <typename T>
+  T* HostArg(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<uint8_t*>(args_host_.get()) + offset);
   }
 
   // Captures every bucket's graph, on the device's worker at start-up.
@@ -383,12 +404,24 @@ class CudaDeviceBackend final : public DeviceBackend {
     const size_t es = kernels::DTypeSize(shape_.dtype);
     const size_t q_row = static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
     const size_t kv_row = static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
-    std::vector<int64_t> no_slots(static_cast<size_t>(buckets.back()), -1);
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(slots_.get(), no_slots.data(), no_slots.size() * 8,
-                                      cudaMemcpyHostToDevice, stream_.get()),
-                      "graph set-up");
-    ATTND_CUDA_RETURN(cudaMemsetAsync(layer_.get(), 0, sizeof(int32_t), stream_.get()),
-                      "graph set-up");
+    const int64_t max_bucket = buckets.back();
+    args_.slots = 256;
+    args_.plan = (args_.slots + static_cast<size_t>(max_bucket) * 8 + 255) / 256 * 256;
+    args_.indices =
+        (args_.plan + static_cast<size_t>(decode_layout_.TotalInts()) * 4 + 255) / 256 * 256;
+    args_.bytes = args_.indices + static_cast<size_t>(max_bucket * max_pages_per_seq_) * 4;
+    auto dev = AllocateDevice(args_.bytes, "graph arguments");
+    if (!dev.ok()) return dev.status();
+    args_dev_ = *std::move(dev);
+    void* host = nullptr;
+    ATTND_CUDA_RETURN(cudaMallocHost(&host, args_.bytes), "pinned graph arguments");
+    args_host_.reset(host);
+    std::memset(host, 0, args_.bytes);
+    for (int64_t i = 0; i < max_bucket; ++i) HostArg<int64_t>(args_.slots)[i] = -1;
+    cudaEvent_t uploaded = nullptr;
+    ATTND_CUDA_RETURN(cudaEventCreateWithFlags(&uploaded, cudaEventDisableTiming), "event");
+    args_uploaded_.reset(uploaded);
+    graph_bytes_ += args_.bytes;
     for (bool det : {false, true}) {
       for (int64_t bucket : buckets) {
         DecodeGraph g;
@@ -411,9 +444,9 @@ class CudaDeviceBackend final : public DeviceBackend {
         const kernels::DecodePlanConfig& cfg = det ? decode_det_ : decode_cfg_;
         if (!kernels::PlanDecode(empty.kv_len.data(), empty.kv_indptr.data(), g.bucket,
                                  kernels::DecodeGridX(g.bucket, cfg), cfg, decode_layout_,
-                                 plan_host_.data(), &decode_plan_ints_, &error))
+                                 HostArg<int32_t>(args_.plan), &decode_plan_ints_, &error))
           return absl::InternalError(absl::StrCat("graph plan for bucket ", bucket, ": ", error));
-        ATTND_CUDA_RETURN(cudaMemcpyAsync(plan_.get(), plan_host_.data(), decode_plan_ints_ * 4,
+        ATTND_CUDA_RETURN(cudaMemcpyAsync(args_dev_.get(), args_host_.get(), args_.bytes,
                                           cudaMemcpyHostToDevice, stream_.get()),
                           "graph set-up");
         ATTND_CUDA_RETURN(cudaStreamSynchronize(stream_.get()), "graph set-up");
@@ -421,14 +454,17 @@ class CudaDeviceBackend final : public DeviceBackend {
         ATTND_CUDA_RETURN(cudaStreamBeginCapture(stream_.get(), cudaStreamCaptureModeThreadLocal),
                           "begin graph capture");
         kernels::cuda::AppendArgs append;
-        append.kv = {pool_.get(), shape_, 0, static_cast<const int32_t*>(layer_.get())};
+        append.kv = {pool_.get(), shape_, 0, GraphArg<int32_t>(kLayerOffset)};
         append.k = g.k.get();
         append.v = g.v.get();
         append.k_token_stride = append.v_token_stride = shape_.num_kv_heads * shape_.head_dim;
-        append.slot_mapping = static_cast<const int64_t*>(slots_.get());
+        append.slot_mapping = GraphArg<int64_t>(args_.slots);
         append.num_tokens = bucket;
-        cudaError_t e = kernels::cuda::LaunchAppendKv(append, stream_.get());
+        const auto* copies = GraphArg<kernels::cuda::IndirectCopy>(kCopiesOffset);
+        cudaError_t e = kernels::cuda::LaunchIndirectCopies(copies, 3, stream_.get());
+        if (e == cudaSuccess) e = kernels::cuda::LaunchAppendKv(append, stream_.get());
         if (e == cudaSuccess) e = kernels::cuda::LaunchBatchDecode(GraphDecodeArgs(g), stream_.get());
+        if (e == cudaSuccess) e = kernels::cuda::LaunchIndirectCopies(copies + 3, 2, stream_.get());
         const cudaError_t end = cudaStreamEndCapture(stream_.get(), &graph);
         ATTND_CUDA_RETURN(e, absl::StrCat("capture bucket ", bucket));
         ATTND_CUDA_RETURN(end, absl::StrCat("end graph capture, bucket ", bucket));
@@ -446,35 +482,43 @@ class CudaDeviceBackend final : public DeviceBackend {
     const size_t n = batch_.kv_len.size();
     const size_t q_bytes = n * static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
     const size_t kv_bytes = n * static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
+    // The previous call's upload must have left the pinned block before it is rewritten.
+    ATTND_CUDA_RETURN(cudaEventSynchronize(args_uploaded_.get()), "graph arguments");
     std::string error;
-    if (!Plan(batch_, work.deterministic, &error))
+    if (!Plan(batch_, work.deterministic, &error, HostArg<int32_t>(args_.plan)))
       return absl::InternalError(absl::StrCat("decode plan: ", error));
-    batch_.slot_mapping.resize(static_cast<size_t>(g.bucket), -1);  // padded tokens: skipped
-    const int32_t layer = static_cast<int32_t>(work.append.layer);
+    *HostArg<int32_t>(kLayerOffset) = static_cast<int32_t>(work.append.layer);
+    auto* copies = HostArg<kernels::cuda::IndirectCopy>(kCopiesOffset);
+    copies[0] = {work.q, g.q.get(), q_bytes};
+    copies[1] = {work.append.k_new, g.k.get(), kv_bytes};
+    copies[2] = {work.append.v_new, g.v.get(), kv_bytes};
+    copies[3] = {g.out.get(), work.out, q_bytes};
+    copies[4] = {g.lse.get(), work.lse, work.lse == nullptr ? 0 : n * num_qo_heads_ * 4};
+    int64_t* slots = HostArg<int64_t>(args_.slots);
+    std::copy(batch_.slot_mapping.begin(), batch_.slot_mapping.end(), slots);
+    std::fill(slots + n, slots + g.bucket, int64_t{-1});  // padded tokens: skipped
+    std::copy(batch_.kv_indices.begin(), batch_.kv_indices.end(), HostArg<int32_t>(args_.indices));
     cudaStream_t s = stream_.get();
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(layer_.get(), &layer, sizeof(layer), cudaMemcpyHostToDevice, s),
-                      "upload layer");
-    if (absl::Status st = Upload(/*with_indices=*/true); !st.ok()) return st;
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(plan_.get(), plan_host_.data(), decode_plan_ints_ * 4,
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(args_dev_.get(), args_host_.get(),
+                                      args_.plan + static_cast<size_t>(decode_plan_ints_) * 4,
                                       cudaMemcpyHostToDevice, s),
-                      "upload decode plan");
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.q.get(), work.q, q_bytes, cudaMemcpyDefault, s), "copy q in");
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.k.get(), work.append.k_new, kv_bytes, cudaMemcpyDefault, s),
-                      "copy k in");
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(g.v.get(), work.append.v_new, kv_bytes, cudaMemcpyDefault, s),
-                      "copy v in");
-    ATTND_CUDA_RETURN(cudaGraphLaunch(g.exec, s), "graph replay");
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(work.out, g.out.get(), q_bytes, cudaMemcpyDefault, s),
-                      "copy out");
-    if (work.lse != nullptr)
-      ATTND_CUDA_RETURN(cudaMemcpyAsync(work.lse, g.lse.get(), n * num_qo_heads_ * 4,
-                                        cudaMemcpyDefault, s),
-                        "copy lse");
-    return absl::OkStatus();
+                      "upload graph arguments");
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(GraphArg<int32_t>(args_.indices), HostArg<int32_t>(args_.indices),
+                                      batch_.kv_indices.size() * 4, cudaMemcpyHostToDevice, s),
+                      "upload page table");
+    ATTND_CUDA_RETURN(cudaEventRecord(args_uploaded_.get(), s), "graph arguments");
+    return Check(cudaGraphLaunch(g.exec, s), "graph replay");
   }
 
   std::vector<DecodeGraph> graphs_;
-  DeviceBuffer layer_;
+  GraphArgsLayout args_;
+  DeviceBuffer args_dev_;
+  PinnedBuffer args_host_;
+  struct EventDestroy {
+    void operator()(cudaEvent_t e) const { cudaEventDestroy(e); }
+  };
+  std::unique_ptr<CUevent_st, EventDestroy> args_uploaded_;
+  int64_t max_pages_per_seq_ = 0;
   size_t graph_bytes_ = 0;
   std::vector<int32_t> padded_len_, padded_indptr_;
 
@@ -543,7 +587,8 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   const int64_t plan_ints =
       std::max(b->decode_layout_.TotalInts(), b->prefill_layout_.TotalInts());
   b->plan_host_.assign(static_cast<size_t>(plan_ints), 0);
-  const int64_t max_pages = max_batch * ((max_kv_len + m.page_size - 1) / m.page_size);
+  b->max_pages_per_seq_ = (max_kv_len + m.page_size - 1) / m.page_size;
+  const int64_t max_pages = max_batch * b->max_pages_per_seq_;
   const int64_t row = m.num_qo_heads * m.head_dim;
   struct Want {
     DeviceBuffer* dst;
@@ -599,9 +644,6 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   if (!pool.ok()) return pool.status();
   b->pool_ = *std::move(pool);
   ATTND_CUDA_RETURN(cudaStreamSynchronize(stream), "backend set-up");
-  auto layer = AllocateDevice(sizeof(int32_t), "the graph layer");
-  if (!layer.ok()) return layer.status();
-  b->layer_ = *std::move(layer);
   if (config.cuda_graphs && !config.graph_buckets.empty()) {
     const auto start = std::chrono::steady_clock::now();
     if (absl::Status s = b->CaptureGraphs(config.graph_buckets); !s.ok()) return s;

@@ -167,6 +167,16 @@ cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int
                                   int64_t num_kv_heads, int64_t window_left, bool causal,
                                   PrefillPlanConfig* cfg);
 
+// ---- Copies for graphs --------------------------------------------------------------------
+// One copy of `bytes` bytes (0: none); an array of these lives in device memory and is read when
+// the kernel runs, so a graph captured once copies whatever the host wrote there before replay.
+struct IndirectCopy {
+  const void* src;
+  void* dst;
+  uint64_t bytes;
+};
+cudaError_t LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStream_t stream);
+
 // ---- Testing aid ----------------------------------------------------------------------------
 // Launches a kernel that traps: the device's context takes a sticky error. Only for tests of
 // fault handling.
