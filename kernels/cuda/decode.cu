@@ -501,16 +501,10 @@ cudaError_t LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
   p.num_qo_heads = static_cast<int>(qo);
   p.group = static_cast<int>(group);
   p.m_blocks = m_blocks;
-  constexpr float kLog2e = 1.4426950408889634f;
-  if (a.opts.logits_soft_cap > 0.f) {
-    p.soft_cap = 1;
-    p.scale_pre = a.opts.sm_scale / a.opts.logits_soft_cap;
-    p.scale_post = a.opts.logits_soft_cap * kLog2e;
-  } else {
-    p.soft_cap = 0;
-    p.scale_pre = a.opts.sm_scale * kLog2e;
-    p.scale_post = 0.f;
-  }
+  const detail::LogitScales scales = detail::MakeLogitScales(a.opts);
+  p.soft_cap = scales.soft_cap;
+  p.scale_pre = scales.pre;
+  p.scale_post = scales.post;
   p.plan = a.ws.plan;
   p.item_indptr_offset = static_cast<int>(a.ws.layout.ItemIndptrOffset());
   p.items_offset = static_cast<int>(a.ws.layout.ItemsOffset());

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/paged_kv.h"
 
 namespace attnd::kernels::cuda::detail {
 
@@ -21,6 +22,21 @@ inline FastDivmod MakeFastDivmod(uint32_t d) {
 }
 
 inline bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The kernels compute logits in log2 units: s = pre * q.k, or with a soft cap
+// s = post * tanh(pre * q.k). One definition for every kernel family.
+struct LogitScales {
+  int soft_cap;
+  float pre;
+  float post;
+};
+
+inline LogitScales MakeLogitScales(const AttentionOptions& opts) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  if (opts.logits_soft_cap > 0.f)
+    return {1, opts.sm_scale / opts.logits_soft_cap, opts.logits_soft_cap * kLog2e};
+  return {0, opts.sm_scale * kLog2e, 0.f};
+}
 
 }  // namespace attnd::kernels::cuda::detail
 

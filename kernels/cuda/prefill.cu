@@ -655,16 +655,10 @@ cudaError_t LaunchBatchPrefill(const PrefillArgs& a, cudaStream_t stream) {
   p.num_kv_heads = static_cast<int>(kvh);
   p.causal = a.causal ? 1 : 0;
   p.window_left = a.opts.window_left < 0 ? -1 : static_cast<int>(a.opts.window_left);
-  constexpr float kLog2e = 1.4426950408889634f;
-  if (a.opts.logits_soft_cap > 0.f) {
-    p.soft_cap = 1;
-    p.scale_pre = a.opts.sm_scale / a.opts.logits_soft_cap;
-    p.scale_post = a.opts.logits_soft_cap * kLog2e;
-  } else {
-    p.soft_cap = 0;
-    p.scale_pre = a.opts.sm_scale * kLog2e;
-    p.scale_post = 0.f;
-  }
+  const detail::LogitScales scales = detail::MakeLogitScales(a.opts);
+  p.soft_cap = scales.soft_cap;
+  p.scale_pre = scales.pre;
+  p.scale_post = scales.post;
   p.plan = a.ws.plan;
   p.items_offset = static_cast<int>(a.ws.layout.ItemsOffset());
   p.merges_offset = static_cast<int>(a.ws.layout.MergesOffset());
