@@ -124,9 +124,12 @@ struct PrefillRun {
   float *po = nullptr, *pl = nullptr;
   cuda::PrefillArgs a;
 
-  void Init(int dev, const Batch& b, bool det) {
+  void Init(int dev, const Batch& b, bool det,
+            cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto) {
     PrefillPlanConfig cfg;
-    CK(cuda::MakePrefillPlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, b.causal, &cfg));
+    CK(cuda::MakePrefillPlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, b.causal, &cfg,
+                                   kernel));
+    a.kernel = kernel;
     cfg.deterministic = det;
     cfg.fixed_chunk_tokens = 1024;
     int64_t mk = 0;
@@ -278,18 +281,25 @@ int main(int argc, char** argv) {
   cases.push_back({"noncausal B4 S2048 d128", {{2048, 2048}, {2048, 2048}, {2048, 2048}, {2048, 2048}}, 128, false, false});
   cases.push_back({"causal B1 S4096 d64", {{4096, 4096}}, 64, true, false});
   cases.push_back({"causal B1 S4096 d128 det", {{4096, 4096}}, 128, true, true});
+  // "prefill": the kernel attnd picks (Hopper's where it can); "portable": the mma.sync kernel.
+  std::printf("hopper prefill kernel: d128 %s, d64 %s\n",
+              cuda::HopperPrefillAvailable(dev, 128) ? "yes" : "no",
+              cuda::HopperPrefillAvailable(dev, 64) ? "yes" : "no");
   for (Case& c : cases) {
     Batch b;
     b.reqs = c.reqs;
     b.d = c.d;
     b.causal = c.causal;
     b.Build(s, rng);
-    PrefillRun r;
-    r.Init(dev, b, c.det);
-    const int per = std::max(b.copies, 4);
-    const float ms = TimeGraph(s, per, [&] { for (int i = 0; i < per; ++i) r.Launch(b, i % b.copies, s); });
-    emit("prefill", c.name, ms * 1e3, b.flops / ms / 1e9, r.plan[0], r.plan[1]);
-    r.Free();
+    for (cuda::PrefillKernel k : {cuda::PrefillKernel::kAuto, cuda::PrefillKernel::kPortable}) {
+      PrefillRun r;
+      r.Init(dev, b, c.det, k);
+      const int per = std::max(b.copies, 4);
+      const float ms = TimeGraph(s, per, [&] { for (int i = 0; i < per; ++i) r.Launch(b, i % b.copies, s); });
+      emit(k == cuda::PrefillKernel::kAuto ? "prefill" : "portable", c.name, ms * 1e3,
+           b.flops / ms / 1e9, r.plan[0], r.plan[1]);
+      r.Free();
+    }
     b.Free();
   }
 

@@ -145,6 +145,12 @@ def main():
                " | ".join(fmt(t * 1e3 / us, 2) for t in (fla, cud, f2, f3)) + " |")
         print(row, flush=True)
         lines.append(row)
+    lines += ["", "| the portable (mma.sync) kernel on the same cases | µs | TFLOP/s | % mma.sync |",
+              "|---|---|---|---|"]
+    for (kind, name), r in ours.items():
+        if kind == "portable":
+            lines.append(f"| {name} | {float(r['us']):.1f} | {float(r['tflops']):.0f} | "
+                         f"{100 * float(r['tflops']) / mma_tf:.1f} |")
     lines += ["", "| mixed: 1 × 2048-token chunk at 4096 context + 128 decodes at 4096 | µs |"
               " TFLOP/s | items | merges |", "|---|---|---|---|---|"]
     for (kind, name), r in ours.items():

@@ -145,6 +145,10 @@ struct PrefillWorkspace {
   float* partial_lse = nullptr;
 };
 
+// Which prefill kernel runs. kAuto: the Hopper kernel (wgmma, sm_90a) where the device and the
+// build have it and head_dim <= 128, else the portable one (mma.sync m16n8k16, any sm_80+).
+enum class PrefillKernel { kAuto, kPortable, kHopper };
+
 struct PrefillArgs {
   PagedKv kv;
   AttentionOptions opts;
@@ -158,6 +162,7 @@ struct PrefillArgs {
   PrefillWorkspace ws;
   // false when the host knows the plan has no merges (plan[1] == 0): skips the merge launch.
   bool may_merge = true;
+  PrefillKernel kernel = PrefillKernel::kAuto;  // kHopper where unavailable: cudaErrorNotSupported
 };
 cudaError_t LaunchBatchPrefill(const PrefillArgs& args, cudaStream_t stream);
 
@@ -165,7 +170,11 @@ cudaError_t LaunchBatchPrefill(const PrefillArgs& args, cudaStream_t stream);
 // deterministic / fixed_chunk_tokens afterwards as wanted.
 cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int64_t num_qo_heads,
                                   int64_t num_kv_heads, int64_t window_left, bool causal,
-                                  PrefillPlanConfig* cfg);
+                                  PrefillPlanConfig* cfg,
+                                  PrefillKernel kernel = PrefillKernel::kAuto);
+
+// Whether `device` runs the Hopper prefill kernel for head_dim (kAuto's choice).
+bool HopperPrefillAvailable(int device, int64_t head_dim);
 
 // ---- Copies for graphs --------------------------------------------------------------------
 // One copy of `bytes` bytes (0: none); an array of these lives in device memory and is read when

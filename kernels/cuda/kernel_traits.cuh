@@ -72,6 +72,52 @@ struct PrefillTraits {
   static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
 };
 
+// Narrow tiles (decodes) in the Hopper kernel: the portable narrow path with all 8 of its warps,
+// 16 keys each per stage.
+template <int D>
+struct HopperNarrowTraits : PrefillTraits<D> {
+  using Base = PrefillTraits<D>;
+  static constexpr int kWarps = 8;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kKeys = kWarps * 16;
+  static constexpr int kStages = D == 64 ? 3 : 2;
+  static constexpr int kLoadsPerThread = kKeys * Base::kChunks / kThreads;
+  static constexpr int kStageElems = 2 * kKeys * D;
+  static constexpr int kPipeBytes = kStages * kStageElems * 2;
+  static constexpr int kQBytes = 16 * D * 2;
+  static constexpr int kOffBytes = kStages * kKeys * 8;
+  static constexpr int kMergeBytes = 2 * kWarps * 16 * 4;
+  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kOffBytes + kMergeBytes;
+  static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
+};
+
+// Batch prefill on Hopper (wgmma). A CTA of two warpgroups owns a work item as above; each
+// warpgroup owns 64 of the tile's 128 rows (the M of wgmma m64nNk16) and runs every key. Q and
+// the K/V stages sit in shared memory in 128-byte-swizzled atoms (kernels/cuda/wgmma.cuh) that
+// wgmma reads directly: S = Q K^T from shared memory, then O += P V with P from registers.
+// Narrow tiles (decodes) take the portable narrow path (HopperNarrowTraits).
+template <int D>
+struct HopperPrefillTraits {
+  static constexpr int kWarpGroups = 2;
+  static constexpr int kThreads = 128 * kWarpGroups;
+  static constexpr int kRows = 64 * kWarpGroups;  // one wide tile
+  static constexpr int kKeys = 128;               // keys per stage: the N of Q K^T
+  static constexpr int kChunks = D / 8;
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kTileBytes = kKeys * D * 2;  // K (or V) of one tile
+  static constexpr int kStageBytes = 2 * kTileBytes;  // a K slot and a V slot; two of them
+  static constexpr int kOffBytes = 3 * kKeys * 8;     // page offsets of three tiles
+  static constexpr int kAlignSlack = 1024;  // swizzle atoms start at 1024-byte boundaries
+  static constexpr int kWideBytes = kQBytes + 2 * kStageBytes + kOffBytes;
+  static constexpr int kSmemBytes =
+      kAlignSlack + (kWideBytes > HopperNarrowTraits<D>::kSmemBytes
+                         ? kWideBytes
+                         : HopperNarrowTraits<D>::kSmemBytes);
+  static constexpr int kLoadsPerThread = kKeys * kChunks / kThreads;  // per K (or V) per stage
+  static_assert(D == 64 || D == 128, "wgmma N of P V is head_dim");
+  static_assert(kKeys * kChunks % kThreads == 0, "whole loads per thread");
+};
+
 // Runs F<T, D>::Run(args...) for a model's dtype and head_dim: the one list of the (dtype,
 // head_dim) pairs every kernel family is instantiated for.
 template <template <typename, int> class F, typename... Args>

@@ -14,6 +14,7 @@
 #include "kernels/cuda/host_utils.h"
 #include "kernels/cuda/kernel_traits.cuh"
 #include "kernels/cuda/merge_states.cuh"
+#include "kernels/cuda/wgmma.cuh"
 
 namespace attnd::kernels::cuda {
 namespace detail {
@@ -70,10 +71,9 @@ __device__ __forceinline__ int64_t OutRowOffset(const PrefillParams& p, int q_st
 // Tr::kRows rows, kMT 16-row m-tiles each, and every warp runs every key of a stage; a K (or V)
 // fragment read from shared memory feeds kMT MMAs. Narrow: the warps share 16 rows and each
 // takes 16 keys of a stage. slot_row: the pass's first row within the item's partial slot.
-template <typename T, int D, bool kNarrow, int kMT>
+template <typename T, int D, bool kNarrow, int kMT, typename Tr = PrefillTraits<D>>
 __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& it, int kvh,
                                         int slot_row, unsigned char* smem) {
-  using Tr = PrefillTraits<D>;
   constexpr int S = Tr::kStages;
   constexpr int kKSteps = D / 16;
   constexpr int kNTiles = D / 8;
@@ -541,28 +541,52 @@ __global__ void __launch_bounds__(128) PrefillMergeKernel(const __grid_constant_
   }
 }
 
+}  // namespace detail
+}  // namespace attnd::kernels::cuda
+
+#include "kernels/cuda/prefill_hopper.cuh"
+
+namespace attnd::kernels::cuda {
+namespace detail {
+
+// The kernel a (T, D, hopper) triple launches, with its block size and shared memory.
 template <typename T, int D>
-cudaError_t PreparePrefillKernel(int device) {
-  static std::atomic<uint64_t> done_mask{0};
+struct PrefillKernelChoice {
+  void (*fn)(PrefillParams);
+  int threads;
+  int smem;
+  static PrefillKernelChoice Get(bool hopper) {
+    if constexpr (D <= 128) {
+      if (hopper) {
+        return {&BatchPrefillHopperKernel<T, D>, HopperPrefillTraits<D>::kThreads,
+                HopperPrefillTraits<D>::kSmemBytes};
+      }
+    }
+    return {&BatchPrefillKernel<T, D>, PrefillTraits<D>::kThreads, PrefillTraits<D>::kSmemBytes};
+  }
+};
+
+template <typename T, int D>
+cudaError_t PreparePrefillKernel(int device, bool hopper) {
+  static std::atomic<uint64_t> done_mask[2] = {0, 0};
   const uint64_t bit = device < 64 ? (1ull << device) : 0;
-  if (bit != 0 && (done_mask.load(std::memory_order_acquire) & bit)) return cudaSuccess;
-  cudaError_t e = cudaFuncSetAttribute(&BatchPrefillKernel<T, D>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       PrefillTraits<D>::kSmemBytes);
-  if (e == cudaSuccess && bit != 0) done_mask.fetch_or(bit, std::memory_order_acq_rel);
+  if (bit != 0 && (done_mask[hopper].load(std::memory_order_acquire) & bit)) return cudaSuccess;
+  const PrefillKernelChoice<T, D> k = PrefillKernelChoice<T, D>::Get(hopper);
+  cudaError_t e = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem);
+  if (e == cudaSuccess && bit != 0) done_mask[hopper].fetch_or(bit, std::memory_order_acq_rel);
   return e;
 }
 
 template <typename T, int D>
 struct PrefillLaunchFn {
   static cudaError_t Run(const PrefillParams& p, dim3 grid, dim3 merge_grid, bool merge,
-                         cudaStream_t stream) {
+                         bool hopper, cudaStream_t stream) {
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return e;
-    if ((e = PreparePrefillKernel<T, D>(device)) != cudaSuccess) return e;
-    BatchPrefillKernel<T, D><<<grid, PrefillTraits<D>::kThreads, PrefillTraits<D>::kSmemBytes,
-                               stream>>>(p);
+    if ((e = PreparePrefillKernel<T, D>(device, hopper)) != cudaSuccess) return e;
+    const PrefillKernelChoice<T, D> k = PrefillKernelChoice<T, D>::Get(hopper);
+    k.fn<<<grid, k.threads, k.smem, stream>>>(p);
     if ((e = cudaGetLastError()) != cudaSuccess || !merge) return e;
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = merge_grid;
@@ -580,20 +604,50 @@ struct PrefillLaunchFn {
 
 template <typename T, int D>
 struct PrefillOccupancyFn {
-  static cudaError_t Run(int device, int* blocks) {
-    cudaError_t e = PreparePrefillKernel<T, D>(device);
+  static cudaError_t Run(int device, bool hopper, int* blocks) {
+    cudaError_t e = PreparePrefillKernel<T, D>(device, hopper);
     if (e != cudaSuccess) return e;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, &BatchPrefillKernel<T, D>,
-                                                         PrefillTraits<D>::kThreads,
-                                                         PrefillTraits<D>::kSmemBytes);
+    const PrefillKernelChoice<T, D> k = PrefillKernelChoice<T, D>::Get(hopper);
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, k.fn, k.threads, k.smem);
   }
 };
 
+// Resolves kAuto; false with *error set when kHopper was asked for and cannot run.
+cudaError_t UseHopperPrefill(int device, int64_t head_dim, PrefillKernel kernel, bool* hopper) {
+  const bool available = HopperPrefillAvailable(device, head_dim);
+  if (kernel == PrefillKernel::kHopper && !available) return cudaErrorNotSupported;
+  *hopper = kernel != PrefillKernel::kPortable && available;
+  return cudaSuccess;
+}
+
 }  // namespace detail
+
+bool HopperPrefillAvailable(int device, int64_t head_dim) {
+#if defined(ATTND_BUILT_FOR_SM90A)
+  if (head_dim != 64 && head_dim != 128) return false;
+  // wgmma is sm_90a only: later majors run the portable kernel.
+  static std::atomic<uint64_t> known{0}, yes{0};
+  const uint64_t bit = device >= 0 && device < 64 ? (1ull << device) : 0;
+  if (bit == 0) return false;
+  if (known.load(std::memory_order_acquire) & bit) return (yes.load(std::memory_order_acquire) & bit) != 0;
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    return false;
+  }
+  if (major == 9 && minor == 0) yes.fetch_or(bit, std::memory_order_acq_rel);
+  known.fetch_or(bit, std::memory_order_acq_rel);
+  return major == 9 && minor == 0;
+#else
+  (void)device;
+  (void)head_dim;
+  return false;
+#endif
+}
 
 cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int64_t num_qo_heads,
                                   int64_t num_kv_heads, int64_t window_left, bool causal,
-                                  PrefillPlanConfig* cfg) {
+                                  PrefillPlanConfig* cfg, PrefillKernel kernel) {
   if (cfg == nullptr || num_kv_heads <= 0 || num_qo_heads % num_kv_heads != 0) {
     return cudaErrorInvalidValue;
   }
@@ -602,9 +656,12 @@ cudaError_t MakePrefillPlanConfig(int device, DType dtype, int64_t head_dim, int
   if (e != cudaSuccess) return e;
   if (old != device && (e = cudaSetDevice(device)) != cudaSuccess) return e;
   int sms = 0, blocks = 0;
+  bool hopper = false;
   e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) e = detail::UseHopperPrefill(device, head_dim, kernel, &hopper);
   if (e == cudaSuccess) {
-    e = detail::DispatchDTypeHeadDim<detail::PrefillOccupancyFn>(dtype, head_dim, device, &blocks);
+    e = detail::DispatchDTypeHeadDim<detail::PrefillOccupancyFn>(dtype, head_dim, device, hopper,
+                                                                 &blocks);
   }
   if (old != device) cudaSetDevice(old);
   if (e != cudaSuccess) return e;
@@ -670,8 +727,13 @@ cudaError_t LaunchBatchPrefill(const PrefillArgs& a, cudaStream_t stream) {
       std::max<int64_t>(1, std::min<int64_t>({a.ws.layout.max_merges, int64_t{gy}, 65535})));
   const dim3 merge_grid(static_cast<unsigned>(kvh), my);
   const bool merge = a.may_merge && a.ws.layout.max_merges > 0;
-  return detail::DispatchDTypeHeadDim<detail::PrefillLaunchFn>(sh.dtype, d, p, grid, merge_grid, merge,
-                                                          stream);
+  int device = 0;
+  bool hopper = false;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = detail::UseHopperPrefill(device, d, a.kernel, &hopper);
+  if (e != cudaSuccess) return e;
+  return detail::DispatchDTypeHeadDim<detail::PrefillLaunchFn>(sh.dtype, d, p, grid, merge_grid,
+                                                               merge, hopper, stream);
 }
 
 }  // namespace attnd::kernels::cuda

@@ -10,6 +10,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/prefill_plan.h"
@@ -101,13 +102,14 @@ struct PrefillRunner {
   DeviceBuffer<uint16_t> pool, q, out;
   DeviceBuffer<float> lse, partial_out, partial_lse;
   int grid_y = 0;
+  cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto;
 
   void Init(const PrefillProblem& p, bool det, int fixed_chunk = 512, int64_t max_total_q = 0,
             int64_t max_kv = 0, int max_batch = 0) {
     int dev = 0;
     cudaGetDevice(&dev);
     ASSERT_EQ(cuda::MakePrefillPlanConfig(dev, p.spec.dtype, p.spec.head_dim, p.spec.qo_heads,
-                                          p.spec.kv_heads, p.spec.window_left, true, &cfg),
+                                          p.spec.kv_heads, p.spec.window_left, true, &cfg, kernel),
               cudaSuccess);
     cfg.deterministic = det;
     cfg.fixed_chunk_tokens = fixed_chunk;
@@ -165,6 +167,7 @@ struct PrefillRunner {
     a.ws.grid_y = grid_y;
     a.ws.partial_out = partial_out.get();
     a.ws.partial_lse = partial_lse.get();
+    a.kernel = kernel;
     return a;
   }
 };
@@ -256,17 +259,36 @@ std::vector<Case> Cases() {
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
-class PrefillVsReference : public ::testing::TestWithParam<Case> {};
+// Skips a test of the Hopper kernel where the device (or the build) has none.
+#define SKIP_WITHOUT_HOPPER_KERNEL(kernel, head_dim)                                      \
+  do {                                                                                     \
+    int dev_ = 0;                                                                          \
+    cudaGetDevice(&dev_);                                                                  \
+    if ((kernel) == cuda::PrefillKernel::kHopper &&                                        \
+        !cuda::HopperPrefillAvailable(dev_, (head_dim))) {                                 \
+      GTEST_SKIP() << "no Hopper prefill kernel for this device / head_dim";               \
+    }                                                                                      \
+  } while (0)
+
+const char* KernelName(cuda::PrefillKernel k) {
+  return k == cuda::PrefillKernel::kHopper ? "hopper" : "portable";
+}
+
+class PrefillVsReference
+    : public ::testing::TestWithParam<std::tuple<Case, cuda::PrefillKernel>> {};
 
 TEST_P(PrefillVsReference, MatchesFp64) {
   SKIP_WITHOUT_GPU();
-  const Case& c = GetParam();
+  const Case& c = std::get<0>(GetParam());
+  const cuda::PrefillKernel kernel = std::get<1>(GetParam());
+  SKIP_WITHOUT_HOPPER_KERNEL(kernel, c.spec.head_dim);
   for (int trial = 0; trial < 2; ++trial) {
     std::vector<Req> reqs = DefaultReqs();
     if (trial == 1) std::reverse(reqs.begin(), reqs.end());
     PrefillProblem p;
     p.Build(c.spec, reqs, std::random_device{}());
     PrefillRunner r;
+    r.kernel = kernel;
     r.Init(p, c.det);
     r.Upload(p);
     r.Plan(p);
@@ -278,14 +300,19 @@ TEST_P(PrefillVsReference, MatchesFp64) {
     EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
     EXPECT_LT(st.lse_max, 2e-2) << c.name;
     if (trial == 0) {
-      std::printf("  %-24s rel %.2e  lse %.2e  items %d merges %d\n", c.name.c_str(), st.rel,
-                  st.lse_max, r.plan_host[0], r.plan_host[1]);
+      std::printf("  %-8s %-24s rel %.2e  lse %.2e  items %d merges %d\n", KernelName(kernel),
+                  c.name.c_str(), st.rel, st.lse_max, r.plan_host[0], r.plan_host[1]);
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Sweep, PrefillVsReference, ::testing::ValuesIn(Cases()),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(
+    Sweep, PrefillVsReference,
+    ::testing::Combine(::testing::ValuesIn(Cases()),
+                       ::testing::Values(cuda::PrefillKernel::kPortable, cuda::PrefillKernel::kHopper)),
+    [](const auto& info) {
+      return std::string(KernelName(std::get<1>(info.param))) + "_" + std::get<0>(info.param).name;
+    });
 
 // A grid smaller than the item count (columns loop over items) gives the same bits.
 TEST(Prefill, SmallGridLoopsOverItems) {
