@@ -68,6 +68,8 @@ struct PrefillTraits {
   static constexpr int kOffBytes = kStages * kKeys * 8;
   static constexpr int kMergeBytes = 2 * kWarps * 16 * 4;
   static constexpr int kSmemBytes = kPipeBytes + kQBytes + kOffBytes + kMergeBytes;
+  static constexpr int kThreadBase = 0;  // the CTA's threads that run an item: [base, base + kThreads)
+  static __device__ __forceinline__ void Sync() { __syncthreads(); }
   static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
   static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
 };
@@ -88,34 +90,42 @@ struct HopperNarrowTraits : PrefillTraits<D> {
   static constexpr int kOffBytes = kStages * kKeys * 8;
   static constexpr int kMergeBytes = 2 * kWarps * 16 * 4;
   static constexpr int kSmemBytes = kPipeBytes + kQBytes + kOffBytes + kMergeBytes;
+  // The two consumer warpgroups run narrow items; the producer warpgroup (threads 0-127) waits.
+  static constexpr int kThreadBase = 128;
+  static __device__ __forceinline__ void Sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
   static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
 };
 
-// Batch prefill on Hopper (wgmma). A CTA of two warpgroups owns a work item as above; each
-// warpgroup owns 64 of the tile's 128 rows (the M of wgmma m64nNk16) and runs every key. Q and
-// the K/V stages sit in shared memory in 128-byte-swizzled atoms (kernels/cuda/wgmma.cuh) that
-// wgmma reads directly: S = Q K^T from shared memory, then O += P V with P from registers.
-// Narrow tiles (decodes) take the portable narrow path (HopperNarrowTraits).
+// Batch prefill on Hopper (wgmma), warp-specialized: a producer warpgroup loads K and V tiles
+// through cp.async into two-slot rings and signals them on mbarriers; two consumer warpgroups
+// each own 64 of the tile's 128 rows (the M of wgmma m64nNk16), load their own query rows, and
+// run every key: S = Q K^T from shared memory, then O += P V with P from registers. Q and the
+// K/V tiles sit in 128-byte-swizzled atoms (kernels/cuda/wgmma.cuh). Narrow tiles (decodes)
+// take the portable narrow path on the consumers (HopperNarrowTraits).
 template <int D>
 struct HopperPrefillTraits {
-  static constexpr int kWarpGroups = 2;
-  static constexpr int kThreads = 128 * kWarpGroups;
-  static constexpr int kRows = 64 * kWarpGroups;  // one wide tile
-  static constexpr int kKeys = 128;               // keys per stage: the N of Q K^T
+  static constexpr int kProducerThreads = 128;
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+  static constexpr int kRows = 128;   // one wide tile
+  static constexpr int kKeys = 128;   // keys per tile: the N of Q K^T
   static constexpr int kChunks = D / 8;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K (or V) of one tile
-  static constexpr int kStageBytes = 2 * kTileBytes;  // a K slot and a V slot; two of them
-  static constexpr int kOffBytes = 3 * kKeys * 8;     // page offsets of three tiles
+  static constexpr int kKRingOffset = kQBytes;      // two K slots, then two V slots
+  static constexpr int kVRingOffset = kQBytes + 2 * kTileBytes;
+  static constexpr int kOffOffset = kQBytes + 4 * kTileBytes;  // page offsets, two tiles
+  static constexpr int kWideBytes = kOffOffset + 2 * kKeys * 8;
+  static constexpr int kRegionBytes = kWideBytes > HopperNarrowTraits<D>::kSmemBytes
+                                          ? kWideBytes
+                                          : HopperNarrowTraits<D>::kSmemBytes;
+  static constexpr int kBarrierOffset = kRegionBytes;  // full K, full V, empty K, empty V: x2
   static constexpr int kAlignSlack = 1024;  // swizzle atoms start at 1024-byte boundaries
-  static constexpr int kWideBytes = kQBytes + 2 * kStageBytes + kOffBytes;
-  static constexpr int kSmemBytes =
-      kAlignSlack + (kWideBytes > HopperNarrowTraits<D>::kSmemBytes
-                         ? kWideBytes
-                         : HopperNarrowTraits<D>::kSmemBytes);
-  static constexpr int kLoadsPerThread = kKeys * kChunks / kThreads;  // per K (or V) per stage
+  static constexpr int kSmemBytes = kAlignSlack + kBarrierOffset + 8 * 8;
+  static constexpr int kLoadsPerThread = kKeys * kChunks / kProducerThreads;  // per K or V tile
   static_assert(D == 64 || D == 128, "wgmma N of P V is head_dim");
-  static_assert(kKeys * kChunks % kThreads == 0, "whole loads per thread");
+  static_assert(kRows == 2 * 64, "two consumer warpgroups of 64 rows");
+  static_assert(kProducerThreads % kChunks == 0, "a producer thread keeps one chunk column");
 };
 
 // Runs F<T, D>::Run(args...) for a model's dtype and head_dim: the one list of the (dtype,

@@ -89,7 +89,7 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
   float* l_smem = m_smem + Tr::kWarps * 16;
   float* acc_smem = reinterpret_cast<float*>(smem);  // narrow merge, after the pipeline drains
 
-  const int tid = threadIdx.x;
+  const int tid = static_cast<int>(threadIdx.x) - Tr::kThreadBase;
   const int warp = tid >> 5;
   const int lane = tid & 31;
   const int rows_total = it.q_len * p.group;
@@ -156,14 +156,14 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
     }
     CpAsyncCommit();
   }
-  __syncthreads();  // the page offsets
+  Tr::Sync();  // the page offsets
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < num_tiles) issue(s);
     CpAsyncCommit();
   }
   CpAsyncWait<S - 1>();  // the query group
-  __syncthreads();
+  Tr::Sync();
 
   const int qr0 = kNarrow ? 0 : warp * kWarpRows;  // this warp's rows within the tile
   auto load_q = [&](uint32_t (&a)[4], int kk, int mt) {
@@ -223,7 +223,7 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
 
   for (int k = 0; k < num_tiles; ++k) {
     CpAsyncWait<S - 2>();
-    __syncthreads();  // tile k is in; every warp is done with tile k - 1
+    Tr::Sync();  // tile k is in; every warp is done with tile k - 1
     if (k + S - 1 < num_tiles) issue(k + S - 1);
     CpAsyncCommit();
     fetch(k + S);
@@ -360,7 +360,7 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
     }
   }
   CpAsyncWait<0>();
-  __syncthreads();  // the pipeline and the query tile are free
+  Tr::Sync();  // the pipeline and the query tile are free
 
   const bool direct = it.slot < 0;
   const int64_t part_row0 =
@@ -427,7 +427,7 @@ __device__ __forceinline__ void RunItem(const PrefillParams& p, const ItemDesc& 
         *reinterpret_cast<float2*>(dst + n * 8) = make_float2(acc[0][n][2 * i], acc[0][n][2 * i + 1]);
       }
     }
-    __syncthreads();
+    Tr::Sync();
     const int nrows = min(16, rows_total - it.row0);
     for (int idx = tid; idx < nrows * Tr::kChunks; idx += Tr::kThreads) {
       const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;

@@ -1,8 +1,8 @@
-// The Hopper main loop of batch prefill (included by prefill.cu after PrefillParams, ItemDesc and
-// OutRowOffset): the same work items, plan, partials and merge as the portable kernel, with the
-// two GEMMs on wgmma (kernels/cuda/wgmma.cuh). K/V still arrive through cp.async, because a
-// page of a few tokens is too small a box for TMA; the loads of stage k + 1 are in flight while
-// the warpgroups compute stage k.
+// The Hopper kernel of batch prefill (included by prefill.cu after PrefillParams, ItemDesc,
+// OutRowOffset and the portable RunItem): the same work items, plan, partials and merge as the
+// portable kernel, with the two GEMMs on wgmma (kernels/cuda/wgmma.cuh) and the loads on their
+// own warpgroup (HopperPrefillTraits). K/V arrive through cp.async, because a page of a few
+// tokens is too small a box for TMA.
 #ifndef ATTND_KERNELS_CUDA_PREFILL_HOPPER_CUH_
 #define ATTND_KERNELS_CUDA_PREFILL_HOPPER_CUH_
 
@@ -10,75 +10,124 @@
 
 namespace attnd::kernels::cuda::detail {
 
+// Shared-memory addresses of the wide-item state.
+template <int D>
+struct HopperSmem {
+  using Tr = HopperPrefillTraits<D>;
+  uint32_t base;
+  __device__ uint32_t q() const { return base; }
+  __device__ uint32_t k_slot(int s) const { return base + Tr::kKRingOffset + s * Tr::kTileBytes; }
+  __device__ uint32_t v_slot(int s) const { return base + Tr::kVRingOffset + s * Tr::kTileBytes; }
+  // "full": the producer's loads of a slot landed; "empty": the consumers are done with it.
+  __device__ uint32_t full_k(int s) const { return base + Tr::kBarrierOffset + 8 * s; }
+  __device__ uint32_t full_v(int s) const { return base + Tr::kBarrierOffset + 16 + 8 * s; }
+  __device__ uint32_t empty_k(int s) const { return base + Tr::kBarrierOffset + 32 + 8 * s; }
+  __device__ uint32_t empty_v(int s) const { return base + Tr::kBarrierOffset + 48 + 8 * s; }
+};
+
+__device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 2, 128;\n" ::: "memory"); }
+__device__ __forceinline__ void WarpgroupSync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(3 + wg) : "memory");
+}
+
+// The producer warpgroup: K(t) and V(t) of every tile of a wide item into ring slot g & 1, g
+// counting the CTA's wide tiles. A slot's "full" barrier is signalled one load group late (after
+// the next group is issued) so that the producer never waits for its own loads with nothing
+// else in flight.
 template <typename T, int D>
-__device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const ItemDesc& it, int kvh,
-                                              unsigned char* smem) {
+__device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDesc& it, int kvh,
+                                            unsigned char* smem, const HopperSmem<D>& sm,
+                                            uint32_t& g) {
   using Tr = HopperPrefillTraits<D>;
   constexpr int kKeys = Tr::kKeys;
-  constexpr int kSN = kKeys / 2;   // S accumulators per thread (m64 x kKeys over a warpgroup)
-  constexpr int kON = D / 2;       // O accumulators per thread
-  constexpr uint32_t kQAtomBytes = Tr::kRows * 128;
-  constexpr uint32_t kKvAtomBytes = kKeys * 128;
-  constexpr int kOffSlots = 3;
-  const uint32_t q_addr = SmemAddr(smem);
-  const uint32_t pipe_addr = q_addr + Tr::kQBytes;
-  int64_t* off_smem = reinterpret_cast<int64_t*>(smem + Tr::kQBytes + 2 * Tr::kStageBytes);
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int warp = (tid >> 5) & 3;  // within the warpgroup
-  const int lane = tid & 31;
-  const int rows_total = it.q_len * p.group;
+  constexpr int kRowStep = Tr::kProducerThreads / Tr::kChunks;
+  const int tid = threadIdx.x;  // 0 .. 127
+  const int ch = tid % Tr::kChunks, r0 = tid / Tr::kChunks;
   const int num_tiles = (it.t1 - it.t0 + kKeys - 1) / kKeys;
   const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride;
   const int32_t* pages = p.kv_indices + it.page_off;
+  int64_t* offs = reinterpret_cast<int64_t*>(smem + Tr::kOffOffset);
 
-  // K and V travel in separate rings because V of a tile is read one step after its K: step k
-  // computes S = Q K(k)^T while P(k-1) V(k-1) is still in flight, so it holds K(k) and V(k-1)
-  // and loads K(k+1) and V(k) into the slots that step k-1 let go of. Page offsets of a tile's
-  // keys are fetched two steps early into a register, stored into a 3-slot ring one step early.
+  // Thread tid resolves key tid of each tile, one tile early.
   int pf_page = -1;
   uint32_t pf_slot = 0;
-  auto fetch = [&](int tile) {
-    if (tid < kKeys) {
-      const int tok = it.t0 + tile * kKeys + tid;
-      pf_page = -1;
-      if (tile < num_tiles && tok < it.t1) {
-        uint32_t pg;
-        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, pf_slot);
-        pf_page = __ldg(pages + pg);
-      }
+  auto fetch = [&](int t) {
+    const int tok = it.t0 + t * kKeys + tid;
+    pf_page = -1;
+    if (t < num_tiles && tok < it.t1) {
+      uint32_t pg;
+      p.page_div.Divmod(static_cast<uint32_t>(tok), pg, pf_slot);
+      pf_page = __ldg(pages + pg);
     }
   };
-  auto store = [&](int tile) {
-    if (tid < kKeys) {
-      off_smem[(tile % kOffSlots) * kKeys + tid] =
-          pf_page < 0 ? int64_t{-1}
-                      : static_cast<int64_t>(pf_page) * p.page_stride + pf_slot * p.slot_stride;
-    }
-  };
-  // Loads K (v == 0) or V (v == 1) of a tile into its ring slot.
-  auto issue = [&](int tile, int v) {
-    const uint32_t base = pipe_addr + (tile & 1) * Tr::kStageBytes + v * Tr::kTileBytes;
-    const int64_t* offs = off_smem + (tile % kOffSlots) * kKeys;
-    const T* src0 = kv + (v ? p.v_offset : 0);
+  auto issue = [&](int t, uint32_t dst_base, int64_t src_offset) {
+    const int64_t* o = offs + (t & 1) * kKeys;
 #pragma unroll
     for (int i = 0; i < Tr::kLoadsPerThread; ++i) {
-      const int idx = tid + Tr::kThreads * i;
-      const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
-      const int64_t off = offs[r];
+      const int r = r0 + kRowStep * i;
+      const int64_t off = o[r];
       const bool valid = off >= 0;
-      CpAsync16(base + SwizzledOffset(kKeys, r, ch), src0 + (valid ? off : 0) + ch * 8, valid);
+      CpAsync16(dst_base + SwizzledOffset(kKeys, r, ch), kv + (valid ? off + src_offset : 0) + ch * 8,
+                valid);
     }
+    CpAsyncCommit();
   };
 
-  // Prologue: offsets of tiles 0 and 1, the query rows and K(0).
   fetch(0);
-  store(0);
-  fetch(1);
-  store(1);
-  for (int idx = tid; idx < Tr::kRows * Tr::kChunks; idx += Tr::kThreads) {
-    const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+  for (int t = 0; t < num_tiles; ++t, ++g) {
+    offs[(t & 1) * kKeys + tid] =
+        pf_page < 0 ? int64_t{-1}
+                    : static_cast<int64_t>(pf_page) * p.page_stride + pf_slot * p.slot_stride;
+    fetch(t + 1);
+    ProducerSync();  // offsets of tile t written; everyone's loads of tile t - 2 issued
+    const int slot = g & 1;
+    const uint32_t free_parity = ((g >> 1) & 1) ^ 1;
+    MbarWait(sm.empty_k(slot), free_parity);
+    issue(t, sm.k_slot(slot), 0);
+    if (t > 0) {
+      CpAsyncWait<1>();  // V(t - 1)
+      FenceProxyAsync();
+      MbarArrive(sm.full_v(slot ^ 1));
+    }
+    MbarWait(sm.empty_v(slot), free_parity);
+    issue(t, sm.v_slot(slot), p.v_offset);
+    CpAsyncWait<1>();  // K(t)
+    FenceProxyAsync();
+    MbarArrive(sm.full_k(slot));
+  }
+  if (num_tiles > 0) {
+    CpAsyncWait<0>();  // V(last)
+    FenceProxyAsync();
+    MbarArrive(sm.full_v((g - 1) & 1));
+  }
+}
+
+// A consumer warpgroup (wg 0 or 1): its 64 rows of a wide item over every tile. Step t computes
+// S = Q K(t)^T while P(t-1) V(t-1) is in flight (FlashAttention-3's intra-warpgroup overlap).
+// The warpgroup runs every tile, also tiles none of its rows sees (they come out as zeros): a
+// branch around wgmma makes the compiler serialize them.
+template <typename T, int D>
+__device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDesc& it, int kvh,
+                                            unsigned char* smem, const HopperSmem<D>& sm,
+                                            uint32_t& g) {
+  using Tr = HopperPrefillTraits<D>;
+  constexpr int kKeys = Tr::kKeys;
+  constexpr int kSN = kKeys / 2;  // S accumulators per thread (m64 x kKeys over a warpgroup)
+  constexpr int kON = D / 2;      // O accumulators per thread
+  constexpr uint32_t kQAtomBytes = Tr::kRows * 128;
+  constexpr uint32_t kKvAtomBytes = kKeys * 128;
+  const int ctid = static_cast<int>(threadIdx.x) - Tr::kProducerThreads;
+  // Warp-uniform for the compiler (it serializes wgmma on paths it thinks divergent).
+  const int wg = __shfl_sync(0xffffffffu, ctid >> 7, 0);
+  const int wtid = ctid & 127;
+  const int warp = wtid >> 5;
+  const int lane = wtid & 31;
+  const int rows_total = it.q_len * p.group;
+  const int num_tiles = (it.t1 - it.t0 + kKeys - 1) / kKeys;
+
+  // This warpgroup's query rows.
+  for (int idx = wtid; idx < 64 * Tr::kChunks; idx += 128) {
+    const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
     const int R = it.row0 + r;
     const bool ok = R < rows_total;
     const T* src = static_cast<const T*>(p.q);
@@ -86,23 +135,19 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
       int h;
       src += OutRowOffset(p, it.q_start, R, kvh, p.q_sn, p.q_sh, &h) + ch * 8;
     }
-    CpAsync16(q_addr + SwizzledOffset(Tr::kRows, r, ch), src, ok);
+    CpAsync16(sm.q() + SwizzledOffset(Tr::kRows, r, ch), src, ok);
   }
-  __syncthreads();  // the page offsets
-  issue(0, 0);
   CpAsyncCommit();
-  fetch(2);
 
-  // This warpgroup's rows and the positions they span (rows grow with the position); this
-  // thread's two rows.
+  // The positions this warpgroup's rows span (rows grow with the position); this thread's rows.
   const int wg_row0 = it.row0 + wg * 64;
   const bool wg_has_rows = wg_row0 < rows_total;
   int wg_min_pos = INT_MAX, wg_max_pos = -1;
   if (wg_has_rows) {
     const int last = min(wg_row0 + 63, rows_total - 1);
-    uint32_t q0, q1, g;
-    p.group_div.Divmod(static_cast<uint32_t>(wg_row0), q0, g);
-    p.group_div.Divmod(static_cast<uint32_t>(last), q1, g);
+    uint32_t q0, q1, gg;
+    p.group_div.Divmod(static_cast<uint32_t>(wg_row0), q0, gg);
+    p.group_div.Divmod(static_cast<uint32_t>(last), q1, gg);
     wg_min_pos = it.pos0 + (p.causal ? static_cast<int>(q0) : 0);
     wg_max_pos = it.pos0 + (p.causal ? static_cast<int>(q1) : 0);
   }
@@ -113,11 +158,12 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
     const int R = it.row0 + r_lo + 8 * i;
     qpos[i] = -1;
     if (R < rows_total) {
-      uint32_t qi, g;
-      p.group_div.Divmod(static_cast<uint32_t>(R), qi, g);
+      uint32_t qi, gg;
+      p.group_div.Divmod(static_cast<uint32_t>(R), qi, gg);
       qpos[i] = it.pos0 + (p.causal ? static_cast<int>(qi) : 0);
     }
   }
+
   const float sc = p.soft_cap ? 1.f : p.scale_pre;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[kON];
@@ -128,17 +174,16 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
   for (int i = 0; i < kSN; ++i) s[i] = 0.f;
   uint32_t pa[kKeys / 16][4];  // P of the previous tile as mma A fragments
   float alpha[2];
-  const uint32_t q_wg_addr = q_addr + wg * 64 * 128;
+  const uint32_t q_wg_addr = sm.q() + wg * 64 * 128;
 
-  // Every warpgroup runs every tile of the item, also tiles none of its rows sees (they come
-  // out as zeros): a branch around wgmma makes the compiler serialize them.
-  auto wait_tile = [&]() {
-    CpAsyncWait<0>();
-    FenceProxyAsync();  // this thread's cp.async writes, before wgmma reads them
-    __syncthreads();
+  auto wait_k = [&](int t) { MbarWait(sm.full_k((g + t) & 1), ((g + t) >> 1) & 1); };
+  auto wait_v = [&](int t) { MbarWait(sm.full_v((g + t) & 1), ((g + t) >> 1) & 1); };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) MbarArrive(bar);
   };
-  auto qk = [&](int k) {  // s = Q K(k)^T
-    const uint32_t k_addr = pipe_addr + (k & 1) * Tr::kStageBytes;
+  auto qk = [&](int t) {  // s = Q K(t)^T
+    const uint32_t k_addr = sm.k_slot((g + t) & 1);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t step = (kk & 3) * 32u;  // 16 columns into the atom's 128-byte rows
@@ -148,8 +193,8 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
     }
     WgmmaCommit();
   };
-  auto pv = [&](int k) {  // o += P(k) V(k)
-    const uint32_t v_addr = pipe_addr + (k & 1) * Tr::kStageBytes + Tr::kTileBytes;
+  auto pv = [&](int t) {  // o += P(t) V(t)
+    const uint32_t v_addr = sm.v_slot((g + t) & 1);
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       // V is [keys][D], D contiguous: an N-major B; 16 keys = two 8-row groups.
@@ -158,51 +203,54 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
     }
     WgmmaCommit();
   };
-  // Online softmax of tile k's scores: masks, sets alpha (the rescale of what came before),
+  // Online softmax of tile t's scores: masks, sets alpha (the rescale of what came before),
   // leaves the probabilities in s.
-  auto softmax = [&](int k) {
-    const int key_first = it.t0 + k * kKeys;
+  auto softmax = [&](int t) {
+    const int key_first = it.t0 + t * kKeys;
     const int key_last = key_first + kKeys - 1;
     const bool need_mask = !wg_has_rows || key_last >= it.t1 || key_last > wg_min_pos ||
                            (p.window_left >= 0 && wg_max_pos - key_first > p.window_left);
-    // s[4 t + e]: row r_lo + 8 (e >> 1), key key_first + 8 t + 2 (lane & 3) + (e & 1).
+    // s[4 j + e]: row r_lo + 8 (e >> 1), key key_first + 8 j + 2 (lane & 3) + (e & 1).
     if (p.soft_cap) {
 #pragma unroll
       for (int i = 0; i < kSN; ++i) s[i] = p.scale_post * tanhf(p.scale_pre * s[i]);
     }
-    float mx[2] = {-INFINITY, -INFINITY};
+    if (need_mask) {
 #pragma unroll
-    for (int t = 0; t < kSN / 4; ++t) {
+      for (int j = 0; j < kSN / 4; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[4 * t + e];
-        if (need_mask) {
-          const int tok = key_first + t * 8 + ((lane & 3) << 1) + (e & 1);
+        for (int e = 0; e < 4; ++e) {
+          const int tok = key_first + j * 8 + ((lane & 3) << 1) + (e & 1);
           const int qp = qpos[e >> 1];
           const bool vis =
               tok < it.t1 && tok <= qp && (p.window_left < 0 || qp - tok <= p.window_left);
-          x = vis ? x : -INFINITY;
+          s[4 * j + e] = vis ? s[4 * j + e] : -INFINITY;
         }
-        s[4 * t + e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      const float m_new = fmaxf(m[i], mx[i] * sc);
+      // Tree reductions: short dependency chains for the two warps a scheduler has.
+      float mx4[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kSN / 4; ++j) {
+        mx4[j & 3] = fmaxf(mx4[j & 3], fmaxf(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]));
+      }
+      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[i], mx * sc);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       alpha[i] = FastExp2(m[i] - m_use);
       m[i] = m_new;
-      float sum = 0.f;
+      float sum4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int t = 0; t < kSN / 4; ++t) {
-        s[4 * t + 2 * i] = FastExp2(fmaf(s[4 * t + 2 * i], sc, -m_use));
-        s[4 * t + 2 * i + 1] = FastExp2(fmaf(s[4 * t + 2 * i + 1], sc, -m_use));
-        sum += s[4 * t + 2 * i] + s[4 * t + 2 * i + 1];
+      for (int j = 0; j < kSN / 4; ++j) {
+        s[4 * j + 2 * i] = FastExp2(fmaf(s[4 * j + 2 * i], sc, -m_use));
+        s[4 * j + 2 * i + 1] = FastExp2(fmaf(s[4 * j + 2 * i + 1], sc, -m_use));
+        sum4[j & 3] += s[4 * j + 2 * i] + s[4 * j + 2 * i + 1];
       }
-      l[i] = l[i] * alpha[i] + sum;
+      l[i] = l[i] * alpha[i] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
     }
   };
   auto pack_p = [&]() {  // keys 16 kk .. 16 kk + 15 are S tiles 2 kk and 2 kk + 1
@@ -214,38 +262,35 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
       pa[kk][3] = PackPair<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-  // Loads of step k: K(k + 1) and V(k) into the slots step k - 1 let go of.
-  auto load_step = [&](int k) {
-    if (k + 1 < num_tiles) issue(k + 1, 0);
-    if (k < num_tiles) issue(k, 1);
-    CpAsyncCommit();
-    store(k + 2);
-    fetch(k + 3);
-  };
 
+  CpAsyncWait<0>();
+  FenceProxyAsync();
+  WarpgroupSync(wg);  // the query rows are in
   if (num_tiles > 0) {
-    wait_tile();  // Q and K(0)
-    load_step(0);
+    wait_k(0);
     FenceRegisters(s);
     WgmmaFence();
     qk(0);
     WgmmaWait<0>();
     FenceRegisters(s);
+    release(sm.empty_k(g & 1));
     softmax(0);
     pack_p();
-    for (int k = 1; k < num_tiles; ++k) {
-      wait_tile();  // K(k) and V(k-1) are in; nobody reads K(k-1) or V(k-2) any more
-      load_step(k);
+    for (int t = 1; t < num_tiles; ++t) {
+      wait_k(t);
+      wait_v(t - 1);
       FenceRegisters(s);
       FenceRegisters(o);
       WgmmaFence();
-      qk(k);
-      pv(k - 1);
-      WgmmaWait<1>();  // S(k); P(k-1) V(k-1) may still run
+      qk(t);
+      pv(t - 1);
+      WgmmaWait<1>();  // S(t); P(t-1) V(t-1) may still run
       FenceRegisters(s);
-      softmax(k);
+      release(sm.empty_k((g + t) & 1));
+      softmax(t);
       WgmmaWait<0>();
       FenceRegisters(o);
+      release(sm.empty_v((g + t - 1) & 1));
       // O was in the scale of the old maximum.
 #pragma unroll
       for (int n = 0; n < D / 8; ++n) {
@@ -256,91 +301,124 @@ __device__ __forceinline__ void RunItemHopper(const PrefillParams& p, const Item
       }
       pack_p();
     }
-    wait_tile();  // V(last)
+    wait_v(num_tiles - 1);
     FenceRegisters(o);
     WgmmaFence();
     pv(num_tiles - 1);
     WgmmaWait<0>();
     FenceRegisters(o);
+    release(sm.empty_v((g + num_tiles - 1) & 1));
   }
+  g += num_tiles;
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
   }
-  CpAsyncWait<0>();
-  __syncthreads();  // the pipeline and the query tile are free
 
+  // Output: direct rows through this warpgroup's query rows in shared memory (coalesced
+  // stores), cut tiles as fp32 partials.
   const bool direct = it.slot < 0;
   const int64_t part_row0 =
       (static_cast<int64_t>(it.slot) * p.num_kv_heads + kvh) * kPrefillWideRows;
-  if (wg_has_rows) {
+  FenceProxyAsync();  // wgmma's reads of the query rows, before the generic writes below
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = r_lo + 8 * i;
-      const int R = it.row0 + r;
-      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-      const float lse2 = l[i] > 0.f ? __log2f(l[i]) + m[i] : -INFINITY;
-      if (direct) {
-        unsigned char* q_bytes = smem;
+  for (int i = 0; i < 2; ++i) {
+    const int r = r_lo + 8 * i;
+    const int R = it.row0 + r;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float lse2 = l[i] > 0.f ? __log2f(l[i]) + m[i] : -INFINITY;
+    if (direct) {
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          *reinterpret_cast<uint32_t*>(q_bytes + SwizzledOffset(Tr::kRows, r, n) +
-                                       ((lane & 3) << 2)) =
-              PackPair<T>(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
-        }
-        if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
-          int h;
-          const int64_t off = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
-          p.lse[off] = lse2 * 0.69314718055994531f;
-        }
-      } else if (R < rows_total) {
-        float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          __stcg(reinterpret_cast<float2*>(dst + n * 8),
-                 make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv));
-        }
-        if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(smem + SwizzledOffset(Tr::kRows, r, n) + ((lane & 3) << 2)) =
+            PackPair<T>(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
       }
+      if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
+        int h;
+        const int64_t off = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
+        p.lse[off] = lse2 * 0.69314718055994531f;
+      }
+    } else if (R < rows_total) {
+      float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        __stcg(reinterpret_cast<float2*>(dst + n * 8),
+               make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv));
+      }
+      if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
     }
   }
-  if (direct) {
-    __syncthreads();
-    const int nrows = min(Tr::kRows, rows_total - it.row0);
-    for (int idx = tid; idx < nrows * Tr::kChunks; idx += Tr::kThreads) {
-      const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+  WarpgroupSync(wg);
+  if (direct && wg_has_rows) {
+    const int nrows = min(64, rows_total - wg_row0);
+    for (int idx = wtid; idx < nrows * Tr::kChunks; idx += 128) {
+      const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
       int h;
       const int64_t off = OutRowOffset(p, it.q_start, it.row0 + r, kvh, p.o_sn, p.o_sh, &h);
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + off + ch * 8) =
           *reinterpret_cast<const uint4*>(smem + SwizzledOffset(Tr::kRows, r, ch));
     }
   }
+  WarpgroupSync(wg);  // the next item's query rows reuse the buffer
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
     BatchPrefillHopperKernel(const __grid_constant__ PrefillParams p) {
 #if ATTND_WGMMA_AVAILABLE
+  using Tr = HopperPrefillTraits<D>;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Swizzle atoms need 1024-byte alignment, which the dynamic window does not promise.
   const uint32_t raw = SmemAddr(smem_raw);
   unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
+  const HopperSmem<D> sm{SmemAddr(smem)};
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < 2; ++s) {
+      MbarInit(sm.full_k(s), Tr::kProducerThreads);
+      MbarInit(sm.full_v(s), Tr::kProducerThreads);
+      MbarInit(sm.empty_k(s), Tr::kConsumerThreads / 32);
+      MbarInit(sm.empty_v(s), Tr::kConsumerThreads / 32);
+    }
+  }
+  __syncthreads();
   const int kvh = blockIdx.x;
   const int num_items = __ldg(p.plan);
   const int4* items = reinterpret_cast<const int4*>(p.plan + p.items_offset);
-  GridDependencyWait();
-  for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
+  auto item_at = [&](int item) {
     const int4 a = __ldg(items + 2 * item);
     const int4 b = __ldg(items + 2 * item + 1);
-    const ItemDesc it{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-    if (it.q_len * p.group <= kPrefillDecodeRows) {
-      RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, kvh, 0, smem);
-    } else {
-      RunItemHopper<T, D>(p, it, kvh, smem);
+    return ItemDesc{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+  };
+  GridDependencyWait();
+  uint32_t g = 0;  // wide tiles so far: ring slot g & 1, barrier phase (g >> 1) & 1
+  // 128 x 56 + 256 x 224 registers: the loads need few, the GEMMs' accumulators many. Each
+  // role has its own loop so that the compiler can hold each to its budget. A narrow item
+  // reuses the whole buffer, so nothing of a wide item may be in flight around it.
+  if (threadIdx.x < Tr::kProducerThreads) {
+    ShrinkRegisters<56>();
+    for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
+      const ItemDesc it = item_at(item);
+      if (it.q_len * p.group <= kPrefillDecodeRows) {
+        __syncthreads();
+        __syncthreads();
+      } else {
+        ProduceItem<T, D>(p, it, kvh, smem, sm, g);
+      }
     }
-    __syncthreads();  // the next item reuses the shared buffers
+  } else {
+    GrowRegisters<224>();
+    for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
+      const ItemDesc it = item_at(item);
+      if (it.q_len * p.group <= kPrefillDecodeRows) {
+        __syncthreads();
+        RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, kvh, 0, smem);
+        __syncthreads();
+      } else {
+        ConsumeItem<T, D>(p, it, kvh, smem, sm, g);
+      }
+    }
   }
   LaunchDependents();
 #else
