@@ -40,7 +40,7 @@ namespace attnd::kernels {
 inline constexpr int kPrefillPlanHeaderInts = 8;
 inline constexpr int kPrefillItemInts = 8;
 inline constexpr int kPrefillMergeInts = 8;
-inline constexpr int kPrefillWideRows = 128;  // rows of a wide tile (4 warps x 32)
+inline constexpr int kPrefillWideRows = 128;  // rows of a wide tile (4 warps x 32, or 2 warpgroups x 64)
 inline constexpr int kPrefillDecodeRows = 16;  // a request of at most this many rows is narrow
 inline constexpr int kPrefillTileKeys = 64;   // keys per pipeline stage
 
