@@ -4,6 +4,7 @@
 #ifndef ATTND_SERVER_BACKEND_H_
 #define ATTND_SERVER_BACKEND_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -41,6 +42,9 @@ struct AppendWork {
   const void* k_new = nullptr;  // [total_new, kv_heads, head_dim], rows packed in entry order
   const void* v_new = nullptr;
   EventSyncWork sync;
+  // Set by the backend, for the request's stage timings: when its host work was done (CUDA:
+  // everything launched, before any wait for the GPU; CPU: everything computed).
+  mutable std::chrono::steady_clock::time_point enqueued{};
 };
 
 struct AttentionWork {
@@ -52,6 +56,8 @@ struct AttentionWork {
   bool decode = false;          // every entry has num_new == 1 (the graph path on CUDA)
   // Set by the backend: the batch bucket whose captured graph ran it, or 0 (eager launches).
   mutable int graph_bucket = 0;
+  // Set by the backend, as AppendWork::enqueued, for the whole call.
+  mutable std::chrono::steady_clock::time_point enqueued{};
 };
 
 // A head range of positions [0, num_tokens) of layers [layer_begin, layer_end), to or from a

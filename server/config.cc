@@ -104,6 +104,8 @@ absl::Status ServerConfig::Validate() {
   if (cpu_threads < 0 || cpu_threads > 1024) return OutOfRange("cpu_threads", cpu_threads, "0..1024");
   if (cpu_threads == 0) cpu_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   if (!(drain_timeout_s >= 0)) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
+  if (worker_spin_us < -1 || worker_spin_us > 1000000)
+    return OutOfRange("worker_spin_us", worker_spin_us, "-1..1000000");
   return absl::OkStatus();
 }
 

@@ -52,6 +52,9 @@ struct ServerConfig {
   std::string log_level = "info";
   double drain_timeout_s = 30.0;
   int cpu_threads = 0;  // CPU backend threads per device; 0: all cores
+  // How long a device worker polls for the next request before sleeping; -1: auto (CUDA
+  // backend 200 us, CPU backend 0, whose cores are busy computing attention).
+  int64_t worker_spin_us = -1;
   int64_t cuda_workspace_mb = 1024;
   bool cuda_graphs = true;
   int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device

@@ -65,6 +65,7 @@ class CpuDeviceBackend final : public DeviceBackend {
                            static_cast<const uint8_t*>(work.v_new) + row * row_bytes);
       row += e.num_new;
     }
+    work.enqueued = std::chrono::steady_clock::now();
     return absl::OkStatus();
   }
 
@@ -89,6 +90,7 @@ class CpuDeviceBackend final : public DeviceBackend {
           static_cast<uint8_t*>(work.out) + row * q_row_bytes,
           work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_, head, head + 1);
     });
+    work.enqueued = std::chrono::steady_clock::now();
     return absl::OkStatus();
   }
 

@@ -2,13 +2,14 @@
 
 namespace attnd {
 
-DeviceWorker::DeviceWorker(std::function<void()> bind)
-    : bind_(std::move(bind)), thread_([this] { Loop(); }) {}
+DeviceWorker::DeviceWorker(std::function<void()> bind, std::chrono::microseconds spin)
+    : bind_(std::move(bind)), spin_(spin), thread_([this] { Loop(); }) {}
 
 DeviceWorker::~DeviceWorker() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    wake_.store(true, std::memory_order_release);
   }
   thread_.join();
 }
@@ -16,6 +17,7 @@ DeviceWorker::~DeviceWorker() {
 void DeviceWorker::Post(Task task) {
   absl::MutexLock lock(&mu_);
   tasks_.push_back(std::move(task));
+  wake_.store(true, std::memory_order_release);
 }
 
 size_t DeviceWorker::queued() const {
@@ -23,9 +25,17 @@ size_t DeviceWorker::queued() const {
   return tasks_.size();
 }
 
+void DeviceWorker::Spin() const {
+  if (spin_.count() <= 0) return;
+  const auto deadline = std::chrono::steady_clock::now() + spin_;
+  while (!wake_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::yield();
+}
+
 void DeviceWorker::Loop() {
   if (bind_) bind_();
   for (;;) {
+    Spin();
     Task task;
     {
       absl::MutexLock lock(&mu_);
@@ -33,6 +43,7 @@ void DeviceWorker::Loop() {
       if (tasks_.empty()) return;  // stopping, and nothing left to run
       task = std::move(tasks_.front());
       tasks_.pop_front();
+      if (tasks_.empty() && !stopping_) wake_.store(false, std::memory_order_relaxed);
     }
     std::move(task)();
   }

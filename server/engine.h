@@ -6,6 +6,7 @@
 #define ATTND_SERVER_ENGINE_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "server/kv_pool.h"
 #include "server/metrics.h"
 #include "server/region.h"
+#include "server/request_trace.h"
 #include "server/tensor_ref.h"
 
 namespace attnd {
@@ -64,9 +66,14 @@ class Engine {
   void ListSequences(const v1::ListSequencesRequest& req, v1::ListSequencesResponse* resp,
                      Done done);
 
-  void Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done);
-  void Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done);
-  void Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done);
+  // The data requests. `trace`, when given, must outlive the call to `done`; the engine stamps
+  // posted, dequeued, enqueued and completed in it before calling `done`.
+  void Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done,
+              RequestTrace* trace = nullptr);
+  void Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+               RequestTrace* trace = nullptr);
+  void Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+              RequestTrace* trace = nullptr);
   void ExportKv(const v1::ExportKvRequest& req, v1::ExportKvResponse* resp, Done done);
   void ImportKv(const v1::ImportKvRequest& req, v1::ImportKvResponse* resp, Done done);
 
@@ -87,11 +94,12 @@ class Engine {
   // Finds the device a request names; INVALID_ARGUMENT if it is not one of ours, UNAVAILABLE
   // after a fault.
   absl::StatusOr<Device*> FindDevice(uint32_t device) const;
-  // Runs `task` on the device's worker, which answers through `done`.
-  void Post(Device* device, Done done,
-            absl::AnyInvocable<absl::Status(Device&) &&> task);
+  // Runs `task` on the device's worker, which answers through `done`; stamps `trace` (if any)
+  // when the task is queued, starts and ends.
+  void Post(Device* device, Done done, absl::AnyInvocable<absl::Status(Device&) &&> task,
+            RequestTrace* trace = nullptr);
   void AttentionImpl(const v1::AttentionRequest& req, bool decode, v1::AttentionResponse* resp,
-                     Done done);
+                     Done done, RequestTrace* trace);
   void PublishPoolState(Device& device);
   // Keeps `held` (regions, events) alive until the GPU work enqueued so far is done, then lets
   // go of it on the device's worker.
@@ -112,6 +120,8 @@ class Engine {
     std::vector<std::shared_ptr<void>> owners;
   };
   absl::StatusOr<ResolvedSync> ResolveSync(const v1::EventSync& sync, const Device& device) const;
+  // How long each device worker polls for work before sleeping (--worker_spin_us, resolved).
+  std::chrono::microseconds WorkerSpin() const;
   // Runs fn on the device's worker and waits for it.
   absl::Status RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn);
 

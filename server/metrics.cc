@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <cmath>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
@@ -16,6 +17,16 @@ prometheus::Histogram::BucketBoundaries LatencyBuckets() {
   // 10 us .. ~20 s, x2 per bucket.
   prometheus::Histogram::BucketBoundaries b;
   for (double s = 10e-6; s < 30.0; s *= 2) b.push_back(s);
+  return b;
+}
+
+// Stages are mostly tens of microseconds and the question is where a few of them go: 1 us to
+// 1 ms in steps of 2^(1/4) (about 19%, so a median interpolated inside its bucket is off by
+// well under a tenth), then x2 up to ~8 s for device time and long prefills.
+prometheus::Histogram::BucketBoundaries StageBuckets() {
+  prometheus::Histogram::BucketBoundaries b;
+  for (int k = 0; k <= 40; ++k) b.push_back(1e-6 * std::exp2(k / 4.0));
+  for (double s = 2 * b.back(); s < 10.0; s *= 2) b.push_back(s);
   return b;
 }
 
@@ -45,7 +56,14 @@ Metrics::Metrics(const std::vector<int>& devices)
                            .Name("attnd_decode_launches_total")
                            .Help("CUDA Decode calls by device and path: a graph replay of a "
                                  "batch bucket, or eager launches")
-                           .Register(*registry_)) {
+                           .Register(*registry_)),
+      stages_(prometheus::BuildHistogram()
+                  .Name("attnd_request_stage_seconds")
+                  .Help("Where a data request's time goes inside attnd, by method and stage: "
+                        "validate, queue (waking the device worker), host (bookkeeping, "
+                        "planning, launches), device (waiting for the GPU), reply, write "
+                        "(Stream), total (receipt to reply)")
+                  .Register(*registry_)) {
   auto& pages_used = prometheus::BuildGauge()
                          .Name("attnd_pages_used")
                          .Help("KV pages owned by sequences, per device")
@@ -99,16 +117,38 @@ void Metrics::RecordRpc(absl::string_view rpc, absl::StatusCode code, double sec
     absl::MutexLock lock(&mu_);
     const std::string code_name = CodeName(code);
     const std::string key = absl::StrCat(rpc, "/", code_name);
-    const prometheus::Labels labels{{"rpc", std::string(rpc)}, {"code", code_name}};
     auto& c = request_counters_[key];
-    if (c == nullptr) c = &requests_.Add(labels);
-    counter = c;
     auto& h = latency_histograms_[key];
-    if (h == nullptr) h = &latency_.Add(labels, LatencyBuckets());
+    if (c == nullptr || h == nullptr) {  // first call of this (rpc, code): build the labels once
+      const prometheus::Labels labels{{"rpc", std::string(rpc)}, {"code", code_name}};
+      if (c == nullptr) c = &requests_.Add(labels);
+      if (h == nullptr) h = &latency_.Add(labels, LatencyBuckets());
+    }
+    counter = c;
     histogram = h;
   }
   counter->Increment();
   histogram->Observe(seconds);
+}
+
+void Metrics::RecordStages(absl::string_view rpc, const RequestTrace& trace) {
+  const std::array<double, kNumStages> seconds = StageSeconds(trace);
+  if (seconds[static_cast<int>(Stage::kQueue)] < 0) return;  // never reached a worker
+  std::array<prometheus::Histogram*, kNumStages> histograms;
+  {
+    absl::MutexLock lock(&mu_);
+    auto [it, inserted] = stage_histograms_.try_emplace(rpc);
+    if (inserted) {
+      for (int i = 0; i < kNumStages; ++i)
+        it->second[i] = &stages_.Add(
+            {{"rpc", std::string(rpc)}, {"stage", StageName(static_cast<Stage>(i))}},
+            StageBuckets());
+    }
+    histograms = it->second;
+  }
+  for (int i = 0; i < kNumStages; ++i) {
+    if (seconds[i] >= 0) histograms[i]->Observe(seconds[i]);
+  }
 }
 
 void Metrics::RecordBatch(absl::string_view rpc, int64_t items) {

@@ -2,14 +2,15 @@
 #ifndef ATTND_SERVER_METRICS_H_
 #define ATTND_SERVER_METRICS_H_
 
+#include <array>
 #include <chrono>
 #include <memory>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "attnd/v1/attention.pb.h"
 #include "prometheus/counter.h"
@@ -18,6 +19,7 @@
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "server/request_trace.h"
 
 namespace attnd {
 
@@ -30,6 +32,9 @@ class Metrics {
   absl::Status StartExposer(const std::string& bind, int port);
 
   void RecordRpc(absl::string_view rpc, absl::StatusCode code, double seconds);
+  // The stages of one data request that reached a device worker, whatever its outcome
+  // (attnd_request_stage_seconds{rpc,stage}); stages the trace lacks are skipped.
+  void RecordStages(absl::string_view rpc, const RequestTrace& trace);
   void RecordBatch(absl::string_view rpc, int64_t items);
   void SetPages(int device_index, int64_t used, int64_t total);
   void SetLiveSequences(int device_index, int64_t n);
@@ -68,6 +73,9 @@ class Metrics {
   absl::flat_hash_map<std::string, prometheus::Histogram*> batch_histograms_ ABSL_GUARDED_BY(mu_);
   prometheus::Family<prometheus::Counter>& decode_launches_;
   absl::flat_hash_map<std::string, prometheus::Counter*> launch_counters_ ABSL_GUARDED_BY(mu_);
+  prometheus::Family<prometheus::Histogram>& stages_;
+  absl::flat_hash_map<std::string, std::array<prometheus::Histogram*, kNumStages>> stage_histograms_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace attnd

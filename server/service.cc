@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <deque>
+#include <memory>
 
 #include "absl/synchronization/mutex.h"
 #include "spdlog/spdlog.h"
@@ -17,15 +18,20 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Finishes a unary reactor and records the call's outcome and duration.
+// Records a unary call's outcome and duration, then finishes its reactor.
+void FinishUnary(grpc::ServerUnaryReactor* reactor, Metrics* metrics, const char* rpc,
+                 Clock::time_point start, const absl::Status& status) {
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (spdlog::should_log(spdlog::level::trace))
+    spdlog::trace("rpc={} handled_us={:.1f}", rpc, seconds * 1e6);
+  metrics->RecordRpc(rpc, status.code(), seconds);
+  if (!status.ok()) spdlog::debug("rpc={} code={} msg={}", rpc, absl::StatusCodeToString(status.code()), std::string(status.message()));
+  reactor->Finish(ToGrpc(status));
+}
+
 Engine::Done Finisher(grpc::ServerUnaryReactor* reactor, Metrics* metrics, const char* rpc) {
   return [reactor, metrics, rpc, start = Clock::now()](absl::Status status) {
-    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    if (spdlog::should_log(spdlog::level::trace))
-      spdlog::trace("rpc={} handled_us={:.1f}", rpc, seconds * 1e6);
-    metrics->RecordRpc(rpc, status.code(), seconds);
-    if (!status.ok()) spdlog::debug("rpc={} code={} msg={}", rpc, absl::StatusCodeToString(status.code()), std::string(status.message()));
-    reactor->Finish(ToGrpc(status));
+    FinishUnary(reactor, metrics, rpc, start, status);
   };
 }
 
@@ -35,6 +41,32 @@ grpc::ServerUnaryReactor* Handle(grpc::CallbackServerContext* ctx, Metrics* metr
                                  const char* rpc, Fn&& fn) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
   fn(Finisher(reactor, metrics, rpc));
+  return reactor;
+}
+
+// A unary data call (Append, Prefill, Decode): its stage trace lives here until the reply is
+// handed to gRPC, and the engine stamps it on the way. One allocation, as the closure it
+// replaces needed one too.
+struct DataCall {
+  grpc::ServerUnaryReactor* reactor;
+  Metrics* metrics;
+  const char* rpc;
+  RequestTrace trace;
+};
+
+template <typename Fn>
+grpc::ServerUnaryReactor* HandleData(grpc::CallbackServerContext* ctx, Metrics* metrics,
+                                     const char* rpc, Fn&& fn) {
+  auto call = std::make_unique<DataCall>(DataCall{ctx->DefaultReactor(), metrics, rpc, {}});
+  call->trace.received = Clock::now();
+  grpc::ServerUnaryReactor* reactor = call->reactor;
+  RequestTrace* trace = &call->trace;
+  fn(trace, Engine::Done([call = std::move(call)](absl::Status status) {
+    FinishUnary(call->reactor, call->metrics, call->rpc, call->trace.received, status);
+    // Recorded after Finish, off the reply's path.
+    call->trace.handed = Clock::now();
+    call->metrics->RecordStages(call->rpc, call->trace);
+  }));
   return reactor;
 }
 
@@ -65,12 +97,23 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    pending_.pop_front();
-    if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
-    WriteNextLocked();
-    MaybeFinishLocked();
+    Metrics* metrics = metrics_;
+    std::unique_ptr<Slot> written;
+    {
+      absl::MutexLock lock(&mu_);
+      // Stamped under the lock: a write can complete (on a gRPC thread) before StartWrite has
+      // returned on the worker and stamped `handed`; the lock orders the two.
+      const Clock::time_point now = Clock::now();
+      writing_ = false;
+      written = std::move(pending_.front());
+      pending_.pop_front();
+      if (ok) written->trace.written = now;
+      if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
+      WriteNextLocked();
+      MaybeFinishLocked();
+    }
+    // Off the lock and off the reply's path: the next response may already be on its way.
+    metrics->RecordStages(written->rpc, written->trace);
   }
 
   void OnDone() override { delete this; }
@@ -80,24 +123,27 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
     v1::StreamResponse response;
     const char* rpc = "Stream";
     bool done = false;
+    RequestTrace trace;  // stamped by the engine until done, then under mu_
   };
 
   void Dispatch(const v1::StreamRequest& req, Slot* slot) {
-    auto done = [this, slot, start = Clock::now()](absl::Status status) {
-      Complete(slot, status, start);
-    };
+    slot->trace.received = Clock::now();
+    auto done = [this, slot](absl::Status status) { Complete(slot, status); };
     switch (req.op_case()) {
       case v1::StreamRequest::kAppend:
         slot->rpc = "Stream.Append";
-        engine_->Append(req.append(), slot->response.mutable_append(), std::move(done));
+        engine_->Append(req.append(), slot->response.mutable_append(), std::move(done),
+                        &slot->trace);
         break;
       case v1::StreamRequest::kPrefill:
         slot->rpc = "Stream.Prefill";
-        engine_->Prefill(req.prefill(), slot->response.mutable_attention(), std::move(done));
+        engine_->Prefill(req.prefill(), slot->response.mutable_attention(), std::move(done),
+                         &slot->trace);
         break;
       case v1::StreamRequest::kDecode:
         slot->rpc = "Stream.Decode";
-        engine_->Decode(req.decode(), slot->response.mutable_attention(), std::move(done));
+        engine_->Decode(req.decode(), slot->response.mutable_attention(), std::move(done),
+                        &slot->trace);
         break;
       default:
         slot->rpc = "Stream";
@@ -105,9 +151,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
     }
   }
 
-  void Complete(Slot* slot, const absl::Status& status, Clock::time_point start) {
+  void Complete(Slot* slot, const absl::Status& status) {
     metrics_->RecordRpc(slot->rpc, status.code(),
-                        std::chrono::duration<double>(Clock::now() - start).count());
+                        std::chrono::duration<double>(Clock::now() - slot->trace.received).count());
     absl::MutexLock lock(&mu_);
     if (!status.ok()) {
       slot->response.clear_result();
@@ -126,6 +172,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
       }
       writing_ = true;
       StartWrite(&pending_.front()->response);
+      // OnWriteDone, which reads it, takes mu_ first.
+      pending_.front()->trace.handed = Clock::now();
     }
     MaybeFinishLocked();
   }
@@ -155,6 +203,14 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
     return Handle(ctx, metrics_, #Method, [&](Engine::Done done) { std::move(done)(body); }); \
   }
 
+#define ATTND_DATA_HANDLER(Method, Req, Resp)                                             \
+  grpc::ServerUnaryReactor* AttentionService::Method(grpc::CallbackServerContext* ctx,   \
+                                                     const Req* req, Resp* resp) {       \
+    return HandleData(ctx, metrics_, #Method, [&](RequestTrace* trace, Engine::Done done) { \
+      engine_->Method(*req, resp, std::move(done), trace);                               \
+    });                                                                                  \
+  }
+
 #define ATTND_ASYNC_HANDLER(Method, Req, Resp)                                           \
   grpc::ServerUnaryReactor* AttentionService::Method(grpc::CallbackServerContext* ctx,   \
                                                      const Req* req, Resp* resp) {       \
@@ -182,9 +238,9 @@ ATTND_ASYNC_HANDLER(TruncateSequence, v1::TruncateSequenceRequest, v1::SequenceI
 ATTND_ASYNC_HANDLER(ReleaseSequence, v1::ReleaseSequenceRequest, v1::ReleaseSequenceResponse)
 ATTND_ASYNC_HANDLER(GetSequence, v1::GetSequenceRequest, v1::SequenceInfo)
 ATTND_ASYNC_HANDLER(ListSequences, v1::ListSequencesRequest, v1::ListSequencesResponse)
-ATTND_ASYNC_HANDLER(Append, v1::AppendRequest, v1::AppendResponse)
-ATTND_ASYNC_HANDLER(Prefill, v1::AttentionRequest, v1::AttentionResponse)
-ATTND_ASYNC_HANDLER(Decode, v1::AttentionRequest, v1::AttentionResponse)
+ATTND_DATA_HANDLER(Append, v1::AppendRequest, v1::AppendResponse)
+ATTND_DATA_HANDLER(Prefill, v1::AttentionRequest, v1::AttentionResponse)
+ATTND_DATA_HANDLER(Decode, v1::AttentionRequest, v1::AttentionResponse)
 ATTND_ASYNC_HANDLER(ExportKv, v1::ExportKvRequest, v1::ExportKvResponse)
 ATTND_ASYNC_HANDLER(ImportKv, v1::ImportKvRequest, v1::ImportKvResponse)
 

@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "tests/e2e/harness.h"
 #include "tests/e2e/server_process.h"
+#include "tests/e2e/stage_metrics.h"
 
 namespace attnd::testing {
 namespace {
@@ -309,6 +310,52 @@ TEST(EndToEnd, MetricsCountRequestsPagesSequencesTokensAndBatchSizes) {
   }
   EXPECT_TRUE(found);
   EXPECT_EQ(stats->devices(0).tokens_appended(), 2u * (433 + 2 * 5));
+}
+
+TEST(EndToEnd, StageMetricsAccountForEveryRequestThatReachedADeviceWorker) {
+  std::vector<std::string> flags = ModelFlags();
+  flags.push_back("--metrics_port=auto");
+  Served s = Serve(flags);
+  ASSERT_NE(s.harness, nullptr);
+  Harness& h = *s.harness;
+  RunPrefillThenDecode(h, 2);  // 2 Prefill + 4 Decode calls, unary
+  auto stream = s.client->OpenStream();
+  ASSERT_TRUE(stream.ok());
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(h.Attend(0, {{1, 1}}, true, false, Path::kStream, stream->get()).ok());
+  // Refused on the worker (unknown sequence): timed. Refused up front (no items): not.
+  v1::AttentionRequest unknown = h.BuildAttention(0, {{77, 1}}, false);
+  EXPECT_EQ((*stream)->Decode(unknown).status().code(), absl::StatusCode::kNotFound);
+  v1::AttentionRequest empty = unknown;
+  empty.clear_items();
+  EXPECT_EQ((*stream)->Decode(empty).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*stream)->Close().ok());
+
+  auto stages = ReadStageHistograms(s.server->metrics_port());
+  ASSERT_TRUE(stages.ok()) << stages.status();
+  auto count = [&](const std::string& rpc, const std::string& stage) {
+    auto it = stages->find({rpc, stage});
+    return it == stages->end() ? -1.0 : it->second.count;
+  };
+  for (const char* stage : {"validate", "queue", "host", "device", "reply", "total"}) {
+    SCOPED_TRACE(stage);
+    EXPECT_EQ(count("Prefill", stage), 2);
+    EXPECT_EQ(count("Decode", stage), 4);
+    EXPECT_EQ(count("Stream.Decode", stage), 4);  // 3 served + 1 refused on the worker
+  }
+  EXPECT_LE(count("Decode", "write"), 0);  // unary calls have no Stream write
+  EXPECT_EQ(count("Stream.Decode", "write"), 4);
+  // The stages between receipt and reply tile the total exactly, request by request.
+  for (const char* rpc : {"Prefill", "Decode", "Stream.Decode"}) {
+    SCOPED_TRACE(rpc);
+    double parts = 0;
+    for (const char* stage : {"validate", "queue", "host", "device", "reply"})
+      parts += stages->at({rpc, stage}).sum;
+    const double total = stages->at({rpc, "total"}).sum;
+    EXPECT_GT(total, 0);
+    EXPECT_NEAR(parts, total, 1e-6 * total + 1e-9);
+    EXPECT_GT(Quantile(stages->at({rpc, "total"}), 0.5), 0);
+  }
 }
 
 TEST(EndToEnd, UnregisteringARegionInUseLetsEveryRequestFinishCleanly) {

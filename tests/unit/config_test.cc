@@ -151,6 +151,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "--drain_timeout_s"},
         BadCase{"NaNDrainTimeout", [](ServerConfig& c) { c.drain_timeout_s = std::nan(""); },
                 "--drain_timeout_s"},
+        BadCase{"WorkerSpinBelowAuto", [](ServerConfig& c) { c.worker_spin_us = -2; },
+                "--worker_spin_us"},
+        BadCase{"WorkerSpinAboveOneSecond", [](ServerConfig& c) { c.worker_spin_us = 1000001; },
+                "--worker_spin_us"},
         // spdlog maps an unknown level name to "off": a typo would silence every log line.
         BadCase{"UnknownLogLevel", [](ServerConfig& c) { c.log_level = "verbose"; },
                 "--log_level"},
@@ -183,6 +187,7 @@ TEST(ConfigTest, BoundaryValuesAreAccepted) {
   c.unix_socket.clear();
   c.tcp_address = "127.0.0.1:0";
   c.drain_timeout_s = 0;
+  c.worker_spin_us = 1000000;
   EXPECT_TRUE(c.Validate().ok()) << c.Validate();
   c = GoodConfig();
   c.model.page_size = 1;

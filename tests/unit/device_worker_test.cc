@@ -135,6 +135,43 @@ TEST(DeviceWorkerTest, AnIdleWorkerStopsPromptly) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
 }
 
+// A spinning worker polls its queue for a while after each task instead of sleeping.
+
+TEST(DeviceWorkerTest, ASpinningWorkerRunsTasksInOrderWhetherItSpinsOrSleeps) {
+  std::vector<int> ran;
+  {
+    DeviceWorker worker(nullptr, std::chrono::microseconds(2000));
+    for (int i = 0; i < 200; ++i) {
+      worker.Post([&ran, i] { ran.push_back(i); });
+      // Some tasks land while the worker spins, some after it went to sleep.
+      if (i % 50 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  ASSERT_EQ(ran.size(), 200u);
+  for (int i = 0; i < 200; ++i) ASSERT_EQ(ran[i], i);
+}
+
+TEST(DeviceWorkerTest, ATaskPostedDuringTheSpinRunsWithoutWaitingForItToEnd) {
+  DeviceWorker worker(nullptr, std::chrono::seconds(10));
+  absl::Notification first, second;
+  worker.Post([&first] { first.Notify(); });
+  first.WaitForNotification();  // the worker now spins, for up to 10 s
+  const auto posted = std::chrono::steady_clock::now();
+  worker.Post([&second] { second.Notify(); });
+  EXPECT_TRUE(second.WaitForNotificationWithTimeout(absl::Seconds(5)));
+  EXPECT_LT(std::chrono::steady_clock::now() - posted, std::chrono::seconds(5));
+}
+
+TEST(DeviceWorkerTest, ASpinningWorkerStopsPromptly) {
+  auto worker = std::make_unique<DeviceWorker>(nullptr, std::chrono::seconds(10));
+  absl::Notification ran;
+  worker->Post([&ran] { ran.Notify(); });
+  ran.WaitForNotification();  // spinning now
+  const auto start = std::chrono::steady_clock::now();
+  worker.reset();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2));
+}
+
 TEST(DeviceWorkerTest, MoveOnlyTasksAreAccepted) {
   auto value = std::make_unique<int>(41);
   int seen = 0;

@@ -383,9 +383,9 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     v1::AttentionResponse resp;
     const absl::Status s = Await([&](Engine::Done d) {
       if (decode) {
-        engine_->Decode(req, &resp, std::move(d));
+        engine_->Decode(req, &resp, std::move(d), trace_);
       } else {
-        engine_->Prefill(req, &resp, std::move(d));
+        engine_->Prefill(req, &resp, std::move(d), trace_);
       }
     });
     Outputs outputs;
@@ -485,6 +485,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
   std::unique_ptr<Engine> engine_;
   std::map<uint64_t, History> history_;
   uint64_t cursor_ = 0;
+  RequestTrace* trace_ = nullptr;  // passed with every Prefill and Decode when set
 };
 
 // ---- Prefill and decode ----
@@ -950,6 +951,71 @@ TEST_P(EngineTest, FinishedRequestsHoldNoRegion) {
   EXPECT_EQ(regions.regions(0).in_flight(), 0u);
   EXPECT_EQ(regions.regions(0).byte_size(), kShmBytes);
   EXPECT_EQ(regions.regions(0).shm_key(), shm_->key());
+}
+
+// ---- Stage timing ----
+
+TEST_P(EngineTest, ADataRequestIsStampedAtEveryStageInOrder) {
+  Create(1);
+  PrefillAll({{1, 3}});
+  for (bool decode : {false, true}) {
+    RequestTrace trace;
+    trace.received = RequestTrace::Clock::now();
+    trace_ = &trace;
+    Attend(decode, 0, {{1, 1}}, /*with_lse=*/false);
+    trace_ = nullptr;
+    SCOPED_TRACE(decode ? "Decode" : "Prefill");
+    EXPECT_NE(trace.posted, RequestTrace::Clock::time_point{});
+    EXPECT_NE(trace.enqueued, RequestTrace::Clock::time_point{});
+    EXPECT_LE(trace.received, trace.posted);
+    EXPECT_LE(trace.posted, trace.dequeued);
+    EXPECT_LE(trace.dequeued, trace.enqueued);
+    EXPECT_LE(trace.enqueued, trace.completed);
+    // The service stamps these after the engine answered.
+    EXPECT_EQ(trace.handed, RequestTrace::Clock::time_point{});
+    EXPECT_EQ(trace.written, RequestTrace::Clock::time_point{});
+  }
+}
+
+TEST_P(EngineTest, ARequestRefusedBeforeTheWorkerLeavesItsTraceUnstamped) {
+  v1::AttentionRequest req;  // no items
+  v1::AttentionResponse resp;
+  RequestTrace trace;
+  const absl::Status s =
+      Await([&](Engine::Done d) { engine_->Decode(req, &resp, std::move(d), &trace); });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(trace.posted, RequestTrace::Clock::time_point{});
+  EXPECT_EQ(trace.completed, RequestTrace::Clock::time_point{});
+}
+
+TEST_P(EngineTest, ARequestRefusedOnTheWorkerIsStampedButNotEnqueued) {
+  Create(1);
+  PrefillAll({{1, 3}});
+  RequestTrace trace;
+  trace.received = RequestTrace::Clock::now();
+  trace_ = &trace;
+  // An unknown sequence: refused by the pool, on the worker, before any backend call.
+  cursor_ = 0;
+  const uint64_t q = Alloc(kQoHeads * kHeadDim * ElemSize());
+  const uint64_t kv = Alloc(kKvHeads * kHeadDim * ElemSize());
+  const uint64_t out = Alloc(kQoHeads * kHeadDim * ElemSize());
+  v1::AttentionRequest req;
+  req.set_layer(0);
+  req.add_items()->set_seq_id(99);
+  req.mutable_items(0)->set_num_new_tokens(1);
+  const v1::DType wire = ToWire(model().dtype);
+  *req.mutable_q() = Ref(q, wire, {1, kQoHeads, kHeadDim});
+  *req.mutable_k_new() = Ref(kv, wire, {1, kKvHeads, kHeadDim});
+  *req.mutable_v_new() = Ref(kv, wire, {1, kKvHeads, kHeadDim});
+  *req.mutable_out() = Ref(out, wire, {1, kQoHeads, kHeadDim});
+  v1::AttentionResponse resp;
+  const absl::Status s =
+      Await([&](Engine::Done d) { engine_->Decode(req, &resp, std::move(d), &trace); });
+  trace_ = nullptr;
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_NE(trace.dequeued, RequestTrace::Clock::time_point{});
+  EXPECT_NE(trace.completed, RequestTrace::Clock::time_point{});
+  EXPECT_EQ(trace.enqueued, RequestTrace::Clock::time_point{});
 }
 
 TEST_P(EngineTest, DestroyingTheEngineAnswersEveryQueuedCallFirst) {
