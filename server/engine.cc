@@ -107,7 +107,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& confi
       };
     }
 #endif
-    device->worker = std::make_unique<DeviceWorker>(std::move(bind));
+    device->worker = std::make_unique<DeviceWorker>(std::move(bind), engine->WorkerSpin());
     absl::StatusOr<std::unique_ptr<DeviceBackend>> backend;
     if (engine->cuda_) {
 #ifdef ATTND_HAVE_CUDA
@@ -135,9 +135,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& confi
 }
 
 Engine::~Engine() {
-  // Regions first (a CUDA region is closed on its device's worker), then each backend on its
-  // own worker, then drain and join the workers.
+  // Regions and IPC events first (each is closed on its device's worker: releasing one posts
+  // there, so it must happen while the worker lives), then each backend on its own worker,
+  // then drain and join the workers.
   regions_.Clear();
+  {
+    absl::MutexLock lock(&events_mu_);
+    events_.clear();
+  }
   for (auto& device : devices_) {
     if (device->backend == nullptr) continue;
     (void)RunOnWorker(*device, [&device]() -> absl::Status {
@@ -146,6 +151,14 @@ Engine::~Engine() {
     });
   }
   for (auto& device : devices_) device->worker.reset();
+}
+
+std::chrono::microseconds Engine::WorkerSpin() const {
+  // The CUDA worker already spins through every GPU wait (cudaStreamSynchronize under the
+  // default schedule), so polling a little longer for the next call costs little and saves a
+  // wake-up per call; the CPU backend needs its cores for attention.
+  if (config_.worker_spin_us >= 0) return std::chrono::microseconds(config_.worker_spin_us);
+  return std::chrono::microseconds(cuda_ ? 200 : 0);
 }
 
 absl::Status Engine::RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn) {
@@ -173,16 +186,21 @@ absl::StatusOr<Engine::Device*> Engine::FindDevice(uint32_t id) const {
       absl::StrCat("device: ", id, " is not a device of this server (devices: ", ids, ")"));
 }
 
-void Engine::Post(Device* device, Done done, absl::AnyInvocable<absl::Status(Device&) &&> task) {
+void Engine::Post(Device* device, Done done, absl::AnyInvocable<absl::Status(Device&) &&> task,
+                  RequestTrace* trace) {
   using Clock = std::chrono::steady_clock;
-  device->worker->Post([this, device, done = std::move(done), task = std::move(task),
-                        posted = Clock::now()]() mutable {
+  const auto posted = Clock::now();
+  if (trace != nullptr) trace->posted = posted;
+  device->worker->Post([this, device, done = std::move(done), task = std::move(task), posted,
+                        trace]() mutable {
     const auto started = Clock::now();
+    if (trace != nullptr) trace->dequeued = started;
     absl::Status status = device->serving.load()
                               ? std::move(task)(*device)
                               : absl::UnavailableError(absl::StrCat(
                                     "device: ", device->id, " is not serving after a fault"));
     const auto ran = Clock::now();
+    if (trace != nullptr) trace->completed = ran;
     std::move(done)(std::move(status));
     // Where a call's time goes on the server (debug level: per call).
     if (spdlog::should_log(spdlog::level::trace)) {
@@ -516,7 +534,8 @@ std::vector<BatchEntry> MakeEntries(const KvPool& pool, const std::vector<Append
 
 }  // namespace
 
-void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done) {
+void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done,
+                    RequestTrace* trace) {
   auto device_or = FindDevice(req.device());
   if (!device_or.ok()) return std::move(done)(device_or.status());
   Device* device = *device_or;
@@ -538,7 +557,8 @@ void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done
   metrics_->RecordBatch("Append", req.items_size());
   Post(device, std::move(done),
        [this, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()), k = *std::move(k),
-        v = *std::move(v), total, resp, sync = *std::move(sync)](Device& d) -> absl::Status {
+        v = *std::move(v), total, resp, sync = *std::move(sync),
+        trace](Device& d) -> absl::Status {
          std::vector<int64_t> starts;
          auto copies = d.pool->ReserveAppend(layer, items, &starts);
          if (!copies.ok()) return copies.status();
@@ -546,6 +566,7 @@ void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done
          AppendWork work{layer, MakeEntries(*d.pool, items, starts), k.data, v.data, sync.work};
          absl::Status s = d.backend->CopyPages(*copies);
          if (s.ok()) s = d.backend->Append(work);
+         if (trace != nullptr) trace->enqueued = work.enqueued;
          // Replying at once (a signal event): the client memory stays mapped until the GPU is done.
          if (s.ok() && sync.work.signal != nullptr) s = KeepUntilDone(d, std::tuple{k, v, sync.owners});
          if (!s.ok()) {
@@ -556,19 +577,22 @@ void Engine::Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done
            resp->add_lengths(static_cast<uint64_t>(starts[i] + items[i].num_new_tokens));
          metrics_->AddTokens(d.index, static_cast<int64_t>(total), 0);
          return absl::OkStatus();
-       });
+       },
+       trace);
 }
 
-void Engine::Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done) {
-  AttentionImpl(req, /*decode=*/false, resp, std::move(done));
+void Engine::Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+                     RequestTrace* trace) {
+  AttentionImpl(req, /*decode=*/false, resp, std::move(done), trace);
 }
 
-void Engine::Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done) {
-  AttentionImpl(req, /*decode=*/true, resp, std::move(done));
+void Engine::Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+                    RequestTrace* trace) {
+  AttentionImpl(req, /*decode=*/true, resp, std::move(done), trace);
 }
 
 void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
-                           v1::AttentionResponse* resp, Done done) {
+                           v1::AttentionResponse* resp, Done done, RequestTrace* trace) {
   auto device_or = FindDevice(req.device());
   if (!device_or.ok()) return std::move(done)(device_or.status());
   Device* device = *device_or;
@@ -611,7 +635,7 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
   Post(device, std::move(done),
        [this, rpc, layer = int64_t{req.layer()}, items = ToAppendItems(req.items()),
         t = std::move(t), total, decode, deterministic = req.deterministic(), resp,
-        sync = *std::move(sync)](Device& d) -> absl::Status {
+        sync = *std::move(sync), trace](Device& d) -> absl::Status {
          // Ask the backend first: a batch its workspaces cannot plan is refused unchanged.
          std::vector<int64_t> lengths, counts;
          for (const AppendItem& item : items) {
@@ -639,6 +663,7 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          work.decode = decode;
          absl::Status s = d.backend->CopyPages(*copies);
          if (s.ok()) s = d.backend->Attention(work);
+         if (trace != nullptr) trace->enqueued = work.enqueued;
          if (s.ok() && sync.work.signal != nullptr) s = KeepUntilDone(d, std::tuple{t, sync.owners});
          if (!s.ok()) {
            MarkFaulted(d, s, absl::StrCat(rpc, " layer=", layer, " items=", items.size()));
@@ -649,7 +674,8 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          metrics_->AddTokens(d.index, static_cast<int64_t>(total), static_cast<int64_t>(total));
          if (cuda_ && decode) metrics_->RecordDecodeLaunch(d.index, work.graph_bucket);
          return absl::OkStatus();
-       });
+       },
+       trace);
 }
 
 // ---- KV export / import ----

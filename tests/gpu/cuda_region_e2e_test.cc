@@ -149,6 +149,25 @@ TEST_F(CudaRegionTest, PrefillAndDecodeReadAndWriteTheClientsDeviceMemory) {
 // With IPC events the call replies once the work is enqueued: the server's stream waits on
 // the client's "inputs ready" event and records "outputs written", which the client's stream
 // waits on before reading the output.
+// Events a client never unregisters are closed at shutdown while their device's worker still
+// runs (closing one posts to it): the server stops with status 0 (TearDown checks it).
+TEST_F(CudaRegionTest, ServerStopsCleanlyWithEventsStillRegistered) {
+  std::vector<cudaEvent_t> events(8);
+  for (size_t i = 0; i < events.size(); ++i) {
+    ASSERT_EQ(cudaEventCreateWithFlags(&events[i], cudaEventInterprocess | cudaEventDisableTiming),
+              cudaSuccess);
+    cudaIpcEventHandle_t h;
+    ASSERT_EQ(cudaIpcGetEventHandle(&h, events[i]), cudaSuccess);
+    const absl::Status s = client_->RegisterCudaEvent(
+        absl::StrCat("e", i), std::string(reinterpret_cast<const char*>(&h), sizeof(h)), 0);
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  client_.reset();
+  ASSERT_EQ(server_->Terminate(), 0) << server_->Log();
+  server_.reset();
+  for (cudaEvent_t e : events) cudaEventDestroy(e);
+}
+
 TEST_F(CudaRegionTest, IpcEventsOrderAnAsynchronousDecodeWithTheClientsStream) {
   ASSERT_TRUE(client_->RegisterCudaRegion("gpu", handle_, 0, kBytes).ok());
   cudaEvent_t ready, written;
