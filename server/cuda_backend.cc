@@ -86,7 +86,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     if (absl::Status s = WaitForInputs(work.sync); !s.ok()) return s;
     if (absl::Status s = Upload(/*with_indices=*/false); !s.ok()) return s;
     if (absl::Status s = LaunchAppend(work); !s.ok()) return s;
-    return Finish(work.sync, "append");
+    return Finish(work.sync, "append", &work.enqueued);
   }
 
   absl::Status Attention(const AttentionWork& work) override {
@@ -96,22 +96,29 @@ class CudaDeviceBackend final : public DeviceBackend {
       ATTND_CUDA_RETURN(kernels::cuda::LaunchFaultingKernel(stream_.get()), "faulting kernel");
       return Check(cudaStreamSynchronize(stream_.get()), "faulting kernel");
     }
-    BuildGpuBatch(work.append.entries, shape_.page_size, &batch_);
-    if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
-    const int batch = static_cast<int>(batch_.kv_len.size());
-    if (batch_.all_single_token) {
-      if (const DecodeGraph* graph = GraphFor(batch, work.deterministic)) {
-        work.graph_bucket = graph->bucket;
-        if (absl::Status s = ReplayDecode(*graph, work); !s.ok()) return s;
-        return Finish(work.append.sync, "decode graph");
-      }
+    const auto& entries = work.append.entries;
+    const bool decode_only = std::all_of(entries.begin(), entries.end(),
+                                         [](const BatchEntry& e) { return e.num_new == 1; });
+    if (const DecodeGraph* graph =
+            decode_only ? GraphFor(static_cast<int>(entries.size()), work.deterministic) : nullptr) {
+      // The previous replay's first node must have copied the pinned block before the page ids
+      // and slots go straight into it.
+      ATTND_CUDA_RETURN(cudaEventSynchronize(args_uploaded_.get()), "graph arguments");
+      BuildGpuBatch(entries, shape_.page_size, &batch_, HostArg<int32_t>(args_.indices),
+                    HostArg<int64_t>(args_.slots));
+      if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
+      work.graph_bucket = graph->bucket;
+      if (absl::Status s = ReplayDecode(*graph, work); !s.ok()) return s;
+      return Finish(work.append.sync, "decode graph", &work.enqueued);
     }
+    BuildGpuBatch(entries, shape_.page_size, &batch_);
+    if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
     work.graph_bucket = 0;
     if (absl::Status s = Upload(/*with_indices=*/true); !s.ok()) return s;
     if (absl::Status s = LaunchAppend(work.append); !s.ok()) return s;
     absl::Status s = batch_.all_single_token ? Decode(work) : Prefill(work);
     if (!s.ok()) return s;
-    return Finish(work.append.sync, "attention");
+    return Finish(work.append.sync, "attention", &work.enqueued);
   }
 
   absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
@@ -134,6 +141,12 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::Status CheckAttentionFits(absl::Span<const int64_t> starts,
                                   absl::Span<const int64_t> num_new,
                                   bool deterministic) override {
+    // A non-deterministic decode batch always fits: its plan has at most one item per grid
+    // column, and max_items covers the grid of the largest batch (Create). Skipping the trial
+    // plan keeps it (and its vectors) off every decode step's path.
+    if (!deterministic &&
+        std::all_of(num_new.begin(), num_new.end(), [](int64_t n) { return n == 1; }))
+      return absl::OkStatus();
     GpuBatch shape;
     shape.qo_indptr.assign(1, 0);
     shape.kv_indptr.assign(1, 0);
@@ -213,8 +226,13 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   // With a signal event: record it and return at once (the client's stream waits on it);
-  // without: return once the outputs are written.
-  absl::Status Finish(const EventSyncWork& sync, absl::string_view what) {
+  // without: return once the outputs are written. Stamps `enqueued` before any wait, so the
+  // request's host work and its wait for the GPU are timed apart. The wait is
+  // cudaStreamSynchronize under the default schedule (spin while this process has no more
+  // contexts than cores), so seeing the GPU finish costs no thread wake-up.
+  absl::Status Finish(const EventSyncWork& sync, absl::string_view what,
+                      std::chrono::steady_clock::time_point* enqueued) {
+    *enqueued = std::chrono::steady_clock::now();
     if (sync.signal != nullptr)
       return Check(cudaEventRecord(static_cast<cudaEvent_t>(sync.signal), stream_.get()),
                    "record the client's event");
@@ -386,6 +404,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   // One block of per-call arguments every graph reads, uploaded from pinned memory in two
   // copies: [layer][copies in (q, k, v) and out (out, lse)][slot mapping][plan] ... [page table].
   static constexpr size_t kLayerOffset = 0;
+  static constexpr size_t kRangesOffset = 4;  // 3 x uint32: what the graph's first node copies
   static constexpr size_t kCopiesOffset = 16;
   struct GraphArgsLayout {
     size_t slots = 0, plan = 0, indices = 0, bytes = 0;
@@ -410,6 +429,9 @@ class CudaDeviceBackend final : public DeviceBackend {
     args_.indices =
         (args_.plan + static_cast<size_t>(decode_layout_.TotalInts()) * 4 + 255) / 256 * 256;
     args_.bytes = args_.indices + static_cast<size_t>(max_bucket * max_pages_per_seq_) * 4;
+    if (args_.bytes > UINT32_MAX)  // the in-graph copy's ranges are 32-bit
+      return absl::InvalidArgumentError(absl::StrCat(
+          "graph arguments of ", args_.bytes, " bytes: lower --max_seq_len or the largest bucket"));
     auto dev = AllocateDevice(args_.bytes, "graph arguments");
     if (!dev.ok()) return dev.status();
     args_dev_ = *std::move(dev);
@@ -461,7 +483,16 @@ class CudaDeviceBackend final : public DeviceBackend {
         append.slot_mapping = GraphArg<int64_t>(args_.slots);
         append.num_tokens = bucket;
         const auto* copies = GraphArg<kernels::cuda::IndirectCopy>(kCopiesOffset);
-        cudaError_t e = kernels::cuda::LaunchIndirectCopies(copies, 3, stream_.get());
+        // The call's arguments come from the pinned block inside the graph; the host may
+        // rewrite the block once `args_uploaded_` (a node of the graph) has fired.
+        cudaError_t e = kernels::cuda::LaunchHostRangesCopy(HostArg<uint32_t>(kRangesOffset),
+                                                            args_host_.get(), args_dev_.get(),
+                                                            stream_.get());
+        if (e == cudaSuccess) {
+          e = cudaEventRecordWithFlags(args_uploaded_.get(), stream_.get(),
+                                       cudaEventRecordExternal);
+        }
+        if (e == cudaSuccess) e = kernels::cuda::LaunchIndirectCopies(copies, 3, stream_.get());
         if (e == cudaSuccess) e = kernels::cuda::LaunchAppendKv(append, stream_.get());
         if (e == cudaSuccess) e = kernels::cuda::LaunchBatchDecode(GraphDecodeArgs(g), stream_.get());
         if (e == cudaSuccess) e = kernels::cuda::LaunchIndirectCopies(copies + 3, 2, stream_.get());
@@ -482,8 +513,6 @@ class CudaDeviceBackend final : public DeviceBackend {
     const size_t n = batch_.kv_len.size();
     const size_t q_bytes = n * static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
     const size_t kv_bytes = n * static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
-    // The previous call's upload must have left the pinned block before it is rewritten.
-    ATTND_CUDA_RETURN(cudaEventSynchronize(args_uploaded_.get()), "graph arguments");
     std::string error;
     if (!Plan(batch_, work.deterministic, &error, HostArg<int32_t>(args_.plan)))
       return absl::InternalError(absl::StrCat("decode plan: ", error));
@@ -494,20 +523,14 @@ class CudaDeviceBackend final : public DeviceBackend {
     copies[2] = {work.append.v_new, g.v.get(), kv_bytes};
     copies[3] = {g.out.get(), work.out, q_bytes};
     copies[4] = {g.lse.get(), work.lse, work.lse == nullptr ? 0 : n * num_qo_heads_ * 4};
+    // The slots and page ids are in place (BuildGpuBatch wrote them); padded tokens: skipped.
     int64_t* slots = HostArg<int64_t>(args_.slots);
-    std::copy(batch_.slot_mapping.begin(), batch_.slot_mapping.end(), slots);
-    std::fill(slots + n, slots + g.bucket, int64_t{-1});  // padded tokens: skipped
-    std::copy(batch_.kv_indices.begin(), batch_.kv_indices.end(), HostArg<int32_t>(args_.indices));
-    cudaStream_t s = stream_.get();
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(args_dev_.get(), args_host_.get(),
-                                      args_.plan + static_cast<size_t>(decode_plan_ints_) * 4,
-                                      cudaMemcpyHostToDevice, s),
-                      "upload graph arguments");
-    ATTND_CUDA_RETURN(cudaMemcpyAsync(GraphArg<int32_t>(args_.indices), HostArg<int32_t>(args_.indices),
-                                      batch_.kv_indices.size() * 4, cudaMemcpyHostToDevice, s),
-                      "upload page table");
-    ATTND_CUDA_RETURN(cudaEventRecord(args_uploaded_.get(), s), "graph arguments");
-    return Check(cudaGraphLaunch(g.exec, s), "graph replay");
+    std::fill(slots + n, slots + g.bucket, int64_t{-1});
+    uint32_t* ranges = HostArg<uint32_t>(kRangesOffset);
+    ranges[0] = static_cast<uint32_t>(args_.plan + static_cast<size_t>(decode_plan_ints_) * 4);
+    ranges[1] = static_cast<uint32_t>(args_.indices);
+    ranges[2] = static_cast<uint32_t>(batch_.kv_indptr.back()) * 4;
+    return Check(cudaGraphLaunch(g.exec, stream_.get()), "graph replay");
   }
 
   std::vector<DecodeGraph> graphs_;

@@ -21,7 +21,11 @@ struct GpuBatch {
   bool all_single_token = true;       // every request brings exactly one token (decode)
 };
 
-void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch);
+// With `indices_out` / `slots_out`, the page ids / new-token slots go there instead of into
+// batch->kv_indices / batch->slot_mapping (which stay empty): the CUDA graph path writes them
+// straight into its pinned argument block, saving a copy of every page id per call.
+void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch,
+                   int32_t* indices_out = nullptr, int64_t* slots_out = nullptr);
 
 }  // namespace attnd
 

@@ -186,6 +186,13 @@ struct IndirectCopy {
 };
 cudaError_t LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStream_t stream);
 
+// Copies two ranges of a pinned host block to the device, their sizes read from pinned host
+// memory when the kernel runs: header[0] bytes from offset 0 and header[2] bytes from offset
+// header[1] (offsets and sizes multiples of 4). A graph that starts with it takes each call's
+// arguments with no host copy call of its own.
+cudaError_t LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
+                                 cudaStream_t stream);
+
 // ---- Testing aid ----------------------------------------------------------------------------
 // Launches a kernel that traps: the device's context takes a sticky error. Only for tests of
 // fault handling.

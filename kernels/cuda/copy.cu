@@ -25,7 +25,30 @@ __global__ void IndirectCopyKernel(const IndirectCopy* copies) {
   }
 }
 
+// Copies [0, first) and [second_offset, second_offset + second) of src (pinned host memory,
+// read through the unified address space) to dst; the three sizes are read from `header`, also
+// in host memory, when the kernel runs.
+__global__ void HostRangesCopyKernel(const uint32_t* header, const uint32_t* src, uint32_t* dst) {
+  __shared__ uint32_t range[2];
+  if (threadIdx.x == 0) {
+    const uint32_t first = header[0], second_offset = header[1], second = header[2];
+    range[0] = blockIdx.y == 0 ? 0 : second_offset / 4;
+    range[1] = blockIdx.y == 0 ? first / 4 : second / 4;
+  }
+  __syncthreads();
+  const uint32_t begin = range[0], words = range[1];
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
+    dst[begin + i] = src[begin + i];
+}
+
 }  // namespace
+
+cudaError_t LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
+                                 cudaStream_t stream) {
+  HostRangesCopyKernel<<<dim3(32, 2), 256, 0, stream>>>(header, static_cast<const uint32_t*>(src),
+                                                         static_cast<uint32_t*>(dst));
+  return cudaGetLastError();
+}
 
 cudaError_t LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStream_t stream) {
   if (count <= 0) return cudaSuccess;

@@ -23,7 +23,7 @@ TEST(GpuBatchTest, PageTableSlotsAndOffsetsFollowEachEntry) {
   EXPECT_FALSE(b.all_single_token);
 }
 
-TEST(GpuBatchTest, RandomBatchesMatchAPositionByPositionModel) {
+TEST(GpuBatchTest, RandomBatchesMatchAPositionByPositionModelInVectorsOrCallerBuffers) {
   const uint64_t seed = std::random_device{}();
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   std::mt19937_64 rng(seed);
@@ -54,6 +54,21 @@ TEST(GpuBatchTest, RandomBatchesMatchAPositionByPositionModel) {
         ASSERT_EQ(b.slot_mapping[token], int64_t{tables[i][pos / page_size]} * page_size + pos % page_size);
     }
     ASSERT_EQ(token, b.slot_mapping.size());
+
+    // Into caller buffers (the graph path's pinned block): the same ids and slots, no vectors.
+    std::vector<int32_t> ids(b.kv_indices.size() + 1, -7);
+    std::vector<int64_t> slots(b.slot_mapping.size() + 1, -7);
+    GpuBatch out;
+    BuildGpuBatch(entries, page_size, &out, ids.data(), slots.data());
+    ASSERT_TRUE(out.kv_indices.empty());
+    ASSERT_TRUE(out.slot_mapping.empty());
+    ASSERT_EQ(out.kv_indptr, b.kv_indptr);
+    ASSERT_EQ(out.kv_len, b.kv_len);
+    ASSERT_EQ(out.qo_indptr, b.qo_indptr);
+    ASSERT_EQ(std::vector<int32_t>(ids.begin(), ids.end() - 1), b.kv_indices);
+    ASSERT_EQ(std::vector<int64_t>(slots.begin(), slots.end() - 1), b.slot_mapping);
+    ASSERT_EQ(ids.back(), -7) << "nothing written past the batch's page ids";
+    ASSERT_EQ(slots.back(), -7);
   }
 }
 
