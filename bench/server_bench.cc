@@ -5,15 +5,25 @@
 // time to launch one Decode: graph replay against eager launches. Tensors live in this
 // process's device memory, shared with attnd through CUDA IPC.
 //
-//   server_bench [--attnd PATH] [--calls N]     (attnd from ATTND_BINARY or the build)
+// Every path starts from the same lengths (4095 tokens, rolled back every kLengthWindow steps),
+// so the GPU work per call is the same in process and through attnd. For each attnd path it
+// also prints where the time went inside attnd (p50 of each stage of
+// attnd_request_stage_seconds over that path's calls, read from /metrics before and after),
+// and what is left outside attnd: the client's p50 minus attnd's own p50 (gRPC's reads and
+// writes, thread wake-ups, the client library).
+//
+//   server_bench [--attnd PATH] [--calls N] [--server_flag --flag=value ...]
+//   (attnd from ATTND_BINARY or the build)
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -24,12 +34,16 @@
 #include "server/config.h"
 #include "server/cuda_backend.h"
 #include "tests/e2e/server_process.h"
+#include "tests/e2e/stage_metrics.h"
 
 namespace attnd {
 namespace {
 
 constexpr int64_t kBatch = 64, kContext = 4096, kQo = 32, kKv = 8, kDim = 128, kPage = 16;
 constexpr int64_t kPagesPerSeq = (kContext + 1024) / kPage;
+// Lengths run from kContext - 1 for this many steps, then roll back: the same range for every
+// path, inside the pages.
+constexpr int64_t kLengthWindow = 900;
 
 #define CK(x)                                                                                \
   do {                                                                                       \
@@ -131,17 +145,19 @@ struct InProcess {
     for (int64_t s = 0; s < kBatch; ++s) {
       tables.emplace_back();
       for (int64_t p = 0; p < kPagesPerSeq; ++p) tables.back().push_back(static_cast<int32_t>(s * kPagesPerSeq + p));
-      AppendWork fill{0, {{tables.back(), 0, kContext - 1}}, b.base + b.fill_k, b.base + b.fill_v};
+      AppendWork fill{0, {{tables.back(), 0, kContext - 1}}, b.base + b.fill_k, b.base + b.fill_v, {}};
       OK(backend->Append(fill));
       lengths.push_back(kContext - 1);
     }
   }
 
+  void ResetLengths() { std::fill(lengths.begin(), lengths.end(), kContext - 1); }
+
   AttentionWork Step(const Buffers& b) {
     AttentionWork w;
     w.append.layer = 0;
     for (int64_t s = 0; s < kBatch; ++s) {
-      if (lengths[s] >= kContext + 900) lengths[s] = kContext - 1;  // stay inside the pages
+      if (lengths[s] >= kContext - 1 + kLengthWindow) lengths[s] = kContext - 1;
       w.append.entries.push_back({tables[s], lengths[s]++, 1});
     }
     w.append.k_new = b.base + b.k;
@@ -168,27 +184,40 @@ int Main(int argc, char** argv) {
 
   // ---- In process ----
   InProcess graph(true, b), eager(false, b);
+  graph.ResetLengths();
   const Stats in_graph = Time(calls, [&] { OK(graph.backend->Attention(graph.Step(b))); });
+  eager.ResetLengths();
   const Stats in_eager = Time(calls, [&] { OK(eager.backend->Attention(eager.Step(b))); });
   // Host time to enqueue one Decode: with a signal event the backend returns once enqueued.
   cudaEvent_t done;
   CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   // Launch-only time: measured around the enqueue, outside the wait.
-  auto launch_only = [&](InProcess& p) {
-    std::vector<double> us;
-    for (int i = 0; i < calls + 20; ++i) {
-      AttentionWork w = p.Step(b);
-      w.append.sync.signal = done;
-      const auto t0 = Clock::now();
-      OK(p.backend->Attention(w));
-      const double t = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-      CK(cudaEventSynchronize(done));
-      if (i >= 20) us.push_back(t);
+  // Graph and eager calls alternate, so that both see the same machine moments; 5x the calls
+  // of the other rows (host enqueue times are a few microseconds and noisy).
+  auto launch_only = [&] {
+    graph.ResetLengths();
+    eager.ResetLengths();
+    std::vector<double> us[2];
+    for (int i = 0; i < 5 * calls + 20; ++i) {
+      for (int k = 0; k < 2; ++k) {
+        InProcess& p = k == 0 ? graph : eager;
+        AttentionWork w = p.Step(b);
+        w.append.sync.signal = done;
+        const auto t0 = Clock::now();
+        OK(p.backend->Attention(w));
+        const double t = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+        CK(cudaEventSynchronize(done));
+        if (i >= 20) us[k].push_back(t);
+      }
     }
-    std::sort(us.begin(), us.end());
-    return Stats{us[us.size() / 2], us[us.size() * 99 / 100]};
+    std::array<Stats, 2> out;
+    for (int k = 0; k < 2; ++k) {
+      std::sort(us[k].begin(), us[k].end());
+      out[k] = Stats{us[k][us[k].size() / 2], us[k][us[k].size() * 99 / 100]};
+    }
+    return out;
   };
-  const Stats launch_graph = launch_only(graph), launch_eager = launch_only(eager);
+  const auto [launch_graph, launch_eager] = launch_only();
   graph.backend.reset();
   eager.backend.reset();
 
@@ -198,7 +227,7 @@ int Main(int argc, char** argv) {
       absl::StrCat("--num_kv_heads=", kKv), absl::StrCat("--head_dim=", kDim), "--dtype=bf16",
       absl::StrCat("--page_size=", kPage),
       absl::StrCat("--pages_per_device=", kBatch * kPagesPerSeq + 64),
-      absl::StrCat("--max_seq_len=", kContext + 1024)};
+      absl::StrCat("--max_seq_len=", kContext + 1024), "--metrics_port=auto"};
   flags.insert(flags.end(), extra_flags.begin(), extra_flags.end());
   auto server = testing::ServerProcess::Start(flags);
   OK(server.status());
@@ -244,62 +273,167 @@ int Main(int argc, char** argv) {
   async_req.mutable_sync()->set_signal_event("written");
   cudaStream_t stream;
   CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  int steps = 0;
-  // Keep lengths inside the pages: roll every sequence back now and then (not timed apart).
+  // Requests attnd turns down without GPU work: before the device worker (no items) and on it
+  // (an unknown sequence). Their round trips are gRPC's alone, then gRPC's plus the hand-off.
+  v1::AttentionRequest no_items = req;
+  no_items.clear_items();
+  v1::AttentionRequest unknown_seq = req;
+  unknown_seq.mutable_items(0)->set_seq_id(kBatch + 1000);
+  int64_t steps = 0;
+  // Every path starts at kContext - 1 tokens and rolls back every kLengthWindow steps, as the
+  // in-process runs do (untimed).
+  auto reset_lengths = [&] {
+    for (int64_t s = 0; s < kBatch; ++s)
+      OK(cl.TruncateSequence(0, static_cast<uint64_t>(s), kContext - 1).status());
+    steps = 0;
+  };
   auto maybe_truncate = [&] {
-    if (++steps % 800 != 0) return;
-    for (int64_t s = 0; s < kBatch; ++s) OK(cl.TruncateSequence(0, static_cast<uint64_t>(s), kContext - 1).status());
+    if (steps == kLengthWindow) reset_lengths();
+    ++steps;
+  };
+  const int metrics_port = (*server)->metrics_port();
+  auto stage_snapshot = [&] {
+    auto snapshot = testing::ReadStageHistograms(metrics_port);
+    OK(snapshot.status());
+    return *std::move(snapshot);
+  };
+  struct AttndPath {
+    const char* name;
+    const char* rpc;  // whose stages it records
+    Stats stats;
+    testing::StageHistograms stages;
+  };
+  std::vector<AttndPath> paths;
+  auto run_path = [&](const char* name, const char* rpc, const std::function<void()>& fn,
+                      bool decodes) {
+    if (decodes) reset_lengths();
+    const testing::StageHistograms before = stage_snapshot();
+    const Stats st = Time(calls, fn, decodes ? std::function<void()>(maybe_truncate) : [] {});
+    paths.push_back({name, rpc, st, testing::Subtract(stage_snapshot(), before)});
+    return st;
   };
   const Stats empty = Time(calls, [&] { OK(cl.GetServerInfo().status()); });
-  const Stats unary = Time(calls, [&] { OK(cl.Decode(req).status()); }, maybe_truncate);
+  const Stats unary = run_path("attnd unary, sync", "Decode", [&] { OK(cl.Decode(req).status()); }, true);
   auto stream_or = cl.OpenStream();
   OK(stream_or.status());
   client::DataStream& ds = **stream_or;
-  const Stats streamed = Time(calls, [&] { OK(ds.Decode(req).status()); }, maybe_truncate);
-  auto async_call = [&](bool use_stream) {
+  const Stats streamed =
+      run_path("attnd Stream, sync", "Stream.Decode", [&] { OK(ds.Decode(req).status()); }, true);
+  auto expect_code = [](absl::Status s, absl::StatusCode code) {
+    if (s.code() != code) {
+      std::fprintf(stderr, "expected %s, got %s\n", absl::StatusCodeToString(code).c_str(),
+                   s.ToString().c_str());
+      std::exit(1);
+    }
+  };
+  const Stats rejected_early = run_path(
+      "attnd Stream, refused before the worker (no GPU work)", "Stream.Decode",
+      [&] { expect_code(ds.Decode(no_items).status(), absl::StatusCode::kInvalidArgument); }, false);
+  const Stats rejected_worker = run_path(
+      "attnd Stream, refused on the worker (no GPU work)", "Stream.Decode",
+      [&] { expect_code(ds.Decode(unknown_seq).status(), absl::StatusCode::kNotFound); }, false);
+  // The client's stream waits on attnd's event (what an orchestrator does), or the client's
+  // host waits on it (no cross-process wait queued on the GPU).
+  auto async_call = [&](bool use_stream, bool host_waits) {
     CK(cudaEventRecord(ready, stream));
     OK(use_stream ? ds.Decode(async_req).status() : cl.Decode(async_req).status());
-    CK(cudaStreamWaitEvent(stream, written, 0));
-    CK(cudaStreamSynchronize(stream));
+    if (host_waits) {
+      CK(cudaEventSynchronize(written));
+    } else {
+      CK(cudaStreamWaitEvent(stream, written, 0));
+      CK(cudaStreamSynchronize(stream));
+    }
   };
-  const Stats unary_async = Time(calls, [&] { async_call(false); }, maybe_truncate);
-  const Stats stream_async = Time(calls, [&] { async_call(true); }, maybe_truncate);
+  const Stats unary_async = run_path("attnd unary, async (IPC events)", "Decode",
+                                     [&] { async_call(false, false); }, true);
+  const Stats stream_async = run_path("attnd Stream, async (IPC events)", "Stream.Decode",
+                                      [&] { async_call(true, false); }, true);
+  const Stats stream_async_host = run_path("attnd Stream, async, host waits on the event",
+                                           "Stream.Decode", [&] { async_call(true, true); }, true);
+  // Which half of the async path costs: only the wait event (attnd's stream waits on the
+  // client's event, then attnd replies once the outputs are written), or only the signal event
+  // (attnd replies once enqueued; the client's host waits on attnd's event).
+  v1::AttentionRequest wait_only = req, signal_only = req;
+  wait_only.mutable_sync()->set_wait_event("ready");
+  signal_only.mutable_sync()->set_signal_event("written");
+  const Stats wait_only_stats = run_path("attnd Stream, wait event only", "Stream.Decode", [&] {
+    CK(cudaEventRecord(ready, stream));
+    OK(ds.Decode(wait_only).status());
+  }, true);
+  const Stats signal_only_stats = run_path("attnd Stream, signal event only (host waits)", "Stream.Decode", [&] {
+    OK(ds.Decode(signal_only).status());
+    CK(cudaEventSynchronize(written));
+  }, true);
   OK(ds.Close());
-  // The server's own view: mean time from receiving each call to replying.
-  auto stats = cl.GetStats();
-  OK(stats.status());
 
   std::printf("server_bench on %s: Decode of %lld sequences at %lld tokens, one layer, bf16, "
               "%lld/%lld heads, head_dim %lld; %d calls each, wall-clock µs\n",
               prop.name, (long long)kBatch, (long long)kContext, (long long)kQo, (long long)kKv,
               (long long)kDim, calls);
   std::printf("| path | p50 µs | p99 µs | p50 over in-process (graph) |\n|---|---|---|---|\n");
-  auto row = [&](const char* name, Stats s) {
-    std::printf("| %s | %.1f | %.1f | %+.1f |\n", name, s.p50, s.p99, s.p50 - in_graph.p50);
+  // Calls that do no GPU work have nothing to be compared with in process.
+  auto row = [&](const char* name, Stats s, bool decodes = true) {
+    if (decodes)
+      std::printf("| %s | %.1f | %.1f | %+.1f |\n", name, s.p50, s.p99, s.p50 - in_graph.p50);
+    else
+      std::printf("| %s | %.1f | %.1f | |\n", name, s.p50, s.p99);
   };
   row("in-process backend, graph replay", in_graph);
   row("in-process backend, eager launches", in_eager);
-  row("empty gRPC call (GetServerInfo)", empty);
+  row("empty gRPC call (GetServerInfo)", empty, false);
   row("attnd unary, sync", unary);
   row("attnd Stream, sync", streamed);
+  row("attnd Stream, refused before the worker (no GPU work)", rejected_early, false);
+  row("attnd Stream, refused on the worker (no GPU work)", rejected_worker, false);
   row("attnd unary, async (IPC events)", unary_async);
   row("attnd Stream, async (IPC events)", stream_async);
+  row("attnd Stream, async, host waits on the event", stream_async_host);
+  row("attnd Stream, wait event only", wait_only_stats);
+  row("attnd Stream, signal event only (host waits)", signal_only_stats);
   std::printf("\nhost time to enqueue one Decode (in-process, returns before the GPU finishes):\n");
   std::printf("| launch | p50 µs | p99 µs |\n|---|---|---|\n");
   std::printf("| graph replay (copies in, replay, copies out) | %.1f | %.1f |\n", launch_graph.p50, launch_graph.p99);
   std::printf("| eager (append + decode kernels) | %.1f | %.1f |\n", launch_eager.p50, launch_eager.p99);
   std::printf("eager / graph host time: %.2fx\n", launch_eager.p50 / launch_graph.p50);
-  std::printf("\nserver-side mean handling time (attnd_request_duration_seconds):\n");
-  for (const v1::RpcStats& r : stats->rpcs()) {
-    if (r.code() == "OK" && r.count() > 0 && (r.rpc() == "Decode" || r.rpc() == "Stream.Decode" ||
-                                               r.rpc() == "GetServerInfo"))
-      std::printf("  %-14s %6llu calls, mean %.1f µs\n", r.rpc().c_str(),
-                  static_cast<unsigned long long>(r.count()), 1e6 * r.total_seconds() / r.count());
+  // Inside attnd, per path: the stages' medians (each read off its histogram's buckets, about
+  // 19% wide below 1 ms, interpolated). Medians do not add up exactly; "total" is measured.
+  std::printf("\nwhere each path's time goes inside attnd (attnd_request_stage_seconds, p50 µs "
+              "over the path's calls; outside = client p50 - attnd total p50):\n");
+  const char* stage_names[] = {"validate", "queue", "host", "device", "reply", "write", "total"};
+  std::printf("| path | client | calls seen |");
+  for (const char* st : stage_names) std::printf(" %s |", st);
+  std::printf(" outside attnd |\n|---|---|---|");
+  for (size_t i = 0; i < std::size(stage_names); ++i) std::printf("---|");
+  std::printf("---|\n");
+  for (const AttndPath& p : paths) {
+    auto find = [&](const char* stage) -> const testing::Histogram* {
+      auto it = p.stages.find({p.rpc, stage});
+      return it == p.stages.end() ? nullptr : &it->second;
+    };
+    const testing::Histogram* total = find("total");
+    std::printf("| %s | %.1f | %.0f |", p.name, p.stats.p50, total ? total->count : 0.0);
+    for (const char* st : stage_names) {
+      const testing::Histogram* h = find(st);
+      if (h == nullptr) std::printf(" - |");
+      else std::printf(" %.1f |", 1e6 * testing::Quantile(*h, 0.5));
+    }
+    if (total == nullptr) std::printf(" - |\n");
+    else std::printf(" %.1f |\n", p.stats.p50 - 1e6 * testing::Quantile(*total, 0.5));
   }
+  std::printf("(a path refused before the worker records no stages: gRPC's round trip alone. "
+              "\"calls seen\" counts warm-ups too.)\n");
+  std::printf("server flags:");
+  for (const std::string& f : extra_flags) std::printf(" %s", f.c_str());
+  std::printf("%s\n", extra_flags.empty() ? " (defaults)" : "");
   cl.UnregisterRegion("bench").IgnoreError();
   c->reset();  // hang up first: gRPC's shutdown waits for connected clients
   const int rc = (*server)->Terminate();
   std::printf("attnd exit %d\n", rc);
+  if (rc != 0) {  // the end of attnd's log says why
+    const std::string log = (*server)->Log();
+    std::printf("attnd log (last 3000 bytes):\n%s\n",
+                log.substr(log.size() > 3000 ? log.size() - 3000 : 0).c_str());
+  }
   return 0;
 }
 
