@@ -80,9 +80,13 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      absl::MutexLock lock(&mu_);
-      reads_done_ = true;
-      MaybeFinishLocked();
+      bool finish;
+      {
+        absl::MutexLock lock(&mu_);
+        reads_done_ = true;
+        finish = MaybeFinishLocked();
+      }
+      if (finish) Finish(grpc::Status::OK);
       return;
     }
     auto slot = std::make_unique<Slot>();
@@ -99,6 +103,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   void OnWriteDone(bool ok) override {
     Metrics* metrics = metrics_;
     std::unique_ptr<Slot> written;
+    bool finish;
     {
       absl::MutexLock lock(&mu_);
       // Stamped under the lock: a write can complete (on a gRPC thread) before StartWrite has
@@ -109,11 +114,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
       pending_.pop_front();
       if (ok) written->trace.written = now;
       if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
-      WriteNextLocked();
-      MaybeFinishLocked();
+      finish = WriteNextLocked();
     }
     // Off the lock and off the reply's path: the next response may already be on its way.
     metrics->RecordStages(written->rpc, written->trace);
+    if (finish) Finish(grpc::Status::OK);
   }
 
   void OnDone() override { delete this; }
@@ -154,17 +159,24 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   void Complete(Slot* slot, const absl::Status& status) {
     metrics_->RecordRpc(slot->rpc, status.code(),
                         std::chrono::duration<double>(Clock::now() - slot->trace.received).count());
-    absl::MutexLock lock(&mu_);
-    if (!status.ok()) {
-      slot->response.clear_result();
-      slot->response.set_code(static_cast<int32_t>(status.code()));
-      slot->response.set_message(std::string(status.message()));
+    bool finish;
+    {
+      absl::MutexLock lock(&mu_);
+      if (!status.ok()) {
+        slot->response.clear_result();
+        slot->response.set_code(static_cast<int32_t>(status.code()));
+        slot->response.set_message(std::string(status.message()));
+      }
+      slot->done = true;
+      finish = WriteNextLocked();
     }
-    slot->done = true;
-    WriteNextLocked();
+    // This runs on a device worker, not in a gRPC reaction, so OnDone may delete the reactor as
+    // soon as Finish is called: it is the last thing done here, with the lock released.
+    if (finish) Finish(grpc::Status::OK);
   }
 
-  void WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Starts the next response if its turn has come; true when the stream should now finish.
+  bool WriteNextLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     while (!writing_ && !pending_.empty() && pending_.front()->done) {
       if (broken_) {
         pending_.pop_front();
@@ -175,13 +187,15 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
       // OnWriteDone, which reads it, takes mu_ first.
       pending_.front()->trace.handed = Clock::now();
     }
-    MaybeFinishLocked();
+    return MaybeFinishLocked();
   }
 
-  void MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finished_ || !reads_done_ || writing_ || !pending_.empty()) return;
+  // True once (the caller then calls Finish, off the lock) when every read is done and every
+  // response written.
+  bool MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || !reads_done_ || writing_ || !pending_.empty()) return false;
     finished_ = true;
-    Finish(grpc::Status::OK);
+    return true;
   }
 
   Engine* engine_;
