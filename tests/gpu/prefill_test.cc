@@ -471,5 +471,37 @@ TEST(Prefill, RejectsBadArguments) {
   EXPECT_EQ(cuda::LaunchBatchPrefill(a, nullptr), cudaErrorInvalidValue);
 }
 
+// Asking for the Hopper kernel where it does not exist (head_dim 256 on any device) is an
+// error, not a silent fall-back; kAuto picks the portable kernel there and runs.
+TEST(Prefill, HopperKernelIsRefusedWhereItDoesNotExist) {
+  SKIP_WITHOUT_GPU();
+  DecodeProblemSpec s;
+  s.qo_heads = 8;
+  s.kv_heads = 2;
+  s.head_dim = 256;
+  PrefillProblem p;
+  p.Build(s, {{5, 40}}, 17);
+  int dev = 0;
+  cudaGetDevice(&dev);
+  ASSERT_FALSE(cuda::HopperPrefillAvailable(dev, 256));
+  PrefillPlanConfig cfg;
+  EXPECT_EQ(cuda::MakePrefillPlanConfig(dev, s.dtype, 256, s.qo_heads, s.kv_heads, -1, true, &cfg,
+                                        cuda::PrefillKernel::kHopper),
+            cudaErrorNotSupported);
+  PrefillRunner r;
+  r.Init(p, false);
+  r.Upload(p);
+  r.Plan(p);
+  r.Poison();
+  cuda::PrefillArgs a = r.Args(p);
+  a.kernel = cuda::PrefillKernel::kHopper;
+  EXPECT_EQ(cuda::LaunchBatchPrefill(a, nullptr), cudaErrorNotSupported);
+  a.kernel = cuda::PrefillKernel::kAuto;
+  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_CUDA_OK(cudaDeviceSynchronize());
+  const Stats st = Check(p, r.out.Download(), r.lse.Download());
+  EXPECT_LT(st.rel, Tolerance(s.dtype));
+}
+
 }  // namespace
 }  // namespace attnd::kernels::testing
