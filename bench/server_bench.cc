@@ -86,6 +86,21 @@ Stats Time(int calls, const std::function<void()>& fn,
   return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
 }
 
+// Pipelined: rounds of k calls issued back to back (each returns once its work is enqueued),
+// then `finish` waits for the GPU; the sample is the round's time over k.
+Stats TimePipelined(int rounds, int k, const std::function<void()>& call,
+                    const std::function<void()>& finish) {
+  std::vector<double> us;
+  for (int r = 0; r < rounds + 3; ++r) {
+    const auto t0 = Clock::now();
+    for (int i = 0; i < k; ++i) call();
+    finish();
+    if (r >= 3) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / k);
+  }
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+}
+
 ServerConfig ModelConfig(bool graphs) {
   ServerConfig c;
   c.model.num_layers = 1;
@@ -183,14 +198,27 @@ int Main(int argc, char** argv) {
   Buffers b = MakeBuffers();
 
   // ---- In process ----
+  cudaEvent_t done;
+  CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   InProcess graph(true, b), eager(false, b);
   graph.ResetLengths();
   const Stats in_graph = Time(calls, [&] { OK(graph.backend->Attention(graph.Step(b))); });
+  // The same graph replays pipelined: each call returns once enqueued (a signal event), the
+  // GPU runs them back to back; per-call time in the steady state a layer loop sees.
+  constexpr int kPipelined = 8;
+  graph.ResetLengths();
+  const Stats in_graph_pipelined = TimePipelined(
+      calls / kPipelined,
+      kPipelined,
+      [&] {
+        AttentionWork w = graph.Step(b);
+        w.append.sync.signal = done;
+        OK(graph.backend->Attention(w));
+      },
+      [&] { CK(cudaEventSynchronize(done)); });
   eager.ResetLengths();
   const Stats in_eager = Time(calls, [&] { OK(eager.backend->Attention(eager.Step(b))); });
   // Host time to enqueue one Decode: with a signal event the backend returns once enqueued.
-  cudaEvent_t done;
-  CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   // Launch-only time: measured around the enqueue, outside the wait.
   // Graph and eager calls alternate, so that both see the same machine moments; 5x the calls
   // of the other rows (host enqueue times are a few microseconds and noisy).
@@ -364,6 +392,33 @@ int Main(int argc, char** argv) {
     OK(ds.Decode(signal_only).status());
     CK(cudaEventSynchronize(written));
   }, true);
+  // Pipelined through attnd: each Stream call waits on the client's event and signals attnd's,
+  // so attnd replies once its work is enqueued and the next call's round trip overlaps this
+  // call's GPU work; the client's host waits once per round of kPipelined calls.
+  reset_lengths();
+  Stats stream_pipelined;
+  {
+    const testing::StageHistograms before = stage_snapshot();
+    stream_pipelined = TimePipelined(
+        calls / kPipelined, kPipelined,
+        [&] {
+          CK(cudaEventRecord(ready, stream));
+          OK(ds.Decode(async_req).status());
+        },
+        [&] { CK(cudaEventSynchronize(written)); });
+    paths.push_back({"attnd Stream, async, pipelined (per call)", "Stream.Decode", stream_pipelined,
+                     testing::Subtract(stage_snapshot(), before)});
+  }
+  reset_lengths();
+  Stats stream_pipelined_signal;
+  {
+    const testing::StageHistograms before = stage_snapshot();
+    stream_pipelined_signal = TimePipelined(
+        calls / kPipelined, kPipelined, [&] { OK(ds.Decode(signal_only).status()); },
+        [&] { CK(cudaEventSynchronize(written)); });
+    paths.push_back({"attnd Stream, signal event only, pipelined (per call)", "Stream.Decode",
+                     stream_pipelined_signal, testing::Subtract(stage_snapshot(), before)});
+  }
   OK(ds.Close());
 
   std::printf("server_bench on %s: Decode of %lld sequences at %lld tokens, one layer, bf16, "
@@ -380,6 +435,8 @@ int Main(int argc, char** argv) {
   };
   row("in-process backend, graph replay", in_graph);
   row("in-process backend, eager launches", in_eager);
+  std::printf("| in-process backend, graph replay, pipelined (per call) | %.1f | %.1f | %+.1f |\n",
+              in_graph_pipelined.p50, in_graph_pipelined.p99, in_graph_pipelined.p50 - in_graph.p50);
   row("empty gRPC call (GetServerInfo)", empty, false);
   row("attnd unary, sync", unary);
   row("attnd Stream, sync", streamed);
@@ -390,6 +447,12 @@ int Main(int argc, char** argv) {
   row("attnd Stream, async, host waits on the event", stream_async_host);
   row("attnd Stream, wait event only", wait_only_stats);
   row("attnd Stream, signal event only (host waits)", signal_only_stats);
+  auto row_pipelined = [&](const char* name, Stats s) {
+    std::printf("| %s | %.1f | %.1f | %+.1f over in-process pipelined |\n", name, s.p50, s.p99,
+                s.p50 - in_graph_pipelined.p50);
+  };
+  row_pipelined("attnd Stream, async, pipelined (per call)", stream_pipelined);
+  row_pipelined("attnd Stream, signal event only, pipelined (per call)", stream_pipelined_signal);
   std::printf("\nhost time to enqueue one Decode (in-process, returns before the GPU finishes):\n");
   std::printf("| launch | p50 µs | p99 µs |\n|---|---|---|\n");
   std::printf("| graph replay (copies in, replay, copies out) | %.1f | %.1f |\n", launch_graph.p50, launch_graph.p99);

@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/attention_cuda.h"
+#include "server/cuda_completions.h"
 #include "server/gpu_batch.h"
 #include "spdlog/spdlog.h"
 
@@ -122,20 +123,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   }
 
   absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
-    auto* heap = new absl::AnyInvocable<void() &&>(std::move(fn));
-    const cudaError_t e = cudaLaunchHostFunc(
-        stream_.get(),
-        [](void* p) {
-          auto* f = static_cast<absl::AnyInvocable<void() &&>*>(p);
-          std::move (*f)();
-          delete f;
-        },
-        heap);
-    if (e != cudaSuccess) {
-      std::move (*heap)();
-      delete heap;
-    }
-    return Check(e, "completion callback");
+    return completions_->Add(stream_.get(), std::move(fn));
   }
 
   absl::Status CheckAttentionFits(absl::Span<const int64_t> starts,
@@ -551,6 +539,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   kernels::AttentionOptions options_;
   int64_t num_qo_heads_ = 0;
   Stream stream_;
+  std::unique_ptr<CudaCompletions> completions_;  // after stream_: destroyed before it
   DeviceBuffer pool_;
   kernels::DecodePlanConfig decode_cfg_, decode_det_;
   kernels::DecodePlanLayout decode_layout_;
@@ -575,6 +564,7 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   cudaStream_t stream = nullptr;
   ATTND_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   b->stream_.reset(stream);
+  b->completions_ = std::make_unique<CudaCompletions>(device);
 
   // Workspaces first, then the pool takes its share of what is left.
   const int max_batch = static_cast<int>(config.max_batch_size);
