@@ -42,6 +42,10 @@ struct AppendWork {
   const void* k_new = nullptr;  // [total_new, kv_heads, head_dim], rows packed in entry order
   const void* v_new = nullptr;
   EventSyncWork sync;
+  // KvPool::table_epoch() when `entries` were made (0: unknown). With the epoch and the tables
+  // (addresses, sizes) of the previous call unchanged, a backend may keep the page ids it
+  // already uploaded.
+  uint64_t table_epoch = 0;
   // Set by the backend, for the request's stage timings: when its host work was done (CUDA:
   // everything launched, before any wait for the GPU; CPU: everything computed).
   mutable std::chrono::steady_clock::time_point enqueued{};

@@ -105,8 +105,12 @@ class CudaDeviceBackend final : public DeviceBackend {
       // The previous replay's first node must have copied the pinned block before the page ids
       // and slots go straight into it.
       ATTND_CUDA_RETURN(cudaEventSynchronize(args_uploaded_.get()), "graph arguments");
+      // The layers of a step, and most steps, see the page tables of the call before: the ids
+      // already on the device are kept (no host copy, no upload).
+      const bool same_tables = SameTablesAsLastGraphCall(work.append);
       BuildGpuBatch(entries, shape_.page_size, &batch_, HostArg<int32_t>(args_.indices),
-                    HostArg<int64_t>(args_.slots));
+                    HostArg<int64_t>(args_.slots), same_tables);
+      upload_indices_ = !same_tables;
       if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
       work.graph_bucket = graph->bucket;
       if (absl::Status s = ReplayDecode(*graph, work); !s.ok()) return s;
@@ -345,6 +349,26 @@ class CudaDeviceBackend final : public DeviceBackend {
     DeviceBuffer q, k, v, out, lse;
   };
 
+  // Whether the graph arguments already hold this call's page ids: the pool's table epoch is
+  // known and unchanged, and the batch lists the same tables (address and page count) in the
+  // same order as the last graph call. Remembers this call's tables for the next.
+  bool SameTablesAsLastGraphCall(const AppendWork& work) {
+    const int64_t page = shape_.page_size;
+    bool same = work.table_epoch != 0 && work.table_epoch == last_epoch_ &&
+                work.entries.size() == last_tables_.size();
+    for (size_t i = 0; same && i < work.entries.size(); ++i) {
+      const BatchEntry& e = work.entries[i];
+      same = last_tables_[i] == std::pair{e.page_table.data(), (e.start + e.num_new + page - 1) / page};
+    }
+    if (!same) {
+      last_epoch_ = work.table_epoch;
+      last_tables_.clear();
+      for (const BatchEntry& e : work.entries)
+        last_tables_.emplace_back(e.page_table.data(), (e.start + e.num_new + page - 1) / page);
+    }
+    return same;
+  }
+
   const DecodeGraph* GraphFor(int batch, bool deterministic) const {
     for (const DecodeGraph& g : graphs_) {
       if (g.deterministic == deterministic && g.bucket >= batch) return &g;
@@ -517,12 +541,16 @@ class CudaDeviceBackend final : public DeviceBackend {
     uint32_t* ranges = HostArg<uint32_t>(kRangesOffset);
     ranges[0] = static_cast<uint32_t>(args_.plan + static_cast<size_t>(decode_plan_ints_) * 4);
     ranges[1] = static_cast<uint32_t>(args_.indices);
-    ranges[2] = static_cast<uint32_t>(batch_.kv_indptr.back()) * 4;
+    ranges[2] = upload_indices_ ? static_cast<uint32_t>(batch_.kv_indptr.back()) * 4 : 0;
     return Check(cudaGraphLaunch(g.exec, stream_.get()), "graph replay");
   }
 
   std::vector<DecodeGraph> graphs_;
   GraphArgsLayout args_;
+  // The page tables whose ids the graph arguments hold (see SameTablesAsLastGraphCall).
+  uint64_t last_epoch_ = 0;
+  std::vector<std::pair<const int32_t*, int64_t>> last_tables_;
+  bool upload_indices_ = true;
   DeviceBuffer args_dev_;
   PinnedBuffer args_host_;
   struct EventDestroy {

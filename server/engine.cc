@@ -656,6 +656,7 @@ void Engine::AttentionImpl(const v1::AttentionRequest& req, bool decode,
          AttentionWork work;
          work.append = AppendWork{layer, MakeEntries(*d.pool, items, starts), t.k.data, t.v.data,
                                   sync.work};
+         work.append.table_epoch = d.pool->table_epoch();
          work.q = t.q.data;
          work.out = t.out.data;
          work.lse = t.has_lse ? reinterpret_cast<float*>(t.lse.data) : nullptr;

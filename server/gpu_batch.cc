@@ -5,7 +5,7 @@
 namespace attnd {
 
 void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch,
-                   int32_t* indices_out, int64_t* slots_out) {
+                   int32_t* indices_out, int64_t* slots_out, bool skip_indices) {
   batch->qo_indptr.assign(1, 0);
   batch->kv_indptr.assign(1, 0);
   batch->kv_indices.clear();
@@ -16,7 +16,9 @@ void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuB
   for (const BatchEntry& e : entries) {
     const int64_t len = e.start + e.num_new;
     const int64_t pages = (len + page_size - 1) / page_size;
-    if (indices_out != nullptr) {
+    if (skip_indices) {
+      // The caller already holds these ids.
+    } else if (indices_out != nullptr) {
       std::copy(e.page_table.begin(), e.page_table.begin() + pages, indices_out + num_indices);
     } else {
       batch->kv_indices.insert(batch->kv_indices.end(), e.page_table.begin(),

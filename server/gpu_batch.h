@@ -23,9 +23,11 @@ struct GpuBatch {
 
 // With `indices_out` / `slots_out`, the page ids / new-token slots go there instead of into
 // batch->kv_indices / batch->slot_mapping (which stay empty): the CUDA graph path writes them
-// straight into its pinned argument block, saving a copy of every page id per call.
+// straight into its pinned argument block, saving a copy of every page id per call. With
+// `skip_indices` the page ids are written nowhere (the caller still holds them).
 void BuildGpuBatch(absl::Span<const BatchEntry> entries, int64_t page_size, GpuBatch* batch,
-                   int32_t* indices_out = nullptr, int64_t* slots_out = nullptr);
+                   int32_t* indices_out = nullptr, int64_t* slots_out = nullptr,
+                   bool skip_indices = false);
 
 }  // namespace attnd
 

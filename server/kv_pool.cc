@@ -42,6 +42,7 @@ absl::Status KvPool::Create(uint64_t id) {
   if (!sequences_.try_emplace(id, std::move(seq)).second)
     return absl::AlreadyExistsError(
         absl::StrCat("seq_id: sequence ", id, " already exists on device ", device_));
+  ++table_epoch_;
   return absl::OkStatus();
 }
 
@@ -57,6 +58,7 @@ absl::Status KvPool::Fork(uint64_t parent, uint64_t child) {
   seq->id = child;
   for (int32_t page : seq->pages) ++refcounts_[page];
   sequences_.emplace(child, std::move(seq));
+  ++table_epoch_;
   return absl::OkStatus();
 }
 
@@ -69,7 +71,10 @@ absl::Status KvPool::Truncate(uint64_t id, int64_t length) {
   for (int64_t& len : seq.lengths) len = std::min(len, length);
   const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
   for (size_t i = keep; i < seq.pages.size(); ++i) ReleasePage(seq.pages[i]);
-  if (seq.pages.size() > keep) seq.pages.resize(keep);
+  if (seq.pages.size() > keep) {
+    seq.pages.resize(keep);
+    ++table_epoch_;
+  }
   return absl::OkStatus();
 }
 
@@ -80,6 +85,7 @@ absl::StatusOr<int64_t> KvPool::Release(uint64_t id) {
   int64_t freed = 0;
   for (int32_t page : it->second->pages) freed += ReleasePage(page) ? 1 : 0;
   sequences_.erase(it);
+  ++table_epoch_;
   return freed;
 }
 
@@ -186,9 +192,11 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const Pag
           copies.push_back({page, fresh});
           ReleasePage(page);
           page = fresh;
+          ++table_epoch_;
         }
       } else {
         seq.pages.push_back(AllocatePage());
+        ++table_epoch_;
       }
     }
     int64_t& len = seq.lengths[static_cast<size_t>(w.layer)];

@@ -64,6 +64,10 @@ class KvPool {
   absl::StatusOr<int64_t> Release(uint64_t id);
 
   const Sequence* Find(uint64_t id) const;
+  // Changes whenever any sequence's page table does (a page added, replaced by its copy,
+  // dropped; a sequence created, forked or released), never otherwise; starts at 1. A caller
+  // that saw the same epoch and the same tables (by address and size) before has the same ids.
+  uint64_t table_epoch() const { return table_epoch_; }
   int64_t SharedPages(const Sequence& seq) const;
   std::vector<const Sequence*> List() const;
 
@@ -93,6 +97,7 @@ class KvPool {
   std::vector<int32_t> refcounts_;
   std::vector<int32_t> free_list_;  // a stack; low page ids are handed out first
   absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
+  uint64_t table_epoch_ = 1;
 };
 
 }  // namespace attnd
