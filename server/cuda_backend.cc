@@ -98,10 +98,16 @@ class CudaDeviceBackend final : public DeviceBackend {
       return Check(cudaStreamSynchronize(stream_.get()), "faulting kernel");
     }
     const auto& entries = work.append.entries;
-    const bool decode_only = std::all_of(entries.begin(), entries.end(),
-                                         [](const BatchEntry& e) { return e.num_new == 1; });
-    if (const DecodeGraph* graph =
-            decode_only ? GraphFor(static_cast<int>(entries.size()), work.deterministic) : nullptr) {
+    // A deterministic Prefill call takes the prefill kernel even when every item is one token,
+    // so that an item's bits do not depend on whether a longer chunk shares its call (the
+    // decode kernel sums in another order).
+    const bool decode_kernel =
+        (work.decode || !work.deterministic) &&
+        std::all_of(entries.begin(), entries.end(),
+                    [](const BatchEntry& e) { return e.num_new == 1; });
+    if (const DecodeGraph* graph = decode_kernel ? GraphFor(static_cast<int>(entries.size()),
+                                                            work.deterministic)
+                                                 : nullptr) {
       // The previous replay's first node must have copied the pinned block before the page ids
       // and slots go straight into it.
       ATTND_CUDA_RETURN(cudaEventSynchronize(args_uploaded_.get()), "graph arguments");
@@ -117,6 +123,7 @@ class CudaDeviceBackend final : public DeviceBackend {
       return Finish(work.append.sync, "decode graph", &work.enqueued);
     }
     BuildGpuBatch(entries, shape_.page_size, &batch_);
+    batch_.all_single_token = batch_.all_single_token && decode_kernel;
     if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
     work.graph_bucket = 0;
     if (absl::Status s = Upload(/*with_indices=*/true); !s.ok()) return s;

@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/tensor.h"
@@ -126,6 +127,48 @@ TEST(CudaServerTest, ABatchOfThreePaddedToFourGivesEachSequenceItsBitsAlone) {
               0)
         << "layer " << layer;
   }
+}
+
+// Deterministic mode: a single-token item of a Prefill call gets the same bits whether or not
+// a long chunk shares the call (both run the prefill kernel; without care an all-decode Prefill
+// call would take the decode kernel, which sums in another order).
+TEST(CudaServerTest, DeterministicPrefillCallGivesADecodeItemItsBitsWithOrWithoutAChunk) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(absl::StrCat("seed ", seed));
+  Served s = Serve(true, seed);
+  ASSERT_NE(s.harness, nullptr);
+  Harness& h = *s.harness;
+  const std::vector<Item> prompts = {{1, 2000}, {2, 600}};
+  for (const Item& p : prompts) ASSERT_TRUE(h.CreateSequence(p.seq_id).ok());
+  for (uint32_t layer = 0; layer < 2; ++layer) ASSERT_TRUE(h.Attend(layer, prompts, false).ok());
+  const uint64_t q_row = 8 * 64 * 2, kv_row = 2 * 64 * 2;
+  auto* region = static_cast<uint8_t*>(h.buffer().data());
+  // Row 0 (sequence 1's token) of the call with the chunk, kept to replay it alone.
+  v1::AttentionRequest with_chunk = h.BuildAttention(0, {{1, 1}, {2, 300}}, false);
+  with_chunk.set_deterministic(true);
+  const std::vector<uint8_t> q(region + h.q_offset(), region + h.q_offset() + q_row);
+  const std::vector<uint8_t> k(region + h.k_offset(), region + h.k_offset() + kv_row);
+  const std::vector<uint8_t> v(region + h.v_offset(), region + h.v_offset() + kv_row);
+  auto put_row0 = [&] {
+    std::memcpy(region + h.q_offset(), q.data(), q_row);
+    std::memcpy(region + h.k_offset(), k.data(), kv_row);
+    std::memcpy(region + h.v_offset(), v.data(), kv_row);
+  };
+  v1::AttentionRequest alone = h.BuildAttention(0, {{1, 1}}, false);
+  alone.set_deterministic(true);
+  put_row0();
+  auto r = s.client->Prefill(alone);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const std::vector<uint8_t> out_alone(region + h.out_offset(), region + h.out_offset() + q_row);
+  // Back to 2000 tokens, then the same token beside a 300-token chunk.
+  ASSERT_TRUE(s.client->TruncateSequence(0, 1, 2000).ok());
+  with_chunk = h.BuildAttention(0, {{1, 1}, {2, 300}}, false);
+  with_chunk.set_deterministic(true);
+  put_row0();
+  r = s.client->Prefill(with_chunk);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(std::memcmp(region + h.out_offset(), out_alone.data(), q_row), 0);
 }
 
 TEST(CudaServerTest, AGraphCapturedAtStartUpReplaysCorrectlyAt32kTokens) {
