@@ -35,13 +35,18 @@ struct KvCacheShape {
   constexpr int64_t TotalBytes() const {
     return TotalElems() * static_cast<int64_t>(DTypeSize(dtype));
   }
+  // Elements between consecutive slots (tokens) of a block, and between consecutive heads.
+  constexpr int64_t SlotStride() const {
+    return layout == KvLayout::kNHD ? num_kv_heads * head_dim : head_dim;
+  }
+  constexpr int64_t HeadStride() const {
+    return layout == KvLayout::kNHD ? head_dim : page_size * head_dim;
+  }
   // Element offset of (layer, page, kv: 0 = K / 1 = V, slot in page, head, 0).
   constexpr int64_t Offset(int64_t layer, int64_t page, int kv, int64_t slot,
                            int64_t head) const {
-    const int64_t block = layer * LayerElems() + page * PageElems() + kv * BlockElems();
-    return layout == KvLayout::kNHD
-               ? block + (slot * num_kv_heads + head) * head_dim
-               : block + (head * page_size + slot) * head_dim;
+    return layer * LayerElems() + page * PageElems() + kv * BlockElems() + slot * SlotStride() +
+           head * HeadStride();
   }
 };
 

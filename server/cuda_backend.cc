@@ -116,10 +116,10 @@ class CudaDeviceBackend final : public DeviceBackend {
       const bool same_tables = SameTablesAsLastGraphCall(work.append);
       BuildGpuBatch(entries, shape_.page_size, &batch_, HostArg<int32_t>(args_.indices),
                     HostArg<int64_t>(args_.slots), same_tables);
-      upload_indices_ = !same_tables;
       if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
       work.graph_bucket = graph->bucket;
-      if (absl::Status s = ReplayDecode(*graph, work); !s.ok()) return s;
+      if (absl::Status s = ReplayDecode(*graph, work, /*upload_indices=*/!same_tables); !s.ok())
+        return s;
       return Finish(work.append.sync, "decode graph", &work.enqueued);
     }
     BuildGpuBatch(entries, shape_.page_size, &batch_);
@@ -527,7 +527,8 @@ class CudaDeviceBackend final : public DeviceBackend {
     return absl::OkStatus();
   }
 
-  absl::Status ReplayDecode(const DecodeGraph& g, const AttentionWork& work) {
+  absl::Status ReplayDecode(const DecodeGraph& g, const AttentionWork& work,
+                            bool upload_indices) {
     const size_t es = kernels::DTypeSize(shape_.dtype);
     const size_t n = batch_.kv_len.size();
     const size_t q_bytes = n * static_cast<size_t>(num_qo_heads_ * shape_.head_dim) * es;
@@ -548,7 +549,7 @@ class CudaDeviceBackend final : public DeviceBackend {
     uint32_t* ranges = HostArg<uint32_t>(kRangesOffset);
     ranges[0] = static_cast<uint32_t>(args_.plan + static_cast<size_t>(decode_plan_ints_) * 4);
     ranges[1] = static_cast<uint32_t>(args_.indices);
-    ranges[2] = upload_indices_ ? static_cast<uint32_t>(batch_.kv_indptr.back()) * 4 : 0;
+    ranges[2] = upload_indices ? static_cast<uint32_t>(batch_.kv_indptr.back()) * 4 : 0;
     return Check(cudaGraphLaunch(g.exec, stream_.get()), "graph replay");
   }
 
@@ -557,7 +558,6 @@ class CudaDeviceBackend final : public DeviceBackend {
   // The page tables whose ids the graph arguments hold (see SameTablesAsLastGraphCall).
   uint64_t last_epoch_ = 0;
   std::vector<std::pair<const int32_t*, int64_t>> last_tables_;
-  bool upload_indices_ = true;
   DeviceBuffer args_dev_;
   PinnedBuffer args_host_;
   struct EventDestroy {

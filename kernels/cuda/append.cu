@@ -85,9 +85,8 @@ cudaError_t LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
                (p.layer_ptr != nullptr ? 0 : a.kv.layer * sh.LayerElems() * 2);
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
-  const bool nhd = sh.layout == KvLayout::kNHD;
-  p.slot_stride = nhd ? h * d : d;
-  p.head_stride = nhd ? d : sh.page_size * d;
+  p.slot_stride = sh.SlotStride();
+  p.head_stride = sh.HeadStride();
   p.page_div = detail::MakeFastDivmod(static_cast<uint32_t>(sh.page_size));
   p.heads_div = detail::MakeFastDivmod(static_cast<uint32_t>(h));
   p.k = static_cast<const uint16_t*>(a.k);

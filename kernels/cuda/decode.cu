@@ -486,9 +486,8 @@ cudaError_t LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
                     : a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype)));
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
-  const bool nhd = sh.layout == KvLayout::kNHD;
-  p.slot_stride = nhd ? kvh * d : d;
-  p.head_stride = nhd ? d : sh.page_size * d;
+  p.slot_stride = sh.SlotStride();
+  p.head_stride = sh.HeadStride();
   p.page_div = detail::MakeFastDivmod(static_cast<uint32_t>(sh.page_size));
   p.kv_indices = a.kv_indices;
   p.q = a.q;

@@ -694,9 +694,8 @@ cudaError_t LaunchBatchPrefill(const PrefillArgs& a, cudaStream_t stream) {
                a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype));
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
-  const bool nhd = sh.layout == KvLayout::kNHD;
-  p.slot_stride = nhd ? kvh * d : d;
-  p.head_stride = nhd ? d : sh.page_size * d;
+  p.slot_stride = sh.SlotStride();
+  p.head_stride = sh.HeadStride();
   p.page_div = detail::MakeFastDivmod(static_cast<uint32_t>(sh.page_size));
   p.group = static_cast<int>(qo / kvh);
   p.group_div = detail::MakeFastDivmod(static_cast<uint32_t>(p.group));

@@ -67,8 +67,8 @@ __device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDe
       const int r = r0 + kRowStep * i;
       const int64_t off = o[r];
       const bool valid = off >= 0;
-      CpAsync16(dst_base + SwizzledOffset(kKeys, r, ch), kv + (valid ? off + src_offset : 0) + ch * 8,
-                valid);
+      const T* src = kv + (valid ? off + src_offset : 0) + ch * 8;
+      CpAsync16(dst_base + SwizzledOffset(kKeys, r, ch), src, valid);
     }
     CpAsyncCommit();
   };

@@ -25,7 +25,8 @@ namespace attnd::kernels::cuda::detail {
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile of `rows` rows.
 __device__ __forceinline__ uint32_t SwizzledOffset(int rows, int row, int chunk) {
-  return static_cast<uint32_t>((((chunk >> 3) * rows + row) << 7) + (((chunk & 7) ^ (row & 7)) << 4));
+  const int atom_row = (chunk >> 3) * rows + row;
+  return static_cast<uint32_t>((atom_row << 7) + (((chunk & 7) ^ (row & 7)) << 4));
 }
 
 // Descriptor of a 128-byte-swizzled operand at shared address `addr` (its atom 1024-aligned, or

@@ -101,6 +101,47 @@ struct DecodeProblemSpec {
   int64_t q_pad = 0;  // extra elements per q/out head row (strided q and out)
 };
 
+// A random pool for requests of `kv_lens` keys (plus `extra_pages` no request owns), their page
+// tables drawn from a shuffled page list (CSR: indptr, indices), and the model options.
+struct RandomPagedKv {
+  KvCacheShape shape;
+  AttentionOptions opts;
+  std::vector<int32_t> indptr;
+  std::vector<int32_t> indices;
+  std::vector<uint16_t> pool;  // host copy
+
+  void Build(const DecodeProblemSpec& s, const std::vector<int32_t>& kv_lens, int64_t extra_pages,
+             std::mt19937_64& rng) {
+    shape.num_layers = s.num_layers;
+    shape.page_size = s.page_size;
+    shape.num_kv_heads = s.kv_heads;
+    shape.head_dim = s.head_dim;
+    shape.layout = s.layout;
+    shape.dtype = s.dtype;
+    int64_t pages = extra_pages;
+    for (int32_t l : kv_lens) pages += (l + s.page_size - 1) / s.page_size;
+    shape.num_pages = pages;
+    std::vector<int32_t> perm(pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    indptr.assign(1, 0);
+    indices.clear();
+    size_t next = 0;
+    for (int32_t l : kv_lens) {
+      const int64_t n = (l + s.page_size - 1) / s.page_size;
+      for (int64_t i = 0; i < n; ++i) indices.push_back(perm[next++]);
+      indptr.push_back(static_cast<int32_t>(indices.size()));
+    }
+    if (indices.empty()) indices.push_back(0);
+    pool.resize(shape.TotalElems());
+    RandomFill16(&pool, s.dtype, 1.0f, rng());
+    opts.num_qo_heads = s.qo_heads;
+    opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    opts.logits_soft_cap = s.soft_cap;
+    opts.window_left = s.window_left;
+  }
+};
+
 // A random batch over a shared pool: page tables drawn from a shuffled page list.
 struct DecodeProblem {
   DecodeProblemSpec spec;
@@ -118,33 +159,13 @@ struct DecodeProblem {
     spec = s;
     lens = lengths;
     std::mt19937_64 rng(seed);
-    shape.num_layers = s.num_layers;
-    shape.page_size = s.page_size;
-    shape.num_kv_heads = s.kv_heads;
-    shape.head_dim = s.head_dim;
-    shape.layout = s.layout;
-    shape.dtype = s.dtype;
-    int64_t pages = extra_pages;
-    for (int32_t l : lens) pages += (l + s.page_size - 1) / s.page_size;
-    shape.num_pages = pages;
-    std::vector<int32_t> perm(pages);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    indptr.assign(1, 0);
-    indices.clear();
-    size_t next = 0;
-    for (int32_t l : lens) {
-      const int64_t n = (l + s.page_size - 1) / s.page_size;
-      for (int64_t i = 0; i < n; ++i) indices.push_back(perm[next++]);
-      indptr.push_back(static_cast<int32_t>(indices.size()));
-    }
-    if (indices.empty()) indices.push_back(0);
-    pool.resize(shape.TotalElems());
-    RandomFill16(&pool, s.dtype, 1.0f, rng());
-    opts.num_qo_heads = s.qo_heads;
-    opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-    opts.logits_soft_cap = s.soft_cap;
-    opts.window_left = s.window_left;
+    RandomPagedKv kv;
+    kv.Build(s, lens, extra_pages, rng);
+    shape = kv.shape;
+    opts = kv.opts;
+    indptr = std::move(kv.indptr);
+    indices = std::move(kv.indices);
+    pool = std::move(kv.pool);
     q_sh = s.head_dim + s.q_pad;
     q_sb = s.qo_heads * q_sh;
     q.resize(lens.size() * q_sb);

@@ -1020,7 +1020,9 @@ TEST_F(KvPoolTest, EqualTableEpochsMeanEqualPageTables) {
     std::map<uint64_t, std::vector<int32_t>> tables;
     for (const Sequence* s : pool_.List()) tables[s->id] = s->pages;
     auto [it, inserted] = seen.try_emplace(pool_.table_epoch(), tables);
-    if (!inserted) ASSERT_EQ(it->second, tables) << "step " << step;
+    if (!inserted) {
+      ASSERT_EQ(it->second, tables) << "step " << step;
+    }
   }
 }
 
