@@ -18,10 +18,11 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/server.h"
 #include "grpcpp/server_builder.h"
-#include "server/engine.h"
-#include "server/flags.h"
-#include "server/metrics.h"
-#include "server/service.h"
+#include "server/engine/engine.h"
+#include "server/platform/factory.h"
+#include "server/config/flags.h"
+#include "server/metrics/metrics.h"
+#include "server/wire/service.h"
 #include "spdlog/sinks/stdout_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -57,7 +58,12 @@ int Run(const ServerConfig& config) {
                config.model.head_dim, config.model.page_size);
 
   Metrics metrics(config.devices);
-  auto engine_or = Engine::Create(config, &metrics);
+  auto platform = CreateDevicePlatform(config);
+  if (!platform.ok()) {
+    spdlog::error("cannot start: {}", platform.status().ToString());
+    return 1;
+  }
+  auto engine_or = Engine::Create(config, *std::move(platform), &metrics);
   if (!engine_or.ok()) {
     spdlog::error("cannot start: {}", engine_or.status().ToString());
     return 1;

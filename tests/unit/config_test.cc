@@ -1,7 +1,7 @@
 // Tests of server/config.h: ServerConfig::Validate() rejects every bad setting with a message that
 // names its flag, resolves defaults (sm_scale, graph buckets), and DefaultGraphBuckets has the
 // vLLM-like shape.
-#include "server/config.h"
+#include "server/config/config.h"
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,6 @@
 // Tests of server/device_worker.h: one thread per device that runs posted tasks in order, and
 // drains its queue before it stops.
-#include "server/device_worker.h"
+#include "server/engine/device_worker.h"
 
 #include <gtest/gtest.h>
 

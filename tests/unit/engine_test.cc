@@ -1,4 +1,4 @@
-// Tests of server/engine.h on the CPU backend, driven in process with v1 requests and host regions
+// Tests of server/engine/engine.h on the CPU platform, driven in process with v1 requests and host regions
 // over real POSIX shared memory. Every attention output is compared with a dense fp64 reference
 // computed here from the K/V history the test itself fed in (so paging, copy-on-write, fork,
 // truncate and import bugs all show up as wrong numbers), by ||out - ref|| / ||ref||.
@@ -6,7 +6,7 @@
 // Inputs are fresh random values each run (the seed is printed; ATTND_TEST_SEED replays it);
 // outputs are poisoned with NaN before each call; the pool is fragmented first so page tables
 // are not contiguous by accident; lengths are not multiples of the page size, and include 1.
-#include "server/engine.h"
+#include "server/engine/engine.h"
 
 #include <gtest/gtest.h>
 
@@ -27,8 +27,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "kernels/cpu_attention.h"
-#include "server/config.h"
-#include "server/metrics.h"
+#include "server/config/config.h"
+#include "server/cpu/cpu_platform.h"
+#include "server/metrics/metrics.h"
+#include "server/wire/convert.h"
 #include "spdlog/spdlog.h"
 #include "tests/unit/unit_test_util.h"
 
@@ -51,6 +53,93 @@ absl::Status Await(Call&& call) {
   done.WaitForNotification();
   return status;
 }
+
+// The engine speaks plain C++. These tests build the wire's requests and convert them exactly
+// as the gRPC handlers do (server/wire/convert.h), so the engine is tested on what clients
+// send; this adapter is that conversion, with the handlers' signatures.
+class WireEngine {
+ public:
+  using Done = Engine::Done;
+  explicit WireEngine(Engine* engine) : engine_(engine) {}
+
+  absl::Status RegisterHostRegion(const v1::RegisterHostRegionRequest& req) {
+    return engine_->RegisterHostRegion(wire::ToHostRegionSpec(req));
+  }
+  void GetServerInfo(v1::ServerInfo* info) { wire::FillServerInfo(engine_->Info(), info); }
+  void ListRegions(v1::ListRegionsResponse* resp) { wire::FillRegions(engine_->ListRegions(), resp); }
+  void CreateSequence(const v1::CreateSequenceRequest& req, v1::SequenceInfo* info, Done done) {
+    engine_->CreateSequence(req.device(), req.seq_id(), Sequence(info, std::move(done)));
+  }
+  void ForkSequence(const v1::ForkSequenceRequest& req, v1::SequenceInfo* info, Done done) {
+    engine_->ForkSequence(req.device(), req.parent_id(), req.child_id(),
+                          Sequence(info, std::move(done)));
+  }
+  void TruncateSequence(const v1::TruncateSequenceRequest& req, v1::SequenceInfo* info,
+                        Done done) {
+    engine_->TruncateSequence(req.device(), req.seq_id(), req.length(),
+                              Sequence(info, std::move(done)));
+  }
+  void GetSequence(const v1::GetSequenceRequest& req, v1::SequenceInfo* info, Done done) {
+    engine_->GetSequence(req.device(), req.seq_id(), Sequence(info, std::move(done)));
+  }
+  void ReleaseSequence(const v1::ReleaseSequenceRequest& req, v1::ReleaseSequenceResponse* resp,
+                       Done done) {
+    engine_->ReleaseSequence(req.device(), req.seq_id(),
+                             [resp, done = std::move(done)](absl::StatusOr<int64_t> r) mutable {
+                               if (r.ok()) resp->set_freed_pages(static_cast<uint64_t>(*r));
+                               std::move(done)(r.status());
+                             });
+  }
+  void ListSequences(const v1::ListSequencesRequest& req, v1::ListSequencesResponse* resp,
+                     Done done) {
+    engine_->ListSequences(
+        req.device(), [resp, done = std::move(done)](
+                          absl::StatusOr<std::vector<SequenceState>> r) mutable {
+          if (r.ok())
+            for (const SequenceState& s : *r) wire::FillSequenceInfo(s, resp->add_sequences());
+          std::move(done)(r.status());
+        });
+  }
+  void Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done) {
+    engine_->Append(wire::ToAppendCall(req), Lengths(resp, std::move(done)));
+  }
+  void Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+               RequestTrace* trace = nullptr) {
+    engine_->Prefill(wire::ToAttentionCall(req), Lengths(resp, std::move(done)), trace);
+  }
+  void Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
+              RequestTrace* trace = nullptr) {
+    engine_->Decode(wire::ToAttentionCall(req), Lengths(resp, std::move(done)), trace);
+  }
+  void ExportKv(const v1::ExportKvRequest& req, v1::ExportKvResponse*, Done done) {
+    engine_->ExportKv(wire::ToTransferCall(req), std::move(done));
+  }
+  void ImportKv(const v1::ImportKvRequest& req, v1::ImportKvResponse* resp, Done done) {
+    engine_->ImportKv(wire::ToTransferCall(req), [resp, done = std::move(done)](
+                                                     absl::StatusOr<std::vector<int64_t>> r) mutable {
+      if (r.ok())
+        for (int64_t len : *r) resp->add_layer_lengths(static_cast<uint64_t>(len));
+      std::move(done)(r.status());
+    });
+  }
+
+ private:
+  static Engine::Reply<SequenceState> Sequence(v1::SequenceInfo* info, Done done) {
+    return [info, done = std::move(done)](absl::StatusOr<SequenceState> r) mutable {
+      if (r.ok()) wire::FillSequenceInfo(*r, info);
+      std::move(done)(r.status());
+    };
+  }
+  template <typename Resp>
+  static Engine::Reply<DataResult> Lengths(Resp* resp, Done done) {
+    return [resp, done = std::move(done)](absl::StatusOr<DataResult> r) mutable {
+      if (r.ok()) wire::FillLengths(*r, resp->mutable_lengths());
+      std::move(done)(r.status());
+    };
+  }
+
+  Engine* engine_;
+};
 
 struct ModelCase {
   const char* name;
@@ -182,14 +271,15 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     config_.metrics_port = 0;
     ASSERT_TRUE(config_.Validate().ok()) << config_.Validate();
     metrics_ = std::make_unique<Metrics>(config_.devices);
-    auto engine = Engine::Create(config_, metrics_.get());
+    auto engine = Engine::Create(config_, CreateCpuPlatform(), metrics_.get());
     ASSERT_TRUE(engine.ok()) << engine.status();
     engine_ = *std::move(engine);
+    wire_ = std::make_unique<WireEngine>(engine_.get());
     v1::RegisterHostRegionRequest reg;
     reg.set_name(kRegion);
     reg.set_shm_key(shm_->key());
     reg.set_byte_size(shm_->size());
-    ASSERT_TRUE(engine_->RegisterHostRegion(reg).ok());
+    ASSERT_TRUE(wire_->RegisterHostRegion(reg).ok());
   }
 
   const ModelShape& model() const { return config_.model; }
@@ -256,7 +346,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     v1::CreateSequenceRequest req;
     req.set_seq_id(id);
     v1::SequenceInfo info;
-    ASSERT_TRUE(Await([&](Engine::Done d) { engine_->CreateSequence(req, &info, std::move(d)); }).ok());
+    ASSERT_TRUE(Await([&](Engine::Done d) { wire_->CreateSequence(req, &info, std::move(d)); }).ok());
     history_[id] = History();
   }
 
@@ -265,7 +355,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     req.set_seq_id(id);
     v1::ReleaseSequenceResponse resp;
     absl::Status s =
-        Await([&](Engine::Done d) { engine_->ReleaseSequence(req, &resp, std::move(d)); });
+        Await([&](Engine::Done d) { wire_->ReleaseSequence(req, &resp, std::move(d)); });
     if (s.ok()) history_.erase(id);
     return s;
   }
@@ -275,7 +365,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     req.set_parent_id(parent);
     req.set_child_id(child);
     v1::SequenceInfo info;
-    EXPECT_TRUE(Await([&](Engine::Done d) { engine_->ForkSequence(req, &info, std::move(d)); }).ok());
+    EXPECT_TRUE(Await([&](Engine::Done d) { wire_->ForkSequence(req, &info, std::move(d)); }).ok());
     history_[child] = history_[parent];
     return info;
   }
@@ -286,7 +376,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     req.set_length(length);
     v1::SequenceInfo info;
     EXPECT_TRUE(
-        Await([&](Engine::Done d) { engine_->TruncateSequence(req, &info, std::move(d)); }).ok());
+        Await([&](Engine::Done d) { wire_->TruncateSequence(req, &info, std::move(d)); }).ok());
     history_[id].Truncate(static_cast<int64_t>(length));
     return info;
   }
@@ -295,13 +385,13 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     v1::GetSequenceRequest req;
     req.set_seq_id(id);
     v1::SequenceInfo info;
-    EXPECT_TRUE(Await([&](Engine::Done d) { engine_->GetSequence(req, &info, std::move(d)); }).ok());
+    EXPECT_TRUE(Await([&](Engine::Done d) { wire_->GetSequence(req, &info, std::move(d)); }).ok());
     return info;
   }
 
   uint64_t FreePages() const {
     v1::ServerInfo info;
-    engine_->GetServerInfo(&info);
+    wire_->GetServerInfo(&info);
     return info.devices(0).free_pages();
   }
 
@@ -322,12 +412,12 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
       b->set_seq_id(it.id);
       b->set_num_new_tokens(static_cast<uint32_t>(it.n));
     }
-    const v1::DType wire = ToWire(model().dtype);
+    const v1::DType wire = wire::ToWire(model().dtype);
     const std::vector<uint64_t> shape = {static_cast<uint64_t>(rows), kKvHeads, kHeadDim};
     *req.mutable_k_new() = Ref(k_off, wire, shape);
     *req.mutable_v_new() = Ref(v_off, wire, shape);
     v1::AppendResponse resp;
-    const absl::Status s = Await([&](Engine::Done d) { engine_->Append(req, &resp, std::move(d)); });
+    const absl::Status s = Await([&](Engine::Done d) { wire_->Append(req, &resp, std::move(d)); });
     ASSERT_TRUE(s.ok()) << s;
     ASSERT_EQ(resp.lengths_size(), static_cast<int>(items.size()));
     int64_t row = 0;
@@ -373,7 +463,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
       b->set_seq_id(it.id);
       b->set_num_new_tokens(static_cast<uint32_t>(it.n));
     }
-    const v1::DType wire = ToWire(dtype);
+    const v1::DType wire = wire::ToWire(dtype);
     const uint64_t r = static_cast<uint64_t>(rows);
     *req.mutable_q() = Ref(q_off, wire, {r, kQoHeads, kHeadDim});
     *req.mutable_k_new() = Ref(k_off, wire, {r, kKvHeads, kHeadDim});
@@ -383,9 +473,9 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
     v1::AttentionResponse resp;
     const absl::Status s = Await([&](Engine::Done d) {
       if (decode) {
-        engine_->Decode(req, &resp, std::move(d), trace_);
+        wire_->Decode(req, &resp, std::move(d), trace_);
       } else {
-        engine_->Prefill(req, &resp, std::move(d), trace_);
+        wire_->Prefill(req, &resp, std::move(d), trace_);
       }
     });
     Outputs outputs;
@@ -483,6 +573,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
   ServerConfig config_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<WireEngine> wire_;  // over engine_
   std::map<uint64_t, History> history_;
   uint64_t cursor_ = 0;
   RequestTrace* trace_ = nullptr;  // passed with every Prefill and Decode when set
@@ -640,7 +731,7 @@ TEST_P(EngineTest, ExportByHeadRangeThenImportIntoANewSequenceDecodesBitwiseEqua
   cursor_ = 0;
   const size_t per_head = kLayers * 2 * kTokens * 1 * kHeadDim;
   const uint64_t buf[2] = {Alloc(per_head * ElemSize()), Alloc(per_head * ElemSize())};
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   const std::vector<uint64_t> shape = {kLayers, 2, kTokens, 1, kHeadDim};
   for (uint32_t head = 0; head < 2; ++head) {
     Poison(buf[head], per_head, model().dtype);
@@ -653,7 +744,7 @@ TEST_P(EngineTest, ExportByHeadRangeThenImportIntoANewSequenceDecodesBitwiseEqua
     req.set_num_tokens(kTokens);
     *req.mutable_dst() = Ref(buf[head], wire, shape);
     v1::ExportKvResponse resp;
-    ASSERT_TRUE(Await([&](Engine::Done d) { engine_->ExportKv(req, &resp, std::move(d)); }).ok());
+    ASSERT_TRUE(Await([&](Engine::Done d) { wire_->ExportKv(req, &resp, std::move(d)); }).ok());
     // The buffer is [layer][K, V][token][head][dim] of exactly what was fed in.
     const std::vector<double> got = Load(buf[head], per_head, model().dtype);
     const History& h = history_[1];
@@ -686,7 +777,7 @@ TEST_P(EngineTest, ExportByHeadRangeThenImportIntoANewSequenceDecodesBitwiseEqua
     *req.mutable_src() = Ref(buf[head], wire, shape);
     v1::ImportKvResponse resp;
     const absl::Status s =
-        Await([&](Engine::Done d) { engine_->ImportKv(req, &resp, std::move(d)); });
+        Await([&](Engine::Done d) { wire_->ImportKv(req, &resp, std::move(d)); });
     ASSERT_TRUE(s.ok()) << s;
     ASSERT_EQ(resp.layer_lengths_size(), kLayers);
     for (int l = 0; l < kLayers; ++l) EXPECT_EQ(resp.layer_lengths(l), kTokens);
@@ -732,9 +823,9 @@ TEST_P(EngineTest, ImportIntoAForkRewritesOnlyTheForksHeadsAndLeavesTheParentInt
   req.set_head_begin(1);
   req.set_head_end(2);
   req.set_num_tokens(kTokens);
-  *req.mutable_src() = Ref(buf, ToWire(model().dtype), {1, 2, kTokens, 1, kHeadDim});
+  *req.mutable_src() = Ref(buf, wire::ToWire(model().dtype), {1, 2, kTokens, 1, kHeadDim});
   v1::ImportKvResponse resp;
-  const absl::Status s = Await([&](Engine::Done d) { engine_->ImportKv(req, &resp, std::move(d)); });
+  const absl::Status s = Await([&](Engine::Done d) { wire_->ImportKv(req, &resp, std::move(d)); });
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(Get(2).shared_pages(), 0u);  // every page it wrote was copied first
   History& child = history_[2];
@@ -759,7 +850,7 @@ TEST_P(EngineTest, ImportOfEveryLayerIntoAnEmptySequenceNeedsItsPagesOnlyOnce) {
   cursor_ = 0;
   const size_t elems = kLayers * 2 * kTokens * kKvHeads * kHeadDim;
   const uint64_t buf = Alloc(elems * ElemSize());
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   const std::vector<uint64_t> shape = {kLayers, 2, kTokens, kKvHeads, kHeadDim};
   v1::ExportKvRequest ex;
   ex.set_seq_id(1);
@@ -768,7 +859,7 @@ TEST_P(EngineTest, ImportOfEveryLayerIntoAnEmptySequenceNeedsItsPagesOnlyOnce) {
   ex.set_num_tokens(kTokens);
   *ex.mutable_dst() = Ref(buf, wire, shape);
   v1::ExportKvResponse ex_resp;
-  ASSERT_TRUE(Await([&](Engine::Done d) { engine_->ExportKv(ex, &ex_resp, std::move(d)); }).ok());
+  ASSERT_TRUE(Await([&](Engine::Done d) { wire_->ExportKv(ex, &ex_resp, std::move(d)); }).ok());
 
   Create(2);
   v1::ImportKvRequest im;
@@ -778,7 +869,7 @@ TEST_P(EngineTest, ImportOfEveryLayerIntoAnEmptySequenceNeedsItsPagesOnlyOnce) {
   im.set_num_tokens(kTokens);
   *im.mutable_src() = Ref(buf, wire, shape);
   v1::ImportKvResponse im_resp;
-  const absl::Status s = Await([&](Engine::Done d) { engine_->ImportKv(im, &im_resp, std::move(d)); });
+  const absl::Status s = Await([&](Engine::Done d) { wire_->ImportKv(im, &im_resp, std::move(d)); });
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(FreePages(), 0u);
   history_[2] = history_[1];
@@ -820,14 +911,14 @@ TEST_P(EngineTest, OutOfPagesInAPrefillBatchGrowsNoSequence) {
   v1::BatchItem* i1 = req.add_items();
   i1->set_seq_id(2);
   i1->set_num_new_tokens(static_cast<uint32_t>(5 * ps));
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   const uint64_t r = static_cast<uint64_t>(rows);
   *req.mutable_q() = Ref(q_off, wire, {r, kQoHeads, kHeadDim});
   *req.mutable_k_new() = Ref(k_off, wire, {r, kKvHeads, kHeadDim});
   *req.mutable_v_new() = Ref(v_off, wire, {r, kKvHeads, kHeadDim});
   *req.mutable_out() = Ref(out_off, wire, {r, kQoHeads, kHeadDim});
   v1::AttentionResponse resp;
-  const absl::Status s = Await([&](Engine::Done d) { engine_->Prefill(req, &resp, std::move(d)); });
+  const absl::Status s = Await([&](Engine::Done d) { wire_->Prefill(req, &resp, std::move(d)); });
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
 
   EXPECT_EQ(Get(1).DebugString(), a.DebugString());
@@ -864,13 +955,13 @@ TEST_P(EngineTest, OutOfPagesInADecodeBatchGrowsNoSequence) {
     item->set_seq_id(id);
     item->set_num_new_tokens(1);
   }
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   *req.mutable_q() = Ref(q_off, wire, {2, kQoHeads, kHeadDim});
   *req.mutable_k_new() = Ref(k_off, wire, {2, kKvHeads, kHeadDim});
   *req.mutable_v_new() = Ref(v_off, wire, {2, kKvHeads, kHeadDim});
   *req.mutable_out() = Ref(out_off, wire, {2, kQoHeads, kHeadDim});
   v1::AttentionResponse resp;
-  const absl::Status s = Await([&](Engine::Done d) { engine_->Decode(req, &resp, std::move(d)); });
+  const absl::Status s = Await([&](Engine::Done d) { wire_->Decode(req, &resp, std::move(d)); });
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_EQ(Get(1).DebugString(), a.DebugString());
   EXPECT_EQ(Get(2).DebugString(), b.DebugString());
@@ -903,12 +994,12 @@ TEST_P(EngineTest, OutOfPagesInAnAppendBatchGrowsNoSequence) {
   v1::BatchItem* i1 = req.add_items();
   i1->set_seq_id(2);
   i1->set_num_new_tokens(static_cast<uint32_t>(3 * ps));  // needs 3 pages
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   const uint64_t r = static_cast<uint64_t>(rows);
   *req.mutable_k_new() = Ref(k_off, wire, {r, kKvHeads, kHeadDim});
   *req.mutable_v_new() = Ref(v_off, wire, {r, kKvHeads, kHeadDim});
   v1::AppendResponse resp;
-  const absl::Status s = Await([&](Engine::Done d) { engine_->Append(req, &resp, std::move(d)); });
+  const absl::Status s = Await([&](Engine::Done d) { wire_->Append(req, &resp, std::move(d)); });
   EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted) << s;
   EXPECT_EQ(Get(1).DebugString(), a.DebugString());
   EXPECT_EQ(Get(2).DebugString(), b.DebugString());
@@ -928,13 +1019,13 @@ TEST_P(EngineTest, ReleasingEverySequenceReturnsEveryPage) {
   EXPECT_LT(FreePages(), total);
   v1::ListSequencesRequest list_req;
   v1::ListSequencesResponse list;
-  ASSERT_TRUE(Await([&](Engine::Done d) { engine_->ListSequences(list_req, &list, std::move(d)); }).ok());
+  ASSERT_TRUE(Await([&](Engine::Done d) { wire_->ListSequences(list_req, &list, std::move(d)); }).ok());
   std::vector<uint64_t> ids;
   for (const v1::SequenceInfo& s : list.sequences()) ids.push_back(s.seq_id());
   for (uint64_t id : ids) ASSERT_TRUE(Release(id).ok()) << id;
   EXPECT_EQ(FreePages(), total);
   v1::ServerInfo info;
-  engine_->GetServerInfo(&info);
+  wire_->GetServerInfo(&info);
   EXPECT_EQ(info.devices(0).live_sequences(), 0u);
 }
 
@@ -945,7 +1036,7 @@ TEST_P(EngineTest, FinishedRequestsHoldNoRegion) {
   // One more call through the worker, so everything the earlier tasks held is surely gone.
   Get(1);
   v1::ListRegionsResponse regions;
-  engine_->ListRegions(&regions);
+  wire_->ListRegions(&regions);
   ASSERT_EQ(regions.regions_size(), 1);
   EXPECT_EQ(regions.regions(0).name(), kRegion);
   EXPECT_EQ(regions.regions(0).in_flight(), 0u);
@@ -982,7 +1073,7 @@ TEST_P(EngineTest, ARequestRefusedBeforeTheWorkerLeavesItsTraceUnstamped) {
   v1::AttentionResponse resp;
   RequestTrace trace;
   const absl::Status s =
-      Await([&](Engine::Done d) { engine_->Decode(req, &resp, std::move(d), &trace); });
+      Await([&](Engine::Done d) { wire_->Decode(req, &resp, std::move(d), &trace); });
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(trace.posted, RequestTrace::Clock::time_point{});
   EXPECT_EQ(trace.completed, RequestTrace::Clock::time_point{});
@@ -1003,14 +1094,14 @@ TEST_P(EngineTest, ARequestRefusedOnTheWorkerIsStampedButNotEnqueued) {
   req.set_layer(0);
   req.add_items()->set_seq_id(99);
   req.mutable_items(0)->set_num_new_tokens(1);
-  const v1::DType wire = ToWire(model().dtype);
+  const v1::DType wire = wire::ToWire(model().dtype);
   *req.mutable_q() = Ref(q, wire, {1, kQoHeads, kHeadDim});
   *req.mutable_k_new() = Ref(kv, wire, {1, kKvHeads, kHeadDim});
   *req.mutable_v_new() = Ref(kv, wire, {1, kKvHeads, kHeadDim});
   *req.mutable_out() = Ref(out, wire, {1, kQoHeads, kHeadDim});
   v1::AttentionResponse resp;
   const absl::Status s =
-      Await([&](Engine::Done d) { engine_->Decode(req, &resp, std::move(d), &trace); });
+      Await([&](Engine::Done d) { wire_->Decode(req, &resp, std::move(d), &trace); });
   trace_ = nullptr;
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
   EXPECT_NE(trace.dequeued, RequestTrace::Clock::time_point{});
@@ -1026,7 +1117,7 @@ TEST_P(EngineTest, DestroyingTheEngineAnswersEveryQueuedCallFirst) {
   v1::GetSequenceRequest req;
   req.set_seq_id(1);
   for (int i = 0; i < kCalls; ++i) {
-    engine_->GetSequence(req, &infos[i], [&](absl::Status s) {
+    wire_->GetSequence(req, &infos[i], [&](absl::Status s) {
       ok += s.ok();
       ++answered;
     });

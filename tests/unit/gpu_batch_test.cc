@@ -1,4 +1,4 @@
-#include "server/gpu_batch.h"
+#include "server/platform/gpu_batch.h"
 
 #include <random>
 
@@ -77,6 +77,47 @@ TEST(GpuBatchTest, ABatchOfSingleTokensIsADecode) {
   GpuBatch b;
   BuildGpuBatch(std::vector<BatchEntry>{{pages, 16, 1}, {pages, 3, 1}}, 16, &b);
   EXPECT_TRUE(b.all_single_token);
+}
+
+// A plan is made from the shape before pages are reserved, and the launch then uses the batch
+// built from the page tables: both must agree on every offset and length the plan reads.
+TEST(GpuBatchTest, TheShapeBeforeReservingIsTheBatchsShapePlusEmptyPadding) {
+  const uint64_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937_64 rng(seed);
+  GpuBatch shape;  // reused across rounds, as the backend reuses its own
+  for (int round = 0; round < 200; ++round) {
+    const int64_t page_size = 1 + static_cast<int64_t>(rng() % 64);
+    const size_t n = 1 + rng() % 8;
+    const size_t padded = n + (rng() % 2 == 0 ? 0 : rng() % 9);
+    std::vector<std::vector<int32_t>> tables(n);
+    std::vector<BatchEntry> entries;
+    std::vector<int64_t> starts, num_new;
+    for (size_t i = 0; i < n; ++i) {
+      starts.push_back(static_cast<int64_t>(rng() % 300));
+      num_new.push_back(round % 3 == 0 ? 1 : 1 + static_cast<int64_t>(rng() % 50));
+      const int64_t pages = (starts[i] + num_new[i] + page_size - 1) / page_size;
+      tables[i].assign(static_cast<size_t>(pages), 0);
+      entries.push_back({tables[i], starts[i], num_new[i]});
+    }
+    GpuBatch b;
+    BuildGpuBatch(entries, page_size, &b);
+    BuildBatchShape(starts, num_new, page_size, padded, &shape);
+    ASSERT_EQ(shape.kv_len.size(), padded);
+    ASSERT_EQ(std::vector<int32_t>(shape.kv_len.begin(), shape.kv_len.begin() + n), b.kv_len);
+    ASSERT_EQ(std::vector<int32_t>(shape.kv_indptr.begin(), shape.kv_indptr.begin() + n + 1),
+              b.kv_indptr);
+    ASSERT_EQ(std::vector<int32_t>(shape.qo_indptr.begin(), shape.qo_indptr.begin() + n + 1),
+              b.qo_indptr);
+    for (size_t i = n; i < padded; ++i) {
+      ASSERT_EQ(shape.kv_len[i], 0) << "padding has no keys";
+      ASSERT_EQ(shape.kv_indptr[i + 1], b.kv_indptr.back()) << "padding has no pages";
+      ASSERT_EQ(shape.qo_indptr[i + 1], b.qo_indptr.back()) << "padding has no queries";
+    }
+    ASSERT_EQ(shape.all_single_token, b.all_single_token);
+    ASSERT_TRUE(shape.kv_indices.empty());
+    ASSERT_TRUE(shape.slot_mapping.empty());
+  }
 }
 
 }  // namespace

@@ -2,7 +2,7 @@
 // shared by forks, copy-on-write, truncate, release, per-layer lengths and all-or-nothing
 // reservations. Every test ends by checking the pool's invariants; a randomized test drives the
 // pool with random operations and checks it against a plain model after each one.
-#include "server/kv_pool.h"
+#include "server/engine/kv_pool.h"
 
 #include <gtest/gtest.h>
 

@@ -1,6 +1,6 @@
 // Tests of server/region.h: HostRegion over real POSIX shared-memory objects made by the test, and
 // the RegionRegistry (names, removal while a request still holds a region, in-flight counts).
-#include "server/region.h"
+#include "server/regions/region.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>

@@ -1,6 +1,6 @@
 // Tests of server/request_trace.h: each stage is the time between its two stamps, and what a
 // request never reached is not reported.
-#include "server/request_trace.h"
+#include "server/metrics/request_trace.h"
 
 #include <gtest/gtest.h>
 

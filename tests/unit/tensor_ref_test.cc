@@ -1,24 +1,28 @@
-// Tests of server/tensor_ref.h: turning a wire TensorRef into a pointer only after checking, without
+// Tests of server/regions/tensor_ref.h: turning a tensor a request names into a pointer only after checking, without
 // overflow, that dtype and shape are the documented ones and every byte lies in a live region
 // the request may use.
-#include "server/tensor_ref.h"
+#include "server/regions/tensor_ref.h"
 
-#include "attnd/v1/dtype.h"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "server/region.h"
+#include "kernels/paged_kv.h"
+#include "server/regions/region.h"
 
 namespace attnd {
 namespace {
 
+constexpr kernels::DType kF16 = kernels::DType::kFloat16;
+constexpr kernels::DType kBf16 = kernels::DType::kBFloat16;
+constexpr kernels::DType kF32 = kernels::DType::kFloat32;
 constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
 
 // A region over test-owned memory. Kind and device are chosen by the test, so CUDA placement
@@ -38,13 +42,13 @@ class HostBackedRegion final : public Region {
   std::string source() const override { return "vector"; }
 };
 
-v1::TensorRef Ref(const std::string& region, uint64_t offset, v1::DType dtype,
-                  const std::vector<uint64_t>& shape) {
-  v1::TensorRef ref;
-  ref.set_region(region);
-  ref.set_offset(offset);
-  ref.set_dtype(dtype);
-  for (uint64_t d : shape) ref.add_shape(d);
+TensorName Ref(const std::string& region, uint64_t offset, std::optional<kernels::DType> dtype,
+               const std::vector<uint64_t>& shape) {
+  TensorName ref;
+  ref.region = region;
+  ref.offset = offset;
+  ref.dtype = dtype;
+  ref.shape.assign(shape.begin(), shape.end());
   return ref;
 }
 
@@ -60,9 +64,9 @@ class TensorRefTest : public ::testing::Test {
         regions_.Add(std::make_shared<FakeRegion>("gpu1", Region::Kind::kCuda, 1, 1 << 20)).ok());
   }
 
-  absl::StatusOr<ResolvedTensor> Resolve(const v1::TensorRef& ref,
+  absl::StatusOr<ResolvedTensor> Resolve(const TensorName& ref,
                                          const std::vector<uint64_t>& shape,
-                                         v1::DType dtype = v1::DTYPE_BFLOAT16,
+                                         kernels::DType dtype = kBf16,
                                          Placement placement = Placement{true, -1}) {
     return ResolveTensor(regions_, ref, "q", dtype, shape, placement);
   }
@@ -73,7 +77,7 @@ class TensorRefTest : public ::testing::Test {
 
 TEST_F(TensorRefTest, AnInBoundsTensorResolvesToBasePlusOffsetAndHoldsItsRegion) {
   const long holders = regions_.Find("host").use_count();
-  auto t = Resolve(Ref("host", 64, v1::DTYPE_BFLOAT16, {3, 2, 8}), {3, 2, 8});
+  auto t = Resolve(Ref("host", 64, kBf16, {3, 2, 8}), {3, 2, 8});
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->data, memory_.data() + 64);
   EXPECT_EQ(t->offset, 64u);
@@ -83,19 +87,19 @@ TEST_F(TensorRefTest, AnInBoundsTensorResolvesToBasePlusOffsetAndHoldsItsRegion)
 }
 
 TEST_F(TensorRefTest, ATensorEndingExactlyAtTheRegionsEndIsAccepted) {
-  auto t = Resolve(Ref("host", 4096 - 4 * 8, v1::DTYPE_FLOAT32, {8}), {8}, v1::DTYPE_FLOAT32);
+  auto t = Resolve(Ref("host", 4096 - 4 * 8, kF32, {8}), {8}, kF32);
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->bytes, 32u);
 }
 
 TEST_F(TensorRefTest, AnEmptyRegionNameIsInvalidArgumentNamingTheField) {
-  auto t = Resolve(Ref("", 0, v1::DTYPE_BFLOAT16, {4}), {4});
+  auto t = Resolve(Ref("", 0, kBf16, {4}), {4});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
   EXPECT_TRUE(Names(t.status(), "q.region")) << t.status();
 }
 
 TEST_F(TensorRefTest, AnUnknownRegionIsNotFoundNamingTheFieldAndTheRegion) {
-  auto t = Resolve(Ref("nope", 0, v1::DTYPE_BFLOAT16, {4}), {4});
+  auto t = Resolve(Ref("nope", 0, kBf16, {4}), {4});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kNotFound) << t.status();
   EXPECT_TRUE(Names(t.status(), "q.region")) << t.status();
   EXPECT_TRUE(Names(t.status(), "nope")) << t.status();
@@ -103,12 +107,13 @@ TEST_F(TensorRefTest, AnUnknownRegionIsNotFoundNamingTheFieldAndTheRegion) {
 
 TEST_F(TensorRefTest, ARemovedRegionIsNotFound) {
   ASSERT_TRUE(regions_.Remove("host").ok());
-  auto t = Resolve(Ref("host", 0, v1::DTYPE_BFLOAT16, {4}), {4});
+  auto t = Resolve(Ref("host", 0, kBf16, {4}), {4});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kNotFound) << t.status();
 }
 
 TEST_F(TensorRefTest, AWrongDtypeIsInvalidArgumentNamingDtypeAndBothTypes) {
-  for (v1::DType wrong : {v1::DTYPE_UNSPECIFIED, v1::DTYPE_FLOAT16, v1::DTYPE_FLOAT32}) {
+  for (std::optional<kernels::DType> wrong :
+       {std::optional<kernels::DType>(), std::optional(kF16), std::optional(kF32)}) {
     auto t = Resolve(Ref("host", 0, wrong, {4}), {4});
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q.dtype")) << t.status();
@@ -120,7 +125,7 @@ TEST_F(TensorRefTest, AWrongShapeIsInvalidArgumentNamingShapeAndTheExpectedShape
   const std::vector<uint64_t> want = {3, 2, 8};
   for (const std::vector<uint64_t>& shape :
        {std::vector<uint64_t>{3, 2, 7}, {2, 2, 8}, {3, 2}, {3, 2, 8, 1}, {}, {48}, {8, 2, 3}}) {
-    auto t = Resolve(Ref("host", 0, v1::DTYPE_BFLOAT16, shape), want);
+    auto t = Resolve(Ref("host", 0, kBf16, shape), want);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q.shape")) << t.status();
     EXPECT_TRUE(Names(t.status(), "[3, 2, 8]")) << t.status();
@@ -131,7 +136,7 @@ TEST_F(TensorRefTest, BytesPastTheRegionsEndAreInvalidArgumentNamingTheRegionSiz
   for (auto [offset, n] : {std::pair<uint64_t, uint64_t>{0, 2049}, {2, 2048}, {4096, 1},
                            {4094, 2}, {1 << 20, 1}}) {
     SCOPED_TRACE(testing::Message() << "offset " << offset << " n " << n);
-    auto t = Resolve(Ref("host", offset, v1::DTYPE_BFLOAT16, {n}), {n});
+    auto t = Resolve(Ref("host", offset, kBf16, {n}), {n});
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q")) << t.status();
     EXPECT_TRUE(Names(t.status(), "4096")) << t.status();
@@ -142,7 +147,7 @@ TEST_F(TensorRefTest, OffsetsNear2To64AreRejectedNotWrapped) {
   // offset + bytes wraps to a small number if added without overflow checks.
   for (uint64_t offset : {kMax - 1, kMax - 15, uint64_t{1} << 63, kMax - 4095}) {
     SCOPED_TRACE(offset);
-    auto t = Resolve(Ref("host", offset, v1::DTYPE_BFLOAT16, {8}), {8});
+    auto t = Resolve(Ref("host", offset, kBf16, {8}), {8});
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
   }
 }
@@ -158,25 +163,25 @@ TEST_F(TensorRefTest, ShapesWhoseByteSizeOverflowsAreRejectedNotWrapped) {
   };
   for (const std::vector<uint64_t>& shape : shapes) {
     SCOPED_TRACE(testing::PrintToString(shape));
-    auto t = Resolve(Ref("host", 0, v1::DTYPE_BFLOAT16, shape), shape);
+    auto t = Resolve(Ref("host", 0, kBf16, shape), shape);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q")) << t.status();
   }
 }
 
 TEST_F(TensorRefTest, AnEmptyTensorIsAcceptedAnywhereInsideTheRegion) {
-  auto t = Resolve(Ref("host", 4096, v1::DTYPE_BFLOAT16, {0, 8}), {0, 8});
+  auto t = Resolve(Ref("host", 4096, kBf16, {0, 8}), {0, 8});
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->bytes, 0u);
 }
 
 TEST_F(TensorRefTest, AnOffsetThatIsNotAMultipleOfTheDtypeSizeIsInvalidArgument) {
-  for (auto [dtype, offset] : {std::pair{v1::DTYPE_BFLOAT16, uint64_t{1}},
-                               {v1::DTYPE_FLOAT16, uint64_t{3}},
-                               {v1::DTYPE_FLOAT32, uint64_t{2}},
-                               {v1::DTYPE_FLOAT32, uint64_t{6}},
-                               {v1::DTYPE_FLOAT32, kMax}}) {
-    SCOPED_TRACE(testing::Message() << v1::DTypeName(dtype) << " offset " << offset);
+  for (auto [dtype, offset] : {std::pair{kBf16, uint64_t{1}},
+                               {kF16, uint64_t{3}},
+                               {kF32, uint64_t{2}},
+                               {kF32, uint64_t{6}},
+                               {kF32, kMax}}) {
+    SCOPED_TRACE(testing::Message() << DTypeName(dtype) << " offset " << offset);
     auto t = Resolve(Ref("host", offset, dtype, {4}), {4}, dtype);
     EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
     EXPECT_TRUE(Names(t.status(), "q.offset")) << t.status();
@@ -184,7 +189,7 @@ TEST_F(TensorRefTest, AnOffsetThatIsNotAMultipleOfTheDtypeSizeIsInvalidArgument)
 }
 
 TEST_F(TensorRefTest, AHostRegionIsRejectedWhenThePlacementWantsCudaMemory) {
-  auto t = Resolve(Ref("host", 0, v1::DTYPE_BFLOAT16, {4}), {4}, v1::DTYPE_BFLOAT16,
+  auto t = Resolve(Ref("host", 0, kBf16, {4}), {4}, kBf16,
                    Placement{false, 0});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
   EXPECT_TRUE(Names(t.status(), "q.region")) << t.status();
@@ -192,20 +197,20 @@ TEST_F(TensorRefTest, AHostRegionIsRejectedWhenThePlacementWantsCudaMemory) {
 }
 
 TEST_F(TensorRefTest, ACudaRegionIsRejectedByAHostOnlyPlacement) {
-  auto t = Resolve(Ref("gpu1", 0, v1::DTYPE_BFLOAT16, {4}), {4});
+  auto t = Resolve(Ref("gpu1", 0, kBf16, {4}), {4});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
   EXPECT_TRUE(Names(t.status(), "q.region")) << t.status();
 }
 
 TEST_F(TensorRefTest, ACudaRegionOnAnotherDeviceIsRejected) {
-  auto t = Resolve(Ref("gpu1", 0, v1::DTYPE_BFLOAT16, {4}), {4}, v1::DTYPE_BFLOAT16,
+  auto t = Resolve(Ref("gpu1", 0, kBf16, {4}), {4}, kBf16,
                    Placement{false, 0});
   EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << t.status();
   EXPECT_TRUE(Names(t.status(), "q.region")) << t.status();
 }
 
 TEST_F(TensorRefTest, ACudaRegionOnTheRequestsDeviceIsAccepted) {
-  auto t = Resolve(Ref("gpu1", 1024, v1::DTYPE_BFLOAT16, {4}), {4}, v1::DTYPE_BFLOAT16,
+  auto t = Resolve(Ref("gpu1", 1024, kBf16, {4}), {4}, kBf16,
                    Placement{false, 1});
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ(t->offset, 1024u);
@@ -213,8 +218,8 @@ TEST_F(TensorRefTest, ACudaRegionOnTheRequestsDeviceIsAccepted) {
 }
 
 TEST_F(TensorRefTest, TheFieldNameInEveryMessageIsTheCallersField) {
-  auto t = ResolveTensor(regions_, Ref("host", 1, v1::DTYPE_BFLOAT16, {4}), "lse",
-                         v1::DTYPE_BFLOAT16, {4}, Placement{});
+  auto t = ResolveTensor(regions_, Ref("host", 1, kBf16, {4}), "lse",
+                         kBf16, {4}, Placement{});
   EXPECT_TRUE(Names(t.status(), "lse.offset")) << t.status();
 }
 
@@ -256,14 +261,11 @@ TEST(ResolvedTensorOverlapTest, OverlapsOnlyWhenByteRangesOfTheSameRegionInterse
 
 // ---- Wire dtype names ----
 
-TEST(WireDTypeTest, ModelDtypesMapToTheirWireDtypesAndNames) {
-  EXPECT_EQ(ToWire(kernels::DType::kFloat16), v1::DTYPE_FLOAT16);
-  EXPECT_EQ(ToWire(kernels::DType::kBFloat16), v1::DTYPE_BFLOAT16);
-  EXPECT_EQ(ToWire(kernels::DType::kFloat32), v1::DTYPE_FLOAT32);
-  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_FLOAT16), "float16");
-  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_BFLOAT16), "bfloat16");
-  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_FLOAT32), "float32");
-  EXPECT_STREQ(v1::DTypeName(v1::DTYPE_UNSPECIFIED), "unspecified");
+TEST(DTypeNameTest, NamesEveryDtypeAndUnspecified) {
+  EXPECT_STREQ(DTypeName(kF16), "float16");
+  EXPECT_STREQ(DTypeName(kBf16), "bfloat16");
+  EXPECT_STREQ(DTypeName(kF32), "float32");
+  EXPECT_STREQ(DTypeName(std::nullopt), "unspecified");
 }
 
 }  // namespace

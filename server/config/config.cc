@@ -1,0 +1,112 @@
+#include "server/config/config.h"
+
+#include <algorithm>
+#include <cmath>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace attnd {
+
+kernels::KvCacheShape ModelShape::CacheShape(int64_t num_pages) const {
+  kernels::KvCacheShape s;
+  s.num_layers = num_layers;
+  s.num_pages = num_pages;
+  s.page_size = page_size;
+  s.num_kv_heads = num_kv_heads;
+  s.head_dim = head_dim;
+  s.layout = layout;
+  s.dtype = dtype;
+  return s;
+}
+
+kernels::AttentionOptions ModelShape::Options() const {
+  kernels::AttentionOptions o;
+  o.num_qo_heads = num_qo_heads;
+  o.sm_scale = sm_scale;
+  o.logits_soft_cap = logits_soft_cap;
+  o.window_left = window_left;
+  return o;
+}
+
+std::vector<int64_t> DefaultGraphBuckets(int64_t max_batch_size) {
+  std::vector<int64_t> buckets;
+  for (int64_t b : {1, 2, 4}) {
+    if (b <= max_batch_size) buckets.push_back(b);
+  }
+  for (int64_t b = 8; b <= max_batch_size; b += 8) buckets.push_back(b);
+  if (buckets.empty() || buckets.back() != max_batch_size) buckets.push_back(max_batch_size);
+  return buckets;
+}
+
+namespace {
+
+absl::Status OutOfRange(absl::string_view flag, int64_t value, absl::string_view limit) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", flag, "=", value, " is out of range: ", limit));
+}
+
+}  // namespace
+
+absl::Status ServerConfig::Validate() {
+  ModelShape& m = model;
+  if (m.num_layers < 1 || m.num_layers > 1024) return OutOfRange("num_layers", m.num_layers, "1..1024");
+  if (m.num_kv_heads < 1 || m.num_kv_heads > 1024)
+    return OutOfRange("num_kv_heads", m.num_kv_heads, "1..1024");
+  if (m.num_qo_heads < 1 || m.num_qo_heads % m.num_kv_heads != 0)
+    return absl::InvalidArgumentError(absl::StrCat("--num_qo_heads=", m.num_qo_heads,
+                                                   " must be a positive multiple of --num_kv_heads=",
+                                                   m.num_kv_heads));
+  if (m.head_dim < 1 || m.head_dim > 1024) return OutOfRange("head_dim", m.head_dim, "1..1024");
+  if (m.page_size < 1 || m.page_size > 64) return OutOfRange("page_size", m.page_size, "1..64");
+  if (m.window_left < -1) return OutOfRange("window_left", m.window_left, "-1 (off) or >= 0");
+  if (!(m.logits_soft_cap >= 0.0f) || !std::isfinite(m.logits_soft_cap))
+    return absl::InvalidArgumentError("--logits_soft_cap must be finite and >= 0 (0 = off)");
+  if (!std::isfinite(m.sm_scale) || m.sm_scale < 0.0f)
+    return absl::InvalidArgumentError("--sm_scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+  if (m.sm_scale == 0.0f) m.sm_scale = 1.0f / std::sqrt(static_cast<float>(m.head_dim));
+
+  if (devices.empty()) return absl::InvalidArgumentError("--devices must name at least one device");
+  std::vector<int> sorted = devices;
+  std::sort(sorted.begin(), sorted.end());
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    return absl::InvalidArgumentError("--devices names a device twice");
+  if (sorted.front() < 0) return absl::InvalidArgumentError("--devices: indices must be >= 0");
+
+  if (pages_per_device < 0) return OutOfRange("pages_per_device", pages_per_device, ">= 0");
+  if (pages_per_device > (int64_t{1} << 31) - 1)
+    return OutOfRange("pages_per_device", pages_per_device, "< 2^31");
+  if (pages_per_device == 0 && !(memory_fraction > 0.0 && memory_fraction <= 0.95))
+    return absl::InvalidArgumentError("--memory_fraction must be in (0, 0.95]");
+  if (max_batch_size < 1 || max_batch_size > 4096)
+    return OutOfRange("max_batch_size", max_batch_size, "1..4096");
+  if (max_seq_len < 1 || max_seq_len > (int64_t{1} << 30))
+    return OutOfRange("max_seq_len", max_seq_len, "1..2^30");
+  if (max_tokens_per_request < 1 || max_tokens_per_request > (int64_t{1} << 24))
+    return OutOfRange("max_tokens_per_request", max_tokens_per_request, "1..2^24");
+
+  if (graph_buckets.empty()) graph_buckets = DefaultGraphBuckets(max_batch_size);
+  std::sort(graph_buckets.begin(), graph_buckets.end());
+  graph_buckets.erase(std::unique(graph_buckets.begin(), graph_buckets.end()), graph_buckets.end());
+  if (graph_buckets.front() < 1 || graph_buckets.back() > max_batch_size)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--graph_buckets must lie in 1..--max_batch_size=", max_batch_size));
+
+  if (unix_socket.empty() && tcp_address.empty())
+    return absl::InvalidArgumentError("set --unix_socket or --tcp_address: attnd listens nowhere");
+  static constexpr const char* kLogLevels[] = {"trace", "debug", "info", "warn", "error"};
+  if (std::find(std::begin(kLogLevels), std::end(kLogLevels), log_level) == std::end(kLogLevels))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--log_level=", log_level, ": expected trace, debug, info, warn or error"));
+  if (metrics_port < 0 || metrics_port > 65535) return OutOfRange("metrics_port", metrics_port, "0..65535");
+  if (cuda_workspace_mb < 16 || cuda_workspace_mb > (int64_t{1} << 20))
+    return OutOfRange("cuda_workspace_mb", cuda_workspace_mb, "16..2^20");
+  if (cpu_threads < 0 || cpu_threads > 1024) return OutOfRange("cpu_threads", cpu_threads, "0..1024");
+  if (cpu_threads == 0) cpu_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  if (!(drain_timeout_s >= 0)) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
+  if (worker_spin_us < -1 || worker_spin_us > 1000000)
+    return OutOfRange("worker_spin_us", worker_spin_us, "-1..1000000");
+  return absl::OkStatus();
+}
+
+}  // namespace attnd

@@ -1,0 +1,72 @@
+// Everything attnd is told at start-up: the model shape, the devices and their pools, where it
+// listens. Filled from flags (server/flags.cc) and checked once by Validate().
+#ifndef ATTND_SERVER_CONFIG_CONFIG_H_
+#define ATTND_SERVER_CONFIG_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kernels/paged_kv.h"
+
+namespace attnd {
+
+enum class BackendChoice { kAuto, kCpu, kCuda };
+
+struct ModelShape {
+  int64_t num_layers = 2;
+  int64_t num_qo_heads = 8;
+  int64_t num_kv_heads = 2;
+  int64_t head_dim = 64;
+  kernels::DType dtype = kernels::DType::kBFloat16;
+  int64_t page_size = 16;
+  kernels::KvLayout layout = kernels::KvLayout::kNHD;
+  float sm_scale = 0.0f;  // 0: 1/sqrt(head_dim), resolved by Validate()
+  float logits_soft_cap = 0.0f;
+  int64_t window_left = -1;
+
+  // Bytes of one page across all layers (K and V).
+  int64_t PageBytes() const {
+    return num_layers * 2 * page_size * num_kv_heads * head_dim *
+           static_cast<int64_t>(kernels::DTypeSize(dtype));
+  }
+  kernels::KvCacheShape CacheShape(int64_t num_pages) const;
+  kernels::AttentionOptions Options() const;
+};
+
+struct ServerConfig {
+  ModelShape model;
+  BackendChoice backend = BackendChoice::kAuto;
+  std::vector<int> devices = {0};
+  int64_t pages_per_device = 0;   // 0: derived from memory_fraction
+  double memory_fraction = 0.1;   // of free GPU memory (CUDA) or of physical RAM (CPU)
+  int64_t max_batch_size = 256;
+  int64_t max_seq_len = 131072;
+  int64_t max_tokens_per_request = 65536;
+  std::vector<int64_t> graph_buckets;  // empty: vLLM-like default up to max_batch_size
+  std::string unix_socket = "/tmp/attnd.sock";  // empty: no Unix socket
+  std::string tcp_address;                      // empty: no TCP listener
+  int metrics_port = 9464;                      // 0: no /metrics
+  std::string metrics_bind = "0.0.0.0";
+  std::string log_level = "info";
+  double drain_timeout_s = 30.0;
+  int cpu_threads = 0;  // CPU backend threads per device; 0: all cores
+  // How long a device worker polls for the next request before sleeping; -1: auto (CUDA
+  // backend 200 us, CPU backend 0, whose cores are busy computing attention).
+  int64_t worker_spin_us = -1;
+  int64_t cuda_workspace_mb = 1024;
+  bool cuda_graphs = true;
+  int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device
+
+  // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
+  // flag and its limit.
+  absl::Status Validate();
+};
+
+// 1, 2, 4, 8, 16, 24, 32, 40, ... (steps of 8) up to max_batch_size, like vLLM's capture sizes.
+std::vector<int64_t> DefaultGraphBuckets(int64_t max_batch_size);
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_CONFIG_CONFIG_H_

@@ -1,0 +1,127 @@
+#include "server/config/flags.h"
+
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+
+ABSL_FLAG(std::string, backend, "auto", "cpu, cuda, or auto (cuda when a GPU is present)");
+ABSL_FLAG(std::string, devices, "0", "Comma-separated device indices to serve");
+ABSL_FLAG(int64_t, num_layers, 2, "Model layers whose KV the pool holds");
+ABSL_FLAG(int64_t, num_qo_heads, 8, "Query/output heads");
+ABSL_FLAG(int64_t, num_kv_heads, 2, "K/V heads; divides num_qo_heads");
+ABSL_FLAG(int64_t, head_dim, 64, "Elements per head (64, 128 or 256 on CUDA)");
+ABSL_FLAG(std::string, dtype, "bf16", "Element type of q/k/v/out and the pool: bf16, fp16, fp32");
+ABSL_FLAG(int64_t, page_size, 16, "Tokens per KV page, 1..64");
+ABSL_FLAG(std::string, kv_layout, "NHD", "Page layout: NHD or HND");
+ABSL_FLAG(double, sm_scale, 0.0, "Logits scale; 0 = 1/sqrt(head_dim)");
+ABSL_FLAG(double, logits_soft_cap, 0.0, "Soft-cap of the logits (cap*tanh(x/cap)); 0 = off");
+ABSL_FLAG(int64_t, window_left, -1, "Sliding window: keys [i - window_left, i]; -1 = off");
+ABSL_FLAG(int64_t, pages_per_device, 0, "KV pages per device; 0 = from --memory_fraction");
+ABSL_FLAG(double, memory_fraction, 0.1,
+          "Fraction of free GPU memory (CUDA) or physical RAM (CPU) for each device's pool");
+ABSL_FLAG(int64_t, max_batch_size, 256, "Most sequences in one data request");
+ABSL_FLAG(int64_t, max_seq_len, 131072, "Most tokens a sequence may hold per layer");
+ABSL_FLAG(int64_t, max_tokens_per_request, 65536, "Most new tokens in one data request");
+ABSL_FLAG(std::string, graph_buckets, "",
+          "Comma-separated decode batch sizes to capture CUDA graphs for; empty = 1,2,4,8,16,24,"
+          "32,... up to --max_batch_size");
+ABSL_FLAG(std::string, unix_socket, "/tmp/attnd.sock", "Unix socket to listen on; empty = none");
+ABSL_FLAG(std::string, tcp_address, "", "host:port to listen on over TCP; empty = none");
+ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
+ABSL_FLAG(std::string, metrics_bind, "0.0.0.0", "Address the /metrics endpoint binds");
+ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
+ABSL_FLAG(int32_t, cpu_threads, 0, "CPU backend: threads computing each device's attention; 0 = all cores");
+ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
+          "CUDA backend: MiB per device for split-KV partial states (bounds the batches one "
+          "request may carry)");
+ABSL_FLAG(bool, cuda_graphs, true,
+          "CUDA backend: run Decode batches up to the largest --graph_buckets entry by replaying "
+          "graphs captured at start-up (false: always launch eagerly)");
+ABSL_FLAG(int64_t, debug_fault_layer, -1,
+          "Testing aid (CUDA backend): a data request at this layer launches a kernel that "
+          "traps, giving the device a sticky error; -1 = never");
+ABSL_FLAG(int64_t, worker_spin_us, -1,
+          "How long each device worker polls for the next request before it sleeps (a request "
+          "arriving in that window skips a thread wake-up); -1 = auto: 200 on the CUDA backend, "
+          "0 on the CPU backend");
+ABSL_FLAG(double, drain_timeout_s, 30.0,
+          "On SIGTERM, how long in-flight calls may take before they are cancelled");
+
+namespace attnd {
+namespace {
+
+template <typename T>
+absl::StatusOr<std::vector<T>> ParseList(const std::string& flag, const std::string& text) {
+  std::vector<T> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    T value;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &value))
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", part, "' is not an integer"));
+    out.push_back(value);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<ServerConfig> ConfigFromFlags() {
+  ServerConfig c;
+  const std::string backend = absl::AsciiStrToLower(absl::GetFlag(FLAGS_backend));
+  if (backend == "auto") c.backend = BackendChoice::kAuto;
+  else if (backend == "cpu") c.backend = BackendChoice::kCpu;
+  else if (backend == "cuda") c.backend = BackendChoice::kCuda;
+  else return absl::InvalidArgumentError(absl::StrCat("--backend=", backend, ": expected cpu, cuda or auto"));
+
+  auto devices = ParseList<int>("devices", absl::GetFlag(FLAGS_devices));
+  if (!devices.ok()) return devices.status();
+  c.devices = *devices;
+
+  ModelShape& m = c.model;
+  m.num_layers = absl::GetFlag(FLAGS_num_layers);
+  m.num_qo_heads = absl::GetFlag(FLAGS_num_qo_heads);
+  m.num_kv_heads = absl::GetFlag(FLAGS_num_kv_heads);
+  m.head_dim = absl::GetFlag(FLAGS_head_dim);
+  const std::string dtype = absl::AsciiStrToLower(absl::GetFlag(FLAGS_dtype));
+  if (dtype == "bf16" || dtype == "bfloat16") m.dtype = kernels::DType::kBFloat16;
+  else if (dtype == "fp16" || dtype == "float16") m.dtype = kernels::DType::kFloat16;
+  else if (dtype == "fp32" || dtype == "float32") m.dtype = kernels::DType::kFloat32;
+  else return absl::InvalidArgumentError(absl::StrCat("--dtype=", dtype, ": expected bf16, fp16 or fp32"));
+  m.page_size = absl::GetFlag(FLAGS_page_size);
+  const std::string layout = absl::AsciiStrToUpper(absl::GetFlag(FLAGS_kv_layout));
+  if (layout == "NHD") m.layout = kernels::KvLayout::kNHD;
+  else if (layout == "HND") m.layout = kernels::KvLayout::kHND;
+  else return absl::InvalidArgumentError(absl::StrCat("--kv_layout=", layout, ": expected NHD or HND"));
+  m.sm_scale = static_cast<float>(absl::GetFlag(FLAGS_sm_scale));
+  m.logits_soft_cap = static_cast<float>(absl::GetFlag(FLAGS_logits_soft_cap));
+  m.window_left = absl::GetFlag(FLAGS_window_left);
+
+  c.pages_per_device = absl::GetFlag(FLAGS_pages_per_device);
+  c.memory_fraction = absl::GetFlag(FLAGS_memory_fraction);
+  c.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  c.max_seq_len = absl::GetFlag(FLAGS_max_seq_len);
+  c.max_tokens_per_request = absl::GetFlag(FLAGS_max_tokens_per_request);
+  auto buckets = ParseList<int64_t>("graph_buckets", absl::GetFlag(FLAGS_graph_buckets));
+  if (!buckets.ok()) return buckets.status();
+  c.graph_buckets = *buckets;
+  c.unix_socket = absl::GetFlag(FLAGS_unix_socket);
+  c.tcp_address = absl::GetFlag(FLAGS_tcp_address);
+  c.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);
+  c.log_level = absl::GetFlag(FLAGS_log_level);
+  c.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
+  c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);
+  c.cuda_workspace_mb = absl::GetFlag(FLAGS_cuda_workspace_mb);
+  c.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  c.debug_fault_layer = absl::GetFlag(FLAGS_debug_fault_layer);
+  c.worker_spin_us = absl::GetFlag(FLAGS_worker_spin_us);
+  if (absl::Status s = c.Validate(); !s.ok()) return s;
+  return c;
+}
+
+}  // namespace attnd

@@ -1,0 +1,113 @@
+// The engine's requests and results, in plain C++: what the wire layer converts the protobuf
+// messages into and out of. Field names follow the wire's, so an error message that names a
+// field ("items[3].num_new_tokens", "q.shape") names the field the client sent.
+#ifndef ATTND_SERVER_ENGINE_CALLS_H_
+#define ATTND_SERVER_ENGINE_CALLS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/paged_kv.h"
+#include "server/config/config.h"
+#include "server/engine/kv_pool.h"
+#include "server/regions/tensor_ref.h"
+
+namespace attnd {
+
+// Names of registered IPC events: wait on one before reading inputs, record the other after
+// writing outputs. Either may be empty.
+struct EventNames {
+  std::string wait_event;
+  std::string signal_event;
+  bool empty() const { return wait_event.empty() && signal_event.empty(); }
+};
+
+struct AppendCall {
+  uint32_t device = 0;
+  uint32_t layer = 0;
+  std::vector<AppendItem> items;
+  TensorName k_new, v_new;
+  EventNames sync;
+};
+
+// Prefill and Decode.
+struct AttentionCall {
+  uint32_t device = 0;
+  uint32_t layer = 0;
+  std::vector<AppendItem> items;
+  TensorName q, k_new, v_new, out;
+  TensorName lse;  // region empty: no lse output
+  bool deterministic = false;
+  EventNames sync;
+};
+
+// Each item's length at the call's layer once its tokens are in.
+struct DataResult {
+  std::vector<uint64_t> lengths;
+};
+
+// ExportKv (pool -> buffer) and ImportKv (buffer -> pool) of a head range.
+struct KvTransferCall {
+  uint32_t device = 0;
+  uint64_t seq_id = 0;
+  uint32_t layer_begin = 0, layer_end = 0;
+  uint32_t head_begin = 0, head_end = 0;
+  uint64_t num_tokens = 0;
+  TensorName buffer;  // dst of an export, src of an import
+  EventNames sync;
+};
+
+struct HostRegionSpec {
+  std::string name;
+  std::string shm_key;
+  uint64_t offset = 0;
+  uint64_t byte_size = 0;
+};
+
+struct IpcRegionSpec {
+  std::string name;
+  std::string ipc_handle;  // raw bytes
+  uint32_t device = 0;
+  uint64_t byte_size = 0;
+};
+
+struct IpcEventSpec {
+  std::string name;
+  std::string ipc_handle;  // raw bytes
+  uint32_t device = 0;
+};
+
+struct SequenceState {
+  int device = 0;
+  uint64_t seq_id = 0;
+  std::vector<int64_t> layer_lengths;
+  uint64_t num_pages = 0;
+  uint64_t shared_pages = 0;
+};
+
+struct DeviceState {
+  int device = 0;
+  std::string name;
+  int64_t total_pages = 0;
+  int64_t free_pages = 0;
+  int64_t live_sequences = 0;
+  bool serving = true;
+  int64_t pool_bytes = 0;
+};
+
+// What GetServerInfo reports.
+struct EngineInfo {
+  bool cuda = false;
+  ModelShape model;
+  std::vector<DeviceState> devices;
+  std::vector<int64_t> graph_buckets;
+  int64_t max_batch_size = 0;
+  int64_t max_seq_len = 0;
+  int64_t max_tokens_per_request = 0;
+  std::vector<std::string> features;
+};
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_ENGINE_CALLS_H_

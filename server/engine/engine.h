@@ -1,0 +1,147 @@
+// The engine: everything attnd does, in plain C++ (it never sees protobuf; server/wire converts).
+// It checks requests against the server's limits (messages name the field and the limit),
+// resolves named tensors and events, and runs each device's work on that device's worker in
+// arrival order. Replies come through a callback, from the worker thread, once outputs are
+// written (or, with a signal event, once the work is enqueued).
+#ifndef ATTND_SERVER_ENGINE_ENGINE_H_
+#define ATTND_SERVER_ENGINE_ENGINE_H_
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "server/config/config.h"
+#include "server/engine/calls.h"
+#include "server/engine/device_worker.h"
+#include "server/engine/kv_pool.h"
+#include "server/metrics/metrics.h"
+#include "server/metrics/request_trace.h"
+#include "server/platform/backend.h"
+#include "server/platform/platform.h"
+#include "server/regions/event_registry.h"
+#include "server/regions/region.h"
+#include "server/regions/tensor_ref.h"
+
+namespace attnd {
+
+class Engine {
+ public:
+  using Done = absl::AnyInvocable<void(absl::Status) &&>;
+  template <typename T>
+  using Reply = absl::AnyInvocable<void(absl::StatusOr<T>) &&>;
+  // Called when a device stops (or starts) serving; main mirrors it in health.
+  using ServingListener = std::function<void(int device_index, bool serving)>;
+
+  // Starts one worker per configured device and makes its backend there.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ServerConfig& config,
+                                                        std::unique_ptr<DevicePlatform> platform,
+                                                        Metrics* metrics);
+  // Finishes all queued work, then stops the workers.
+  ~Engine();
+
+  void SetServingListener(ServingListener listener) { serving_listener_ = std::move(listener); }
+  const ServerConfig& config() const { return config_; }
+  int num_devices() const { return static_cast<int>(devices_.size()); }
+  bool device_serving(int index) const { return devices_[index]->serving.load(); }
+  bool cuda() const { return platform_->kind() == DevicePlatform::Kind::kCuda; }
+
+  EngineInfo Info() const;
+
+  // ---- Regions and events (engine_regions.cc) ----
+  absl::Status RegisterHostRegion(const HostRegionSpec& spec);
+  void RegisterIpcRegion(const IpcRegionSpec& spec, Done done);
+  absl::Status UnregisterRegion(const std::string& name);
+  std::vector<RegionSummary> ListRegions() const;
+  void RegisterIpcEvent(const IpcEventSpec& spec, Done done);
+  absl::Status UnregisterIpcEvent(const std::string& name);
+
+  // ---- Sequences (engine_sequences.cc) ----
+  void CreateSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply);
+  void ForkSequence(uint32_t device, uint64_t parent_id, uint64_t child_id,
+                    Reply<SequenceState> reply);
+  void TruncateSequence(uint32_t device, uint64_t seq_id, uint64_t length,
+                        Reply<SequenceState> reply);
+  // Replies with the pages that went back to the pool.
+  void ReleaseSequence(uint32_t device, uint64_t seq_id, Reply<int64_t> reply);
+  void GetSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply);
+  void ListSequences(uint32_t device, Reply<std::vector<SequenceState>> reply);
+
+  // ---- Data (engine_data.cc). `trace`, when given, must outlive the reply; the engine stamps
+  // posted, dequeued, enqueued and completed in it before replying.
+  void Append(AppendCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
+  void Prefill(AttentionCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
+  void Decode(AttentionCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
+
+  // ---- KV export / import (engine_kv.cc). Import replies with every layer's length.
+  void ExportKv(KvTransferCall call, Done done);
+  void ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply);
+
+ private:
+  struct Device {
+    int id = 0;     // the index clients name
+    int index = 0;  // position in devices_
+    std::unique_ptr<DeviceBackend> backend;
+    std::unique_ptr<KvPool> pool;
+    std::atomic<bool> serving{true};
+    std::atomic<int64_t> used_pages{0};
+    std::atomic<int64_t> live_sequences{0};
+    std::unique_ptr<DeviceWorker> worker;  // last: destroyed (drained) first
+  };
+
+  Engine(const ServerConfig& config, std::unique_ptr<DevicePlatform> platform, Metrics* metrics)
+      : config_(config), platform_(std::move(platform)), metrics_(metrics) {}
+
+  // Finds the device a request names; INVALID_ARGUMENT if it is not one of ours, UNAVAILABLE
+  // after a fault.
+  absl::StatusOr<Device*> FindDevice(uint32_t device) const;
+  // Runs `task` on the device's worker, which replies through `reply`; stamps `trace` (if any)
+  // when the task is queued, starts and ends. A device that faulted meanwhile answers
+  // UNAVAILABLE without running the task.
+  template <typename T>
+  void Post(Device* device, Reply<T> reply,
+            absl::AnyInvocable<absl::StatusOr<T>(Device&) &&> task, RequestTrace* trace = nullptr);
+  void PostDone(Device* device, Done done, absl::AnyInvocable<absl::Status(Device&) &&> task);
+  // Runs fn on the device's worker and waits for it.
+  absl::Status RunOnWorker(Device& device, absl::AnyInvocable<absl::Status() &&> fn);
+  RunOnDevice PosterFor(Device& device);
+
+  void Attention(AttentionCall call, bool decode, Reply<DataResult> reply, RequestTrace* trace);
+  // Keeps `held` (regions, events) alive until the GPU work enqueued so far is done, then lets
+  // go of it on the device's worker.
+  template <typename T>
+  absl::Status KeepUntilDone(Device& device, T held) {
+    DeviceWorker* worker = device.worker.get();
+    return device.backend->WhenDone([worker, held = std::move(held)]() mutable {
+      worker->Post([h = std::move(held)]() {});
+    });
+  }
+  // A backend error is sticky: the device takes no more work. Returns the error the caller
+  // answers with.
+  absl::Status MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
+  void PublishPoolState(Device& device);
+  SequenceState StateOf(const Device& device, const Sequence& seq) const;
+  absl::StatusOr<ResolvedEvents> ResolveEvents(const EventNames& sync, const Device& device) const;
+  // How long each device worker polls for work before sleeping (--worker_spin_us, resolved).
+  std::chrono::microseconds WorkerSpin() const;
+
+  // Constant after Create.
+  const ServerConfig config_;
+  const std::unique_ptr<DevicePlatform> platform_;
+  Metrics* const metrics_;
+  std::vector<std::unique_ptr<Device>> devices_;
+  ServingListener serving_listener_;
+
+  // Thread-safe registries of client memory and events.
+  RegionRegistry regions_;
+  EventRegistry events_;
+};
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_ENGINE_ENGINE_H_

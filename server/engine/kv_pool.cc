@@ -1,0 +1,238 @@
+#include "server/engine/kv_pool.h"
+
+#include <algorithm>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+
+namespace attnd {
+
+int64_t Sequence::MaxLength() const {
+  return lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
+}
+
+KvPool::KvPool(int device, int64_t num_pages, int64_t num_layers, int64_t page_size,
+               int64_t max_seq_len)
+    : device_(device),
+      num_layers_(num_layers),
+      page_size_(page_size),
+      max_seq_len_(max_seq_len),
+      refcounts_(static_cast<size_t>(num_pages), 0) {
+  free_list_.reserve(static_cast<size_t>(num_pages));
+  for (int64_t p = num_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));
+}
+
+int32_t KvPool::AllocatePage() {
+  int32_t page = free_list_.back();
+  free_list_.pop_back();
+  refcounts_[page] = 1;
+  return page;
+}
+
+bool KvPool::ReleasePage(int32_t page) {
+  if (--refcounts_[page] > 0) return false;
+  free_list_.push_back(page);
+  return true;
+}
+
+absl::Status KvPool::Create(uint64_t id) {
+  auto seq = std::make_unique<Sequence>();
+  seq->id = id;
+  seq->lengths.assign(static_cast<size_t>(num_layers_), 0);
+  if (!sequences_.try_emplace(id, std::move(seq)).second)
+    return absl::AlreadyExistsError(
+        absl::StrCat("seq_id: sequence ", id, " already exists on device ", device_));
+  ++table_epoch_;
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::Fork(uint64_t parent, uint64_t child) {
+  const Sequence* src = Find(parent);
+  if (src == nullptr)
+    return absl::NotFoundError(
+        absl::StrCat("parent_id: no sequence ", parent, " on device ", device_));
+  if (sequences_.contains(child))
+    return absl::AlreadyExistsError(
+        absl::StrCat("child_id: sequence ", child, " already exists on device ", device_));
+  auto seq = std::make_unique<Sequence>(*src);
+  seq->id = child;
+  for (int32_t page : seq->pages) ++refcounts_[page];
+  sequences_.emplace(child, std::move(seq));
+  ++table_epoch_;
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::Truncate(uint64_t id, int64_t length) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end())
+    return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
+  if (length < 0) return absl::InvalidArgumentError("length: must be >= 0");
+  Sequence& seq = *it->second;
+  for (int64_t& len : seq.lengths) len = std::min(len, length);
+  const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
+  for (size_t i = keep; i < seq.pages.size(); ++i) ReleasePage(seq.pages[i]);
+  if (seq.pages.size() > keep) {
+    seq.pages.resize(keep);
+    ++table_epoch_;
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> KvPool::Release(uint64_t id) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end())
+    return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
+  int64_t freed = 0;
+  for (int32_t page : it->second->pages) freed += ReleasePage(page) ? 1 : 0;
+  sequences_.erase(it);
+  ++table_epoch_;
+  return freed;
+}
+
+const Sequence* KvPool::Find(uint64_t id) const {
+  auto it = sequences_.find(id);
+  return it == sequences_.end() ? nullptr : it->second.get();
+}
+
+int64_t KvPool::SharedPages(const Sequence& seq) const {
+  return std::count_if(seq.pages.begin(), seq.pages.end(),
+                       [this](int32_t p) { return refcounts_[p] > 1; });
+}
+
+std::vector<const Sequence*> KvPool::List() const {
+  std::vector<const Sequence*> out;
+  out.reserve(sequences_.size());
+  for (const auto& [id, seq] : sequences_) out.push_back(seq.get());
+  std::sort(out.begin(), out.end(),
+            [](const Sequence* a, const Sequence* b) { return a->id < b->id; });
+  return out;
+}
+
+absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveAppend(int64_t layer,
+                                                            absl::Span<const AppendItem> items,
+                                                            std::vector<int64_t>* starts) {
+  auto prepared = PrepareAppend(layer, items);
+  if (!prepared.ok()) return prepared.status();
+  auto copies = CommitAppend(*prepared);
+  if (copies.ok()) *starts = std::move(prepared->starts);
+  return copies;
+}
+
+absl::StatusOr<PreparedAppend> KvPool::PrepareAppend(int64_t layer,
+                                                     absl::Span<const AppendItem> items) {
+  if (layer < 0 || layer >= num_layers_)
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer: ", layer, " is out of range [0, ", num_layers_, ")"));
+  PreparedAppend prepared;
+  prepared.layer = layer;
+  prepared.sequences.reserve(items.size());
+  prepared.starts.reserve(items.size());
+  prepared.num_new.reserve(items.size());
+  absl::flat_hash_set<uint64_t> seen;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const AppendItem& item = items[i];
+    auto it = sequences_.find(item.seq_id);
+    if (it == sequences_.end())
+      return absl::NotFoundError(absl::StrCat("items[", i, "].seq_id: no sequence ", item.seq_id,
+                                              " on device ", device_));
+    if (!seen.insert(item.seq_id).second)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "items[", i, "].seq_id: sequence ", item.seq_id, " appears twice in one batch"));
+    Sequence* seq = it->second.get();
+    const int64_t start = seq->lengths[static_cast<size_t>(layer)];
+    if (item.num_new_tokens > max_seq_len_ - start)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "items[", i, "].num_new_tokens: sequence ", item.seq_id, " holds ", start,
+          " tokens at layer ", layer, "; ", item.num_new_tokens, " more exceed max_seq_len ",
+          max_seq_len_));
+    prepared.sequences.push_back(seq);
+    prepared.starts.push_back(start);
+    prepared.num_new.push_back(item.num_new_tokens);
+  }
+  return prepared;
+}
+
+absl::StatusOr<std::vector<PageCopy>> KvPool::CommitAppend(const PreparedAppend& prepared) {
+  std::vector<ResolvedWrite> writes;
+  writes.reserve(prepared.sequences.size());
+  for (size_t i = 0; i < prepared.sequences.size(); ++i)
+    writes.push_back({prepared.sequences[i], prepared.layer, prepared.starts[i], prepared.num_new[i]});
+  return Reserve(writes);
+}
+
+absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const PageWrite> writes) {
+  std::vector<ResolvedWrite> resolved;
+  resolved.reserve(writes.size());
+  absl::flat_hash_set<std::pair<uint64_t, int64_t>> seen;
+  for (const PageWrite& w : writes) {
+    auto it = sequences_.find(w.seq_id);
+    if (it == sequences_.end())
+      return absl::NotFoundError(
+          absl::StrCat("seq_id: no sequence ", w.seq_id, " on device ", device_));
+    if (!seen.insert({w.seq_id, w.layer}).second)
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", w.seq_id, " is written twice at layer ", w.layer));
+    resolved.push_back({it->second.get(), w.layer, w.start, w.n});
+  }
+  return Reserve(resolved);
+}
+
+absl::StatusOr<std::vector<PageCopy>> KvPool::Reserve(absl::Span<const ResolvedWrite> writes) {
+  // Plan: count fresh pages and copies of shared pages without changing anything. A shared
+  // page that two writes of this batch both touch is copied once per writer until only one
+  // owner is left, so track planned releases.
+  absl::flat_hash_map<int32_t, int32_t> planned_releases;
+  // Page-table sizes as planned so far: several writes (layers) of one sequence share pages.
+  absl::flat_hash_map<const Sequence*, int64_t> planned_pages;
+  int64_t needed = 0;
+  for (const ResolvedWrite& w : writes) {
+    if (w.n <= 0) continue;
+    const Sequence& seq = *w.seq;
+    const int64_t first = w.start / page_size_;
+    const int64_t last = (w.start + w.n - 1) / page_size_;
+    const int64_t have = static_cast<int64_t>(seq.pages.size());
+    int64_t& planned = planned_pages.try_emplace(&seq, have).first->second;
+    for (int64_t p = first; p <= std::min(last, have - 1); ++p) {
+      const int32_t page = seq.pages[static_cast<size_t>(p)];
+      int32_t& released = planned_releases[page];
+      if (refcounts_[page] - released > 1) {
+        ++released;
+        ++needed;
+      }
+    }
+    needed += std::max<int64_t>(0, last + 1 - planned);
+    planned = std::max(planned, last + 1);
+  }
+  if (needed > free_pages())
+    return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the request needs ",
+                                                     needed, " free pages, ", free_pages(),
+                                                     " are free of ", total_pages()));
+  // Commit.
+  std::vector<PageCopy> copies;
+  for (const ResolvedWrite& w : writes) {
+    Sequence& seq = *w.seq;
+    if (w.n <= 0) continue;
+    const int64_t first = w.start / page_size_;
+    const int64_t last = (w.start + w.n - 1) / page_size_;
+    for (int64_t p = first; p <= last; ++p) {
+      if (p < static_cast<int64_t>(seq.pages.size())) {
+        int32_t& page = seq.pages[static_cast<size_t>(p)];
+        if (refcounts_[page] > 1) {
+          const int32_t fresh = AllocatePage();
+          copies.push_back({page, fresh});
+          ReleasePage(page);
+          page = fresh;
+          ++table_epoch_;
+        }
+      } else {
+        seq.pages.push_back(AllocatePage());
+        ++table_epoch_;
+      }
+    }
+    int64_t& len = seq.lengths[static_cast<size_t>(w.layer)];
+    len = std::max(len, w.start + w.n);
+  }
+  return copies;
+}
+
+}  // namespace attnd

@@ -1,0 +1,123 @@
+// The bookkeeping of one device's KV pool: which pages are free, which sequences own which
+// pages (refcounted, so forks share them), and each sequence's length per layer. Plain C++: it
+// moves no KV bytes. It tells the backend which pages to copy before a write (copy-on-write).
+// Not thread-safe: one device worker owns it.
+#ifndef ATTND_SERVER_ENGINE_KV_POOL_H_
+#define ATTND_SERVER_ENGINE_KV_POOL_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "server/platform/page_copy.h"
+
+namespace attnd {
+
+struct Sequence {
+  uint64_t id = 0;
+  std::vector<int32_t> pages;    // page ids of positions [0, pages.size() * page_size)
+  std::vector<int64_t> lengths;  // tokens per layer
+  int64_t MaxLength() const;
+};
+
+// Positions [start, start + n) of `layer` of sequence `seq_id` are about to be written.
+struct PageWrite {
+  uint64_t seq_id;
+  int64_t layer;
+  int64_t start;
+  int64_t n;
+};
+
+struct AppendItem {
+  uint64_t seq_id;
+  int64_t num_new_tokens;
+};
+
+// A batch's append checked against the pool but not applied: each item's sequence and the
+// position its new tokens start at. Valid until the pool next changes.
+struct PreparedAppend {
+  int64_t layer = 0;
+  std::vector<Sequence*> sequences;
+  std::vector<int64_t> starts;
+  std::vector<int64_t> num_new;
+};
+
+class KvPool {
+ public:
+  KvPool(int device, int64_t num_pages, int64_t num_layers, int64_t page_size,
+         int64_t max_seq_len);
+
+  int64_t total_pages() const { return static_cast<int64_t>(refcounts_.size()); }
+  int64_t free_pages() const { return static_cast<int64_t>(free_list_.size()); }
+  int64_t used_pages() const { return total_pages() - free_pages(); }
+  int64_t num_sequences() const { return static_cast<int64_t>(sequences_.size()); }
+  int64_t page_size() const { return page_size_; }
+  int64_t num_layers() const { return num_layers_; }
+
+  absl::Status Create(uint64_t id);
+  // The child gets the parent's page table and lengths; every page becomes shared. A shared
+  // page is copied when either side first writes into it, so fork itself needs no free page.
+  absl::Status Fork(uint64_t parent, uint64_t child);
+  // Each layer keeps min(length, its length) tokens; pages past the longest layer are released.
+  absl::Status Truncate(uint64_t id, int64_t length);
+  // Returns how many pages went back to the free list.
+  absl::StatusOr<int64_t> Release(uint64_t id);
+
+  const Sequence* Find(uint64_t id) const;
+  // Changes whenever any sequence's page table does (a page added, replaced by its copy,
+  // dropped; a sequence created, forked or released), never otherwise; starts at 1. A caller
+  // that saw the same epoch and the same tables (by address and size) before has the same ids.
+  uint64_t table_epoch() const { return table_epoch_; }
+  int64_t SharedPages(const Sequence& seq) const;
+  std::vector<const Sequence*> List() const;
+
+  // Grows each item's sequence by num_new_tokens at `layer`, all or nothing: every item is
+  // checked (exists, appears once, stays within max_seq_len) and every page the batch needs is
+  // counted before anything changes. Returns the item's start positions in `starts` and the
+  // copies the backend must make before writing.
+  absl::StatusOr<std::vector<PageCopy>> ReserveAppend(int64_t layer,
+                                                      absl::Span<const AppendItem> items,
+                                                      std::vector<int64_t>* starts);
+
+  // The two halves of ReserveAppend, so a caller can plan the batch in between with each
+  // sequence looked up once: Prepare checks every item and changes nothing; Commit reserves
+  // the pages (all or nothing) and grows the lengths.
+  absl::StatusOr<PreparedAppend> PrepareAppend(int64_t layer, absl::Span<const AppendItem> items);
+  absl::StatusOr<std::vector<PageCopy>> CommitAppend(const PreparedAppend& prepared);
+
+  // The general form: each write may start anywhere up to its layer's length; the layer's
+  // length becomes max(length, start + n). Sequences must exist and each (seq, layer) appear
+  // once.
+  absl::StatusOr<std::vector<PageCopy>> ReserveWrites(absl::Span<const PageWrite> writes);
+
+ private:
+  // A write whose sequence has been looked up.
+  struct ResolvedWrite {
+    Sequence* seq;
+    int64_t layer;
+    int64_t start;
+    int64_t n;
+  };
+  absl::StatusOr<std::vector<PageCopy>> Reserve(absl::Span<const ResolvedWrite> writes);
+  int32_t AllocatePage();
+  // Returns true if the page went back to the free list.
+  bool ReleasePage(int32_t page);
+  int64_t PagesFor(int64_t tokens) const { return (tokens + page_size_ - 1) / page_size_; }
+
+  int device_;
+  int64_t num_layers_;
+  int64_t page_size_;
+  int64_t max_seq_len_;
+  std::vector<int32_t> refcounts_;
+  std::vector<int32_t> free_list_;  // a stack; low page ids are handed out first
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Sequence>> sequences_;
+  uint64_t table_epoch_ = 1;
+};
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_ENGINE_KV_POOL_H_

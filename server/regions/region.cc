@@ -1,0 +1,136 @@
+#include "server/regions/region.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace attnd {
+
+absl::Status ValidateRegionName(const std::string& name) {
+  if (name.empty() || name.size() > 128)
+    return absl::InvalidArgumentError(
+        absl::StrCat("name: must be 1..128 bytes, got ", name.size()));
+  for (unsigned char c : name) {
+    if (c < 0x21 || c > 0x7e)
+      return absl::InvalidArgumentError("name: only printable ASCII without spaces");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
+                                                            const std::string& shm_key,
+                                                            uint64_t offset,
+                                                            uint64_t byte_size) {
+  if (shm_key.size() < 2 || shm_key.size() > 255 || shm_key[0] != '/' ||
+      shm_key.find('/', 1) != std::string::npos)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "shm_key: '", shm_key, "' must be '/' followed by 1..254 bytes without '/'"));
+  if (byte_size == 0) return absl::InvalidArgumentError("byte_size: must be > 0");
+  uint64_t end;
+  if (__builtin_add_overflow(offset, byte_size, &end))
+    return absl::InvalidArgumentError("offset + byte_size overflows 64 bits");
+
+  int fd = shm_open(shm_key.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    if (errno == ENOENT)
+      return absl::NotFoundError(absl::StrCat("shm_key: no shared-memory object '", shm_key, "'"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("shm_key: cannot open '", shm_key, "': ", std::strerror(errno)));
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int err = errno;
+    close(fd);
+    return absl::InternalError(absl::StrCat("fstat '", shm_key, "': ", std::strerror(err)));
+  }
+  const uint64_t object_size = static_cast<uint64_t>(st.st_size);
+  if (end > object_size) {
+    close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "byte_size: offset ", offset, " + byte_size ", byte_size, " exceeds the ", object_size,
+        " bytes of shared-memory object '", shm_key, "'"));
+  }
+  // mmap wants a page-aligned file offset: map from the page holding `offset`.
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  const uint64_t map_offset = offset / page * page;
+  const size_t map_len = static_cast<size_t>(end - map_offset);
+  void* map = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                   static_cast<off_t>(map_offset));
+  const int map_errno = errno;
+  close(fd);
+  if (map == MAP_FAILED)
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cannot map '", shm_key, "': ", std::strerror(map_errno)));
+  auto* base = static_cast<uint8_t*>(map) + (offset - map_offset);
+  return std::unique_ptr<HostRegion>(
+      new HostRegion(std::move(name), base, byte_size, map, map_len, shm_key, offset));
+}
+
+HostRegion::~HostRegion() {
+  if (before_unmap_) before_unmap_();
+  munmap(map_, map_len_);
+}
+
+std::string HostRegion::source() const { return absl::StrCat("shm:", shm_key_, "+", shm_offset_); }
+
+absl::Status RegionRegistry::Add(std::shared_ptr<Region> region) {
+  absl::MutexLock lock(&mu_);
+  auto [it, inserted] = regions_.try_emplace(region->name(), region);
+  if (!inserted)
+    return absl::AlreadyExistsError(
+        absl::StrCat("name: a region named '", region->name(), "' is already registered"));
+  return absl::OkStatus();
+}
+
+absl::Status RegionRegistry::Remove(const std::string& name) {
+  std::shared_ptr<Region> doomed;  // unmapped outside the lock if this was the last holder
+  absl::MutexLock lock(&mu_);
+  auto it = regions_.find(name);
+  if (it == regions_.end())
+    return absl::NotFoundError(absl::StrCat("name: no region named '", name, "'"));
+  doomed = std::move(it->second);
+  regions_.erase(it);
+  return absl::OkStatus();
+}
+
+std::shared_ptr<Region> RegionRegistry::Find(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  auto it = regions_.find(name);
+  return it == regions_.end() ? nullptr : it->second;
+}
+
+std::vector<RegionSummary> RegionRegistry::List() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<RegionSummary> out;
+  out.reserve(regions_.size());
+  for (const auto& [name, r] : regions_) {
+    RegionSummary s{name, r->kind(), r->device(), r->byte_size(), "", 0, r.use_count() - 1};
+    if (auto* host = dynamic_cast<const HostRegion*>(r.get())) {
+      s.shm_key = host->shm_key();
+      s.shm_offset = host->shm_offset();
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+void RegionRegistry::Clear() {
+  absl::flat_hash_map<std::string, std::shared_ptr<Region>> doomed;
+  {
+    absl::MutexLock lock(&mu_);
+    doomed.swap(regions_);
+  }
+}
+
+size_t RegionRegistry::size() const {
+  absl::MutexLock lock(&mu_);
+  return regions_.size();
+}
+
+}  // namespace attnd

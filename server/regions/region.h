@@ -1,0 +1,110 @@
+// Regions: client memory the server maps once and later reads and writes through TensorRefs.
+// A Region is owned by shared_ptr: the registry holds one reference, each in-flight request
+// another, so unregistering removes the name at once and unmaps after the last request ends.
+#ifndef ATTND_SERVER_REGIONS_REGION_H_
+#define ATTND_SERVER_REGIONS_REGION_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+
+namespace attnd {
+
+class Region {
+ public:
+  enum class Kind { kHost, kCuda };
+
+  virtual ~Region() = default;
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+
+  const std::string& name() const { return name_; }
+  Kind kind() const { return kind_; }
+  int device() const { return device_; }  // -1 for host memory
+  uint8_t* base() const { return base_; }
+  uint64_t byte_size() const { return byte_size_; }
+  // Where the memory came from, for ListRegions ("shm:/key+offset", "cuda-ipc").
+  virtual std::string source() const = 0;
+
+ protected:
+  Region(std::string name, Kind kind, int device, uint8_t* base, uint64_t byte_size)
+      : name_(std::move(name)), kind_(kind), device_(device), base_(base), byte_size_(byte_size) {}
+
+ private:
+  std::string name_;
+  Kind kind_;
+  int device_;
+  uint8_t* base_;
+  uint64_t byte_size_;
+};
+
+// A range of a POSIX shared-memory object, mapped read-write.
+class HostRegion final : public Region {
+ public:
+  static absl::StatusOr<std::unique_ptr<HostRegion>> Open(std::string name,
+                                                          const std::string& shm_key,
+                                                          uint64_t offset, uint64_t byte_size);
+  ~HostRegion() override;
+  std::string source() const override;
+  const std::string& shm_key() const { return shm_key_; }
+  uint64_t shm_offset() const { return shm_offset_; }
+  // The whole page-aligned mapping that holds the region.
+  void* mapping() const { return map_; }
+  size_t mapping_bytes() const { return map_len_; }
+  // Runs just before the memory is unmapped (the CUDA backend unpins it there).
+  void SetBeforeUnmap(std::function<void()> hook) { before_unmap_ = std::move(hook); }
+
+ private:
+  HostRegion(std::string name, uint8_t* base, uint64_t byte_size, void* map, size_t map_len,
+             std::string shm_key, uint64_t shm_offset)
+      : Region(std::move(name), Kind::kHost, -1, base, byte_size),
+        map_(map), map_len_(map_len), shm_key_(std::move(shm_key)), shm_offset_(shm_offset) {}
+
+  void* map_;
+  size_t map_len_;
+  std::string shm_key_;
+  uint64_t shm_offset_;
+  std::function<void()> before_unmap_;
+};
+
+struct RegionSummary {
+  std::string name;
+  Region::Kind kind;
+  int device;
+  uint64_t byte_size;
+  std::string shm_key;
+  uint64_t shm_offset = 0;
+  int64_t in_flight;  // requests holding the region now
+};
+
+class RegionRegistry {
+ public:
+  // ALREADY_EXISTS if the name is taken.
+  absl::Status Add(std::shared_ptr<Region> region);
+  // NOT_FOUND if there is no such name. The region stays mapped while requests hold it.
+  absl::Status Remove(const std::string& name);
+  // nullptr if there is no such name.
+  std::shared_ptr<Region> Find(const std::string& name) const;
+  std::vector<RegionSummary> List() const;
+  size_t size() const;
+  // Drops every region (at shutdown, after all work is done).
+  void Clear();
+
+ private:
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);
+};
+
+// Checks a region name from the wire: 1..128 printable bytes.
+absl::Status ValidateRegionName(const std::string& name);
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_REGIONS_REGION_H_

@@ -1,0 +1,137 @@
+#include "server/wire/stream_reactor.h"
+
+#include <chrono>
+#include <string>
+#include <utility>
+
+#include "server/wire/calls.h"
+#include "server/wire/convert.h"
+
+namespace attnd::wire {
+
+StreamReactor::StreamReactor(Engine* engine, Metrics* metrics)
+    : engine_(engine), metrics_(metrics) {
+  StartRead(&request_);
+}
+
+void StreamReactor::OnReadDone(bool ok) {
+  if (!ok) {
+    bool finish;
+    {
+      absl::MutexLock lock(&mu_);
+      reads_done_ = true;
+      finish = MaybeFinishLocked();
+    }
+    if (finish) Finish(grpc::Status::OK);
+    return;
+  }
+  auto slot = std::make_unique<Slot>();
+  Slot* raw = slot.get();
+  raw->response.set_tag(request_.tag());
+  {
+    absl::MutexLock lock(&mu_);
+    pending_.push_back(std::move(slot));
+  }
+  Dispatch(request_, raw);
+  StartRead(&request_);
+}
+
+void StreamReactor::OnWriteDone(bool ok) {
+  Metrics* metrics = metrics_;
+  std::unique_ptr<Slot> written;
+  bool finish;
+  {
+    absl::MutexLock lock(&mu_);
+    // Stamped under the lock: a write can complete (on a gRPC thread) before StartWrite has
+    // returned on the worker and stamped `handed`; the lock orders the two.
+    const Clock::time_point now = Clock::now();
+    writing_ = false;
+    written = std::move(pending_.front());
+    pending_.pop_front();
+    if (ok) written->trace.written = now;
+    if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
+    finish = WriteNextLocked();
+  }
+  // Off the lock and off the reply's path: the next response may already be on its way.
+  metrics->RecordStages(written->rpc, written->trace);
+  if (finish) Finish(grpc::Status::OK);
+}
+
+void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
+  slot->trace.received = Clock::now();
+  // The engine's reply fills the slot's response, then completes the slot.
+  auto lengths_into = [this, slot](v1::AttentionResponse* resp) {
+    return [this, slot, resp](absl::StatusOr<DataResult> result) {
+      if (result.ok()) FillLengths(*result, resp->mutable_lengths());
+      Complete(slot, result.status());
+    };
+  };
+  switch (req.op_case()) {
+    case v1::StreamRequest::kAppend: {
+      slot->rpc = "Stream.Append";
+      v1::AppendResponse* resp = slot->response.mutable_append();
+      engine_->Append(
+          ToAppendCall(req.append()),
+          [this, slot, resp](absl::StatusOr<DataResult> result) {
+            if (result.ok()) FillLengths(*result, resp->mutable_lengths());
+            Complete(slot, result.status());
+          },
+          &slot->trace);
+      break;
+    }
+    case v1::StreamRequest::kPrefill:
+      slot->rpc = "Stream.Prefill";
+      engine_->Prefill(ToAttentionCall(req.prefill()),
+                       lengths_into(slot->response.mutable_attention()), &slot->trace);
+      break;
+    case v1::StreamRequest::kDecode:
+      slot->rpc = "Stream.Decode";
+      engine_->Decode(ToAttentionCall(req.decode()),
+                      lengths_into(slot->response.mutable_attention()), &slot->trace);
+      break;
+    default:
+      slot->rpc = "Stream";
+      Complete(slot, absl::InvalidArgumentError("op: one of append, prefill or decode is required"));
+  }
+}
+
+void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
+  metrics_->RecordRpc(slot->rpc, status.code(),
+                      std::chrono::duration<double>(Clock::now() - slot->trace.received).count());
+  bool finish;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!status.ok()) {
+      slot->response.clear_result();
+      slot->response.set_code(static_cast<int32_t>(status.code()));
+      slot->response.set_message(std::string(status.message()));
+    }
+    slot->done = true;
+    finish = WriteNextLocked();
+  }
+  // This runs on a device worker, not in a gRPC reaction, so OnDone may delete the reactor as
+  // soon as Finish is called: it is the last thing done here, with the lock released.
+  if (finish) Finish(grpc::Status::OK);
+}
+
+bool StreamReactor::WriteNextLocked() {
+  while (!writing_ && !pending_.empty() && pending_.front()->done) {
+    if (broken_) {
+      pending_.pop_front();
+      continue;
+    }
+    writing_ = true;
+    StartWrite(&pending_.front()->response);
+    // OnWriteDone, which reads it, takes mu_ first.
+    pending_.front()->trace.handed = Clock::now();
+  }
+  return MaybeFinishLocked();
+}
+
+bool StreamReactor::MaybeFinishLocked() {
+  if (finished_ || !reads_done_ || writing_ || !pending_.empty()) return false;
+  finished_ = true;
+  return true;
+}
+
+}  // namespace attnd::wire

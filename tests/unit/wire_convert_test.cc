@@ -1,0 +1,128 @@
+// Tests of server/wire/convert.h: every request field reaches the engine's call, and every
+// result field reaches the response. Values are random so a swapped field shows.
+#include "server/wire/convert.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <string>
+
+namespace attnd {
+namespace {
+
+class WireConvertTest : public ::testing::Test {
+ protected:
+  uint64_t Next() { return rng_() % 100000 + 1; }
+  v1::TensorRef Ref(const std::string& region) {
+    v1::TensorRef ref;
+    ref.set_region(region);
+    ref.set_offset(Next());
+    ref.set_dtype(v1::DTYPE_BFLOAT16);
+    for (int i = 0; i < 3; ++i) ref.add_shape(Next());
+    return ref;
+  }
+  void ExpectSame(const TensorName& name, const v1::TensorRef& ref) {
+    EXPECT_EQ(name.region, ref.region());
+    EXPECT_EQ(name.offset, ref.offset());
+    EXPECT_EQ(name.dtype, wire::FromWire(ref.dtype()));
+    ASSERT_EQ(name.shape.size(), static_cast<size_t>(ref.shape_size()));
+    for (int i = 0; i < ref.shape_size(); ++i) EXPECT_EQ(name.shape[i], ref.shape(i));
+  }
+  std::mt19937_64 rng_{std::random_device{}()};
+};
+
+TEST_F(WireConvertTest, EveryFieldOfAnAttentionRequestReachesTheCall) {
+  v1::AttentionRequest req;
+  req.set_device(static_cast<uint32_t>(Next()));
+  req.set_layer(static_cast<uint32_t>(Next()));
+  for (int i = 0; i < 4; ++i) {
+    v1::BatchItem* item = req.add_items();
+    item->set_seq_id(Next());
+    item->set_num_new_tokens(static_cast<uint32_t>(Next()));
+  }
+  *req.mutable_q() = Ref("q");
+  *req.mutable_k_new() = Ref("k");
+  *req.mutable_v_new() = Ref("v");
+  *req.mutable_out() = Ref("out");
+  *req.mutable_lse() = Ref("lse");
+  req.set_deterministic(true);
+  req.mutable_sync()->set_wait_event("w");
+  req.mutable_sync()->set_signal_event("s");
+  const AttentionCall call = wire::ToAttentionCall(req);
+  EXPECT_EQ(call.device, req.device());
+  EXPECT_EQ(call.layer, req.layer());
+  ASSERT_EQ(call.items.size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(call.items[i].seq_id, req.items(i).seq_id());
+    EXPECT_EQ(call.items[i].num_new_tokens, req.items(i).num_new_tokens());
+  }
+  ExpectSame(call.q, req.q());
+  ExpectSame(call.k_new, req.k_new());
+  ExpectSame(call.v_new, req.v_new());
+  ExpectSame(call.out, req.out());
+  ExpectSame(call.lse, req.lse());
+  EXPECT_TRUE(call.deterministic);
+  EXPECT_EQ(call.sync.wait_event, "w");
+  EXPECT_EQ(call.sync.signal_event, "s");
+}
+
+TEST_F(WireConvertTest, AnAttentionRequestWithoutLseAsksForNone) {
+  EXPECT_TRUE(wire::ToAttentionCall(v1::AttentionRequest()).lse.region.empty());
+}
+
+TEST_F(WireConvertTest, AnUnspecifiedOrUnknownDtypeBecomesNoDtype) {
+  EXPECT_FALSE(wire::FromWire(v1::DTYPE_UNSPECIFIED).has_value());
+  EXPECT_FALSE(wire::FromWire(static_cast<v1::DType>(77)).has_value());
+  for (kernels::DType d :
+       {kernels::DType::kFloat16, kernels::DType::kBFloat16, kernels::DType::kFloat32})
+    EXPECT_EQ(wire::FromWire(wire::ToWire(d)), d);
+}
+
+TEST_F(WireConvertTest, EveryFieldOfAnImportReachesTheTransferCall) {
+  v1::ImportKvRequest req;
+  req.set_device(3);
+  req.set_seq_id(Next());
+  req.set_layer_begin(1);
+  req.set_layer_end(5);
+  req.set_head_begin(2);
+  req.set_head_end(6);
+  req.set_num_tokens(Next());
+  *req.mutable_src() = Ref("src");
+  const KvTransferCall call = wire::ToTransferCall(req);
+  EXPECT_EQ(call.device, 3u);
+  EXPECT_EQ(call.seq_id, req.seq_id());
+  EXPECT_EQ(call.layer_begin, 1u);
+  EXPECT_EQ(call.layer_end, 5u);
+  EXPECT_EQ(call.head_begin, 2u);
+  EXPECT_EQ(call.head_end, 6u);
+  EXPECT_EQ(call.num_tokens, req.num_tokens());
+  ExpectSame(call.buffer, req.src());
+}
+
+TEST_F(WireConvertTest, ASequenceStateFillsEveryFieldOfSequenceInfo) {
+  SequenceState state;
+  state.device = 2;
+  state.seq_id = Next();
+  state.layer_lengths = {static_cast<int64_t>(Next()), static_cast<int64_t>(Next())};
+  state.num_pages = Next();
+  state.shared_pages = Next();
+  v1::SequenceInfo info;
+  info.add_layer_lengths(99);  // stale values are replaced, not appended to
+  wire::FillSequenceInfo(state, &info);
+  EXPECT_EQ(info.device(), 2u);
+  EXPECT_EQ(info.seq_id(), state.seq_id);
+  ASSERT_EQ(info.layer_lengths_size(), 2);
+  EXPECT_EQ(info.layer_lengths(1), static_cast<uint64_t>(state.layer_lengths[1]));
+  EXPECT_EQ(info.num_pages(), state.num_pages);
+  EXPECT_EQ(info.shared_pages(), state.shared_pages);
+}
+
+TEST_F(WireConvertTest, AnErrorKeepsItsCodeAndMessageOnTheWire) {
+  const grpc::Status s = wire::ToGrpc(absl::ResourceExhaustedError("items: too many"));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(s.error_message(), "items: too many");
+  EXPECT_TRUE(wire::ToGrpc(absl::OkStatus()).ok());
+}
+
+}  // namespace
+}  // namespace attnd
