@@ -1,0 +1,174 @@
+#include "server/cpu/cpu_backend.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cpu_attention.h"
+#include "server/cpu/thread_pool.h"
+
+namespace attnd {
+namespace {
+
+// Anonymous mapping: pages of the pool cost RAM only once written.
+class HostPool {
+ public:
+  static absl::StatusOr<std::unique_ptr<HostPool>> Create(size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cannot reserve ", bytes, " bytes of host memory for the KV pool"));
+    }
+    return std::unique_ptr<HostPool>(new HostPool(p, bytes));
+  }
+  ~HostPool() { munmap(data_, bytes_); }
+  uint8_t* data() const { return static_cast<uint8_t*>(data_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  HostPool(void* data, size_t bytes) : data_(data), bytes_(bytes) {}
+  void* const data_;
+  const size_t bytes_;
+};
+
+class CpuDeviceBackend final : public DeviceBackend {
+ public:
+  CpuDeviceBackend(const ServerConfig& config, int64_t num_pages, std::unique_ptr<HostPool> pool)
+      : shape_(config.model.CacheShape(num_pages)),
+        options_(config.model.Options()),
+        num_qo_heads_(config.model.num_qo_heads),
+        pool_(std::move(pool)),
+        threads_(std::max(0, config.cpu_threads - 1)) {}
+
+  std::string name() const override { return "cpu"; }
+  int64_t num_pages() const override { return shape_.num_pages; }
+  int64_t pool_bytes() const override { return shape_.TotalBytes(); }
+
+  absl::Status CopyPages(absl::Span<const PageCopy> copies) override {
+    const size_t page_bytes =
+        static_cast<size_t>(shape_.PageElems()) * kernels::DTypeSize(shape_.dtype);
+    for (const PageCopy& c : copies) {
+      for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
+        std::memcpy(ElementPtr(shape_.Offset(layer, c.dst, 0, 0, 0)),
+                    ElementPtr(shape_.Offset(layer, c.src, 0, 0, 0)), page_bytes);
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<LaunchResult> Append(const AppendWork& work) override {
+    const int64_t row_bytes = RowBytes(shape_.num_kv_heads);
+    int64_t row = 0;
+    for (const BatchEntry& e : work.entries) {
+      kernels::CpuAppendKv(pool_->data(), shape_, work.layer, e.page_table.data(), e.start,
+                           e.num_new, static_cast<const uint8_t*>(work.k_new) + row * row_bytes,
+                           static_cast<const uint8_t*>(work.v_new) + row * row_bytes);
+      row += e.num_new;
+    }
+    return LaunchResult{std::chrono::steady_clock::now()};
+  }
+
+  // One kernel for every batch, and nothing to stage: the pool is reached directly.
+  absl::StatusOr<AttentionPlan> PlanAttention(const AttentionBatch&) override {
+    return AttentionPlan{};
+  }
+
+  absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
+                                         const AttentionPlan&) override {
+    if (auto appended = Append(work.append); !appended.ok()) return appended.status();
+    // One task per (sequence, kv head): disjoint rows of out and lse, so tasks run in parallel
+    // and each task's arithmetic does not depend on how they are spread (deterministic).
+    const int64_t q_row_bytes = RowBytes(num_qo_heads_);
+    const auto& entries = work.append.entries;
+    std::vector<int64_t> first_row(entries.size());
+    for (size_t i = 1; i < entries.size(); ++i)
+      first_row[i] = first_row[i - 1] + entries[i - 1].num_new;
+    const int64_t heads = shape_.num_kv_heads;
+    threads_.ParallelFor(static_cast<int64_t>(entries.size()) * heads, [&](int64_t task) {
+      const BatchEntry& e = entries[static_cast<size_t>(task / heads)];
+      const int64_t head = task % heads;
+      const int64_t row = first_row[static_cast<size_t>(task / heads)];
+      kernels::SequenceView view{e.page_table.data(), e.start + e.num_new, e.num_new};
+      kernels::CpuPagedAttentionKvHeads(
+          pool_->data(), shape_, work.append.layer, view, options_,
+          static_cast<const uint8_t*>(work.q) + row * q_row_bytes,
+          static_cast<uint8_t*>(work.out) + row * q_row_bytes,
+          work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_, head, head + 1);
+    });
+    return LaunchResult{std::chrono::steady_clock::now()};
+  }
+
+  absl::Status TransferKv(const KvTransferWork& w) override {
+    const int64_t heads = w.head_end - w.head_begin;
+    const size_t run_bytes =
+        static_cast<size_t>(shape_.head_dim) * kernels::DTypeSize(shape_.dtype);
+    auto* buffer = static_cast<uint8_t*>(w.buffer);
+    size_t cursor = 0;
+    for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
+      for (int kv = 0; kv < 2; ++kv) {
+        for (int64_t t = 0; t < w.num_tokens; ++t) {
+          const int32_t page = w.page_table[static_cast<size_t>(t / shape_.page_size)];
+          for (int64_t h = 0; h < heads; ++h, cursor += run_bytes) {
+            uint8_t* slot =
+                ElementPtr(shape_.Offset(layer, page, kv, t % shape_.page_size, w.head_begin + h));
+            if (w.to_pool) {
+              std::memcpy(slot, buffer + cursor, run_bytes);
+            } else {
+              std::memcpy(buffer + cursor, slot, run_bytes);
+            }
+          }
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  uint8_t* ElementPtr(int64_t element) const {
+    return pool_->data() + element * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  }
+  int64_t RowBytes(int64_t heads) const {
+    return heads * shape_.head_dim * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  }
+
+  const kernels::KvCacheShape shape_;
+  const kernels::AttentionOptions options_;
+  const int64_t num_qo_heads_;
+  const std::unique_ptr<HostPool> pool_;
+  ThreadPool threads_;  // its own lock: ParallelFor callers take turns
+};
+
+int64_t PhysicalMemoryBytes() {
+  return static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) *
+         static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateCpuDeviceBackend(const ServerConfig& config,
+                                                                       int device) {
+  (void)device;
+  const int64_t page_bytes = config.model.PageBytes();
+  int64_t num_pages = config.pages_per_device;
+  if (num_pages == 0) {
+    num_pages = static_cast<int64_t>(config.memory_fraction *
+                                     static_cast<double>(PhysicalMemoryBytes())) /
+                page_bytes;
+    num_pages = std::min<int64_t>(num_pages, (int64_t{1} << 31) - 1);
+  }
+  if (num_pages < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--memory_fraction leaves no room for one page of ", page_bytes, " bytes"));
+  }
+  auto pool = HostPool::Create(static_cast<size_t>(num_pages * page_bytes));
+  if (!pool.ok()) return pool.status();
+  return std::make_unique<CpuDeviceBackend>(config, num_pages, *std::move(pool));
+}
+
+}  // namespace attnd

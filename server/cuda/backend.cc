@@ -1,0 +1,419 @@
+#include "server/cuda/backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/cuda/attention_cuda.h"
+#include "kernels/decode_plan.h"
+#include "kernels/prefill_plan.h"
+#include "server/cuda/completions.h"
+#include "server/cuda/cuda_check.h"
+#include "server/cuda/decode_graphs.h"
+#include "server/cuda/workspaces.h"
+#include "server/platform/gpu_batch.h"
+#include "spdlog/spdlog.h"
+
+namespace attnd {
+namespace {
+
+class CudaDeviceBackend final : public DeviceBackend {
+ public:
+  static absl::StatusOr<std::unique_ptr<DeviceBackend>> Create(const ServerConfig& config,
+                                                               int device);
+
+  std::string name() const override { return name_; }
+  int64_t num_pages() const override { return shape_.num_pages; }
+  int64_t pool_bytes() const override { return shape_.TotalBytes(); }
+
+  absl::Status CopyPages(absl::Span<const PageCopy> copies) override;
+  absl::StatusOr<LaunchResult> Append(const AppendWork& work) override;
+  absl::StatusOr<AttentionPlan> PlanAttention(const AttentionBatch& batch) override;
+  absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
+                                         const AttentionPlan& plan) override;
+  absl::Status TransferKv(const KvTransferWork& work) override;
+  absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
+    return completions_->Add(stream_.get(), std::move(fn));
+  }
+
+ private:
+  CudaDeviceBackend(const ServerConfig& config, std::string name)
+      : name_(std::move(name)),
+        debug_fault_layer_(config.debug_fault_layer),
+        options_(config.model.Options()) {}
+
+  // Returns the device's free bytes before the pool took its share.
+  absl::StatusOr<size_t> CreatePool(const ServerConfig& config, int device);
+  uint8_t* PoolAt(int64_t element) const {
+    return static_cast<uint8_t*>(pool_.get()) +
+           element * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  }
+  kernels::cuda::PagedKv Kv(int64_t layer) const { return {pool_.get(), shape_, layer}; }
+
+  absl::StatusOr<LaunchResult> Fault();
+  absl::Status CheckPlanned(const AttentionWork& work, const AttentionPlan& plan) const;
+  absl::Status RunEager(const AttentionWork& work, const AttentionPlan& plan);
+  absl::Status LaunchDecode(const AttentionWork& work, const AttentionPlan& plan);
+  absl::Status LaunchPrefill(const AttentionWork& work, const AttentionPlan& plan);
+  absl::Status WaitForInputs(const EventSyncWork& sync);
+  absl::Status Upload(bool with_indices);
+  absl::Status LaunchAppend(const AppendWork& work);
+  absl::Status UploadPlan(size_t offset, int64_t ints, absl::string_view what);
+  absl::StatusOr<LaunchResult> Finish(const EventSyncWork& sync, absl::string_view what,
+                                      LaunchResult result);
+
+  // Constant after construction.
+  const std::string name_;
+  const int64_t debug_fault_layer_;
+  const kernels::AttentionOptions options_;
+  kernels::KvCacheShape shape_;
+  Stream stream_;
+  std::unique_ptr<CudaCompletions> completions_;  // after stream_: destroyed before it
+  DeviceBuffer pool_;
+  std::unique_ptr<Workspaces> workspaces_;
+  std::unique_ptr<DecodeGraphs> graphs_;  // after workspaces_, whose buffers they use
+
+  // Mutable state, of the call in progress (calls come from the device's worker, one at a
+  // time).
+  // What PlanAttention planned, for the Attention call that follows: the plan itself and the
+  // batch it was made for.
+  std::vector<int32_t> plan_host_;
+  AttentionPlan planned_;
+  std::vector<int64_t> planned_starts_, planned_num_new_;
+  bool planned_deterministic_ = false;
+  GpuBatch batch_;  // the host arrays of the batch being planned or launched
+};
+
+absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const ServerConfig& config,
+                                                                          int device) {
+  cudaDeviceProp prop;
+  ATTND_CUDA_RETURN(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  std::unique_ptr<CudaDeviceBackend> b(new CudaDeviceBackend(config, prop.name));
+  cudaStream_t stream = nullptr;
+  ATTND_CUDA_RETURN(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  b->stream_.reset(stream);
+  b->completions_ = std::make_unique<CudaCompletions>(device);
+  // Workspaces first, then the pool takes its share of what is left.
+  auto workspaces = Workspaces::Create(config, device, stream);
+  if (!workspaces.ok()) return workspaces.status();
+  b->workspaces_ = *std::move(workspaces);
+  b->plan_host_.assign(static_cast<size_t>(b->workspaces_->plan_ints()), 0);
+  auto free_bytes = b->CreatePool(config, device);
+  if (!free_bytes.ok()) return free_bytes.status();
+  ATTND_CUDA_RETURN(cudaStreamSynchronize(stream), "backend set-up");
+  if (config.cuda_graphs && !config.graph_buckets.empty()) {
+    const auto start = std::chrono::steady_clock::now();
+    auto graphs = DecodeGraphs::Capture(config.graph_buckets, b->pool_.get(), b->shape_,
+                                        b->options_, *b->workspaces_, stream);
+    if (!graphs.ok()) return graphs.status();
+    b->graphs_ = *std::move(graphs);
+    spdlog::info("device={} graphs={} buckets={}..{} capture_s={:.3f} graph_buffer_bytes={}",
+                 device, b->graphs_->size(), config.graph_buckets.front(),
+                 config.graph_buckets.back(),
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                 b->graphs_->bytes());
+  }
+  spdlog::info("device={} gpu=\"{}\" pool_pages={} pool_bytes={} workspace_bytes={} free_bytes={}",
+               device, b->name_, b->shape_.num_pages, b->shape_.TotalBytes(),
+               b->workspaces_->bytes(), *free_bytes);
+  return std::unique_ptr<DeviceBackend>(std::move(b));
+}
+
+absl::StatusOr<size_t> CudaDeviceBackend::CreatePool(const ServerConfig& config, int device) {
+  const ModelShape& m = config.model;
+  size_t free_bytes = 0, total_bytes = 0;
+  ATTND_CUDA_RETURN(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  int64_t num_pages = config.pages_per_device;
+  if (num_pages == 0) {
+    num_pages = static_cast<int64_t>(config.memory_fraction * static_cast<double>(free_bytes)) /
+                m.PageBytes();
+  }
+  // Page ids are int32 on the device.
+  num_pages = std::min<int64_t>(num_pages, (int64_t{1} << 31) - 1);
+  if (num_pages < 1) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("device ", device, ": no room for one KV page of ", m.PageBytes(), " bytes"));
+  }
+  shape_ = m.CacheShape(num_pages);
+  auto pool = AllocateDevice(static_cast<size_t>(shape_.TotalBytes()), "the KV pool");
+  if (!pool.ok()) return pool.status();
+  pool_ = *std::move(pool);
+  return free_bytes;
+}
+
+absl::Status CudaDeviceBackend::CopyPages(absl::Span<const PageCopy> copies) {
+  const size_t block = static_cast<size_t>(shape_.PageElems()) * kernels::DTypeSize(shape_.dtype);
+  for (const PageCopy& c : copies) {
+    for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
+      ATTND_CUDA_RETURN(cudaMemcpyAsync(PoolAt(shape_.Offset(layer, c.dst, 0, 0, 0)),
+                                        PoolAt(shape_.Offset(layer, c.src, 0, 0, 0)), block,
+                                        cudaMemcpyDeviceToDevice, stream_.get()),
+                        "copy-on-write page copy");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LaunchResult> CudaDeviceBackend::Append(const AppendWork& work) {
+  BuildGpuBatch(work.entries, shape_.page_size, &batch_);
+  if (absl::Status s = WaitForInputs(work.sync); !s.ok()) return s;
+  if (absl::Status s = Upload(/*with_indices=*/false); !s.ok()) return s;
+  if (absl::Status s = LaunchAppend(work); !s.ok()) return s;
+  return Finish(work.sync, "append", LaunchResult{});
+}
+
+// The one place that chooses the kernels of a batch, and plans it once, into plan_host_.
+absl::StatusOr<AttentionPlan> CudaDeviceBackend::PlanAttention(const AttentionBatch& batch) {
+  const size_t n = batch.starts.size();
+  const bool one_token_each = std::all_of(batch.num_new.begin(), batch.num_new.end(),
+                                          [](int64_t num_new) { return num_new == 1; });
+  // A deterministic Prefill call takes the prefill kernel even when every item is one token,
+  // so that an item's bits do not depend on whether a longer chunk shares its call (the
+  // decode kernel sums in another order).
+  const bool decode = one_token_each && (batch.decode || !batch.deterministic);
+  AttentionPlan plan;
+  std::string error;
+  bool fits = false;
+  if (decode) {
+    plan.graph_bucket = graphs_ == nullptr ? 0 : graphs_->BucketFor(n, batch.deterministic);
+    plan.kernel = plan.graph_bucket > 0 ? AttentionKernel::kDecodeGraph : AttentionKernel::kDecode;
+    // A graph runs its whole bucket: the padded entries have no keys.
+    const size_t rows = std::max(n, static_cast<size_t>(plan.graph_bucket));
+    BuildBatchShape(batch.starts, batch.num_new, shape_.page_size, rows, &batch_);
+    const kernels::DecodePlanConfig& cfg = workspaces_->decode_config(batch.deterministic);
+    const int entries = static_cast<int>(rows);
+    fits = kernels::PlanDecode(batch_.kv_len.data(), batch_.kv_indptr.data(), entries,
+                               kernels::DecodeGridX(entries, cfg), cfg,
+                               workspaces_->decode_layout(), plan_host_.data(), &plan.plan_ints,
+                               &error);
+  } else {
+    plan.kernel = AttentionKernel::kPrefill;
+    BuildBatchShape(batch.starts, batch.num_new, shape_.page_size, n, &batch_);
+    fits = kernels::PlanPrefill(batch_.qo_indptr.data(), batch_.kv_len.data(),
+                                batch_.kv_indptr.data(), static_cast<int>(n),
+                                workspaces_->prefill_config(batch.deterministic),
+                                workspaces_->prefill_layout(), plan_host_.data(), &error);
+    if (fits) {
+      plan.num_items = plan_host_[0];
+      plan.num_merges = plan_host_[1];
+      plan.plan_ints =
+          workspaces_->prefill_layout().ItemsOffset() + kernels::kPrefillItemInts * plan.num_items;
+    }
+  }
+  if (!fits) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "items: the batch does not fit the GPU workspace (", error,
+        "); split it into smaller requests or raise --cuda_workspace_mb"));
+  }
+  planned_ = plan;
+  planned_starts_.assign(batch.starts.begin(), batch.starts.end());
+  planned_num_new_.assign(batch.num_new.begin(), batch.num_new.end());
+  planned_deterministic_ = batch.deterministic;
+  return plan;
+}
+
+absl::StatusOr<LaunchResult> CudaDeviceBackend::Attention(const AttentionWork& work,
+                                                          const AttentionPlan& plan) {
+  if (work.append.layer == debug_fault_layer_) return Fault();
+  if (absl::Status s = CheckPlanned(work, plan); !s.ok()) return s;
+  LaunchResult result;
+  result.kernel = plan.kernel;
+  result.graph_bucket = plan.graph_bucket;
+  switch (plan.kernel) {
+    case AttentionKernel::kDecodeGraph:
+      if (graphs_ == nullptr) break;
+      if (absl::Status s = graphs_->Replay(
+              plan.graph_bucket, work,
+              absl::MakeConstSpan(plan_host_.data(), static_cast<size_t>(plan.plan_ints)));
+          !s.ok())
+        return s;
+      return Finish(work.append.sync, "decode graph", result);
+    case AttentionKernel::kDecode:
+    case AttentionKernel::kPrefill:
+      if (absl::Status s = RunEager(work, plan); !s.ok()) return s;
+      return Finish(work.append.sync, "attention", result);
+    case AttentionKernel::kHost:
+      break;
+  }
+  return absl::InternalError("attention: the batch was not planned by the CUDA backend");
+}
+
+absl::StatusOr<LaunchResult> CudaDeviceBackend::Fault() {
+  spdlog::warn("device={} --debug_fault_layer={}: faulting the device on purpose", name_,
+               debug_fault_layer_);
+  absl::Status s = Annotate(kernels::cuda::LaunchFaultingKernel(stream_.get()), "faulting kernel");
+  if (s.ok()) s = Check(cudaStreamSynchronize(stream_.get()), "faulting kernel");
+  if (!s.ok()) return s;
+  return LaunchResult{std::chrono::steady_clock::now()};
+}
+
+// A plan covers the batch it was made from, and the kernels read as many page ids per entry as
+// it says: work that differs would make them read ids that were never uploaded.
+absl::Status CudaDeviceBackend::CheckPlanned(const AttentionWork& work,
+                                             const AttentionPlan& plan) const {
+  const std::vector<BatchEntry>& entries = work.append.entries;
+  bool same = plan.kernel == planned_.kernel && plan.graph_bucket == planned_.graph_bucket &&
+              plan.plan_ints == planned_.plan_ints && plan.num_items == planned_.num_items &&
+              plan.num_merges == planned_.num_merges && entries.size() == planned_starts_.size() &&
+              work.deterministic == planned_deterministic_;
+  for (size_t i = 0; same && i < entries.size(); ++i)
+    same = entries[i].start == planned_starts_[i] && entries[i].num_new == planned_num_new_[i];
+  if (same) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("attention: the batch of ", entries.size(),
+                                          " entries is not the one planned (",
+                                          planned_starts_.size(), " entries)"));
+}
+
+absl::Status CudaDeviceBackend::RunEager(const AttentionWork& work, const AttentionPlan& plan) {
+  BuildGpuBatch(work.append.entries, shape_.page_size, &batch_);
+  if (absl::Status s = WaitForInputs(work.append.sync); !s.ok()) return s;
+  if (absl::Status s = Upload(/*with_indices=*/true); !s.ok()) return s;
+  if (absl::Status s = LaunchAppend(work.append); !s.ok()) return s;
+  return plan.kernel == AttentionKernel::kDecode ? LaunchDecode(work, plan)
+                                                 : LaunchPrefill(work, plan);
+}
+
+absl::Status CudaDeviceBackend::LaunchDecode(const AttentionWork& work,
+                                             const AttentionPlan& plan) {
+  if (absl::Status s = UploadPlan(0, plan.plan_ints, "upload decode plan"); !s.ok()) return s;
+  const kernels::cuda::DecodeArgs a = workspaces_->DecodeArgs(
+      Kv(work.append.layer), options_, static_cast<int>(work.append.entries.size()),
+      work.deterministic, work.q, work.out, work.lse);
+  return Annotate(kernels::cuda::LaunchBatchDecode(a, stream_.get()), "decode kernel");
+}
+
+absl::Status CudaDeviceBackend::LaunchPrefill(const AttentionWork& work,
+                                              const AttentionPlan& plan) {
+  // The header and items, then the merges, which sit at the end of the layout.
+  if (absl::Status s = UploadPlan(0, plan.plan_ints, "upload prefill plan"); !s.ok()) return s;
+  if (plan.num_merges > 0) {
+    const kernels::PrefillPlanLayout& layout = workspaces_->prefill_layout();
+    if (absl::Status s = UploadPlan(static_cast<size_t>(layout.MergesOffset()),
+                                    kernels::kPrefillMergeInts * plan.num_merges,
+                                    "upload prefill merges");
+        !s.ok())
+      return s;
+  }
+  const kernels::cuda::PrefillArgs a =
+      workspaces_->PrefillArgs(Kv(work.append.layer), options_, work.q, work.out, work.lse,
+                               plan.num_items, plan.num_merges);
+  return Annotate(kernels::cuda::LaunchBatchPrefill(a, stream_.get()), "prefill kernel");
+}
+
+absl::Status CudaDeviceBackend::WaitForInputs(const EventSyncWork& sync) {
+  if (sync.wait == nullptr) return absl::OkStatus();
+  return Check(cudaStreamWaitEvent(stream_.get(), static_cast<cudaEvent_t>(sync.wait), 0),
+               "wait on the client's event");
+}
+
+// Copies the slot mapping (and for attention the page table) to the device.
+absl::Status CudaDeviceBackend::Upload(bool with_indices) {
+  ATTND_CUDA_RETURN(cudaMemcpyAsync(workspaces_->slots(), batch_.slot_mapping.data(),
+                                    batch_.slot_mapping.size() * sizeof(int64_t),
+                                    cudaMemcpyHostToDevice, stream_.get()),
+                    "upload slot mapping");
+  if (with_indices) {
+    ATTND_CUDA_RETURN(cudaMemcpyAsync(workspaces_->indices(), batch_.kv_indices.data(),
+                                      batch_.kv_indices.size() * sizeof(int32_t),
+                                      cudaMemcpyHostToDevice, stream_.get()),
+                      "upload page table");
+  }
+  return absl::OkStatus();
+}
+
+// From pageable memory: the copy has read plan_host_ when it returns, so the next plan may
+// overwrite it at once.
+absl::Status CudaDeviceBackend::UploadPlan(size_t offset, int64_t ints, absl::string_view what) {
+  return Check(cudaMemcpyAsync(workspaces_->plan() + offset, plan_host_.data() + offset,
+                               static_cast<size_t>(ints) * sizeof(int32_t),
+                               cudaMemcpyHostToDevice, stream_.get()),
+               what);
+}
+
+absl::Status CudaDeviceBackend::LaunchAppend(const AppendWork& work) {
+  kernels::cuda::AppendArgs a;
+  a.kv = Kv(work.layer);
+  a.k = work.k_new;
+  a.v = work.v_new;
+  a.k_token_stride = a.v_token_stride = shape_.num_kv_heads * shape_.head_dim;
+  a.slot_mapping = workspaces_->slots();
+  a.num_tokens = static_cast<int64_t>(batch_.slot_mapping.size());
+  return Annotate(kernels::cuda::LaunchAppendKv(a, stream_.get()), "append kernel");
+}
+
+// With a signal event: record it and return at once (the client's stream waits on it);
+// without: return once the outputs are written. Stamps `enqueued` before any wait, so the
+// request's host work and its wait for the GPU are timed apart. The wait is
+// cudaStreamSynchronize under the default schedule (spin while this process has no more
+// contexts than cores), so seeing the GPU finish costs no thread wake-up.
+absl::StatusOr<LaunchResult> CudaDeviceBackend::Finish(const EventSyncWork& sync,
+                                                       absl::string_view what,
+                                                       LaunchResult result) {
+  result.enqueued = std::chrono::steady_clock::now();
+  if (sync.signal != nullptr) {
+    ATTND_CUDA_RETURN(cudaEventRecord(static_cast<cudaEvent_t>(sync.signal), stream_.get()),
+                      "record the client's event");
+    return result;
+  }
+  ATTND_CUDA_RETURN(cudaStreamSynchronize(stream_.get()), what);
+  return result;
+}
+
+absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
+  const size_t es = kernels::DTypeSize(shape_.dtype);
+  const int64_t heads = w.head_end - w.head_begin;
+  const size_t buffer_row = static_cast<size_t>(heads * shape_.head_dim) * es;
+  auto* buffer = static_cast<uint8_t*>(w.buffer);
+  const cudaMemcpyKind kind = cudaMemcpyDefault;  // UVA: the buffer may be host or device
+  const auto copy = [&](uint8_t* pool, size_t pool_row, uint8_t* buf, size_t width,
+                        int64_t rows) {
+    return Check(w.to_pool ? cudaMemcpy2DAsync(pool, pool_row, buf, buffer_row, width, rows,
+                                               kind, stream_.get())
+                           : cudaMemcpy2DAsync(buf, buffer_row, pool, pool_row, width, rows,
+                                               kind, stream_.get()),
+                 "KV transfer");
+  };
+  size_t cursor = 0;
+  for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
+    for (int kv = 0; kv < 2; ++kv) {
+      for (int64_t t0 = 0; t0 < w.num_tokens; t0 += shape_.page_size) {
+        const int32_t page = w.page_table[static_cast<size_t>(t0 / shape_.page_size)];
+        const int64_t rows = std::min(shape_.page_size, w.num_tokens - t0);
+        uint8_t* buf = buffer + cursor + static_cast<size_t>(t0) * buffer_row;
+        if (shape_.layout == kernels::KvLayout::kNHD) {
+          // Rows of the page are tokens; the head range of a row is contiguous.
+          const size_t pool_row = static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
+          if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin)),
+                                    pool_row, buf, buffer_row, rows);
+              !s.ok())
+            return s;
+          continue;
+        }
+        // HND: each head's slots are contiguous rows of head_dim.
+        const size_t head_row = static_cast<size_t>(shape_.head_dim) * es;
+        for (int64_t h = 0; h < heads; ++h) {
+          if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin + h)),
+                                    head_row, buf + static_cast<size_t>(h) * head_row, head_row,
+                                    rows);
+              !s.ok())
+            return s;
+        }
+      }
+      cursor += static_cast<size_t>(w.num_tokens) * buffer_row;
+    }
+  }
+  return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateCudaDeviceBackend(const ServerConfig& config,
+                                                                        int device) {
+  return CudaDeviceBackend::Create(config, device);
+}
+
+}  // namespace attnd
