@@ -10,7 +10,11 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
 #include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 #define CK(x)                                                                                 \
   do {                                                                                        \
@@ -21,7 +25,27 @@
     }                                                                                         \
   } while (0)
 
+// The same for the kernels' launchers and configs (absl::Status).
+#define CK_OK(x)                                                                              \
+  do {                                                                                        \
+    const absl::Status s_ = (x);                                                              \
+    if (!s_.ok()) {                                                                           \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, s_.ToString().c_str()); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
 namespace attnd::bench {
+
+// The value, or exit with the error.
+template <typename T>
+T ValueOrExit(absl::StatusOr<T> v, const char* what) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "%s: %s\n", what, v.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(v);
+}
 
 // Values in [-1.7, 1.7) from a hash of the index: never zeros, the same for a given seed.
 __global__ inline void FillRandom(uint16_t* p, size_t n, uint32_t seed, bool bf16) {

@@ -28,6 +28,7 @@ using namespace attnd::kernels;
 using attnd::bench::FillRandom;
 using attnd::bench::Median;
 using attnd::bench::TimeGraph;
+using attnd::bench::ValueOrExit;
 
 namespace {
 
@@ -59,6 +60,257 @@ struct Row {
   double us, gbs, pct;
 };
 
+// The CSV rows bench/peers.py reads (nothing without --csv).
+class Csv {
+ public:
+  explicit Csv(const char* path) : f_(path != nullptr ? std::fopen(path, "w") : nullptr) {
+    if (f_ != nullptr) std::fprintf(f_, "kind,name,us,gbs,pct\n");
+  }
+  ~Csv() {
+    if (f_ != nullptr) std::fclose(f_);
+  }
+  void Emit(const Row& r) {
+    if (f_ == nullptr) return;
+    std::fprintf(f_, "%s,%s,%.3f,%.1f,%.2f\n", r.kind.c_str(), r.name.c_str(), r.us, r.gbs, r.pct);
+    std::fflush(f_);
+  }
+
+ private:
+  FILE* f_;
+};
+
+struct Ceilings {
+  double read_gbs, copy_gbs;  // copy: bytes read + written
+};
+
+Ceilings MeasureCeilings(cudaStream_t s) {
+  const size_t big = size_t(4) << 30;  // 4 GiB
+  void* buf;
+  CK(cudaMalloc(&buf, big));
+  unsigned* sink;
+  CK(cudaMalloc(&sink, 4));
+  FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(buf), big / 2, 1, true);
+  const float read_ms = TimeGraph(s, 1, [&] {
+    ReadReduce<<<1024, 512, 0, s>>>(static_cast<const uint4*>(buf), big / 16, sink);
+  }, 20);
+  const double read_gbs = big / read_ms / 1e6;
+  const float copy_ms = TimeGraph(s, 1, [&] {
+    CK(cudaMemcpyAsync(static_cast<char*>(buf) + big / 2, buf, big / 2,
+                       cudaMemcpyDeviceToDevice, s));
+  }, 20);
+  const double copy_gbs = big / copy_ms / 1e6;  // read + write
+  CK(cudaFree(buf));
+  return {read_gbs, copy_gbs};
+}
+
+std::vector<DecodeCase> Cases(bool quick, bool sweep, bool append_only) {
+  std::vector<DecodeCase> cases = {
+      {1, 4096, 32, 8, 128, 16},   {16, 4096, 32, 8, 128, 16},  {64, 4096, 32, 8, 128, 16},
+      {128, 2048, 32, 8, 128, 16}, {256, 1024, 32, 8, 128, 16}, {32, 32768, 32, 8, 128, 16},
+      {64, 4096, 32, 8, 64, 16},   {64, 4096, 32, 8, 256, 16},  {64, 4096, 8, 8, 128, 16},
+      {64, 4096, 64, 8, 128, 16},
+  };
+  if (quick) cases.resize(3);
+  if (sweep) {  // experiments, non-deterministic only
+    cases.clear();
+    for (int mc : {128, 256, 512}) cases.push_back({1, 4096, 32, 8, 128, 16, KvLayout::kNHD, 1, mc});
+    for (int bsz : {1, 16, 64}) {
+      for (bool pdl : {true, false}) {
+        cases.push_back({bsz, 4096, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, pdl});
+      }
+    }
+    cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, true});
+    cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, false});
+  }
+  if (append_only) cases.clear();
+  return cases;
+}
+
+// The device buffers of one decode case: `copies` page sets of the batch's sequences.
+struct DecodeInputs {
+  KvCacheShape sh;
+  int64_t pages_per_seq = 0;
+  double kv_bytes = 0;  // K and V of one page set
+  int copies = 1;
+  void* pool = nullptr;
+  int32_t* indices = nullptr;
+  uint16_t *q = nullptr, *out = nullptr;
+  float* lse = nullptr;
+  std::vector<int32_t> indptr, lens;
+
+  void Init(const DecodeCase& c, cudaStream_t s, std::mt19937& rng) {
+    sh.num_layers = 1;
+    sh.page_size = c.page;
+    sh.num_kv_heads = c.kv;
+    sh.head_dim = c.d;
+    sh.layout = c.layout;
+    sh.dtype = DType::kBFloat16;
+    pages_per_seq = (c.len + c.page - 1) / c.page;
+    kv_bytes = double(c.batch) * c.len * c.kv * c.d * 2 * 2;
+    copies = std::max(1, static_cast<int>(std::ceil(400e6 / kv_bytes)));
+    sh.num_pages = pages_per_seq * c.batch * copies;
+    CK(cudaMalloc(&pool, sh.TotalBytes()));
+    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng(), true);
+    std::vector<int32_t> perm(sh.num_pages);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    CK(cudaMalloc(&indices, perm.size() * 4));
+    CK(cudaMemcpy(indices, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+    indptr.assign(c.batch + 1, 0);
+    lens.assign(c.batch, c.len);
+    for (int b = 0; b <= c.batch; ++b) indptr[b] = static_cast<int32_t>(b * pages_per_seq);
+    const size_t qn = size_t(c.batch) * c.qo * c.d;
+    CK(cudaMalloc(&q, qn * 2));
+    CK(cudaMalloc(&out, qn * 2));
+    CK(cudaMalloc(&lse, size_t(c.batch) * c.qo * 4));
+    FillRandom<<<256, 256, 0, s>>>(q, qn, rng(), true);
+  }
+  void Free() {
+    CK(cudaFree(pool));
+    CK(cudaFree(indices));
+    CK(cudaFree(q));
+    CK(cudaFree(out));
+    CK(cudaFree(lse));
+  }
+};
+
+// Times one decode case in one mode (det) through graph replays over the case's page sets.
+// Returns false (after printing why) when the planner refuses the batch.
+bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, bool warm_up,
+                cudaStream_t s, double read_gbs, Csv& csv) {
+  DecodePlanConfig cfg = ValueOrExit(
+      cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, c.d, c.qo, c.kv, -1), "decode config");
+  cfg.deterministic = det;
+  if (c.waves == 0) cfg.ctas_per_sm = 1; else cfg.ctas_per_sm *= c.waves;
+  if (c.min_chunk > 0) cfg.min_chunk_tokens = c.min_chunk;
+  const DecodePlanLayout layout = MakeDecodePlanLayout(c.batch, c.len, cfg);
+  const int grid_x = DecodeGridX(c.batch, cfg);
+  std::vector<int32_t> plan(layout.TotalInts());
+  std::string err;
+  int64_t used;
+  if (!PlanDecode(in.lens.data(), in.indptr.data(), c.batch, grid_x, cfg, layout, plan.data(),
+                  &used, &err)) {
+    std::fprintf(stderr, "plan: %s\n", err.c_str());
+    return false;
+  }
+  const DecodeWorkspaceSizes w = DecodeWorkspaceFor(layout, cfg, c.qo, c.d);
+  int32_t* d_plan;
+  float *po, *pl;
+  int* counters;
+  CK(cudaMalloc(&counters, w.counter_bytes));
+  CK(cudaMemset(counters, 0, w.counter_bytes));
+  CK(cudaMalloc(&d_plan, w.plan_bytes));
+  CK(cudaMemcpy(d_plan, plan.data(), w.plan_bytes, cudaMemcpyHostToDevice));
+  CK(cudaMalloc(&po, w.partial_out_bytes));
+  CK(cudaMalloc(&pl, w.partial_lse_bytes));
+  cuda::DecodeArgs a;
+  a.kv.pool = in.pool;
+  a.kv.shape = in.sh;
+  a.opts.num_qo_heads = c.qo;
+  a.opts.sm_scale = 1.f / std::sqrt(float(c.d));
+  a.batch = c.batch;
+  a.q = in.q;
+  a.q_stride_b = int64_t(c.qo) * c.d;
+  a.q_stride_h = c.d;
+  a.out = in.out;
+  a.out_stride_b = a.q_stride_b;
+  a.out_stride_h = c.d;
+  a.lse = in.lse;
+  a.ws = {d_plan, layout, grid_x, po, pl, counters};
+  a.deterministic = cfg.deterministic;
+  a.overlap_previous = c.pdl;
+  CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
+  const int per_graph = std::max(in.copies, 10);
+  auto body = [&] {
+    for (int i = 0; i < per_graph; ++i) {
+      // Each copy has its own pages; the plan's page-table offsets are relative to this.
+      a.kv_indices = in.indices + size_t(i % in.copies) * in.pages_per_seq * c.batch;
+      CK_OK(cuda::LaunchBatchDecode(a, s));
+    }
+  };
+  if (warm_up) TimeGraph(s, per_graph, body);  // clocks, caches
+  const float ms = TimeGraph(s, per_graph, body);
+  char name[128];
+  std::string tag;
+  if (c.layout == KvLayout::kHND) tag += " HND";
+  if (c.waves == 0) tag += " 1cta/sm";
+  if (c.waves > 1) tag += " x" + std::to_string(c.waves);
+  if (c.min_chunk > 0) tag += " minchunk" + std::to_string(c.min_chunk);
+  if (!c.pdl) tag += " nopdl";
+  std::snprintf(name, sizeof name, "B%d L%d qo%d kv%d d%d p%d%s%s", c.batch, c.len, c.qo,
+                c.kv, c.d, c.page, det ? " det" : "", tag.c_str());
+  const double gbs = in.kv_bytes / ms / 1e6;
+  csv.Emit({"decode", name, ms * 1e3, gbs, 100 * gbs / read_gbs});
+  std::printf("decode %-36s %9.2f us %7.0f GB/s %5.1f%% of read  (items %d, chunk %d)\n",
+              name, ms * 1e3, gbs, 100 * gbs / read_gbs, plan[0], plan[1]);
+  CK(cudaFree(d_plan));
+  CK(cudaFree(po));
+  CK(cudaFree(pl));
+  CK(cudaFree(counters));
+  return true;
+}
+
+// Append of n tokens (8 kv heads x 128, page 16) to random slots: 256 sequences of one token
+// each, or one sequence of 4096 consecutive slots over shuffled pages.
+void TimeAppend(int n, cudaStream_t s, double copy_gbs, std::mt19937& rng, Csv& csv) {
+  KvCacheShape sh;
+  sh.num_layers = 1;
+  sh.page_size = 16;
+  sh.num_kv_heads = 8;
+  sh.head_dim = 128;
+  sh.num_pages = 65536;
+  void* pool;
+  CK(cudaMalloc(&pool, sh.TotalBytes()));
+  const int copies = 8;
+  const size_t row = 8 * 128;
+  uint16_t *k, *v;
+  CK(cudaMalloc(&k, copies * n * row * 2));
+  CK(cudaMalloc(&v, copies * n * row * 2));
+  FillRandom<<<1024, 256, 0, s>>>(k, copies * n * row, 3, true);
+  FillRandom<<<1024, 256, 0, s>>>(v, copies * n * row, 4, true);
+  std::vector<int64_t> slots(copies * n);
+  if (n == 1 * 4096) {  // one sequence: consecutive slots over shuffled pages
+    std::vector<int32_t> pages(65536);
+    std::iota(pages.begin(), pages.end(), 0);
+    std::shuffle(pages.begin(), pages.end(), rng);
+    for (int i = 0; i < copies * n; ++i) slots[i] = int64_t(pages[i / 16]) * 16 + i % 16;
+  } else {  // 256 sequences, one token each, in distinct pages
+    std::vector<int32_t> pages(65536);
+    std::iota(pages.begin(), pages.end(), 0);
+    std::shuffle(pages.begin(), pages.end(), rng);
+    for (int i = 0; i < copies * n; ++i) slots[i] = int64_t(pages[i]) * 16 + (i * 7) % 16;
+  }
+  int64_t* d_slots;
+  CK(cudaMalloc(&d_slots, slots.size() * 8));
+  CK(cudaMemcpy(d_slots, slots.data(), slots.size() * 8, cudaMemcpyHostToDevice));
+  CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
+  cuda::AppendArgs a;
+  a.kv.pool = pool;
+  a.kv.shape = sh;
+  a.k_token_stride = a.v_token_stride = row;
+  a.num_tokens = n;
+  const float ms = TimeGraph(s, copies * 4, [&] {
+    for (int i = 0; i < copies * 4; ++i) {
+      const int c = i % copies;
+      a.k = k + size_t(c) * n * row;
+      a.v = v + size_t(c) * n * row;
+      a.slot_mapping = d_slots + size_t(c) * n;
+      CK_OK(cuda::LaunchAppendKv(a, s));
+    }
+  });
+  const double bytes = 2.0 * n * row * 2 * 2;  // K and V, read + write
+  char name[64];
+  std::snprintf(name, sizeof name, "%d tokens", n);
+  const double gbs = bytes / ms / 1e6;
+  csv.Emit({"append", name, ms * 1e3, gbs, 100 * gbs / copy_gbs});
+  std::printf("append %-36s %9.2f us %7.0f GB/s %5.1f%% of copy\n", name, ms * 1e3, gbs,
+              100 * gbs / copy_gbs);
+  CK(cudaFree(pool));
+  CK(cudaFree(k));
+  CK(cudaFree(v));
+  CK(cudaFree(d_slots));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -81,224 +333,25 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize >> 20);
 
-  // Ceilings.
-  const size_t big = size_t(4) << 30;  // 4 GiB
-  void* buf;
-  CK(cudaMalloc(&buf, big));
-  unsigned* sink;
-  CK(cudaMalloc(&sink, 4));
-  FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(buf), big / 2, 1, true);
-  const float read_ms = TimeGraph(s, 1, [&] {
-    ReadReduce<<<1024, 512, 0, s>>>(static_cast<const uint4*>(buf),
-                                                            big / 16, sink);
-  }, 20);
-  const double read_gbs = big / read_ms / 1e6;
-  const float copy_ms = TimeGraph(s, 1, [&] {
-    CK(cudaMemcpyAsync(static_cast<char*>(buf) + big / 2, buf, big / 2,
-                       cudaMemcpyDeviceToDevice, s));
-  }, 20);
-  const double copy_gbs = big / copy_ms / 1e6;  // read + write
-  std::printf("read ceiling %.0f GB/s, copy %.0f GB/s (read+write)\n", read_gbs, copy_gbs);
-  CK(cudaFree(buf));
+  const Ceilings ceilings = MeasureCeilings(s);
+  std::printf("read ceiling %.0f GB/s, copy %.0f GB/s (read+write)\n", ceilings.read_gbs,
+              ceilings.copy_gbs);
+  Csv csv(csv_path);
+  csv.Emit({"ceiling", "read", 0, ceilings.read_gbs, 100});
+  csv.Emit({"ceiling", "copy", 0, ceilings.copy_gbs, 100});
 
-  FILE* csv = csv_path != nullptr ? std::fopen(csv_path, "w") : nullptr;
-  if (csv != nullptr) std::fprintf(csv, "kind,name,us,gbs,pct\n");
-  auto emit = [&](const Row& r) {
-    if (csv == nullptr) return;
-    std::fprintf(csv, "%s,%s,%.3f,%.1f,%.2f\n", r.kind.c_str(), r.name.c_str(), r.us, r.gbs, r.pct);
-    std::fflush(csv);
-  };
-  emit({"ceiling", "read", 0, read_gbs, 100});
-  emit({"ceiling", "copy", 0, copy_gbs, 100});
-
-  std::vector<DecodeCase> cases = {
-      {1, 4096, 32, 8, 128, 16},   {16, 4096, 32, 8, 128, 16},  {64, 4096, 32, 8, 128, 16},
-      {128, 2048, 32, 8, 128, 16}, {256, 1024, 32, 8, 128, 16}, {32, 32768, 32, 8, 128, 16},
-      {64, 4096, 32, 8, 64, 16},   {64, 4096, 32, 8, 256, 16},  {64, 4096, 8, 8, 128, 16},
-      {64, 4096, 64, 8, 128, 16},
-  };
-  if (quick) cases.resize(3);
-  if (sweep) {  // experiments, non-deterministic only
-    cases.clear();
-    for (int mc : {128, 256, 512}) cases.push_back({1, 4096, 32, 8, 128, 16, KvLayout::kNHD, 1, mc});
-    for (int bsz : {1, 16, 64}) {
-      for (bool pdl : {true, false}) {
-        cases.push_back({bsz, 4096, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, pdl});
-      }
-    }
-    cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, true});
-    cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, false});
-  }
-  if (append_only) cases.clear();
+  const std::vector<DecodeCase> cases = Cases(quick, sweep, append_only);
   std::mt19937 rng(5);
   for (const DecodeCase& c : cases) {
-    KvCacheShape sh;
-    sh.num_layers = 1;
-    sh.page_size = c.page;
-    sh.num_kv_heads = c.kv;
-    sh.head_dim = c.d;
-    sh.layout = c.layout;
-    sh.dtype = DType::kBFloat16;
-    const int64_t pages_per_seq = (c.len + c.page - 1) / c.page;
-    const double kv_bytes = double(c.batch) * c.len * c.kv * c.d * 2 * 2;
-    const int copies = std::max(1, static_cast<int>(std::ceil(400e6 / kv_bytes)));
-    sh.num_pages = pages_per_seq * c.batch * copies;
-    void* pool;
-    CK(cudaMalloc(&pool, sh.TotalBytes()));
-    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng(), true);
-    std::vector<int32_t> perm(sh.num_pages);
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    int32_t* indices;
-    CK(cudaMalloc(&indices, perm.size() * 4));
-    CK(cudaMemcpy(indices, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
-    std::vector<int32_t> indptr(c.batch + 1), lens(c.batch, c.len);
-    for (int b = 0; b <= c.batch; ++b) indptr[b] = static_cast<int32_t>(b * pages_per_seq);
-    const size_t qn = size_t(c.batch) * c.qo * c.d;
-    uint16_t *q, *out;
-    float* lse;
-    CK(cudaMalloc(&q, qn * 2));
-    CK(cudaMalloc(&out, qn * 2));
-    CK(cudaMalloc(&lse, size_t(c.batch) * c.qo * 4));
-    FillRandom<<<256, 256, 0, s>>>(q, qn, rng(), true);
-
+    DecodeInputs in;
+    in.Init(c, s, rng);
     for (int det = 0; det < (sweep ? 1 : 2); ++det) {
-      DecodePlanConfig cfg;
-      CK(cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, c.d, c.qo, c.kv, -1, &cfg));
-      cfg.deterministic = det != 0;
-      if (c.waves == 0) cfg.ctas_per_sm = 1; else cfg.ctas_per_sm *= c.waves;
-      if (c.min_chunk > 0) cfg.min_chunk_tokens = c.min_chunk;
-      const DecodePlanLayout layout = MakeDecodePlanLayout(c.batch, c.len, cfg);
-      const int grid_x = DecodeGridX(c.batch, cfg);
-      std::vector<int32_t> plan(layout.TotalInts());
-      std::string err;
-      int64_t used;
-      if (!PlanDecode(lens.data(), indptr.data(), c.batch, grid_x, cfg, layout, plan.data(),
-                      &used, &err)) {
-        std::fprintf(stderr, "plan: %s\n", err.c_str());
-        return 1;
-      }
-      int32_t* d_plan;
-      float *po, *pl;
-      int* counters;
-      CK(cudaMalloc(&counters, size_t(c.batch) * cfg.kv_head_blocks * 4));
-      CK(cudaMemset(counters, 0, size_t(c.batch) * cfg.kv_head_blocks * 4));
-      CK(cudaMalloc(&d_plan, plan.size() * 4));
-      CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
-      CK(cudaMalloc(&po, layout.max_items * c.qo * c.d * 4));
-      CK(cudaMalloc(&pl, layout.max_items * c.qo * 4));
-      cuda::DecodeArgs a;
-      a.kv.pool = pool;
-      a.kv.shape = sh;
-      a.opts.num_qo_heads = c.qo;
-      a.opts.sm_scale = 1.f / std::sqrt(float(c.d));
-      a.batch = c.batch;
-      a.q = q;
-      a.q_stride_b = int64_t(c.qo) * c.d;
-      a.q_stride_h = c.d;
-      a.out = out;
-      a.out_stride_b = a.q_stride_b;
-      a.out_stride_h = c.d;
-      a.lse = lse;
-      a.ws = {d_plan, layout, grid_x, po, pl, counters};
-      a.deterministic = cfg.deterministic;
-      a.overlap_previous = c.pdl;
-      CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
-      const int per_graph = std::max(copies, 10);
-      auto body = [&] {
-        for (int i = 0; i < per_graph; ++i) {
-          // Each copy has its own pages; the plan's page-table offsets are relative to this.
-          a.kv_indices = indices + size_t(i % copies) * pages_per_seq * c.batch;
-          CK(cuda::LaunchBatchDecode(a, s));
-        }
-      };
-      if (&c == &cases.front() && det == 0) TimeGraph(s, per_graph, body);  // clocks, caches
-      const float ms = TimeGraph(s, per_graph, body);
-      char name[128];
-      std::string tag;
-      if (c.layout == KvLayout::kHND) tag += " HND";
-      if (c.waves == 0) tag += " 1cta/sm";
-      if (c.waves > 1) tag += " x" + std::to_string(c.waves);
-      if (c.min_chunk > 0) tag += " minchunk" + std::to_string(c.min_chunk);
-      if (!c.pdl) tag += " nopdl";
-      std::snprintf(name, sizeof name, "B%d L%d qo%d kv%d d%d p%d%s%s", c.batch, c.len, c.qo,
-                    c.kv, c.d, c.page, det ? " det" : "", tag.c_str());
-      const double gbs = kv_bytes / ms / 1e6;
-      emit({"decode", name, ms * 1e3, gbs, 100 * gbs / read_gbs});
-      std::printf("decode %-36s %9.2f us %7.0f GB/s %5.1f%% of read  (items %d, chunk %d)\n",
-                  name, ms * 1e3, gbs, 100 * gbs / read_gbs, plan[0], plan[1]);
-      CK(cudaFree(d_plan));
-      CK(cudaFree(po));
-      CK(cudaFree(pl));
-      CK(cudaFree(counters));
+      const bool warm_up = &c == &cases.front() && det == 0;
+      if (!TimeDecode(c, in, dev, det != 0, warm_up, s, ceilings.read_gbs, csv)) return 1;
     }
-    CK(cudaFree(pool));
-    CK(cudaFree(indices));
-    CK(cudaFree(q));
-    CK(cudaFree(out));
-    CK(cudaFree(lse));
+    in.Free();
   }
-
-  // Append: 256 x 1 token and 1 x 4096 tokens, 8 kv heads x 128, page 16, random slots.
-  for (int n : {256, 4096}) {
-    KvCacheShape sh;
-    sh.num_layers = 1;
-    sh.page_size = 16;
-    sh.num_kv_heads = 8;
-    sh.head_dim = 128;
-    sh.num_pages = 65536;
-    void* pool;
-    CK(cudaMalloc(&pool, sh.TotalBytes()));
-    const int copies = 8;
-    const size_t row = 8 * 128;
-    uint16_t *k, *v;
-    CK(cudaMalloc(&k, copies * n * row * 2));
-    CK(cudaMalloc(&v, copies * n * row * 2));
-    FillRandom<<<1024, 256, 0, s>>>(k, copies * n * row, 3, true);
-    FillRandom<<<1024, 256, 0, s>>>(v, copies * n * row, 4, true);
-    std::vector<int64_t> slots(copies * n);
-    if (n == 1 * 4096) {  // one sequence: consecutive slots over shuffled pages
-      std::vector<int32_t> pages(65536);
-      std::iota(pages.begin(), pages.end(), 0);
-      std::shuffle(pages.begin(), pages.end(), rng);
-      for (int i = 0; i < copies * n; ++i) slots[i] = int64_t(pages[i / 16]) * 16 + i % 16;
-    } else {  // 256 sequences, one token each, in distinct pages
-      std::vector<int32_t> pages(65536);
-      std::iota(pages.begin(), pages.end(), 0);
-      std::shuffle(pages.begin(), pages.end(), rng);
-      for (int i = 0; i < copies * n; ++i) slots[i] = int64_t(pages[i]) * 16 + (i * 7) % 16;
-    }
-    int64_t* d_slots;
-    CK(cudaMalloc(&d_slots, slots.size() * 8));
-    CK(cudaMemcpy(d_slots, slots.data(), slots.size() * 8, cudaMemcpyHostToDevice));
-    CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
-    cuda::AppendArgs a;
-    a.kv.pool = pool;
-    a.kv.shape = sh;
-    a.k_token_stride = a.v_token_stride = row;
-    a.num_tokens = n;
-    const float ms = TimeGraph(s, copies * 4, [&] {
-      for (int i = 0; i < copies * 4; ++i) {
-        const int c = i % copies;
-        a.k = k + size_t(c) * n * row;
-        a.v = v + size_t(c) * n * row;
-        a.slot_mapping = d_slots + size_t(c) * n;
-        CK(cuda::LaunchAppendKv(a, s));
-      }
-    });
-    const double bytes = 2.0 * n * row * 2 * 2;  // K and V, read + write
-    char name[64];
-    std::snprintf(name, sizeof name, "%d tokens", n);
-    const double gbs = bytes / ms / 1e6;
-    emit({"append", name, ms * 1e3, gbs, 100 * gbs / copy_gbs});
-    std::printf("append %-36s %9.2f us %7.0f GB/s %5.1f%% of copy\n", name, ms * 1e3, gbs,
-                100 * gbs / copy_gbs);
-    CK(cudaFree(pool));
-    CK(cudaFree(k));
-    CK(cudaFree(v));
-    CK(cudaFree(d_slots));
-  }
+  for (int n : {256, 4096}) TimeAppend(n, s, ceilings.copy_gbs, rng, csv);
   CK(cudaGetLastError());
-  if (csv != nullptr) std::fclose(csv);
   return 0;
 }

@@ -28,6 +28,7 @@ using namespace attnd::kernels;
 using attnd::bench::FillRandom;
 using attnd::bench::Median;
 using attnd::bench::TimeGraph;
+using attnd::bench::ValueOrExit;
 
 namespace {
 
@@ -126,9 +127,9 @@ struct PrefillRun {
 
   void Init(int dev, const Batch& b, bool det,
             cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto) {
-    PrefillPlanConfig cfg;
-    CK(cuda::MakePrefillPlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, b.causal, &cfg,
-                                   kernel));
+    PrefillPlanConfig cfg = ValueOrExit(
+        cuda::MakePrefillPlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, b.causal, kernel),
+        "prefill config");
     a.kernel = kernel;
     cfg.deterministic = det;
     cfg.fixed_chunk_tokens = 1024;
@@ -142,11 +143,11 @@ struct PrefillRun {
       std::fprintf(stderr, "plan: %s\n", err.c_str());
       std::exit(1);
     }
-    CK(cudaMalloc(&d_plan, plan.size() * 4));
-    CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
-    const size_t np = std::max<int64_t>(1, layout.max_partials) * b.kv * kPrefillWideRows;
-    CK(cudaMalloc(&po, np * b.d * 4));
-    CK(cudaMalloc(&pl, np * 4));
+    const PrefillWorkspaceSizes w = PrefillWorkspaceFor(layout, b.kv, b.d);
+    CK(cudaMalloc(&d_plan, w.plan_bytes));
+    CK(cudaMemcpy(d_plan, plan.data(), w.plan_bytes, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&po, std::max<int64_t>(4, w.partial_out_bytes)));
+    CK(cudaMalloc(&pl, std::max<int64_t>(4, w.partial_lse_bytes)));
     a.kv.pool = b.pool;
     a.kv.shape = b.sh;
     a.opts.num_qo_heads = b.qo;
@@ -169,7 +170,7 @@ struct PrefillRun {
     a.q = b.q + size_t(copy) * b.total_q * b.qo * b.d;
     a.out = b.out + size_t(copy) * b.total_q * b.qo * b.d;
     a.lse = b.lse + size_t(copy) * b.total_q * b.qo;
-    CK(cuda::LaunchBatchPrefill(a, s));
+    CK_OK(cuda::LaunchBatchPrefill(a, s));
   }
   void Free() {
     cudaFree(d_plan);
@@ -186,8 +187,8 @@ struct DecodeRun {
   int* counters = nullptr;
   cuda::DecodeArgs a;
   void Init(int dev, const Batch& b) {
-    DecodePlanConfig cfg;
-    CK(cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1, &cfg));
+    const DecodePlanConfig cfg = ValueOrExit(
+        cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1), "decode config");
     const int batch = static_cast<int>(b.reqs.size());
     int64_t mk = 0;
     for (const Req& r : b.reqs) mk = std::max<int64_t>(mk, r.kv_len);
@@ -201,12 +202,13 @@ struct DecodeRun {
       std::fprintf(stderr, "decode plan: %s\n", err.c_str());
       std::exit(1);
     }
-    CK(cudaMalloc(&d_plan, plan.size() * 4));
-    CK(cudaMemcpy(d_plan, plan.data(), plan.size() * 4, cudaMemcpyHostToDevice));
-    CK(cudaMalloc(&po, layout.max_items * b.qo * b.d * 4));
-    CK(cudaMalloc(&pl, layout.max_items * b.qo * 4));
-    CK(cudaMalloc(&counters, size_t(batch) * cfg.kv_head_blocks * 4));
-    CK(cudaMemset(counters, 0, size_t(batch) * cfg.kv_head_blocks * 4));
+    const DecodeWorkspaceSizes w = DecodeWorkspaceFor(layout, cfg, b.qo, b.d);
+    CK(cudaMalloc(&d_plan, w.plan_bytes));
+    CK(cudaMemcpy(d_plan, plan.data(), w.plan_bytes, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&po, w.partial_out_bytes));
+    CK(cudaMalloc(&pl, w.partial_lse_bytes));
+    CK(cudaMalloc(&counters, w.counter_bytes));
+    CK(cudaMemset(counters, 0, w.counter_bytes));
     a.kv.pool = b.pool;
     a.kv.shape = b.sh;
     a.opts.num_qo_heads = b.qo;
@@ -224,7 +226,7 @@ struct DecodeRun {
     a.q = b.q + size_t(copy) * b.total_q * b.qo * b.d;
     a.out = b.out + size_t(copy) * b.total_q * b.qo * b.d;
     a.lse = b.lse + size_t(copy) * b.total_q * b.qo;
-    CK(cuda::LaunchBatchDecode(a, s));
+    CK_OK(cuda::LaunchBatchDecode(a, s));
   }
   void Free() {
     cudaFree(d_plan);
@@ -233,6 +235,128 @@ struct DecodeRun {
     cudaFree(counters);
   }
 };
+
+// Prints each result and, with --csv, writes it as a row bench/peers.py --prefill reads.
+class Emitter {
+ public:
+  explicit Emitter(const char* csv_path)
+      : csv_(csv_path != nullptr ? std::fopen(csv_path, "w") : nullptr) {
+    if (csv_ != nullptr) std::fprintf(csv_, "kind,name,us,tflops,items,merges\n");
+  }
+  ~Emitter() {
+    if (csv_ != nullptr) std::fclose(csv_);
+  }
+  void operator()(const char* kind, const std::string& name, double us, double tf, int items,
+                  int merges) {
+    std::printf("%-8s %-44s %10.2f us %7.1f TFLOP/s  (items %d, merges %d)\n", kind,
+                name.c_str(), us, tf, items, merges);
+    if (csv_ != nullptr) {
+      std::fprintf(csv_, "%s,%s,%.3f,%.2f,%d,%d\n", kind, name.c_str(), us, tf, items, merges);
+      std::fflush(csv_);
+    }
+  }
+
+ private:
+  FILE* csv_;
+};
+
+// Long prompts, each through the kernel attnd picks (Hopper's where it can: "prefill") and the
+// portable mma.sync kernel ("portable").
+void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
+  struct Case {
+    std::string name;
+    std::vector<Req> reqs;
+    int d;
+    bool causal;
+    bool det;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"causal B1 S4096 d128", {{4096, 4096}}, 128, true, false});
+  cases.push_back({"causal B1 S8192 d128", {{8192, 8192}}, 128, true, false});
+  cases.push_back({"noncausal B4 S2048 d128",
+                   {{2048, 2048}, {2048, 2048}, {2048, 2048}, {2048, 2048}}, 128, false, false});
+  cases.push_back({"causal B1 S4096 d64", {{4096, 4096}}, 64, true, false});
+  cases.push_back({"causal B1 S4096 d128 det", {{4096, 4096}}, 128, true, true});
+  std::printf("hopper prefill kernel: d128 %s, d64 %s\n",
+              cuda::HopperPrefillAvailable(dev, 128) ? "yes" : "no",
+              cuda::HopperPrefillAvailable(dev, 64) ? "yes" : "no");
+  for (Case& c : cases) {
+    Batch b;
+    b.reqs = c.reqs;
+    b.d = c.d;
+    b.causal = c.causal;
+    b.Build(s, rng);
+    for (cuda::PrefillKernel k : {cuda::PrefillKernel::kAuto, cuda::PrefillKernel::kPortable}) {
+      PrefillRun r;
+      r.Init(dev, b, c.det, k);
+      const int per = std::max(b.copies, 4);
+      const float ms = TimeGraph(s, per, [&] {
+        for (int i = 0; i < per; ++i) r.Launch(b, i % b.copies, s);
+      });
+      emit(k == cuda::PrefillKernel::kAuto ? "prefill" : "portable", c.name, ms * 1e3,
+           b.flops / ms / 1e9, r.plan[0], r.plan[1]);
+      r.Free();
+    }
+    b.Free();
+  }
+}
+
+// Mixed: one 2048-token chunk at 4096 context + 128 decodes at 4096 context, one launch vs
+// two launches (our prefill for the chunk, our batch decode for the decodes).
+void BenchMixed(int dev, bool det, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
+  Batch mixed, chunk, decodes;
+  mixed.reqs.push_back({2048, 4096});
+  for (int i = 0; i < 128; ++i) mixed.reqs.push_back({1, 4096});
+  chunk.reqs = {{2048, 4096}};
+  for (int i = 0; i < 128; ++i) decodes.reqs.push_back({1, 4096});
+  mixed.Build(s, rng);
+  chunk.Build(s, rng);
+  decodes.Build(s, rng);
+  PrefillRun rm, rc, rd;
+  rm.Init(dev, mixed, det);
+  rc.Init(dev, chunk, det);
+  rd.Init(dev, decodes, det);
+  DecodeRun dd;
+  dd.Init(dev, decodes);
+  const int per = 4;
+  const std::string tag = det ? " det" : "";
+  const float t_mixed = TimeGraph(s, per, [&] {
+    for (int i = 0; i < per; ++i) rm.Launch(mixed, i % mixed.copies, s);
+  });
+  emit("mixed", "one launch" + tag, t_mixed * 1e3, mixed.flops / t_mixed / 1e9, rm.plan[0],
+       rm.plan[1]);
+  const float t_two = TimeGraph(s, per, [&] {
+    for (int i = 0; i < per; ++i) {
+      rc.Launch(chunk, i % chunk.copies, s);
+      dd.a.deterministic = false;
+      dd.Launch(decodes, i % decodes.copies, s);
+    }
+  });
+  emit("mixed", "two launches prefill+decode" + tag, t_two * 1e3, mixed.flops / t_two / 1e9,
+       rc.plan[0], 0);
+  const float t_chunk = TimeGraph(s, per, [&] {
+    for (int i = 0; i < per; ++i) rc.Launch(chunk, i % chunk.copies, s);
+  });
+  emit("mixed", "chunk alone" + tag, t_chunk * 1e3, chunk.flops / t_chunk / 1e9, rc.plan[0],
+       rc.plan[1]);
+  const float t_dec = TimeGraph(s, per, [&] {
+    for (int i = 0; i < per; ++i) dd.Launch(decodes, i % decodes.copies, s);
+  });
+  emit("mixed", "128 decodes alone (decode kernel)" + tag, t_dec * 1e3,
+       decodes.flops / t_dec / 1e9, 0, 0);
+  const float t_dec_p = TimeGraph(s, per, [&] {
+    for (int i = 0; i < per; ++i) rd.Launch(decodes, i % decodes.copies, s);
+  });
+  emit("mixed", "128 decodes alone (prefill kernel)" + tag, t_dec_p * 1e3,
+       decodes.flops / t_dec_p / 1e9, rd.plan[0], rd.plan[1]);
+  rm.Free();
+  rc.Free();
+  rd.Free();
+  dd.Free();
+  mixed.Free();
+  chunk.Free();
+  decodes.Free();
+}
 
 }  // namespace
 
@@ -248,17 +372,7 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, dev));
   std::printf("device: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-  FILE* csv = csv_path != nullptr ? std::fopen(csv_path, "w") : nullptr;
-  if (csv != nullptr) std::fprintf(csv, "kind,name,us,tflops,items,merges\n");
-  auto emit = [&](const char* kind, const std::string& name, double us, double tf, int items,
-                  int merges) {
-    std::printf("%-8s %-44s %10.2f us %7.1f TFLOP/s  (items %d, merges %d)\n", kind,
-                name.c_str(), us, tf, items, merges);
-    if (csv != nullptr) {
-      std::fprintf(csv, "%s,%s,%.3f,%.2f,%d,%d\n", kind, name.c_str(), us, tf, items, merges);
-      std::fflush(csv);
-    }
-  };
+  Emitter emit(csv_path);
 
   float* sink;
   CK(cudaMalloc(&sink, 4));
@@ -268,98 +382,8 @@ int main(int argc, char** argv) {
   emit("ceiling", "mma.sync bf16", mma_ms * 1e3, mma_tf, 0, 0);
 
   std::mt19937 rng(5);
-  struct Case {
-    std::string name;
-    std::vector<Req> reqs;
-    int d;
-    bool causal;
-    bool det;
-  };
-  std::vector<Case> cases;
-  cases.push_back({"causal B1 S4096 d128", {{4096, 4096}}, 128, true, false});
-  cases.push_back({"causal B1 S8192 d128", {{8192, 8192}}, 128, true, false});
-  cases.push_back({"noncausal B4 S2048 d128", {{2048, 2048}, {2048, 2048}, {2048, 2048}, {2048, 2048}}, 128, false, false});
-  cases.push_back({"causal B1 S4096 d64", {{4096, 4096}}, 64, true, false});
-  cases.push_back({"causal B1 S4096 d128 det", {{4096, 4096}}, 128, true, true});
-  // "prefill": the kernel attnd picks (Hopper's where it can); "portable": the mma.sync kernel.
-  std::printf("hopper prefill kernel: d128 %s, d64 %s\n",
-              cuda::HopperPrefillAvailable(dev, 128) ? "yes" : "no",
-              cuda::HopperPrefillAvailable(dev, 64) ? "yes" : "no");
-  for (Case& c : cases) {
-    Batch b;
-    b.reqs = c.reqs;
-    b.d = c.d;
-    b.causal = c.causal;
-    b.Build(s, rng);
-    for (cuda::PrefillKernel k : {cuda::PrefillKernel::kAuto, cuda::PrefillKernel::kPortable}) {
-      PrefillRun r;
-      r.Init(dev, b, c.det, k);
-      const int per = std::max(b.copies, 4);
-      const float ms = TimeGraph(s, per, [&] { for (int i = 0; i < per; ++i) r.Launch(b, i % b.copies, s); });
-      emit(k == cuda::PrefillKernel::kAuto ? "prefill" : "portable", c.name, ms * 1e3,
-           b.flops / ms / 1e9, r.plan[0], r.plan[1]);
-      r.Free();
-    }
-    b.Free();
-  }
-
-  // Mixed: one 2048-token chunk at 4096 context + 128 decodes at 4096 context, one launch vs
-  // two launches (our prefill for the chunk, our batch decode for the decodes).
-  for (int det = 0; det < 2; ++det) {
-    Batch mixed, chunk, decodes;
-    mixed.reqs.push_back({2048, 4096});
-    for (int i = 0; i < 128; ++i) mixed.reqs.push_back({1, 4096});
-    chunk.reqs = {{2048, 4096}};
-    for (int i = 0; i < 128; ++i) decodes.reqs.push_back({1, 4096});
-    mixed.Build(s, rng);
-    chunk.Build(s, rng);
-    decodes.Build(s, rng);
-    PrefillRun rm, rc, rd;
-    rm.Init(dev, mixed, det);
-    rc.Init(dev, chunk, det);
-    rd.Init(dev, decodes, det);
-    DecodeRun dd;
-    dd.Init(dev, decodes);
-    const int per = 4;
-    const std::string tag = det ? " det" : "";
-    const float t_mixed = TimeGraph(s, per, [&] {
-      for (int i = 0; i < per; ++i) rm.Launch(mixed, i % mixed.copies, s);
-    });
-    emit("mixed", "one launch" + tag, t_mixed * 1e3, mixed.flops / t_mixed / 1e9, rm.plan[0],
-         rm.plan[1]);
-    const float t_two = TimeGraph(s, per, [&] {
-      for (int i = 0; i < per; ++i) {
-        rc.Launch(chunk, i % chunk.copies, s);
-        dd.a.deterministic = false;
-        dd.Launch(decodes, i % decodes.copies, s);
-      }
-    });
-    emit("mixed", "two launches prefill+decode" + tag, t_two * 1e3, mixed.flops / t_two / 1e9,
-         rc.plan[0], 0);
-    const float t_chunk = TimeGraph(s, per, [&] {
-      for (int i = 0; i < per; ++i) rc.Launch(chunk, i % chunk.copies, s);
-    });
-    emit("mixed", "chunk alone" + tag, t_chunk * 1e3, chunk.flops / t_chunk / 1e9, rc.plan[0],
-         rc.plan[1]);
-    const float t_dec = TimeGraph(s, per, [&] {
-      for (int i = 0; i < per; ++i) dd.Launch(decodes, i % decodes.copies, s);
-    });
-    emit("mixed", "128 decodes alone (decode kernel)" + tag, t_dec * 1e3,
-         decodes.flops / t_dec / 1e9, 0, 0);
-    const float t_dec_p = TimeGraph(s, per, [&] {
-      for (int i = 0; i < per; ++i) rd.Launch(decodes, i % decodes.copies, s);
-    });
-    emit("mixed", "128 decodes alone (prefill kernel)" + tag, t_dec_p * 1e3,
-         decodes.flops / t_dec_p / 1e9, rd.plan[0], rd.plan[1]);
-    rm.Free();
-    rc.Free();
-    rd.Free();
-    dd.Free();
-    mixed.Free();
-    chunk.Free();
-    decodes.Free();
-  }
+  BenchPrompts(dev, s, rng, emit);
+  for (int det = 0; det < 2; ++det) BenchMixed(dev, det != 0, s, rng, emit);
   CK(cudaGetLastError());
-  if (csv != nullptr) std::fclose(csv);
   return 0;
 }

@@ -51,6 +51,33 @@ DecodePlanLayout MakeDecodePlanLayout(int max_batch, int64_t max_kv_len,
   return layout;
 }
 
+int64_t DecodeWorkspaceSizes::Total() const {
+  return plan_bytes + partial_out_bytes + partial_lse_bytes + counter_bytes;
+}
+
+DecodeWorkspaceSizes DecodeWorkspaceFor(const DecodePlanLayout& layout,
+                                        const DecodePlanConfig& cfg, int64_t num_qo_heads,
+                                        int64_t head_dim) {
+  DecodeWorkspaceSizes w;
+  w.plan_bytes = layout.TotalInts() * 4;
+  w.partial_out_bytes = layout.max_items * num_qo_heads * head_dim * 4;
+  w.partial_lse_bytes = layout.max_items * num_qo_heads * 4;
+  w.counter_bytes = static_cast<int64_t>(layout.max_batch) * cfg.kv_head_blocks * 4;
+  return w;
+}
+
+DecodePlanLayout FitDecodePlanLayout(int max_batch, int64_t max_kv_len,
+                                     const DecodePlanConfig& cfg, int64_t num_qo_heads,
+                                     int64_t head_dim, int64_t budget_bytes) {
+  DecodePlanLayout layout = MakeDecodePlanLayout(max_batch, max_kv_len, cfg);
+  // One item's partial state: an fp32 row and an lse per query head.
+  const int64_t row_bytes = (num_qo_heads * head_dim + num_qo_heads) * 4;
+  if (row_bytes <= 0) return layout;
+  layout.max_items = std::max<int64_t>(DecodeGridX(max_batch, cfg),
+                                       std::min(layout.max_items, budget_bytes / row_bytes));
+  return layout;
+}
+
 bool PlanDecode(const int32_t* kv_len, const int32_t* kv_indptr, int batch, int grid_x,
                 const DecodePlanConfig& cfg, const DecodePlanLayout& layout, int32_t* plan,
                 int64_t* used_ints, std::string* error) {

@@ -78,6 +78,25 @@ int64_t MaxDecodeItems(int max_batch, int64_t max_kv_len, const DecodePlanConfig
 DecodePlanLayout MakeDecodePlanLayout(int max_batch, int64_t max_kv_len,
                                       const DecodePlanConfig& cfg);
 
+// Device bytes of each buffer of a decode workspace (cuda::DecodeWorkspace) for a layout: the
+// plan (layout.TotalInts() ints), the fp32 partial states of layout.max_items items
+// (num_qo_heads x head_dim values and num_qo_heads lse each) and the merge counters
+// (layout.max_batch x cfg.kv_head_blocks ints).
+struct DecodeWorkspaceSizes {
+  int64_t plan_bytes = 0, partial_out_bytes = 0, partial_lse_bytes = 0, counter_bytes = 0;
+  int64_t Total() const;
+};
+DecodeWorkspaceSizes DecodeWorkspaceFor(const DecodePlanLayout& layout,
+                                        const DecodePlanConfig& cfg, int64_t num_qo_heads,
+                                        int64_t head_dim);
+
+// The layout for batches of up to max_batch requests of up to max_kv_len keys with its partial
+// states capped to budget_bytes (never fewer items than DecodeGridX(max_batch, cfg)).
+// Batches that would need more items than the cap are refused by PlanDecode, not faulted.
+DecodePlanLayout FitDecodePlanLayout(int max_batch, int64_t max_kv_len,
+                                     const DecodePlanConfig& cfg, int64_t num_qo_heads,
+                                     int64_t head_dim, int64_t budget_bytes);
+
 // Plans a batch. kv_len and kv_indptr: host copies of the batch's lengths (0 for padded
 // entries) and page-table offsets (batch + 1 entries, as passed to the kernel's kv_indices).
 // grid_x: DecodeGridX. Writes the plan's first UsedInts() ints into `plan` (which must hold

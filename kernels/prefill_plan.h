@@ -40,7 +40,8 @@ namespace attnd::kernels {
 inline constexpr int kPrefillPlanHeaderInts = 8;
 inline constexpr int kPrefillItemInts = 8;
 inline constexpr int kPrefillMergeInts = 8;
-inline constexpr int kPrefillWideRows = 128;  // rows of a wide tile (4 warps x 32, or 2 warpgroups x 64)
+// Rows of a wide tile (4 warps x 32, or 2 warpgroups x 64).
+inline constexpr int kPrefillWideRows = 128;
 inline constexpr int kPrefillDecodeRows = 16;  // a request of at most this many rows is narrow
 inline constexpr int kPrefillTileKeys = 64;   // keys per pipeline stage
 
@@ -72,10 +73,26 @@ struct PrefillPlanLayout {
 PrefillPlanLayout MakePrefillPlanLayout(int max_batch, int64_t max_total_q, int64_t max_kv_len,
                                         const PrefillPlanConfig& cfg);
 
+// Device bytes of each buffer of a prefill workspace (cuda::PrefillWorkspace) for a layout: the
+// plan (layout.TotalInts() ints) and the fp32 partial states of layout.max_partials slots, each
+// num_kv_heads x kPrefillWideRows rows of head_dim values and one lse.
+struct PrefillWorkspaceSizes {
+  int64_t plan_bytes = 0, partial_out_bytes = 0, partial_lse_bytes = 0;
+  int64_t Total() const;
+};
+PrefillWorkspaceSizes PrefillWorkspaceFor(const PrefillPlanLayout& layout, int64_t num_kv_heads,
+                                          int64_t head_dim);
+
+// MakePrefillPlanLayout with its partial slots capped to budget_bytes. Batches that would need
+// more are refused by PlanPrefill, not faulted.
+PrefillPlanLayout FitPrefillPlanLayout(int max_batch, int64_t max_total_q, int64_t max_kv_len,
+                                       const PrefillPlanConfig& cfg, int64_t num_kv_heads,
+                                       int64_t head_dim, int64_t budget_bytes);
+
 // Plans a batch from host copies of qo_indptr (batch + 1), kv_len (batch) and kv_indptr
 // (batch + 1, offsets into the kernel's kv_indices). Writes the header, the items and the
-// merges into `plan` (which holds layout.TotalInts() ints) and returns true; on a batch that does not fit the layout (or
-// q_len > kv_len) returns false with the reason in *error.
+// merges into `plan` (which holds layout.TotalInts() ints) and returns true; on a batch that does
+// not fit the layout (or q_len > kv_len) returns false with the reason in *error.
 bool PlanPrefill(const int32_t* qo_indptr, const int32_t* kv_len, const int32_t* kv_indptr,
                  int batch, const PrefillPlanConfig& cfg, const PrefillPlanLayout& layout,
                  int32_t* plan, std::string* error);

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace attnd::kernels::testing {
@@ -69,7 +70,7 @@ TEST_P(AppendVsHost, Bitwise) {
   a.v_token_stride = row;
   a.slot_mapping = dslots.get();
   a.num_tokens = c.num_tokens;
-  ATTND_CUDA_OK(cuda::LaunchAppendKv(a, nullptr));
+  ATTND_STATUS_OK(cuda::LaunchAppendKv(a, nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
 
   for (int64_t t = 0; t < c.num_tokens; ++t) {
@@ -101,21 +102,32 @@ INSTANTIATE_TEST_SUITE_P(
              std::to_string(c.num_tokens) + "tok_pad" + std::to_string(c.pad);
     });
 
-TEST(Append, RejectsMisalignedStride) {
-  SKIP_WITHOUT_GPU();
+// The checks run before anything touches the device: no GPU needed.
+TEST(Append, RejectsBadArgumentsNamingThem) {
   cuda::AppendArgs a;
   a.kv.shape.num_kv_heads = 8;
   a.kv.shape.head_dim = 128;
   a.kv.shape.page_size = 16;
   a.kv.shape.num_pages = 4;
-  DeviceBuffer<uint16_t> buf(1 << 16);
-  DeviceBuffer<int64_t> slots(4);
-  a.kv.pool = buf.get();
-  a.k = a.v = buf.get();
+  a.kv.pool = FakeDevicePointer();
+  a.k = a.v = FakeDevicePointer();
   a.k_token_stride = a.v_token_stride = 8 * 128 + 3;
-  a.slot_mapping = slots.get();
+  a.slot_mapping = FakeDevicePointer<int64_t>();
   a.num_tokens = 1;
-  EXPECT_EQ(cuda::LaunchAppendKv(a, nullptr), cudaErrorMisalignedAddress);
+  absl::Status s = cuda::LaunchAppendKv(a, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_EQ(s.message(), "append: k_token_stride 1027 is not a multiple of 8");
+  a.k_token_stride = a.v_token_stride = 8 * 128;
+  a.kv.shape.head_dim = 96;
+  s = cuda::LaunchAppendKv(a, nullptr);
+  EXPECT_EQ(s.message(), "append: kv.shape.head_dim 96 is not 64, 128 or 256") << s;
+  a.kv.shape.head_dim = 128;
+  a.k_token_stride = 100;
+  s = cuda::LaunchAppendKv(a, nullptr);
+  EXPECT_EQ(s.message(), "append: k_token_stride 100 is less than kv_heads * head_dim 1024") << s;
+  a.k_token_stride = 8 * 128;
+  a.num_tokens = 0;  // nothing to do: no launch
+  ATTND_STATUS_OK(cuda::LaunchAppendKv(a, nullptr));
 }
 
 }  // namespace

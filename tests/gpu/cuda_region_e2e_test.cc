@@ -14,7 +14,7 @@
 #include "client/reference.h"
 #include "client/tensor.h"
 #include "gtest/gtest.h"
-#include "tests/e2e/server_process.h"
+#include "testing/server_process.h"
 
 namespace attnd::testing {
 namespace {

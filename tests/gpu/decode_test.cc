@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace attnd::kernels::testing {
@@ -120,7 +121,7 @@ TEST_P(DecodeVsReference, MatchesFp64) {
     DeviceProblem d;
     d.Upload(p);
     d.Poison();
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
     ATTND_CUDA_OK(cudaDeviceSynchronize());
     const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
     EXPECT_TRUE(st.finite) << c.name;
@@ -148,7 +149,7 @@ TEST(Decode, LongSequence32k) {
     DeviceProblem d;
     d.Upload(p);
     d.Poison();
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
     ATTND_CUDA_OK(cudaDeviceSynchronize());
     const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
     EXPECT_TRUE(st.finite);
@@ -168,7 +169,7 @@ TEST(Decode, PaddedEntriesGiveZeroAndMinusInfinity) {
   DeviceProblem d;
   d.Upload(p);
   d.Poison();
-  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const auto out = d.out.Download();
   const ErrorStats st = Check(p, out, d.lse.Download());
@@ -192,7 +193,7 @@ void RunDecode(const DecodeProblem& p, bool det, bool graph, std::vector<uint16_
     cudaGraph_t g;
     cudaGraphExec_t ge;
     ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
     ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
     ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
     ATTND_CUDA_OK(cudaGraphLaunch(ge, stream));
@@ -200,7 +201,7 @@ void RunDecode(const DecodeProblem& p, bool det, bool graph, std::vector<uint16_
     cudaGraphExecDestroy(ge);
     cudaGraphDestroy(g);
   } else {
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), stream));
     ATTND_CUDA_OK(cudaStreamSynchronize(stream));
   }
   cudaStreamDestroy(stream);
@@ -279,7 +280,7 @@ TEST(DecodeGraph, CapturedShortReplaysLong) {
     cudaGraph_t g;
     cudaGraphExec_t ge;
     ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(d.Args(longp, r), stream));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(longp, r), stream));
     ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
     ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
     // Replay short: correct for the short problem.
@@ -331,7 +332,7 @@ TEST(DecodeGraph, LayerReadFromDeviceMemoryServesEveryLayer) {
   cudaGraph_t g;
   cudaGraphExec_t ge;
   ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  ATTND_CUDA_OK(cuda::LaunchBatchDecode(a, stream));
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(a, stream));
   ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
   ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
   for (int32_t l : {1, 0, 1}) {
@@ -371,8 +372,8 @@ TEST(Decode, BackToBackLaunchesDoNotRace) {
   cudaStream_t stream;
   ATTND_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   // Reference bits: one launch each.
-  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d1.Args(p1, r), stream));
-  ATTND_CUDA_OK(cuda::LaunchBatchDecode(d2.Args(p2, r2), stream));
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(d1.Args(p1, r), stream));
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(d2.Args(p2, r2), stream));
   ATTND_CUDA_OK(cudaStreamSynchronize(stream));
   const auto ref1 = d1.out.Download(), ref2 = d2.out.Download();
   d1.Poison();
@@ -382,8 +383,8 @@ TEST(Decode, BackToBackLaunchesDoNotRace) {
   a2.ws.partial_lse = a1.ws.partial_lse;
   a2.ws.counters = a1.ws.counters;
   for (int i = 0; i < 10; ++i) {
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(a1, stream));
-    ATTND_CUDA_OK(cuda::LaunchBatchDecode(a2, stream));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(a1, stream));
+    ATTND_STATUS_OK(cuda::LaunchBatchDecode(a2, stream));
   }
   ATTND_CUDA_OK(cudaStreamSynchronize(stream));
   EXPECT_EQ(d1.out.Download(), ref1);
@@ -393,11 +394,59 @@ TEST(Decode, BackToBackLaunchesDoNotRace) {
   cudaStreamDestroy(stream);
 }
 
-TEST(Decode, RejectsBadArguments) {
-  SKIP_WITHOUT_GPU();
+// Arguments that pass every check, for a batch of 0 (which launches nothing): the checks run
+// before anything touches the device, so these tests need none.
+cuda::DecodeArgs CheckedDecodeArgs() {
   cuda::DecodeArgs a;
-  EXPECT_NE(cuda::LaunchBatchDecode(a, nullptr), cudaSuccess);
-  cudaGetLastError();
+  a.kv.pool = FakeDevicePointer();
+  a.kv.shape.num_layers = 1;
+  a.kv.shape.num_pages = 64;
+  a.kv.shape.page_size = 16;
+  a.kv.shape.num_kv_heads = 2;
+  a.kv.shape.head_dim = 128;
+  a.opts.num_qo_heads = 8;
+  a.q = a.out = FakeDevicePointer();
+  a.q_stride_b = a.out_stride_b = 8 * 128;
+  a.q_stride_h = a.out_stride_h = 128;
+  a.kv_indices = FakeDevicePointer<int32_t>();
+  a.ws.plan = FakeDevicePointer<int32_t>();
+  a.ws.layout.max_batch = 4;
+  a.ws.layout.max_items = 64;
+  a.ws.grid_x = 33;
+  a.ws.counters = FakeDevicePointer<int>();
+  return a;
+}
+
+TEST(Decode, RejectsBadArgumentsNamingThem) {
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(CheckedDecodeArgs(), nullptr));
+  auto rejects = [](void (*mutate)(cuda::DecodeArgs&), const std::string& message) {
+    cuda::DecodeArgs a = CheckedDecodeArgs();
+    mutate(a);
+    const absl::Status s = cuda::LaunchBatchDecode(a, nullptr);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(s.message(), message);
+  };
+  rejects([](cuda::DecodeArgs& a) { a.batch = -1; }, "decode: batch -1 is negative");
+  rejects([](cuda::DecodeArgs& a) { a.opts.num_qo_heads = 7; },
+          "decode: opts.num_qo_heads 7 is not a multiple of num_kv_heads 2");
+  rejects([](cuda::DecodeArgs& a) { a.q_stride_h = 3; },
+          "decode: q_stride_h 3 is not a multiple of 8");
+  rejects([](cuda::DecodeArgs& a) { a.out = FakeDevicePointer(4); },
+          "decode: out is not 16-byte aligned");
+  rejects([](cuda::DecodeArgs& a) { a.ws.grid_x = 65; },
+          "decode: ws.grid_x 65 exceeds ws.layout.max_items 64");
+  rejects([](cuda::DecodeArgs& a) { a.ws.layout.max_items = a.ws.grid_x = 70000; },
+          "decode: ws.grid_x 70000 exceeds 65535");
+  rejects([](cuda::DecodeArgs& a) { a.batch = 5; },
+          "decode: batch 5 exceeds ws.layout.max_batch 4");
+  rejects([](cuda::DecodeArgs& a) { a.ws.counters = nullptr; },
+          "decode: ws.counters is null (the fused merge needs them)");
+  cuda::DecodeArgs det = CheckedDecodeArgs();
+  det.deterministic = true;
+  det.ws.counters = nullptr;
+  ATTND_STATUS_OK(cuda::LaunchBatchDecode(det, nullptr));
+  const absl::Status s = cuda::LaunchBatchDecode(cuda::DecodeArgs(), nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/cpu_attention.h"
 #include "kernels/cuda/attention_cuda.h"
 #include "kernels/decode_plan.h"
@@ -25,6 +27,12 @@ namespace attnd::kernels::testing {
   do {                                                                              \
     const cudaError_t attnd_err_ = (expr);                                          \
     ASSERT_EQ(attnd_err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(attnd_err_); \
+  } while (0)
+
+#define ATTND_STATUS_OK(expr)                                        \
+  do {                                                               \
+    const ::absl::Status attnd_status_ = (expr);                     \
+    ASSERT_TRUE(attnd_status_.ok()) << #expr << ": " << attnd_status_; \
   } while (0)
 
 inline bool HasCudaDevice() {
@@ -188,6 +196,13 @@ struct DecodeProblem {
   }
 };
 
+// A device address for tests of argument checks, which never reach the device: 16-byte aligned
+// (plus `misalign` bytes).
+template <typename T = void>
+T* FakeDevicePointer(uintptr_t misalign = 0) {
+  return reinterpret_cast<T*>(uintptr_t{1} << 20 | misalign);
+}
+
 // Device-side state of one decode configuration, as a backend would hold it per bucket.
 struct DecodeRunner {
   DecodePlanConfig cfg;
@@ -203,18 +218,20 @@ struct DecodeRunner {
             int fixed_chunk = 1024) {
     int dev = 0;
     cudaGetDevice(&dev);
-    ASSERT_EQ(cuda::MakeDecodePlanConfig(dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads,
-                                         s.window_left, &cfg),
-              cudaSuccess);
+    absl::StatusOr<DecodePlanConfig> made = cuda::MakeDecodePlanConfig(
+        dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads, s.window_left);
+    ASSERT_TRUE(made.ok()) << made.status();
+    cfg = *made;
     cfg.deterministic = deterministic;
     cfg.fixed_chunk_tokens = fixed_chunk;
     layout = MakeDecodePlanLayout(max_batch, max_len, cfg);
     grid_x = DecodeGridX(max_batch, cfg);
-    plan_host.assign(layout.TotalInts(), 0);
-    plan.Resize(layout.TotalInts());
-    partial_out.Resize(layout.max_items * s.qo_heads * s.head_dim);
-    partial_lse.Resize(layout.max_items * s.qo_heads);
-    counters.Resize(static_cast<size_t>(max_batch) * cfg.kv_head_blocks);
+    const DecodeWorkspaceSizes w = DecodeWorkspaceFor(layout, cfg, s.qo_heads, s.head_dim);
+    plan_host.assign(w.plan_bytes / 4, 0);
+    plan.Resize(w.plan_bytes / 4);
+    partial_out.Resize(w.partial_out_bytes / 4);
+    partial_lse.Resize(w.partial_lse_bytes / 4);
+    counters.Resize(w.counter_bytes / 4);
     counters.Fill(0);
   }
 

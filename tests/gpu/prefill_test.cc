@@ -13,6 +13,8 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kernels/prefill_plan.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -90,20 +92,22 @@ struct PrefillRunner {
             int64_t max_kv = 0, int max_batch = 0) {
     int dev = 0;
     cudaGetDevice(&dev);
-    ASSERT_EQ(cuda::MakePrefillPlanConfig(dev, p.spec.dtype, p.spec.head_dim, p.spec.qo_heads,
-                                          p.spec.kv_heads, p.spec.window_left, true, &cfg, kernel),
-              cudaSuccess);
+    absl::StatusOr<PrefillPlanConfig> made =
+        cuda::MakePrefillPlanConfig(dev, p.spec.dtype, p.spec.head_dim, p.spec.qo_heads,
+                                    p.spec.kv_heads, p.spec.window_left, true, kernel);
+    ASSERT_TRUE(made.ok()) << made.status();
+    cfg = *made;
     cfg.deterministic = det;
     cfg.fixed_chunk_tokens = fixed_chunk;
     int64_t mk = max_kv;
     for (const Req& r : p.reqs) mk = std::max<int64_t>(mk, r.kv_len);
     layout = MakePrefillPlanLayout(std::max(max_batch, p.batch()),
                                    std::max<int64_t>(max_total_q, p.total_q()), mk, cfg);
-    plan_host.assign(layout.TotalInts(), 0);
-    plan.Resize(layout.TotalInts());
-    partial_out.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * kPrefillWideRows *
-                       p.spec.head_dim);
-    partial_lse.Resize(std::max<int64_t>(1, layout.max_partials) * p.spec.kv_heads * kPrefillWideRows);
+    const PrefillWorkspaceSizes w = PrefillWorkspaceFor(layout, p.spec.kv_heads, p.spec.head_dim);
+    plan_host.assign(w.plan_bytes / 4, 0);
+    plan.Resize(w.plan_bytes / 4);
+    partial_out.Resize(std::max<int64_t>(1, w.partial_out_bytes / 4));
+    partial_lse.Resize(std::max<int64_t>(1, w.partial_lse_bytes / 4));
   }
   void Upload(const PrefillProblem& p) {
     pool.Resize(p.pool.size());
@@ -275,7 +279,7 @@ TEST_P(PrefillVsReference, MatchesFp64) {
     r.Upload(p);
     r.Plan(p);
     r.Poison();
-    ATTND_CUDA_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
+    ATTND_STATUS_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
     ATTND_CUDA_OK(cudaDeviceSynchronize());
     const Stats st = Check(p, r.out.Download(), r.lse.Download());
     EXPECT_TRUE(st.finite) << c.name;
@@ -309,14 +313,14 @@ TEST(Prefill, SmallGridLoopsOverItems) {
   r.Upload(p);
   r.Plan(p);
   r.Poison();
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const auto out1 = r.out.Download();
   const auto lse1 = r.lse.Download();
   r.Poison();
   cuda::PrefillArgs a = r.Args(p);
   a.ws.grid_y = 3;
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(0, std::memcmp(out1.data(), r.out.Download().data(), out1.size() * 2));
   EXPECT_EQ(0, std::memcmp(lse1.data(), r.lse.Download().data(), lse1.size() * 4));
@@ -358,7 +362,7 @@ TEST(PrefillDeterminism, ChunkedPrefillLastChunkAloneVsMixedBatch) {
   rb.Upload(big);
   rb.Plan(big);
   rb.Poison();
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(rb.Args(big), nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(rb.Args(big), nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const auto out_big = rb.out.Download();
   const auto lse_big = rb.lse.Download();
@@ -367,7 +371,7 @@ TEST(PrefillDeterminism, ChunkedPrefillLastChunkAloneVsMixedBatch) {
   ro.Upload(one);
   ro.Plan(one);
   ro.Poison();
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(ro.Args(one), nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(ro.Args(one), nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const auto out_one = ro.out.Download();
   const auto lse_one = ro.lse.Download();
@@ -389,7 +393,7 @@ TEST(PrefillDeterminism, ChunkedPrefillLastChunkAloneVsMixedBatch) {
   cudaGraph_t g;
   cudaGraphExec_t ge;
   ATTND_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, stream));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, stream));
   ATTND_CUDA_OK(cudaStreamEndCapture(stream, &g));
   ATTND_CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
   rb.Poison();
@@ -413,15 +417,16 @@ TEST(Prefill, NonCausalMatchesPerQueryReference) {
   int dev = 0;
   cudaGetDevice(&dev);
   r.Init(p, false);
-  ASSERT_EQ(cuda::MakePrefillPlanConfig(dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads, -1,
-                                        false, &r.cfg),
-            cudaSuccess);
+  absl::StatusOr<PrefillPlanConfig> non_causal =
+      cuda::MakePrefillPlanConfig(dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads, -1, false);
+  ASSERT_TRUE(non_causal.ok()) << non_causal.status();
+  r.cfg = *non_causal;
   r.Upload(p);
   r.Plan(p);
   r.Poison();
   cuda::PrefillArgs a = r.Args(p);
   a.causal = false;
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const auto out = r.out.Download();
   double num = 0, den = 0;
@@ -447,10 +452,44 @@ TEST(Prefill, NonCausalMatchesPerQueryReference) {
   EXPECT_LT(std::sqrt(num / den), 1e-2);
 }
 
-TEST(Prefill, RejectsBadArguments) {
-  SKIP_WITHOUT_GPU();
-  cuda::PrefillArgs a;
-  EXPECT_EQ(cuda::LaunchBatchPrefill(a, nullptr), cudaErrorInvalidValue);
+// The checks run before anything touches the device: no GPU needed.
+TEST(Prefill, RejectsBadArgumentsNamingThem) {
+  EXPECT_EQ(cuda::LaunchBatchPrefill(cuda::PrefillArgs(), nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  cuda::PrefillArgs ok;
+  ok.kv.pool = FakeDevicePointer();
+  ok.kv.shape.num_layers = 1;
+  ok.kv.shape.num_pages = 64;
+  ok.kv.shape.page_size = 16;
+  ok.kv.shape.num_kv_heads = 2;
+  ok.kv.shape.head_dim = 128;
+  ok.opts.num_qo_heads = 8;
+  ok.q = ok.out = FakeDevicePointer();
+  ok.q_stride_n = ok.out_stride_n = 8 * 128;
+  ok.q_stride_h = ok.out_stride_h = 128;
+  ok.kv_indices = FakeDevicePointer<int32_t>();
+  ok.ws.plan = FakeDevicePointer<int32_t>();
+  ok.ws.layout.max_merges = 4;
+  ok.ws.grid_y = 100;
+  ok.ws.partial_out = ok.ws.partial_lse = FakeDevicePointer<float>();
+  auto rejects = [&](void (*mutate)(cuda::PrefillArgs&), const std::string& message) {
+    cuda::PrefillArgs a = ok;
+    mutate(a);
+    const absl::Status s = cuda::LaunchBatchPrefill(a, nullptr);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_EQ(s.message(), message);
+  };
+  rejects([](cuda::PrefillArgs& a) { a.ws.grid_y = 70000; },
+          "prefill: ws.grid_y 70000 exceeds 65535");
+  rejects([](cuda::PrefillArgs& a) { a.ws.grid_y = 0; }, "prefill: ws.grid_y 0 is not positive");
+  rejects([](cuda::PrefillArgs& a) { a.kv.shape.num_kv_heads = 70000; },
+          "prefill: kv.shape.num_kv_heads 70000 exceeds 65535");
+  rejects([](cuda::PrefillArgs& a) { a.out_stride_h = 129; },
+          "prefill: out_stride_h 129 is not a multiple of 8");
+  rejects([](cuda::PrefillArgs& a) { a.ws.partial_lse = nullptr; },
+          "prefill: ws.partial_lse is null (the layout has merges)");
+  rejects([](cuda::PrefillArgs& a) { a.kv.shape.page_size = 0; },
+          "prefill: kv.shape.page_size 0 is not in [1, 2^30)");
 }
 
 // Asking for the Hopper kernel where it does not exist (head_dim 256 on any device) is an
@@ -466,10 +505,11 @@ TEST(Prefill, HopperKernelIsRefusedWhereItDoesNotExist) {
   int dev = 0;
   cudaGetDevice(&dev);
   ASSERT_FALSE(cuda::HopperPrefillAvailable(dev, 256));
-  PrefillPlanConfig cfg;
-  EXPECT_EQ(cuda::MakePrefillPlanConfig(dev, s.dtype, 256, s.qo_heads, s.kv_heads, -1, true, &cfg,
-                                        cuda::PrefillKernel::kHopper),
-            cudaErrorNotSupported);
+  EXPECT_EQ(cuda::MakePrefillPlanConfig(dev, s.dtype, 256, s.qo_heads, s.kv_heads, -1, true,
+                                        cuda::PrefillKernel::kHopper)
+                .status()
+                .code(),
+            absl::StatusCode::kUnimplemented);
   PrefillRunner r;
   r.Init(p, false);
   r.Upload(p);
@@ -477,9 +517,10 @@ TEST(Prefill, HopperKernelIsRefusedWhereItDoesNotExist) {
   r.Poison();
   cuda::PrefillArgs a = r.Args(p);
   a.kernel = cuda::PrefillKernel::kHopper;
-  EXPECT_EQ(cuda::LaunchBatchPrefill(a, nullptr), cudaErrorNotSupported);
+  const absl::Status refused = cuda::LaunchBatchPrefill(a, nullptr);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kUnimplemented) << refused;
   a.kernel = cuda::PrefillKernel::kAuto;
-  ATTND_CUDA_OK(cuda::LaunchBatchPrefill(a, nullptr));
+  ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, nullptr));
   ATTND_CUDA_OK(cudaDeviceSynchronize());
   const Stats st = Check(p, r.out.Download(), r.lse.Download());
   EXPECT_LT(st.rel, Tolerance(s.dtype));

@@ -1,4 +1,4 @@
-// CPU test of the split-KV planner (runs in CI, no GPU).
+// CPU test of the split-KV planner and its workspace sizes (runs in CI, no GPU).
 #include "kernels/decode_plan.h"
 
 #include <gtest/gtest.h>
@@ -174,6 +174,63 @@ TEST(DecodePlan, RejectsWhatDoesNotFit) {
   EXPECT_NE(err.find("max_batch"), std::string::npos) << err;
   EXPECT_FALSE(PlanDecode(lens.data(), indptr.data(), 2, 1, cfg, layout, buf.data(), nullptr, &err));
   EXPECT_NE(err.find("grid_x"), std::string::npos) << err;
+}
+
+// Each buffer of the workspace, in bytes, straight from the layout; more requests or longer
+// ones need more.
+TEST(DecodePlan, WorkspaceSizesFollowTheLayout) {
+  const DecodePlanConfig cfg = Config(true);
+  const DecodePlanLayout small = MakeDecodePlanLayout(16, 8192, cfg);
+  const DecodeWorkspaceSizes w = DecodeWorkspaceFor(small, cfg, 32, 128);
+  EXPECT_EQ(w.plan_bytes, small.TotalInts() * 4);
+  EXPECT_EQ(w.partial_out_bytes, small.max_items * 32 * 128 * 4);
+  EXPECT_EQ(w.partial_lse_bytes, small.max_items * 32 * 4);
+  EXPECT_EQ(w.counter_bytes, 16 * cfg.kv_head_blocks * 4);
+  EXPECT_EQ(w.Total(), w.plan_bytes + w.partial_out_bytes + w.partial_lse_bytes + w.counter_bytes);
+  for (const DecodePlanLayout& bigger :
+       {MakeDecodePlanLayout(64, 8192, cfg), MakeDecodePlanLayout(16, 65536, cfg)}) {
+    const DecodeWorkspaceSizes b = DecodeWorkspaceFor(bigger, cfg, 32, 128);
+    EXPECT_GT(b.plan_bytes, w.plan_bytes);
+    EXPECT_GT(b.partial_out_bytes, w.partial_out_bytes);
+    EXPECT_GT(b.partial_lse_bytes, w.partial_lse_bytes);
+    EXPECT_GE(b.counter_bytes, w.counter_bytes);
+    EXPECT_GT(b.Total(), w.Total());
+  }
+}
+
+// The partial states (fp32 rows and lse of every query head) fit the budget; a budget above
+// what the layout needs changes nothing.
+TEST(DecodePlan, WorkspaceFitCapsThePartialStatesToTheBudget) {
+  const DecodePlanConfig cfg = Config(true);
+  const int64_t qo = 32, dim = 128, row_bytes = (qo * dim + qo) * 4;
+  const DecodePlanLayout full = MakeDecodePlanLayout(8, 200000, cfg);
+  ASSERT_GT(full.max_items, 2 * DecodeGridX(8, cfg));
+  const int64_t budget = row_bytes * (full.max_items / 2) + row_bytes - 1;
+  const DecodePlanLayout fit = FitDecodePlanLayout(8, 200000, cfg, qo, dim, budget);
+  EXPECT_EQ(fit.max_batch, 8);
+  EXPECT_EQ(fit.max_items, full.max_items / 2);
+  const DecodeWorkspaceSizes w = DecodeWorkspaceFor(fit, cfg, qo, dim);
+  EXPECT_LE(w.partial_out_bytes + w.partial_lse_bytes, budget);
+  EXPECT_GT(w.partial_out_bytes + w.partial_lse_bytes, budget - row_bytes);
+  EXPECT_EQ(FitDecodePlanLayout(8, 200000, cfg, qo, dim, int64_t{1} << 40).max_items,
+            full.max_items);
+}
+
+// However small the budget, the layout keeps one item per grid column: the kernel reads item y
+// of column y, and a non-deterministic plan of a full bucket needs them all.
+TEST(DecodePlan, WorkspaceFitNeverGoesBelowTheGrid) {
+  for (int max_batch : {1, 8, 700}) {
+    const DecodePlanConfig cfg = Config(false);
+    const DecodePlanLayout fit = FitDecodePlanLayout(max_batch, 4096, cfg, 32, 128, 0);
+    EXPECT_EQ(fit.max_items, DecodeGridX(max_batch, cfg)) << max_batch;
+    const std::vector<int32_t> lens(max_batch, 4096);
+    const std::vector<int32_t> indptr = Indptr(lens, 16);
+    std::vector<int32_t> buf(fit.TotalInts());
+    std::string err;
+    EXPECT_TRUE(PlanDecode(lens.data(), indptr.data(), max_batch, DecodeGridX(max_batch, cfg), cfg,
+                           fit, buf.data(), nullptr, &err))
+        << err;
+  }
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// CPU test of the batch prefill planner (runs in CI, no GPU).
+// CPU test of the batch prefill planner and its workspace sizes (runs in CI, no GPU).
 #include "kernels/prefill_plan.h"
 
 #include <gtest/gtest.h>
@@ -210,6 +210,52 @@ TEST(PrefillPlan, RejectsMoreQueriesThanKeysAndOverfullLayouts) {
   std::vector<int32_t> qo0 = {0, 0}, kv0 = {0};
   EXPECT_TRUE(PlanPrefill(qo0.data(), kv0.data(), kvi.data(), 1, cfg, layout, buf.data(), &err));
   EXPECT_EQ(buf[0], 0);
+}
+
+// Each buffer of the workspace, in bytes, straight from the layout: a partial slot holds a wide
+// tile's rows of every kv head. More requests, queries or keys need more.
+TEST(PrefillPlan, WorkspaceSizesFollowTheLayout) {
+  const PrefillPlanConfig cfg = Config(true);
+  const PrefillPlanLayout small = MakePrefillPlanLayout(8, 4096, 8192, cfg);
+  const PrefillWorkspaceSizes w = PrefillWorkspaceFor(small, 8, 128);
+  EXPECT_EQ(w.plan_bytes, small.TotalInts() * 4);
+  EXPECT_EQ(w.partial_out_bytes, small.max_partials * 8 * kPrefillWideRows * 128 * 4);
+  EXPECT_EQ(w.partial_lse_bytes, small.max_partials * 8 * kPrefillWideRows * 4);
+  EXPECT_EQ(w.Total(), w.plan_bytes + w.partial_out_bytes + w.partial_lse_bytes);
+  for (const PrefillPlanLayout& bigger :
+       {MakePrefillPlanLayout(64, 4096, 8192, cfg), MakePrefillPlanLayout(8, 16384, 8192, cfg),
+        MakePrefillPlanLayout(8, 4096, 65536, cfg)}) {
+    const PrefillWorkspaceSizes b = PrefillWorkspaceFor(bigger, 8, 128);
+    EXPECT_GT(b.plan_bytes, w.plan_bytes);
+    EXPECT_GT(b.partial_out_bytes, w.partial_out_bytes);
+    EXPECT_GT(b.partial_lse_bytes, w.partial_lse_bytes);
+    EXPECT_GT(b.Total(), w.Total());
+  }
+}
+
+// The partial slots fit the budget; the items and merges (the plan) are not capped, and a
+// budget above what the layout needs changes nothing.
+TEST(PrefillPlan, WorkspaceFitCapsThePartialSlotsToTheBudget) {
+  const PrefillPlanConfig cfg = Config(true);
+  const int64_t kv = 8, dim = 128, slot_bytes = kv * kPrefillWideRows * (dim + 1) * 4;
+  const PrefillPlanLayout full = MakePrefillPlanLayout(8, 4096, 65536, cfg);
+  ASSERT_GT(full.max_partials, 10);
+  const int64_t budget = slot_bytes * 10 + slot_bytes - 1;
+  const PrefillPlanLayout fit = FitPrefillPlanLayout(8, 4096, 65536, cfg, kv, dim, budget);
+  EXPECT_EQ(fit.max_partials, 10);
+  EXPECT_EQ(fit.max_batch, full.max_batch);
+  EXPECT_EQ(fit.max_items, full.max_items);
+  EXPECT_EQ(fit.max_merges, full.max_merges);
+  const PrefillWorkspaceSizes w = PrefillWorkspaceFor(fit, kv, dim);
+  EXPECT_LE(w.partial_out_bytes + w.partial_lse_bytes, budget);
+  EXPECT_EQ(FitPrefillPlanLayout(8, 4096, 65536, cfg, kv, dim, int64_t{1} << 40).max_partials,
+            full.max_partials);
+  // A plan that needs more slots than the cap is refused, not written past the buffers.
+  std::vector<int32_t> qo = {0, 4096}, lens = {65536}, kvi = {0, 4096};
+  std::vector<int32_t> buf(fit.TotalInts());
+  std::string err;
+  EXPECT_FALSE(PlanPrefill(qo.data(), lens.data(), kvi.data(), 1, cfg, fit, buf.data(), &err));
+  EXPECT_NE(err.find("partial slots"), std::string::npos) << err;
 }
 
 }  // namespace

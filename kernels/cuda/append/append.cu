@@ -1,83 +1,72 @@
-// Append: scatter new tokens' K and V into their page slots. Moves 16-byte chunks; one thread
-// copies kRowsPerThread (token, head) rows' chunk c of K and of V, loads first.
+// Launcher of the append kernel: checks the arguments and launches.
 #include <cuda_runtime.h>
 
-#include "kernels/cuda/attention_cuda.h"
-#include "kernels/cuda/device_utils.cuh"
-#include "kernels/cuda/host_utils.h"
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kernels/cuda/append/append.h"
+#include "kernels/cuda/append/append_kernel.cuh"
+#include "kernels/cuda/append/append_params.cuh"
+#include "kernels/cuda/common/host_utils.h"
+#include "kernels/cuda/common/launch.h"
 
 namespace attnd::kernels::cuda {
-namespace detail {
+namespace {
 
-struct AppendParams {
-  void* kv_layer;
-  const int32_t* layer_ptr;  // non-null: add *layer_ptr * layer_elems to kv_layer
-  int64_t layer_elems;
-  int64_t page_stride, v_offset, slot_stride, head_stride;
-  FastDivmod page_div;
-  FastDivmod heads_div;
-  const uint16_t* k;
-  const uint16_t* v;
-  int64_t k_ts, v_ts;
-  const int64_t* slot_mapping;
-  int64_t num_rows;  // tokens * kv heads
-  int chunks_log2;   // log2(head_dim / 8)
-  int head_dim;
-};
+constexpr char kFamily[] = "append";
 
-constexpr int kAppendThreads = 256;
-constexpr int kRowsPerThread = 2;
-
-__global__ void __launch_bounds__(kAppendThreads)
-    AppendKvKernel(const __grid_constant__ AppendParams p) {
-  const int chunks = 1 << p.chunks_log2;
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
-  const int ch = static_cast<int>(gid & (chunks - 1));
-  const int64_t row_base = (gid >> p.chunks_log2) * kRowsPerThread;
-  uint4 kx[kRowsPerThread], vx[kRowsPerThread];
-  int64_t dst[kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int64_t row = row_base + i;
-    dst[i] = -1;
-    if (row >= p.num_rows) continue;
-    uint32_t tok, head;
-    p.heads_div.Divmod(static_cast<uint32_t>(row), tok, head);
-    const int64_t slot = __ldg(p.slot_mapping + tok);
-    if (slot < 0) continue;
-    uint32_t pg, s;
-    p.page_div.Divmod(static_cast<uint32_t>(slot), pg, s);
-    dst[i] = pg * p.page_stride + s * p.slot_stride + head * p.head_stride + ch * 8;
-    kx[i] = __ldcs(reinterpret_cast<const uint4*>(p.k + tok * p.k_ts + head * p.head_dim + ch * 8));
-    vx[i] = __ldcs(reinterpret_cast<const uint4*>(p.v + tok * p.v_ts + head * p.head_dim + ch * 8));
-  }
-  uint16_t* base = static_cast<uint16_t*>(p.kv_layer) +
-                   (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    if (dst[i] < 0) continue;
-    *reinterpret_cast<uint4*>(base + dst[i]) = kx[i];
-    *reinterpret_cast<uint4*>(base + dst[i] + p.v_offset) = vx[i];
-  }
-}
-
-}  // namespace detail
-
-cudaError_t LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
+absl::Status ValidateAppendArgs(const AppendArgs& a) {
+  using detail::InvalidArg;
   const KvCacheShape& sh = a.kv.shape;
   const int64_t d = sh.head_dim, h = sh.num_kv_heads;
-  if (a.num_tokens < 0 || h <= 0 || sh.page_size <= 0 || DTypeSize(sh.dtype) != 2 ||
-      (d != 64 && d != 128 && d != 256) || a.slot_mapping == nullptr || a.k == nullptr ||
-      a.v == nullptr || a.kv.pool == nullptr || a.k_token_stride < h * d ||
-      a.v_token_stride < h * d || a.num_tokens * h >= (int64_t{1} << 31) ||
-      sh.num_pages * sh.page_size >= (int64_t{1} << 31)) {
-    return cudaErrorInvalidValue;
+  if (a.num_tokens < 0) return InvalidArg(kFamily, "num_tokens ", a.num_tokens, " is negative");
+  if (h <= 0) return InvalidArg(kFamily, "kv.shape.num_kv_heads ", h, " is not positive");
+  if (sh.page_size <= 0) {
+    return InvalidArg(kFamily, "kv.shape.page_size ", sh.page_size, " is not positive");
   }
-  if (!detail::Aligned16(a.k) || !detail::Aligned16(a.v) || !detail::Aligned16(a.kv.pool) ||
-      a.k_token_stride % 8 || a.v_token_stride % 8) {
-    return cudaErrorMisalignedAddress;
+  if (DTypeSize(sh.dtype) != 2) return InvalidArg(kFamily, "kv.shape.dtype is not fp16 or bf16");
+  if (d != 64 && d != 128 && d != 256) {
+    return InvalidArg(kFamily, "kv.shape.head_dim ", d, " is not 64, 128 or 256");
   }
-  if (a.num_tokens == 0) return cudaSuccess;
+  if (a.slot_mapping == nullptr) return InvalidArg(kFamily, "slot_mapping is null");
+  if (a.k == nullptr) return InvalidArg(kFamily, "k is null");
+  if (a.v == nullptr) return InvalidArg(kFamily, "v is null");
+  if (a.kv.pool == nullptr) return InvalidArg(kFamily, "kv.pool is null");
+  if (a.k_token_stride < h * d) {
+    return InvalidArg(kFamily, "k_token_stride ", a.k_token_stride,
+                      " is less than kv_heads * head_dim ", h * d);
+  }
+  if (a.v_token_stride < h * d) {
+    return InvalidArg(kFamily, "v_token_stride ", a.v_token_stride,
+                      " is less than kv_heads * head_dim ", h * d);
+  }
+  if (a.num_tokens * h >= (int64_t{1} << 31)) {
+    return InvalidArg(kFamily, "num_tokens * kv_heads ", a.num_tokens * h,
+                      " is not below 2^31");
+  }
+  if (sh.num_pages * sh.page_size >= (int64_t{1} << 31)) {
+    return InvalidArg(kFamily, "kv.shape.num_pages * page_size ", sh.num_pages * sh.page_size,
+                      " is not below 2^31");
+  }
+  if (!detail::Aligned16(a.k)) return InvalidArg(kFamily, "k is not 16-byte aligned");
+  if (!detail::Aligned16(a.v)) return InvalidArg(kFamily, "v is not 16-byte aligned");
+  if (!detail::Aligned16(a.kv.pool)) return InvalidArg(kFamily, "kv.pool is not 16-byte aligned");
+  if (a.k_token_stride % 8) {
+    return InvalidArg(kFamily, "k_token_stride ", a.k_token_stride, " is not a multiple of 8");
+  }
+  if (a.v_token_stride % 8) {
+    return InvalidArg(kFamily, "v_token_stride ", a.v_token_stride, " is not a multiple of 8");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
+  if (absl::Status s = ValidateAppendArgs(a); !s.ok()) return s;
+  if (a.num_tokens == 0) return absl::OkStatus();
+  const KvCacheShape& sh = a.kv.shape;
+  const int64_t d = sh.head_dim, h = sh.num_kv_heads;
   detail::AppendParams p{};
   p.layer_ptr = a.kv.layer_in_device;
   p.layer_elems = sh.LayerElems();
@@ -101,7 +90,7 @@ cudaError_t LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
       ((p.num_rows + detail::kRowsPerThread - 1) / detail::kRowsPerThread) << p.chunks_log2;
   const int64_t blocks = (threads + detail::kAppendThreads - 1) / detail::kAppendThreads;
   detail::AppendKvKernel<<<static_cast<unsigned>(blocks), detail::kAppendThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return detail::CudaStatus(cudaGetLastError(), "append kernel launch");
 }
 
 }  // namespace attnd::kernels::cuda

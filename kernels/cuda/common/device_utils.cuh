@@ -1,11 +1,14 @@
 // Small device helpers shared by the CUDA kernels: async copies, ldmatrix, mma.sync, dtype
-// conversions and a division by a run-time constant. Header-only, device code only.
-#ifndef ATTND_KERNELS_CUDA_DEVICE_UTILS_CUH_
-#define ATTND_KERNELS_CUDA_DEVICE_UTILS_CUH_
+// conversions, a division by a run-time constant and the programmatic-dependent-launch (PDL)
+// handshake. Header-only, device code only.
+#ifndef ATTND_KERNELS_CUDA_COMMON_DEVICE_UTILS_CUH_
+#define ATTND_KERNELS_CUDA_COMMON_DEVICE_UTILS_CUH_
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
 #include <cstdint>
+#include <type_traits>
 
 namespace attnd::kernels::cuda::detail {
 
@@ -94,6 +97,16 @@ struct FastDivmod {
   }
 };
 
+// PDL: a kernel launched as a programmatic dependent starts while the previous kernel on the
+// stream finishes; it must wait before reading that kernel's results (a no-op when it was not
+// launched that way). A kernel lets its own dependents start early by signalling (or exiting).
+__device__ __forceinline__ void GridDependencyWait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+__device__ __forceinline__ void LaunchDependents() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 }  // namespace attnd::kernels::cuda::detail
 
-#endif  // ATTND_KERNELS_CUDA_DEVICE_UTILS_CUH_
+#endif  // ATTND_KERNELS_CUDA_COMMON_DEVICE_UTILS_CUH_

@@ -1,10 +1,12 @@
-// Host-side helpers of the launchers: argument checks and the FastDivmod constants.
-#ifndef ATTND_KERNELS_CUDA_HOST_UTILS_H_
-#define ATTND_KERNELS_CUDA_HOST_UTILS_H_
+// Host-side helpers of the launchers: the FastDivmod constants, alignment checks and the logit
+// scales every kernel family takes. Included by the launchers (.cu) only.
+#ifndef ATTND_KERNELS_CUDA_COMMON_HOST_UTILS_H_
+#define ATTND_KERNELS_CUDA_COMMON_HOST_UTILS_H_
 
 #include <cstdint>
 
-#include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/common/constants.h"
+#include "kernels/cuda/common/device_utils.cuh"
 #include "kernels/paged_kv.h"
 
 namespace attnd::kernels::cuda::detail {
@@ -32,7 +34,6 @@ struct LogitScales {
 };
 
 inline LogitScales MakeLogitScales(const AttentionOptions& opts) {
-  constexpr float kLog2e = 1.4426950408889634f;
   if (opts.logits_soft_cap > 0.f)
     return {1, opts.sm_scale / opts.logits_soft_cap, opts.logits_soft_cap * kLog2e};
   return {0, opts.sm_scale * kLog2e, 0.f};
@@ -40,4 +41,4 @@ inline LogitScales MakeLogitScales(const AttentionOptions& opts) {
 
 }  // namespace attnd::kernels::cuda::detail
 
-#endif  // ATTND_KERNELS_CUDA_HOST_UTILS_H_
+#endif  // ATTND_KERNELS_CUDA_COMMON_HOST_UTILS_H_

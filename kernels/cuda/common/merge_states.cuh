@@ -1,14 +1,15 @@
-// Merging of partial attention states (split-KV), shared by the decode kernel's fused merge and
-// the stand-alone merge kernel. A partial state is an fp32 row normalised by its own softmax
-// denominator plus that denominator's log2-sum-exp; rows of item i, head h live at
-// [(i * num_heads + h) * D] and [i * num_heads + h].
-#ifndef ATTND_KERNELS_CUDA_MERGE_STATES_CUH_
-#define ATTND_KERNELS_CUDA_MERGE_STATES_CUH_
+// Merging of partial attention states (split-KV), shared by the decode kernel's fused merge, the
+// stand-alone merge kernel and the prefill merge kernel. A partial state is an fp32 row
+// normalised by its own softmax denominator plus that denominator's log2-sum-exp; rows of item
+// i, head h live at [(i * num_heads + h) * D] and [i * num_heads + h].
+#ifndef ATTND_KERNELS_CUDA_COMMON_MERGE_STATES_CUH_
+#define ATTND_KERNELS_CUDA_COMMON_MERGE_STATES_CUH_
 
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/common/constants.h"
+#include "kernels/cuda/common/device_utils.cuh"
 
 namespace attnd::kernels::cuda::detail {
 
@@ -83,17 +84,10 @@ __device__ __forceinline__ void MergeRowWarp(const float* partial_out, const flo
     *reinterpret_cast<uint32_t*>(dst + e) = PackPair<T>(acc[e] * inv, acc[e + 1] * inv);
   }
   if (lane == 0 && lse_out != nullptr) {
-    *lse_out = lsum > 0.f ? (__log2f(lsum) + mmax) * 0.69314718055994531f : -INFINITY;
+    *lse_out = lsum > 0.f ? (__log2f(lsum) + mmax) * kLn2 : -INFINITY;
   }
-}
-
-__device__ __forceinline__ void GridDependencyWait() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-}
-__device__ __forceinline__ void LaunchDependents() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
 }  // namespace attnd::kernels::cuda::detail
 
-#endif  // ATTND_KERNELS_CUDA_MERGE_STATES_CUH_
+#endif  // ATTND_KERNELS_CUDA_COMMON_MERGE_STATES_CUH_

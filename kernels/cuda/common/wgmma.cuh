@@ -6,8 +6,8 @@
 // Tile layout the descriptors describe ("swizzle atoms"): a [rows][cols] tile of 16-bit values is
 // stored as cols / 64 atoms of [rows][64]; a row of an atom is 128 bytes whose 16-byte chunks are
 // XOR-ed with (row & 7). Atoms start at multiples of 1024 bytes.
-#ifndef ATTND_KERNELS_CUDA_WGMMA_CUH_
-#define ATTND_KERNELS_CUDA_WGMMA_CUH_
+#ifndef ATTND_KERNELS_CUDA_COMMON_WGMMA_CUH_
+#define ATTND_KERNELS_CUDA_COMMON_WGMMA_CUH_
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -153,4 +153,4 @@ ATTND_DEFINE_WGMMA(__half, "f16", 128, "64", "65", "66", "67", "68", "69")
 
 }  // namespace attnd::kernels::cuda::detail
 
-#endif  // ATTND_KERNELS_CUDA_WGMMA_CUH_
+#endif  // ATTND_KERNELS_CUDA_COMMON_WGMMA_CUH_

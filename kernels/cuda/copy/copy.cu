@@ -1,59 +1,26 @@
-// Copies whose addresses are read from device memory when the kernel runs, so a captured CUDA
-// graph can move each call's inputs and outputs between the caller's buffers and its own.
+// Launchers of the graph copy kernels.
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
-#include "kernels/cuda/attention_cuda.h"
+#include "absl/status/status.h"
+#include "kernels/cuda/common/launch.h"
+#include "kernels/cuda/copy/copy.h"
+#include "kernels/cuda/copy/copy_kernel.cuh"
 
 namespace attnd::kernels::cuda {
-namespace {
 
-__global__ void IndirectCopyKernel(const IndirectCopy* copies) {
-  const IndirectCopy c = copies[blockIdx.y];
-  if (c.bytes == 0) return;
-  const auto* src = static_cast<const uint8_t*>(c.src);
-  auto* dst = static_cast<uint8_t*>(c.dst);
-  const uint64_t stride = uint64_t{gridDim.x} * blockDim.x;
-  const uint64_t first = uint64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-  const bool vec = ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
-                     c.bytes) & 15) == 0;
-  if (vec) {
-    const auto* s = reinterpret_cast<const uint4*>(src);
-    auto* d = reinterpret_cast<uint4*>(dst);
-    for (uint64_t i = first; i < c.bytes / 16; i += stride) d[i] = s[i];
-  } else {
-    for (uint64_t i = first; i < c.bytes; i += stride) dst[i] = src[i];
-  }
+absl::Status LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
+                                  cudaStream_t stream) {
+  detail::HostRangesCopyKernel<<<dim3(32, 2), 256, 0, stream>>>(
+      header, static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst));
+  return detail::CudaStatus(cudaGetLastError(), "host ranges copy kernel launch");
 }
 
-// Copies [0, first) and [second_offset, second_offset + second) of src (pinned host memory,
-// read through the unified address space) to dst; the three sizes are read from `header`, also
-// in host memory, when the kernel runs.
-__global__ void HostRangesCopyKernel(const uint32_t* header, const uint32_t* src, uint32_t* dst) {
-  __shared__ uint32_t range[2];
-  if (threadIdx.x == 0) {
-    const uint32_t first = header[0], second_offset = header[1], second = header[2];
-    range[0] = blockIdx.y == 0 ? 0 : second_offset / 4;
-    range[1] = blockIdx.y == 0 ? first / 4 : second / 4;
-  }
-  __syncthreads();
-  const uint32_t begin = range[0], words = range[1];
-  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < words; i += gridDim.x * blockDim.x)
-    dst[begin + i] = src[begin + i];
-}
-
-}  // namespace
-
-cudaError_t LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
-                                 cudaStream_t stream) {
-  HostRangesCopyKernel<<<dim3(32, 2), 256, 0, stream>>>(header, static_cast<const uint32_t*>(src),
-                                                         static_cast<uint32_t*>(dst));
-  return cudaGetLastError();
-}
-
-cudaError_t LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStream_t stream) {
-  if (count <= 0) return cudaSuccess;
-  IndirectCopyKernel<<<dim3(64, static_cast<unsigned>(count)), 256, 0, stream>>>(copies);
-  return cudaGetLastError();
+absl::Status LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStream_t stream) {
+  if (count <= 0) return absl::OkStatus();
+  detail::IndirectCopyKernel<<<dim3(64, static_cast<unsigned>(count)), 256, 0, stream>>>(copies);
+  return detail::CudaStatus(cudaGetLastError(), "indirect copy kernel launch");
 }
 
 }  // namespace attnd::kernels::cuda

@@ -1,6 +1,11 @@
 // A kernel that faults on purpose, so tests can check how a server handles a sticky device
-// error (DESIGN.md invariant 6). Never launched in normal operation.
-#include "kernels/cuda/attention_cuda.h"
+// error (DESIGN.md invariant 6). Never launched in normal operation; too small for a kernel
+// header of its own.
+#include <cuda_runtime.h>
+
+#include "absl/status/status.h"
+#include "kernels/cuda/common/launch.h"
+#include "kernels/cuda/fault/fault.h"
 
 namespace attnd::kernels::cuda {
 namespace {
@@ -9,9 +14,9 @@ __global__ void TrapKernel() { __trap(); }
 
 }  // namespace
 
-cudaError_t LaunchFaultingKernel(cudaStream_t stream) {
+absl::Status LaunchFaultingKernel(cudaStream_t stream) {
   TrapKernel<<<1, 1, 0, stream>>>();
-  return cudaGetLastError();
+  return detail::CudaStatus(cudaGetLastError(), "faulting kernel launch");
 }
 
 }  // namespace attnd::kernels::cuda

@@ -1,12 +1,22 @@
-// The Hopper kernel of batch prefill (included by prefill.cu after PrefillParams, ItemDesc,
-// OutRowOffset and the portable RunItem): the same work items, plan, partials and merge as the
-// portable kernel, with the two GEMMs on wgmma (kernels/cuda/wgmma.cuh) and the loads on their
-// own warpgroup (HopperPrefillTraits). K/V arrive through cp.async, because a page of a few
-// tokens is too small a box for TMA.
-#ifndef ATTND_KERNELS_CUDA_PREFILL_HOPPER_CUH_
-#define ATTND_KERNELS_CUDA_PREFILL_HOPPER_CUH_
+// The Hopper kernel of batch prefill (sm_90a; its translation unit is prefill_hopper.cu): the
+// same work items, plan, partials and merge as the portable kernel, with the two GEMMs on wgmma
+// (kernels/cuda/common/wgmma.cuh) and the loads on their own warpgroup (HopperPrefillTraits).
+// K/V arrive through cp.async, because a page of a few tokens is too small a box for TMA. Narrow
+// tiles (decodes) run the portable per-item body (prefill_item.cuh) on the consumer warps.
+#ifndef ATTND_KERNELS_CUDA_PREFILL_PREFILL_HOPPER_CUH_
+#define ATTND_KERNELS_CUDA_PREFILL_PREFILL_HOPPER_CUH_
 
-#include "kernels/cuda/wgmma.cuh"
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/common/constants.h"
+#include "kernels/cuda/common/device_utils.cuh"
+#include "kernels/cuda/common/softmax.cuh"
+#include "kernels/cuda/common/wgmma.cuh"
+#include "kernels/cuda/prefill/prefill_item.cuh"
+#include "kernels/cuda/prefill/prefill_params.cuh"
+#include "kernels/prefill_plan.h"
 
 namespace attnd::kernels::cuda::detail {
 
@@ -236,20 +246,19 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
       for (int j = 0; j < kSN / 4; ++j) {
         mx4[j & 3] = fmaxf(mx4[j & 3], fmaxf(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]));
       }
-      float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[i], mx * sc);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[i] = FastExp2(m[i] - m_use);
-      m[i] = m_new;
+      const float mx = fmaxf(fmaxf(mx4[0], mx4[1]), fmaxf(mx4[2], mx4[3]));
+      const RawScores logits{sc};
+      const RowMax r = NextRowMax(m[i], mx, logits);
+      alpha[i] = r.alpha;
+      m[i] = r.m_new;
       float sum4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int j = 0; j < kSN / 4; ++j) {
-        s[4 * j + 2 * i] = FastExp2(fmaf(s[4 * j + 2 * i], sc, -m_use));
-        s[4 * j + 2 * i + 1] = FastExp2(fmaf(s[4 * j + 2 * i + 1], sc, -m_use));
+        s[4 * j + 2 * i] = logits.Exp2(s[4 * j + 2 * i], r.m_use);
+        s[4 * j + 2 * i + 1] = logits.Exp2(s[4 * j + 2 * i + 1], r.m_use);
         sum4[j & 3] += s[4 * j + 2 * i] + s[4 * j + 2 * i + 1];
       }
+      // Not OnlineSoftmaxStep's running sum: a tree, rounded differently (softmax.cuh).
       l[i] = l[i] * alpha[i] + ((sum4[0] + sum4[1]) + (sum4[2] + sum4[3]));
     }
   };
@@ -338,7 +347,7 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
       if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
         int h;
         const int64_t off = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
-        p.lse[off] = lse2 * 0.69314718055994531f;
+        p.lse[off] = lse2 * kLn2;
       }
     } else if (R < rows_total) {
       float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
@@ -428,4 +437,4 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
 
 }  // namespace attnd::kernels::cuda::detail
 
-#endif  // ATTND_KERNELS_CUDA_PREFILL_HOPPER_CUH_
+#endif  // ATTND_KERNELS_CUDA_PREFILL_PREFILL_HOPPER_CUH_

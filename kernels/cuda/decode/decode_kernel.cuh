@@ -1,0 +1,289 @@
+// The batch decode kernel: split-KV work items from a host plan, tensor cores (mma.sync
+// m16n8k16, the GQA group's query heads as rows), a per-warp cp.async pipeline, and the merge
+// of a request's items by the CTA that finishes its last one (or by the merge kernel).
+#ifndef ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
+#define ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/common/constants.h"
+#include "kernels/cuda/common/device_utils.cuh"
+#include "kernels/cuda/common/epilogue.cuh"
+#include "kernels/cuda/common/merge_states.cuh"
+#include "kernels/cuda/common/softmax.cuh"
+#include "kernels/cuda/common/swizzle.cuh"
+#include "kernels/cuda/decode/decode_params.cuh"
+
+namespace attnd::kernels::cuda::detail {
+
+// Writes 8 output values of (request b, head h, chunk ch) and, once per row, the lse.
+template <typename T>
+__device__ __forceinline__ void StoreOut(const DecodeParams& p, int b, int h, int ch,
+                                         const float (&o)[8], float lse2) {
+  *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + ch * 8) =
+      PackChunk<T>(o);
+  if (ch == 0 && p.lse != nullptr) {
+    p.lse[static_cast<int64_t>(b) * p.num_qo_heads + h] = lse2 * kLn2;
+  }
+}
+
+// Merges request b's partial states for rows [0, nrows) of the CTA's head block, a warp a row.
+template <typename T, int D>
+__device__ __forceinline__ void MergeRequest(const DecodeParams& p, int b, int first, int n,
+                                             int qo_head0, int nrows, int warp, int lane) {
+  for (int r = warp; r < nrows; r += DecodeTraits<D>::kWarps) {
+    const int h = qo_head0 + r;
+    MergeRowWarp<T, D>(p.partial_out, p.partial_lse, p.num_qo_heads, first, n, h, lane,
+                       static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh,
+                       p.lse != nullptr ? p.lse + static_cast<int64_t>(b) * p.num_qo_heads + h
+                                        : nullptr);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kMinBlocks)
+    BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
+  using Tr = DecodeTraits<D>;
+  constexpr int S = Tr::kStages;
+  constexpr int kKSteps = D / 16;  // k-steps of q.k and 16-wide column pairs of p.v
+  constexpr int kNTiles = D / 8;   // n8 tiles of the output
+  constexpr int kSub = Tr::kSubTiles;
+  constexpr int kWT = Tr::kWarpTokens;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* pipe = reinterpret_cast<T*>(smem);
+  T* q_smem = reinterpret_cast<T*>(smem + Tr::kPipeBytes);
+  float* m_smem = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes);
+  float* l_smem = m_smem + Tr::kWarps * Tr::kRows;
+  float* acc_smem = reinterpret_cast<float*>(smem);  // aliases pipe, after the pipeline drains
+  __shared__ int last_flag;
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  // blockIdx.x: kv head block (fastest, so that the CTAs of all heads of an item run together
+  // and read each page's K/V block at the same time); blockIdx.y: item slot.
+  const int kvh = blockIdx.x / p.m_blocks;
+  const int row0 = (blockIdx.x - kvh * p.m_blocks) * Tr::kRows;
+  const int nrows = min(Tr::kRows, p.group - row0);
+  const int qo_head0 = kvh * p.group + row0;
+  const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride +
+                (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
+  T* my_pipe = pipe + warp * S * Tr::kStageElems;
+
+  const int32_t* item_indptr = p.plan + p.item_indptr_offset;
+  const int4* items = reinterpret_cast<const int4*>(p.plan + p.items_offset);
+  // Column y runs items y, y + gridDim.y, ...; the plan holds at least gridDim.y item slots, so
+  // item y is read together with the item count.
+  const int num_items = __ldg(p.plan);
+  int4 next = __ldg(items + blockIdx.y);
+
+  for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
+    const int b = next.x;
+    const int t0 = next.y;
+    const int t1 = next.z;
+    const int32_t* pages = p.kv_indices + next.w;
+    if (item + gridDim.y < num_items) next = __ldg(items + item + gridDim.y);  // for later
+    const int first_item = __ldg(item_indptr + b);
+    const int n_items = __ldg(item_indptr + b + 1) - first_item;
+    const int num_tiles = t1 > t0 ? (t1 - t0 + Tr::kTileTokens - 1) / Tr::kTileTokens : 0;
+
+    // Lane l (mod kWT) resolves row l of a warp slice: its K offset and whether it is visible.
+    auto resolve = [&](int tile, int64_t& off, bool& valid) {
+      const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + (lane & (kWT - 1));
+      valid = tok < t1;
+      off = 0;
+      if (valid) {
+        uint32_t pg, slot;
+        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
+        off = static_cast<int64_t>(__ldg(pages + pg)) * p.page_stride + slot * p.slot_stride;
+      }
+    };
+    auto issue = [&](int stage, int64_t off, bool valid) {
+      T* ks = my_pipe + stage * Tr::kStageElems;
+#pragma unroll
+      for (int i = 0; i < Tr::kLoadsPerLane; ++i) {
+        const int idx = lane + 32 * i;
+        const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+        const int64_t off_r = __shfl_sync(0xffffffffu, off, r);
+        const bool valid_r = __shfl_sync(0xffffffffu, static_cast<int>(valid), r) != 0;
+        const T* src = kv + off_r + ch * 8;
+        const uint32_t dst = SmemAddr(ks + Swz<D>(r, ch));
+        CpAsync16(dst, src, valid_r);
+        CpAsync16(dst + kWT * D * 2, src + p.v_offset, valid_r);
+      }
+    };
+
+    // Page-table entries of the first S tiles (they do not depend on the previous kernel on
+    // the stream), then, once that kernel's results are visible (a no-op unless launched as a
+    // programmatic dependent), the query rows (rows past the group zero-filled) and the
+    // pipeline prologue, all in flight together.
+    int64_t offs[S];
+    bool valids[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) resolve(s, offs[s], valids[s]);
+    GridDependencyWait();
+    {
+      const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + qo_head0 * p.q_sh;
+      for (int idx = threadIdx.x; idx < Tr::kRows * Tr::kChunks; idx += Tr::kThreads) {
+        const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+        const bool ok = r < nrows;
+        CpAsync16(SmemAddr(q_smem + Swz<D>(r, ch)), ok ? qb + r * p.q_sh + ch * 8 : qb, ok);
+      }
+      CpAsyncCommit();
+    }
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+      if (s < num_tiles) issue(s, offs[s], valids[s]);
+      CpAsyncCommit();
+    }
+    int64_t off = offs[S - 1];
+    bool valid = valids[S - 1];
+    CpAsyncWait<S - 1>();  // the query group
+    __syncthreads();
+
+    uint32_t qfrag[Tr::kQInRegs ? kKSteps : 1][4];
+    auto load_q = [&](uint32_t (&a)[4], int kk) {
+      const int mi = lane >> 3;
+      const int r = ((mi & 1) << 3) + (lane & 7);
+      LdMatrixX4(a, SmemAddr(q_smem + Swz<D>(r, kk * 2 + (mi >> 1))));
+    };
+    if constexpr (Tr::kQInRegs) {
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) load_q(qfrag[kk], kk);
+    }
+
+    float m[2] = {-INFINITY, -INFINITY};
+    float l[2] = {0.f, 0.f};
+    float acc[kNTiles][4];
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+    for (int k = 0; k < num_tiles; ++k) {
+      __syncwarp();
+      if (k + S - 1 < num_tiles) issue((k + S - 1) % S, off, valid);
+      CpAsyncCommit();
+      resolve(k + S, off, valid);  // its page-table load overlaps this tile's math
+      CpAsyncWait<S - 1>();
+      __syncwarp();
+
+      const int tok_base = t0 + k * Tr::kTileTokens + warp * kWT;
+      if (tok_base >= t1) continue;  // this warp's slice is past the chunk (warp-uniform)
+      const T* ks = my_pipe + (k % S) * Tr::kStageElems;
+      const T* vs = ks + kWT * D;
+
+      // s = q . k for 16 rows x kWT tokens.
+      float s[2 * kSub][4];
+#pragma unroll
+      for (int j = 0; j < 2 * kSub; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        uint32_t a[4];
+        if constexpr (Tr::kQInRegs) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
+        } else {
+          load_q(a, kk);
+        }
+#pragma unroll
+        for (int sub = 0; sub < kSub; ++sub) {
+          uint32_t kb[4];
+          const int mi = lane >> 3;
+          LdMatrixX4(kb, SmemAddr(ks + Swz<D>(sub * 16 + ((mi >> 1) << 3) + (lane & 7),
+                                              kk * 2 + (mi & 1))));
+          Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
+          Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
+        }
+      }
+
+      // Logits in log2 units, masked past the chunk.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < 2 * kSub; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
+          float x = s[j][e];
+          x = p.soft_cap ? p.scale_post * tanhf(p.scale_pre * x) : p.scale_pre * x;
+          x = tok < t1 ? x : -INFINITY;
+          s[j][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      }
+      OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{});
+
+      // acc += p . v, 16 tokens at a time.
+#pragma unroll
+      for (int sub = 0; sub < kSub; ++sub) {
+        uint32_t a[4];
+        a[0] = PackPair<T>(s[2 * sub][0], s[2 * sub][1]);
+        a[1] = PackPair<T>(s[2 * sub][2], s[2 * sub][3]);
+        a[2] = PackPair<T>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
+        a[3] = PackPair<T>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
+#pragma unroll
+        for (int dd = 0; dd < kKSteps; ++dd) {
+          uint32_t vb[4];
+          const int mi = lane >> 3;
+          LdMatrixX4Trans(vb, SmemAddr(vs + Swz<D>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                   dd * 2 + (mi >> 1))));
+          Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
+          Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
+        }
+      }
+    }
+
+    // Merge the 4 warps' states in a fixed order, then write the output or the partial.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    }
+    CpAsyncWait<0>();
+    __syncthreads();
+    StoreWarpRowStats<Tr::kRows>(m_smem, l_smem, warp, lane, m, l);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = (lane >> 2) + 8 * i;
+      if (r < nrows) StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+    }
+    __syncthreads();
+    const bool direct = n_items == 1;
+    for (int idx = threadIdx.x; idx < nrows * Tr::kChunks; idx += Tr::kThreads) {
+      const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+      float mw[Tr::kWarps], o[8];
+      const float lse2 =
+          CombineWarpStates<Tr::kWarps, Tr::kRows, D>(m_smem, l_smem, acc_smem, r, ch, mw, o);
+      const int h = qo_head0 + r;
+      if (direct) {
+        StoreOut<T>(p, b, h, ch, o, lse2);
+      } else {
+        StorePartialChunk(
+            p.partial_out + (static_cast<int64_t>(item) * p.num_qo_heads + h) * D + ch * 8, o);
+        if (ch == 0) __stcg(p.partial_lse + static_cast<int64_t>(item) * p.num_qo_heads + h, lse2);
+      }
+    }
+
+    if (!direct && p.fused_merge) {
+      // The CTA that completes a request's last partial (for this kv head block) merges all of
+      // them, in item order; it resets the counter for the next launch.
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence();  // cumulative: releases the whole CTA's partial writes (bar.sync above)
+        int* counter = p.counters + b * gridDim.x + blockIdx.x;
+        const int done = atomicAdd(counter, 1) + 1;
+        last_flag = done == n_items;
+        if (done == n_items) *counter = 0;
+      }
+      __syncthreads();
+      if (last_flag) {
+        __threadfence();
+        MergeRequest<T, D>(p, b, first_item, n_items, qo_head0, nrows, warp, lane);
+      }
+    }
+    __syncthreads();  // the next item reuses q_smem and the pipeline buffers
+  }
+  LaunchDependents();  // lets a programmatic (PDL) merge launch start early
+}
+
+}  // namespace attnd::kernels::cuda::detail
+
+#endif  // ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_

@@ -1,0 +1,72 @@
+// Device-side parameters and tile shapes of the batch decode kernel.
+#ifndef ATTND_KERNELS_CUDA_DECODE_DECODE_PARAMS_CUH_
+#define ATTND_KERNELS_CUDA_DECODE_DECODE_PARAMS_CUH_
+
+#include <cstdint>
+
+#include "kernels/cuda/common/device_utils.cuh"
+
+namespace attnd::kernels::cuda::detail {
+
+struct DecodeParams {
+  const void* kv_layer;  // pool + layer offset
+  const int32_t* layer_ptr;  // non-null: the layer is *layer_ptr, kv_layer the pool
+  int64_t layer_elems;
+  int64_t page_stride;   // elements between pages
+  int64_t v_offset;      // elements from a page's K block to its V block
+  int64_t slot_stride;   // elements between slots of a page (one head)
+  int64_t head_stride;   // elements between kv heads within a page
+  FastDivmod page_div;
+  const int32_t* kv_indices;
+  const void* q;
+  int64_t q_sb, q_sh;
+  void* out;
+  int64_t o_sb, o_sh;
+  float* lse;
+  int num_qo_heads;
+  int group;
+  int m_blocks;
+  int soft_cap;      // 0: s = pre * q.k; 1: s = post * tanh(pre * q.k)   (log2 units)
+  float scale_pre;
+  float scale_post;
+  const int32_t* plan;
+  int item_indptr_offset;
+  int items_offset;
+  float* partial_out;
+  float* partial_lse;
+  int* counters;     // [batch][gridDim.x], zero between launches
+  int fused_merge;   // 1: the CTA finishing a request's last item merges it; 0: merge kernel
+};
+
+// A CTA owns one (work item, kv head, block of up to 16 query heads of the GQA group). Its 4
+// warps each run an independent cp.async pipeline over their own slice of kWarpTokens tokens of
+// every tile and keep their own online-softmax state; the query rows (the group's heads, padded
+// to 16) are the M dimension of mma.m16n8k16. Warps merge in shared memory at the end, in a
+// fixed order. head_dim 64 takes 32-token slices so that a stage moves as many bytes as at 128.
+template <int D>
+struct DecodeTraits {
+  static constexpr int kHeadDim = D;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRows = 16;        // query rows per CTA (mma M)
+  static constexpr int kWarpTokens = D == 64 ? 32 : 16;  // tokens per warp per stage
+  static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
+  static constexpr int kTileTokens = kWarps * kWarpTokens;
+  static constexpr int kStages = 3;
+  static constexpr int kChunks = D / 8;                      // 16-byte chunks per row
+  static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
+  static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
+  static constexpr bool kQInRegs = D <= 128;
+  static constexpr int kMinBlocks = D == 256 ? 1 : 2;
+  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
+  static constexpr int kQBytes = kRows * D * 2;
+  static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
+  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes;
+  // The fp32 per-warp accumulators reuse the pipeline buffers at the end.
+  static_assert(kWarps * kRows * D * 4 <= kPipeBytes, "merge scratch must fit the pipeline");
+  static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
+};
+
+}  // namespace attnd::kernels::cuda::detail
+
+#endif  // ATTND_KERNELS_CUDA_DECODE_DECODE_PARAMS_CUH_
