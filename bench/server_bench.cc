@@ -30,11 +30,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/tensor.h"
-#include "server/backend.h"
-#include "server/config.h"
-#include "server/cuda_backend.h"
-#include "tests/e2e/server_process.h"
-#include "tests/e2e/stage_metrics.h"
+#include "server/config/config.h"
+#include "server/cuda/cuda_platform.h"
+#include "server/platform/backend.h"
+#include "server/platform/platform.h"
+#include "testing/server_process.h"
+#include "testing/stage_metrics.h"
 
 namespace attnd {
 namespace {
@@ -147,40 +148,70 @@ Buffers MakeBuffers() {
   return b;
 }
 
-// The backend in this process: the same plan, uploads, graph replay and copies as attnd.
+// One Decode call as attnd's worker hands it to the backend: the batch's shape to plan, and
+// the work to launch.
+struct Call {
+  std::vector<int64_t> starts, num_new;
+  AttentionWork work;
+};
+
+// The backend in this process, made through the same platform as attnd's: the same plan,
+// uploads, graph replay and copies.
 struct InProcess {
+  std::unique_ptr<DevicePlatform> platform;
   std::unique_ptr<DeviceBackend> backend;
   std::vector<std::vector<int32_t>> tables;
   std::vector<int64_t> lengths;
 
   explicit InProcess(bool graphs, const Buffers& b) {
-    auto made = CreateCudaDeviceBackend(ModelConfig(graphs), 0);
+    const ServerConfig config = ModelConfig(graphs);
+    auto made_platform = CreateCudaPlatform(config);
+    OK(made_platform.status());
+    platform = *std::move(made_platform);
+    OK(platform->BindWorkerThread(0));
+    auto made = platform->CreateBackend(config, 0);
     OK(made.status());
     backend = *std::move(made);
     for (int64_t s = 0; s < kBatch; ++s) {
       tables.emplace_back();
-      for (int64_t p = 0; p < kPagesPerSeq; ++p) tables.back().push_back(static_cast<int32_t>(s * kPagesPerSeq + p));
-      AppendWork fill{0, {{tables.back(), 0, kContext - 1}}, b.base + b.fill_k, b.base + b.fill_v, {}};
-      OK(backend->Append(fill));
+      for (int64_t p = 0; p < kPagesPerSeq; ++p)
+        tables.back().push_back(static_cast<int32_t>(s * kPagesPerSeq + p));
+      AppendWork fill{0, {{tables.back(), 0, kContext - 1}}, b.base + b.fill_k, b.base + b.fill_v,
+                      {}};
+      OK(backend->Append(fill).status());
       lengths.push_back(kContext - 1);
     }
   }
 
   void ResetLengths() { std::fill(lengths.begin(), lengths.end(), kContext - 1); }
 
-  AttentionWork Step(const Buffers& b) {
-    AttentionWork w;
+  Call Step(const Buffers& b) {
+    Call c;
+    AttentionWork& w = c.work;
     w.append.layer = 0;
     for (int64_t s = 0; s < kBatch; ++s) {
       if (lengths[s] >= kContext - 1 + kLengthWindow) lengths[s] = kContext - 1;
+      c.starts.push_back(lengths[s]);
+      c.num_new.push_back(1);
       w.append.entries.push_back({tables[s], lengths[s]++, 1});
     }
     w.append.k_new = b.base + b.k;
     w.append.v_new = b.base + b.v;
     w.q = b.base + b.q;
     w.out = b.base + b.out;
-    w.decode = true;
-    return w;
+    return c;
+  }
+
+  // Plans once, then launches: the backend's whole host cost of a call.
+  absl::Status Run(const Call& c) {
+    AttentionBatch batch;
+    batch.starts = c.starts;
+    batch.num_new = c.num_new;
+    batch.deterministic = c.work.deterministic;
+    batch.decode = true;
+    auto plan = backend->PlanAttention(batch);
+    if (!plan.ok()) return plan.status();
+    return backend->Attention(c.work, *plan).status();
   }
 };
 
@@ -202,7 +233,7 @@ int Main(int argc, char** argv) {
   CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   InProcess graph(true, b), eager(false, b);
   graph.ResetLengths();
-  const Stats in_graph = Time(calls, [&] { OK(graph.backend->Attention(graph.Step(b))); });
+  const Stats in_graph = Time(calls, [&] { OK(graph.Run(graph.Step(b))); });
   // The same graph replays pipelined: each call returns once enqueued (a signal event), the
   // GPU runs them back to back; per-call time in the steady state a layer loop sees.
   constexpr int kPipelined = 8;
@@ -211,15 +242,15 @@ int Main(int argc, char** argv) {
       calls / kPipelined,
       kPipelined,
       [&] {
-        AttentionWork w = graph.Step(b);
-        w.append.sync.signal = done;
-        OK(graph.backend->Attention(w));
+        Call c = graph.Step(b);
+        c.work.append.sync.signal = done;
+        OK(graph.Run(c));
       },
       [&] { CK(cudaEventSynchronize(done)); });
   eager.ResetLengths();
-  const Stats in_eager = Time(calls, [&] { OK(eager.backend->Attention(eager.Step(b))); });
+  const Stats in_eager = Time(calls, [&] { OK(eager.Run(eager.Step(b))); });
   // Host time to enqueue one Decode: with a signal event the backend returns once enqueued.
-  // Launch-only time: measured around the enqueue, outside the wait.
+  // Launch-only time: measured around the enqueue (plan and launch), outside the wait.
   // Graph and eager calls alternate, so that both see the same machine moments; 5x the calls
   // of the other rows (host enqueue times are a few microseconds and noisy).
   // table_epoch: 0 says "page tables unknown" (the graph path rewrites every page id); a fixed
@@ -232,11 +263,11 @@ int Main(int argc, char** argv) {
     for (int i = 0; i < 5 * calls + 20; ++i) {
       for (int k = 0; k < 2; ++k) {
         InProcess& p = k == 0 ? graph : eager;
-        AttentionWork w = p.Step(b);
-        w.append.sync.signal = done;
-        w.append.table_epoch = table_epoch;
+        Call c = p.Step(b);
+        c.work.append.sync.signal = done;
+        c.work.append.table_epoch = table_epoch;
         const auto t0 = Clock::now();
-        OK(p.backend->Attention(w));
+        OK(p.Run(c));
         const double t = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
         CK(cudaEventSynchronize(done));
         if (i >= 20) us[k].push_back(t);

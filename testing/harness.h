@@ -1,8 +1,8 @@
 // A client-side workload for e2e tests: one shared-memory region laid out for q/k/v/out/lse,
 // a copy of every sequence's K/V history, and checks of each output against the client's
 // dense fp64 reference.
-#ifndef ATTND_TESTS_E2E_HARNESS_H_
-#define ATTND_TESTS_E2E_HARNESS_H_
+#ifndef ATTND_TESTING_HARNESS_H_
+#define ATTND_TESTING_HARNESS_H_
 
 #include <cstdint>
 #include <map>
@@ -107,4 +107,4 @@ class Harness {
 
 }  // namespace attnd::testing
 
-#endif  // ATTND_TESTS_E2E_HARNESS_H_
+#endif  // ATTND_TESTING_HARNESS_H_

@@ -1,6 +1,6 @@
 // Starts a real attnd process for end-to-end tests and stops it with SIGTERM.
-#ifndef ATTND_TESTS_E2E_SERVER_PROCESS_H_
-#define ATTND_TESTS_E2E_SERVER_PROCESS_H_
+#ifndef ATTND_TESTING_SERVER_PROCESS_H_
+#define ATTND_TESTING_SERVER_PROCESS_H_
 
 #include <sys/types.h>
 
@@ -59,4 +59,4 @@ absl::StatusOr<std::string> HttpGet(int port, const std::string& path);
 
 }  // namespace attnd::testing
 
-#endif  // ATTND_TESTS_E2E_SERVER_PROCESS_H_
+#endif  // ATTND_TESTING_SERVER_PROCESS_H_

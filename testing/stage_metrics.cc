@@ -1,4 +1,4 @@
-#include "tests/e2e/stage_metrics.h"
+#include "testing/stage_metrics.h"
 
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
-#include "tests/e2e/server_process.h"
+#include "testing/server_process.h"
 
 namespace attnd::testing {
 namespace {

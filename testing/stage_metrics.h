@@ -1,8 +1,8 @@
 // attnd's per-stage timings (attnd_request_stage_seconds{rpc,stage}) read back from /metrics:
 // snapshots, the difference of two (the requests in between), and medians read off the buckets.
 // server_bench prints the breakdown of each path from these; the e2e suite checks them.
-#ifndef ATTND_TESTS_E2E_STAGE_METRICS_H_
-#define ATTND_TESTS_E2E_STAGE_METRICS_H_
+#ifndef ATTND_TESTING_STAGE_METRICS_H_
+#define ATTND_TESTING_STAGE_METRICS_H_
 
 #include <map>
 #include <string>
@@ -37,4 +37,4 @@ double Quantile(const Histogram& h, double q);
 
 }  // namespace attnd::testing
 
-#endif  // ATTND_TESTS_E2E_STAGE_METRICS_H_
+#endif  // ATTND_TESTING_STAGE_METRICS_H_

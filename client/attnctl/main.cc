@@ -17,6 +17,7 @@
 #include "client/attnctl/demo.h"
 #include "client/attnctl/print.h"
 #include "client/client.h"
+#include "client/workload/options.h"
 
 ABSL_FLAG(std::string, target, "unix:///tmp/attnd.sock",
           "attnd address: unix:///path for a Unix socket or host:port for TCP");
@@ -122,7 +123,7 @@ int Stats(Client& client) {
 }
 
 int Demo(Client& client) {
-  DemoOptions options;
+  workload::WorkloadOptions options;
   options.device = absl::GetFlag(FLAGS_device);
   options.sequences = absl::GetFlag(FLAGS_demo_sequences);
   options.steps = absl::GetFlag(FLAGS_demo_steps);

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "client/describe.h"
 #include "client/tensor.h"
 
 namespace attnd::attnctl {
@@ -17,17 +18,6 @@ std::string BackendName(v1::BackendKind backend) {
       return "cpu";
     case v1::BACKEND_CUDA:
       return "cuda";
-    default:
-      return "unspecified";
-  }
-}
-
-std::string LayoutName(v1::KvLayout layout) {
-  switch (layout) {
-    case v1::KV_LAYOUT_NHD:
-      return "NHD";
-    case v1::KV_LAYOUT_HND:
-      return "HND";
     default:
       return "unspecified";
   }
@@ -46,26 +36,10 @@ std::string Percent(uint64_t part, uint64_t whole) {
 
 }  // namespace
 
-std::string FormatModel(const v1::ModelConfig& model) {
-  std::string out = absl::StrFormat(
-      "layers=%d qo_heads=%d kv_heads=%d head_dim=%d dtype=%s page_size=%d layout=%s "
-      "sm_scale=%g",
-      model.num_layers(), model.num_qo_heads(), model.num_kv_heads(), model.head_dim(),
-      client::DTypeName(model.dtype()), model.page_size(), LayoutName(model.kv_layout()),
-      model.sm_scale());
-  absl::StrAppend(&out, " soft_cap=",
-                  model.logits_soft_cap() > 0 ? absl::StrFormat("%g", model.logits_soft_cap())
-                                              : std::string("off"));
-  absl::StrAppend(
-      &out, " window_left=",
-      model.window_left() >= 0 ? absl::StrCat(model.window_left()) : std::string("none"));
-  return out;
-}
-
 std::string FormatServerInfo(const v1::ServerInfo& info) {
   std::string out;
   absl::StrAppend(&out, "attnd ", info.version(), ", backend ", BackendName(info.backend()), "\n");
-  absl::StrAppend(&out, "model:    ", FormatModel(info.model()), "\n");
+  absl::StrAppend(&out, "model:    ", client::DescribeModel(info.model()), "\n");
   absl::StrAppend(&out, "limits:   max_batch_size=", info.max_batch_size(),
                   " max_seq_len=", info.max_seq_len(),
                   " max_tokens_per_request=", info.max_tokens_per_request(), "\n");

@@ -10,8 +10,8 @@
 #include "absl/strings/str_cat.h"
 #include "client/tensor.h"
 #include "gtest/gtest.h"
-#include "tests/e2e/harness.h"
-#include "tests/e2e/server_process.h"
+#include "testing/harness.h"
+#include "testing/server_process.h"
 
 namespace attnd::testing {
 namespace {

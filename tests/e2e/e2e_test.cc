@@ -10,9 +10,9 @@
 #include "client/tensor.h"
 #include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
 #include "gtest/gtest.h"
-#include "tests/e2e/harness.h"
-#include "tests/e2e/server_process.h"
-#include "tests/e2e/stage_metrics.h"
+#include "testing/harness.h"
+#include "testing/server_process.h"
+#include "testing/stage_metrics.h"
 
 namespace attnd::testing {
 namespace {

@@ -1,4 +1,4 @@
-#include "server/thread_pool.h"
+#include "server/cpu/thread_pool.h"
 
 #include <atomic>
 #include <mutex>

@@ -1,0 +1,58 @@
+#include "client/workload/model.h"
+
+#include "absl/status/status.h"
+#include "client/describe.h"
+#include "client/tensor.h"
+
+namespace attnd::workload {
+namespace {
+
+constexpr int64_t kUnlimited = int64_t{1} << 30;
+
+// Tolerances of the checks by dtype: the server computes in fp32 from inputs rounded to the
+// dtype, then rounds its output to the dtype.
+void SetTolerances(Model& model) {
+  switch (model.dtype) {
+    case v1::DTYPE_FLOAT32:
+      model.tolerance = 1e-4;
+      model.lse_tolerance = 1e-3;
+      break;
+    case v1::DTYPE_FLOAT16:
+      model.tolerance = 2e-3;
+      model.lse_tolerance = 5e-3;
+      break;
+    default:
+      model.tolerance = 1e-2;
+      model.lse_tolerance = 1e-2;
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t Model::element_size() const { return client::DTypeSize(dtype); }
+
+absl::StatusOr<Model> ModelFromServerInfo(const v1::ServerInfo& info) {
+  Model model;
+  model.config = info.model();
+  model.dtype = model.config.dtype();
+  model.layers = model.config.num_layers();
+  model.qo_heads = model.config.num_qo_heads();
+  model.kv_heads = model.config.num_kv_heads();
+  model.head_dim = model.config.head_dim();
+  model.page_size = model.config.page_size();
+  if (model.element_size() == 0 || model.layers == 0 || model.qo_heads == 0 ||
+      model.kv_heads == 0 || model.head_dim == 0 || model.page_size == 0 ||
+      model.qo_heads % model.kv_heads != 0) {
+    return absl::FailedPreconditionError("ServerInfo.model is incomplete or inconsistent: " +
+                                         client::DescribeModel(model.config));
+  }
+  model.params = client::ParamsFromModel(model.config);
+  SetTolerances(model);
+  model.max_batch = info.max_batch_size() > 0 ? info.max_batch_size() : kUnlimited;
+  model.max_tokens = info.max_tokens_per_request() > 0 ? info.max_tokens_per_request() : kUnlimited;
+  model.max_seq_len = info.max_seq_len();
+  return model;
+}
+
+}  // namespace attnd::workload

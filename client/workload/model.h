@@ -1,0 +1,36 @@
+// The model a server serves, as a workload needs it: the shape of its tensors, the fp64
+// reference's parameters, the tolerances outputs are checked to, and the request limits.
+#ifndef ATTND_CLIENT_WORKLOAD_MODEL_H_
+#define ATTND_CLIENT_WORKLOAD_MODEL_H_
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "attnd/v1/attention.pb.h"
+#include "client/reference.h"
+
+namespace attnd::workload {
+
+struct Model {
+  v1::ModelConfig config;
+  client::AttentionParams params;
+  v1::DType dtype = v1::DTYPE_UNSPECIFIED;
+  int64_t layers = 0, qo_heads = 0, kv_heads = 0, head_dim = 0, page_size = 0;
+  int64_t max_batch = 0;     // most items per request
+  int64_t max_tokens = 0;    // most new tokens per request
+  uint64_t max_seq_len = 0;  // most tokens per sequence and layer; 0: no limit
+  double tolerance = 0;      // relative L2 error of out
+  double lse_tolerance = 0;  // absolute error of lse
+
+  int64_t element_size() const;
+  int64_t q_row() const { return qo_heads * head_dim; }   // elements per query/output token
+  int64_t kv_row() const { return kv_heads * head_dim; }  // elements per K or V token
+};
+
+// FAILED_PRECONDITION when the model is incomplete or inconsistent. Limits the server leaves
+// at 0 (none) become 2^30.
+absl::StatusOr<Model> ModelFromServerInfo(const v1::ServerInfo& info);
+
+}  // namespace attnd::workload
+
+#endif  // ATTND_CLIENT_WORKLOAD_MODEL_H_
