@@ -4,9 +4,13 @@
 #define ATTND_KERNELS_CUDA_COMMON_HOST_UTILS_H_
 
 #include <cstdint>
+#include <initializer_list>
+
+#include "absl/status/status.h"
 
 #include "kernels/cuda/common/constants.h"
 #include "kernels/cuda/common/device_utils.cuh"
+#include "kernels/cuda/common/launch.h"
 #include "kernels/paged_kv.h"
 
 namespace attnd::kernels::cuda::detail {
@@ -24,6 +28,31 @@ inline FastDivmod MakeFastDivmod(uint32_t d) {
 }
 
 inline bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// A stride argument, by the name the launcher's caller knows it.
+struct NamedStride {
+  const char* name;
+  int64_t value;
+};
+
+// The checks every attention launcher makes of its tensors: q, out, the pool and the page table
+// are given; q, out and the pool are 16-byte aligned and their strides whole 16-byte vectors
+// (multiples of 8 elements), since the kernels move 16 bytes at a time.
+inline absl::Status CheckAttentionTensors(const char* family, const void* q, const void* out,
+                                          const void* pool, const int32_t* kv_indices,
+                                          std::initializer_list<NamedStride> strides) {
+  if (q == nullptr) return InvalidArg(family, "q is null");
+  if (out == nullptr) return InvalidArg(family, "out is null");
+  if (pool == nullptr) return InvalidArg(family, "kv.pool is null");
+  if (kv_indices == nullptr) return InvalidArg(family, "kv_indices is null");
+  if (!Aligned16(q)) return InvalidArg(family, "q is not 16-byte aligned");
+  if (!Aligned16(out)) return InvalidArg(family, "out is not 16-byte aligned");
+  if (!Aligned16(pool)) return InvalidArg(family, "kv.pool is not 16-byte aligned");
+  for (const NamedStride& s : strides) {
+    if (s.value % 8) return InvalidArg(family, s.name, " ", s.value, " is not a multiple of 8");
+  }
+  return absl::OkStatus();
+}
 
 // The kernels compute logits in log2 units: s = pre * q.k, or with a soft cap
 // s = post * tanh(pre * q.k). One definition for every kernel family.

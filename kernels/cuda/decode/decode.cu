@@ -97,25 +97,11 @@ absl::Status ValidateWorkspace(const DecodeArgs& a) {
 }
 
 absl::Status ValidatePointers(const DecodeArgs& a) {
-  using detail::InvalidArg;
-  if (a.q == nullptr) return InvalidArg(kFamily, "q is null");
-  if (a.out == nullptr) return InvalidArg(kFamily, "out is null");
-  if (a.kv.pool == nullptr) return InvalidArg(kFamily, "kv.pool is null");
-  if (a.kv_indices == nullptr) return InvalidArg(kFamily, "kv_indices is null");
-  if (!detail::Aligned16(a.q)) return InvalidArg(kFamily, "q is not 16-byte aligned");
-  if (!detail::Aligned16(a.out)) return InvalidArg(kFamily, "out is not 16-byte aligned");
-  if (!detail::Aligned16(a.kv.pool)) return InvalidArg(kFamily, "kv.pool is not 16-byte aligned");
-  const struct {
-    const char* name;
-    int64_t value;
-  } strides[] = {{"q_stride_b", a.q_stride_b},
-                 {"q_stride_h", a.q_stride_h},
-                 {"out_stride_b", a.out_stride_b},
-                 {"out_stride_h", a.out_stride_h}};
-  for (const auto& s : strides) {
-    if (s.value % 8) return InvalidArg(kFamily, s.name, " ", s.value, " is not a multiple of 8");
-  }
-  return absl::OkStatus();
+  return detail::CheckAttentionTensors(kFamily, a.q, a.out, a.kv.pool, a.kv_indices,
+                                       {{"q_stride_b", a.q_stride_b},
+                                        {"q_stride_h", a.q_stride_h},
+                                        {"out_stride_b", a.out_stride_b},
+                                        {"out_stride_h", a.out_stride_h}});
 }
 
 detail::DecodeParams MakeDecodeParams(const DecodeArgs& a) {
