@@ -17,15 +17,17 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <iterator>
+#include <memory>
 #include <random>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -45,6 +47,7 @@ constexpr int64_t kPagesPerSeq = (kContext + 1024) / kPage;
 // Lengths run from kContext - 1 for this many steps, then roll back: the same range for every
 // path, inside the pages.
 constexpr int64_t kLengthWindow = 900;
+constexpr int kPipelined = 8;  // calls per round in the pipelined runs
 
 #define CK(x)                                                                                \
   do {                                                                                       \
@@ -69,6 +72,12 @@ struct Stats {
   double p50, p99;
 };
 
+// Median and p99 of the samples.
+Stats Percentiles(std::vector<double> us) {
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+}
+
 // Median and p99 of `calls` timed runs of fn after 20 warm-ups; `prep` runs untimed before each.
 Stats Time(int calls, const std::function<void()>& fn,
            const std::function<void()>& prep = [] {}) {
@@ -83,8 +92,7 @@ Stats Time(int calls, const std::function<void()>& fn,
     fn();
     us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
   }
-  std::sort(us.begin(), us.end());
-  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+  return Percentiles(std::move(us));
 }
 
 // Pipelined: rounds of k calls issued back to back (each returns once its work is enqueued),
@@ -98,8 +106,7 @@ Stats TimePipelined(int rounds, int k, const std::function<void()>& call,
     finish();
     if (r >= 3) us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count() / k);
   }
-  std::sort(us.begin(), us.end());
-  return {us[us.size() / 2], us[std::min(us.size() - 1, us.size() * 99 / 100)]};
+  return Percentiles(std::move(us));
 }
 
 ServerConfig ModelConfig(bool graphs) {
@@ -215,77 +222,91 @@ struct InProcess {
   }
 };
 
-int Main(int argc, char** argv) {
+struct Options {
   int calls = 300;
-  std::vector<std::string> extra_flags;
+  std::vector<std::string> extra_flags;  // --server_flag values, passed on to attnd
+};
+
+Options ParseOptions(int argc, char** argv) {
+  Options o;
   for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string(argv[i]) == "--calls") calls = std::atoi(argv[++i]);
-    if (std::string(argv[i]) == "--server_flag") extra_flags.push_back(argv[++i]);
+    if (std::string(argv[i]) == "--calls") o.calls = std::atoi(argv[++i]);
+    if (std::string(argv[i]) == "--server_flag") o.extra_flags.push_back(argv[++i]);
     if (std::string(argv[i]) == "--attnd") setenv("ATTND_BINARY", argv[++i], 1);
   }
-  CK(cudaSetDevice(0));
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  Buffers b = MakeBuffers();
+  return o;
+}
 
-  // ---- In process ----
+struct InProcessStats {
+  Stats graph, graph_pipelined, eager;
+  // Host time to enqueue one Decode: page ids rewritten; page tables as the call before.
+  Stats launch_graph, launch_eager, launch_graph_same, launch_eager_same;
+};
+
+// Host time to enqueue one Decode: with a signal event the backend returns once enqueued.
+// Launch-only time: measured around the enqueue (plan and launch), outside the wait.
+// Graph and eager calls alternate, so that both see the same machine moments ({graph, eager}
+// returned); 5x the calls of the other rows (host enqueue times are a few microseconds and
+// noisy). table_epoch: 0 says "page tables unknown" (the graph path rewrites every page id); a
+// fixed value says they are the ones of the call before, as for every layer after the first of
+// a step (and 15 of 16 steps at page size 16) through attnd, whose pool tracks changes.
+std::pair<Stats, Stats> LaunchOnly(InProcess& graph, InProcess& eager, const Buffers& b,
+                                   cudaEvent_t done, int calls, uint64_t table_epoch) {
+  graph.ResetLengths();
+  eager.ResetLengths();
+  std::vector<double> us[2];
+  for (int i = 0; i < 5 * calls + 20; ++i) {
+    for (int k = 0; k < 2; ++k) {
+      InProcess& p = k == 0 ? graph : eager;
+      Call c = p.Step(b);
+      c.work.append.sync.signal = done;
+      c.work.append.table_epoch = table_epoch;
+      const auto t0 = Clock::now();
+      OK(p.Run(c));
+      const double t = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+      CK(cudaEventSynchronize(done));
+      if (i >= 20) us[k].push_back(t);
+    }
+  }
+  return {Percentiles(std::move(us[0])), Percentiles(std::move(us[1]))};
+}
+
+// The backend called in this process: graph replay (alone, pipelined), eager, launch times.
+InProcessStats MeasureInProcess(const Buffers& b, int calls) {
+  InProcessStats s;
   cudaEvent_t done;
   CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   InProcess graph(true, b), eager(false, b);
   graph.ResetLengths();
-  const Stats in_graph = Time(calls, [&] { OK(graph.Run(graph.Step(b))); });
+  s.graph = Time(calls, [&] { OK(graph.Run(graph.Step(b))); });
   // The same graph replays pipelined: each call returns once enqueued (a signal event), the
   // GPU runs them back to back; per-call time in the steady state a layer loop sees.
-  constexpr int kPipelined = 8;
   graph.ResetLengths();
-  const Stats in_graph_pipelined = TimePipelined(
-      calls / kPipelined,
-      kPipelined,
-      [&] {
-        Call c = graph.Step(b);
-        c.work.append.sync.signal = done;
-        OK(graph.Run(c));
-      },
-      [&] { CK(cudaEventSynchronize(done)); });
+  s.graph_pipelined = TimePipelined(calls / kPipelined, kPipelined, [&] {
+    Call c = graph.Step(b);
+    c.work.append.sync.signal = done;
+    OK(graph.Run(c));
+  }, [&] { CK(cudaEventSynchronize(done)); });
   eager.ResetLengths();
-  const Stats in_eager = Time(calls, [&] { OK(eager.Run(eager.Step(b))); });
-  // Host time to enqueue one Decode: with a signal event the backend returns once enqueued.
-  // Launch-only time: measured around the enqueue (plan and launch), outside the wait.
-  // Graph and eager calls alternate, so that both see the same machine moments; 5x the calls
-  // of the other rows (host enqueue times are a few microseconds and noisy).
-  // table_epoch: 0 says "page tables unknown" (the graph path rewrites every page id); a fixed
-  // value says they are the ones of the call before, as for every layer after the first of a
-  // step (and 15 of 16 steps at page size 16) through attnd, whose pool tracks changes.
-  auto launch_only = [&](uint64_t table_epoch) {
-    graph.ResetLengths();
-    eager.ResetLengths();
-    std::vector<double> us[2];
-    for (int i = 0; i < 5 * calls + 20; ++i) {
-      for (int k = 0; k < 2; ++k) {
-        InProcess& p = k == 0 ? graph : eager;
-        Call c = p.Step(b);
-        c.work.append.sync.signal = done;
-        c.work.append.table_epoch = table_epoch;
-        const auto t0 = Clock::now();
-        OK(p.Run(c));
-        const double t = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-        CK(cudaEventSynchronize(done));
-        if (i >= 20) us[k].push_back(t);
-      }
-    }
-    std::array<Stats, 2> out;
-    for (int k = 0; k < 2; ++k) {
-      std::sort(us[k].begin(), us[k].end());
-      out[k] = Stats{us[k][us[k].size() / 2], us[k][us[k].size() * 99 / 100]};
-    }
-    return out;
-  };
-  const auto [launch_graph, launch_eager] = launch_only(0);
-  const auto [launch_graph_same, launch_eager_same] = launch_only(1);
+  s.eager = Time(calls, [&] { OK(eager.Run(eager.Step(b))); });
+  std::tie(s.launch_graph, s.launch_eager) = LaunchOnly(graph, eager, b, done, calls, 0);
+  std::tie(s.launch_graph_same, s.launch_eager_same) = LaunchOnly(graph, eager, b, done, calls, 1);
   graph.backend.reset();
   eager.backend.reset();
+  return s;
+}
 
-  // ---- Through attnd ----
+// attnd with region "bench", events "ready" (the client's) and "written" (attnd's), and kBatch
+// sequences of kContext - 1 tokens.
+struct Attnd {
+  std::unique_ptr<testing::ServerProcess> server;
+  std::unique_ptr<client::Client> client;  // reset before the server stops
+  cudaEvent_t ready, written;
+  cudaStream_t stream;  // the client's
+  std::unique_ptr<client::DataStream> data_stream;  // closed by RunAttndPaths; freed last
+};
+
+Attnd StartAttnd(const std::vector<std::string>& extra_flags, const Buffers& b) {
   std::vector<std::string> flags = {
       "--backend=cuda", "--devices=0", "--num_layers=1", absl::StrCat("--num_qo_heads=", kQo),
       absl::StrCat("--num_kv_heads=", kKv), absl::StrCat("--head_dim=", kDim), "--dtype=bf16",
@@ -293,33 +314,47 @@ int Main(int argc, char** argv) {
       absl::StrCat("--pages_per_device=", kBatch * kPagesPerSeq + 64),
       absl::StrCat("--max_seq_len=", kContext + 1024), "--metrics_port=auto"};
   flags.insert(flags.end(), extra_flags.begin(), extra_flags.end());
+  Attnd a;
   auto server = testing::ServerProcess::Start(flags);
   OK(server.status());
-  auto c = client::Client::Connect((*server)->unix_target());
+  a.server = *std::move(server);
+  auto c = client::Client::Connect(a.server->unix_target());
   OK(c.status());
-  client::Client& cl = **c;  // reset before the server stops
+  a.client = *std::move(c);
+  client::Client& cl = *a.client;
   cudaIpcMemHandle_t mem;
   CK(cudaIpcGetMemHandle(&mem, b.base));
   OK(cl.RegisterCudaRegion("bench", std::string(reinterpret_cast<char*>(&mem), sizeof(mem)), 0, b.bytes));
-  cudaEvent_t ready, written;
-  CK(cudaEventCreateWithFlags(&ready, cudaEventInterprocess | cudaEventDisableTiming));
-  CK(cudaEventCreateWithFlags(&written, cudaEventInterprocess | cudaEventDisableTiming));
-  for (auto [name, ev] : {std::pair{"ready", ready}, std::pair{"written", written}}) {
+  CK(cudaEventCreateWithFlags(&a.ready, cudaEventInterprocess | cudaEventDisableTiming));
+  CK(cudaEventCreateWithFlags(&a.written, cudaEventInterprocess | cudaEventDisableTiming));
+  for (auto [name, ev] : {std::pair{"ready", a.ready}, std::pair{"written", a.written}}) {
     cudaIpcEventHandle_t h;
     CK(cudaIpcGetEventHandle(&h, ev));
     OK(cl.RegisterCudaEvent(name, std::string(reinterpret_cast<char*>(&h), sizeof(h)), 0));
   }
   for (int64_t s = 0; s < kBatch; ++s) {
     OK(cl.CreateSequence(0, static_cast<uint64_t>(s)).status());
-    v1::AppendRequest a;
-    a.set_layer(0);
-    auto* item = a.add_items();
+    v1::AppendRequest ap;
+    ap.set_layer(0);
+    auto* item = ap.add_items();
     item->set_seq_id(static_cast<uint64_t>(s));
     item->set_num_new_tokens(kContext - 1);
-    *a.mutable_k_new() = client::MakeTensorRef("bench", b.fill_k, v1::DTYPE_BFLOAT16, {kContext - 1, kKv, kDim});
-    *a.mutable_v_new() = client::MakeTensorRef("bench", b.fill_v, v1::DTYPE_BFLOAT16, {kContext - 1, kKv, kDim});
-    OK(cl.Append(a).status());
+    *ap.mutable_k_new() = client::MakeTensorRef("bench", b.fill_k, v1::DTYPE_BFLOAT16, {kContext - 1, kKv, kDim});
+    *ap.mutable_v_new() = client::MakeTensorRef("bench", b.fill_v, v1::DTYPE_BFLOAT16, {kContext - 1, kKv, kDim});
+    OK(cl.Append(ap).status());
   }
+  CK(cudaStreamCreateWithFlags(&a.stream, cudaStreamNonBlocking));
+  return a;
+}
+
+// One Decode step of every sequence in region "bench": no events, both (async), one of them;
+// and requests attnd turns down without GPU work, before the device worker (no items) and on
+// it (an unknown sequence): their round trips are gRPC's alone, then gRPC's plus the hand-off.
+struct Requests {
+  v1::AttentionRequest sync, async, wait_only, signal_only, no_items, unknown_seq;
+};
+
+Requests MakeRequests(const Buffers& b) {
   v1::AttentionRequest req;
   req.set_layer(0);
   for (int64_t s = 0; s < kBatch; ++s) {
@@ -332,131 +367,135 @@ int Main(int argc, char** argv) {
   *req.mutable_k_new() = client::MakeTensorRef("bench", b.k, v1::DTYPE_BFLOAT16, {B, kKv, kDim});
   *req.mutable_v_new() = client::MakeTensorRef("bench", b.v, v1::DTYPE_BFLOAT16, {B, kKv, kDim});
   *req.mutable_out() = client::MakeTensorRef("bench", b.out, v1::DTYPE_BFLOAT16, {B, kQo, kDim});
-  v1::AttentionRequest async_req = req;
-  async_req.mutable_sync()->set_wait_event("ready");
-  async_req.mutable_sync()->set_signal_event("written");
-  cudaStream_t stream;
-  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  // Requests attnd turns down without GPU work: before the device worker (no items) and on it
-  // (an unknown sequence). Their round trips are gRPC's alone, then gRPC's plus the hand-off.
-  v1::AttentionRequest no_items = req;
-  no_items.clear_items();
-  v1::AttentionRequest unknown_seq = req;
-  unknown_seq.mutable_items(0)->set_seq_id(kBatch + 1000);
+  Requests r{req, req, req, req, req, req};
+  r.async.mutable_sync()->set_wait_event("ready");
+  r.async.mutable_sync()->set_signal_event("written");
+  r.wait_only.mutable_sync()->set_wait_event("ready");
+  r.signal_only.mutable_sync()->set_signal_event("written");
+  r.no_items.clear_items();
+  r.unknown_seq.mutable_items(0)->set_seq_id(kBatch + 1000);
+  return r;
+}
+
+// One path through attnd: the client's times, and what attnd's stages recorded over its calls.
+struct AttndPath {
+  // What the first table compares its p50 with (nothing: calls that do no GPU work).
+  enum class Baseline { kNone, kGraph, kGraphPipelined };
+  const char* name;
+  const char* rpc;  // whose stages it records
+  Baseline baseline;
+  Stats stats;
+  testing::StageHistograms stages;
+};
+
+// Times paths through attnd. Every path that decodes starts at kContext - 1 tokens and rolls
+// back every kLengthWindow steps, as the in-process runs do (untimed).
+struct PathRunner {
+  client::Client& cl;
+  int metrics_port, calls;
+  cudaEvent_t written;  // attnd's: the pipelined paths wait on it once per round
+  std::vector<AttndPath> paths{};
   int64_t steps = 0;
-  // Every path starts at kContext - 1 tokens and rolls back every kLengthWindow steps, as the
-  // in-process runs do (untimed).
-  auto reset_lengths = [&] {
+
+  void ResetLengths() {
     for (int64_t s = 0; s < kBatch; ++s)
       OK(cl.TruncateSequence(0, static_cast<uint64_t>(s), kContext - 1).status());
     steps = 0;
-  };
-  auto maybe_truncate = [&] {
-    if (steps == kLengthWindow) reset_lengths();
-    ++steps;
-  };
-  const int metrics_port = (*server)->metrics_port();
-  auto stage_snapshot = [&] {
-    auto snapshot = testing::ReadStageHistograms(metrics_port);
-    OK(snapshot.status());
-    return *std::move(snapshot);
-  };
-  struct AttndPath {
-    const char* name;
-    const char* rpc;  // whose stages it records
-    Stats stats;
-    testing::StageHistograms stages;
-  };
-  std::vector<AttndPath> paths;
-  auto run_path = [&](const char* name, const char* rpc, const std::function<void()>& fn,
-                      bool decodes) {
-    if (decodes) reset_lengths();
-    const testing::StageHistograms before = stage_snapshot();
-    const Stats st = Time(calls, fn, decodes ? std::function<void()>(maybe_truncate) : [] {});
-    paths.push_back({name, rpc, st, testing::Subtract(stage_snapshot(), before)});
-    return st;
-  };
-  const Stats empty = Time(calls, [&] { OK(cl.GetServerInfo().status()); });
-  const Stats unary = run_path("attnd unary, sync", "Decode", [&] { OK(cl.Decode(req).status()); }, true);
+  }
+  // time() measures the path; its stages are what /metrics gained meanwhile.
+  void Add(const char* name, const char* rpc, AttndPath::Baseline baseline,
+           const std::function<Stats()>& time) {
+    if (baseline != AttndPath::Baseline::kNone) ResetLengths();
+    auto before = testing::ReadStageHistograms(metrics_port);
+    OK(before.status());
+    const Stats st = time();
+    auto after = testing::ReadStageHistograms(metrics_port);
+    OK(after.status());
+    paths.push_back({name, rpc, baseline, st, testing::Subtract(*after, *before)});
+  }
+  void Run(const char* name, const char* rpc, bool decodes, const std::function<void()>& fn) {
+    const std::function<void()> maybe_truncate = [this] {
+      if (steps == kLengthWindow) ResetLengths();
+      ++steps;
+    };
+    Add(name, rpc, decodes ? AttndPath::Baseline::kGraph : AttndPath::Baseline::kNone,
+        [&] { return Time(calls, fn, decodes ? maybe_truncate : [] {}); });
+  }
+  // Rounds of kPipelined calls issued back to back, then a wait for `written`; time per call.
+  void RunPipelined(const char* name, const std::function<void()>& call) {
+    Add(name, "Stream.Decode", AttndPath::Baseline::kGraphPipelined, [&] {
+      return TimePipelined(calls / kPipelined, kPipelined, call,
+                           [&] { CK(cudaEventSynchronize(written)); });
+    });
+  }
+};
+
+void ExpectCode(absl::Status s, absl::StatusCode code) {
+  if (s.code() != code) {
+    std::fprintf(stderr, "expected %s, got %s\n", absl::StatusCodeToString(code).c_str(),
+                 s.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+// Every path through attnd, in the order the tables print them.
+std::vector<AttndPath> RunAttndPaths(Attnd& a, const Buffers& b, int calls) {
+  const Requests r = MakeRequests(b);
+  client::Client& cl = *a.client;
+  PathRunner run{cl, a.server->metrics_port(), calls, a.written};
+  run.Run("attnd unary, sync", "Decode", true, [&] { OK(cl.Decode(r.sync).status()); });
   auto stream_or = cl.OpenStream();
   OK(stream_or.status());
-  client::DataStream& ds = **stream_or;
-  const Stats streamed =
-      run_path("attnd Stream, sync", "Stream.Decode", [&] { OK(ds.Decode(req).status()); }, true);
-  auto expect_code = [](absl::Status s, absl::StatusCode code) {
-    if (s.code() != code) {
-      std::fprintf(stderr, "expected %s, got %s\n", absl::StatusCodeToString(code).c_str(),
-                   s.ToString().c_str());
-      std::exit(1);
-    }
-  };
-  const Stats rejected_early = run_path(
-      "attnd Stream, refused before the worker (no GPU work)", "Stream.Decode",
-      [&] { expect_code(ds.Decode(no_items).status(), absl::StatusCode::kInvalidArgument); }, false);
-  const Stats rejected_worker = run_path(
-      "attnd Stream, refused on the worker (no GPU work)", "Stream.Decode",
-      [&] { expect_code(ds.Decode(unknown_seq).status(), absl::StatusCode::kNotFound); }, false);
+  a.data_stream = *std::move(stream_or);
+  client::DataStream& ds = *a.data_stream;
+  run.Run("attnd Stream, sync", "Stream.Decode", true, [&] { OK(ds.Decode(r.sync).status()); });
+  run.Run("attnd Stream, refused before the worker (no GPU work)", "Stream.Decode", false,
+          [&] { ExpectCode(ds.Decode(r.no_items).status(), absl::StatusCode::kInvalidArgument); });
+  run.Run("attnd Stream, refused on the worker (no GPU work)", "Stream.Decode", false,
+          [&] { ExpectCode(ds.Decode(r.unknown_seq).status(), absl::StatusCode::kNotFound); });
   // The client's stream waits on attnd's event (what an orchestrator does), or the client's
   // host waits on it (no cross-process wait queued on the GPU).
-  auto async_call = [&](bool use_stream, bool host_waits) {
-    CK(cudaEventRecord(ready, stream));
-    OK(use_stream ? ds.Decode(async_req).status() : cl.Decode(async_req).status());
+  auto async = [&](bool use_stream, bool host_waits) {
+    CK(cudaEventRecord(a.ready, a.stream));
+    OK(use_stream ? ds.Decode(r.async).status() : cl.Decode(r.async).status());
     if (host_waits) {
-      CK(cudaEventSynchronize(written));
+      CK(cudaEventSynchronize(a.written));
     } else {
-      CK(cudaStreamWaitEvent(stream, written, 0));
-      CK(cudaStreamSynchronize(stream));
+      CK(cudaStreamWaitEvent(a.stream, a.written, 0));
+      CK(cudaStreamSynchronize(a.stream));
     }
   };
-  const Stats unary_async = run_path("attnd unary, async (IPC events)", "Decode",
-                                     [&] { async_call(false, false); }, true);
-  const Stats stream_async = run_path("attnd Stream, async (IPC events)", "Stream.Decode",
-                                      [&] { async_call(true, false); }, true);
-  const Stats stream_async_host = run_path("attnd Stream, async, host waits on the event",
-                                           "Stream.Decode", [&] { async_call(true, true); }, true);
+  run.Run("attnd unary, async (IPC events)", "Decode", true, [&] { async(false, false); });
+  run.Run("attnd Stream, async (IPC events)", "Stream.Decode", true, [&] { async(true, false); });
+  run.Run("attnd Stream, async, host waits on the event", "Stream.Decode", true,
+          [&] { async(true, true); });
   // Which half of the async path costs: only the wait event (attnd's stream waits on the
   // client's event, then attnd replies once the outputs are written), or only the signal event
   // (attnd replies once enqueued; the client's host waits on attnd's event).
-  v1::AttentionRequest wait_only = req, signal_only = req;
-  wait_only.mutable_sync()->set_wait_event("ready");
-  signal_only.mutable_sync()->set_signal_event("written");
-  const Stats wait_only_stats = run_path("attnd Stream, wait event only", "Stream.Decode", [&] {
-    CK(cudaEventRecord(ready, stream));
-    OK(ds.Decode(wait_only).status());
-  }, true);
-  const Stats signal_only_stats = run_path("attnd Stream, signal event only (host waits)", "Stream.Decode", [&] {
-    OK(ds.Decode(signal_only).status());
-    CK(cudaEventSynchronize(written));
-  }, true);
+  run.Run("attnd Stream, wait event only", "Stream.Decode", true, [&] {
+    CK(cudaEventRecord(a.ready, a.stream));
+    OK(ds.Decode(r.wait_only).status());
+  });
+  run.Run("attnd Stream, signal event only (host waits)", "Stream.Decode", true, [&] {
+    OK(ds.Decode(r.signal_only).status());
+    CK(cudaEventSynchronize(a.written));
+  });
   // Pipelined through attnd: each Stream call waits on the client's event and signals attnd's,
   // so attnd replies once its work is enqueued and the next call's round trip overlaps this
   // call's GPU work; the client's host waits once per round of kPipelined calls.
-  reset_lengths();
-  Stats stream_pipelined;
-  {
-    const testing::StageHistograms before = stage_snapshot();
-    stream_pipelined = TimePipelined(
-        calls / kPipelined, kPipelined,
-        [&] {
-          CK(cudaEventRecord(ready, stream));
-          OK(ds.Decode(async_req).status());
-        },
-        [&] { CK(cudaEventSynchronize(written)); });
-    paths.push_back({"attnd Stream, async, pipelined (per call)", "Stream.Decode", stream_pipelined,
-                     testing::Subtract(stage_snapshot(), before)});
-  }
-  reset_lengths();
-  Stats stream_pipelined_signal;
-  {
-    const testing::StageHistograms before = stage_snapshot();
-    stream_pipelined_signal = TimePipelined(
-        calls / kPipelined, kPipelined, [&] { OK(ds.Decode(signal_only).status()); },
-        [&] { CK(cudaEventSynchronize(written)); });
-    paths.push_back({"attnd Stream, signal event only, pipelined (per call)", "Stream.Decode",
-                     stream_pipelined_signal, testing::Subtract(stage_snapshot(), before)});
-  }
+  run.RunPipelined("attnd Stream, async, pipelined (per call)", [&] {
+    CK(cudaEventRecord(a.ready, a.stream));
+    OK(ds.Decode(r.async).status());
+  });
+  run.RunPipelined("attnd Stream, signal event only, pipelined (per call)",
+                   [&] { OK(ds.Decode(r.signal_only).status()); });
   OK(ds.Close());
+  return std::move(run.paths);
+}
 
+// Every path's client p50 and p99, and its p50 over the in-process graph replay's.
+void PrintCallTable(const cudaDeviceProp& prop, int calls, const InProcessStats& in,
+                    Stats empty, const std::vector<AttndPath>& paths) {
   std::printf("server_bench on %s: Decode of %lld sequences at %lld tokens, one layer, bf16, "
               "%lld/%lld heads, head_dim %lld; %d calls each, wall-clock µs\n",
               prop.name, (long long)kBatch, (long long)kContext, (long long)kQo, (long long)kKv,
@@ -465,40 +504,38 @@ int Main(int argc, char** argv) {
   // Calls that do no GPU work have nothing to be compared with in process.
   auto row = [&](const char* name, Stats s, bool decodes = true) {
     if (decodes)
-      std::printf("| %s | %.1f | %.1f | %+.1f |\n", name, s.p50, s.p99, s.p50 - in_graph.p50);
+      std::printf("| %s | %.1f | %.1f | %+.1f |\n", name, s.p50, s.p99, s.p50 - in.graph.p50);
     else
       std::printf("| %s | %.1f | %.1f | |\n", name, s.p50, s.p99);
   };
-  row("in-process backend, graph replay", in_graph);
-  row("in-process backend, eager launches", in_eager);
-  std::printf("| in-process backend, graph replay, pipelined (per call) | %.1f | %.1f | %+.1f |\n",
-              in_graph_pipelined.p50, in_graph_pipelined.p99, in_graph_pipelined.p50 - in_graph.p50);
+  row("in-process backend, graph replay", in.graph);
+  row("in-process backend, eager launches", in.eager);
+  row("in-process backend, graph replay, pipelined (per call)", in.graph_pipelined);
   row("empty gRPC call (GetServerInfo)", empty, false);
-  row("attnd unary, sync", unary);
-  row("attnd Stream, sync", streamed);
-  row("attnd Stream, refused before the worker (no GPU work)", rejected_early, false);
-  row("attnd Stream, refused on the worker (no GPU work)", rejected_worker, false);
-  row("attnd unary, async (IPC events)", unary_async);
-  row("attnd Stream, async (IPC events)", stream_async);
-  row("attnd Stream, async, host waits on the event", stream_async_host);
-  row("attnd Stream, wait event only", wait_only_stats);
-  row("attnd Stream, signal event only (host waits)", signal_only_stats);
-  auto row_pipelined = [&](const char* name, Stats s) {
-    std::printf("| %s | %.1f | %.1f | %+.1f over in-process pipelined |\n", name, s.p50, s.p99,
-                s.p50 - in_graph_pipelined.p50);
-  };
-  row_pipelined("attnd Stream, async, pipelined (per call)", stream_pipelined);
-  row_pipelined("attnd Stream, signal event only, pipelined (per call)", stream_pipelined_signal);
+  for (const AttndPath& p : paths) {
+    if (p.baseline == AttndPath::Baseline::kGraphPipelined)
+      std::printf("| %s | %.1f | %.1f | %+.1f over in-process pipelined |\n", p.name,
+                  p.stats.p50, p.stats.p99, p.stats.p50 - in.graph_pipelined.p50);
+    else
+      row(p.name, p.stats, p.baseline == AttndPath::Baseline::kGraph);
+  }
+}
+
+void PrintLaunchTable(const InProcessStats& in) {
   std::printf("\nhost time to enqueue one Decode (in-process, returns before the GPU finishes):\n");
   std::printf("| launch | p50 µs | p99 µs |\n|---|---|---|\n");
-  std::printf("| graph replay, every page id rewritten | %.1f | %.1f |\n", launch_graph.p50, launch_graph.p99);
-  std::printf("| eager (append + decode kernels) | %.1f | %.1f |\n", launch_eager.p50, launch_eager.p99);
-  std::printf("| graph replay, page tables as the call before | %.1f | %.1f |\n", launch_graph_same.p50, launch_graph_same.p99);
-  std::printf("| eager, same run as the row above | %.1f | %.1f |\n", launch_eager_same.p50, launch_eager_same.p99);
+  std::printf("| graph replay, every page id rewritten | %.1f | %.1f |\n", in.launch_graph.p50, in.launch_graph.p99);
+  std::printf("| eager (append + decode kernels) | %.1f | %.1f |\n", in.launch_eager.p50, in.launch_eager.p99);
+  std::printf("| graph replay, page tables as the call before | %.1f | %.1f |\n", in.launch_graph_same.p50, in.launch_graph_same.p99);
+  std::printf("| eager, same run as the row above | %.1f | %.1f |\n", in.launch_eager_same.p50, in.launch_eager_same.p99);
   std::printf("eager / graph host time: %.2fx (page ids rewritten), %.2fx (tables as the call before)\n",
-              launch_eager.p50 / launch_graph.p50, launch_eager_same.p50 / launch_graph_same.p50);
-  // Inside attnd, per path: the stages' medians (each read off its histogram's buckets, about
-  // 19% wide below 1 ms, interpolated). Medians do not add up exactly; "total" is measured.
+              in.launch_eager.p50 / in.launch_graph.p50,
+              in.launch_eager_same.p50 / in.launch_graph_same.p50);
+}
+
+// Inside attnd, per path: the stages' medians (each read off its histogram's buckets, about
+// 19% wide below 1 ms, interpolated). Medians do not add up exactly; "total" is measured.
+void PrintStageTable(const std::vector<AttndPath>& paths) {
   std::printf("\nwhere each path's time goes inside attnd (attnd_request_stage_seconds, p50 µs "
               "over the path's calls; outside = client p50 - attnd total p50):\n");
   const char* stage_names[] = {"validate", "queue", "host", "device", "reply", "write", "total"};
@@ -524,15 +561,30 @@ int Main(int argc, char** argv) {
   }
   std::printf("(a path refused before the worker records no stages: gRPC's round trip alone. "
               "\"calls seen\" counts warm-ups too.)\n");
+}
+
+int Main(int argc, char** argv) {
+  const Options options = ParseOptions(argc, argv);
+  CK(cudaSetDevice(0));
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  const Buffers b = MakeBuffers();
+  const InProcessStats in_process = MeasureInProcess(b, options.calls);
+  Attnd attnd = StartAttnd(options.extra_flags, b);
+  const Stats empty = Time(options.calls, [&] { OK(attnd.client->GetServerInfo().status()); });
+  const std::vector<AttndPath> paths = RunAttndPaths(attnd, b, options.calls);
+  PrintCallTable(prop, options.calls, in_process, empty, paths);
+  PrintLaunchTable(in_process);
+  PrintStageTable(paths);
   std::printf("server flags:");
-  for (const std::string& f : extra_flags) std::printf(" %s", f.c_str());
-  std::printf("%s\n", extra_flags.empty() ? " (defaults)" : "");
-  cl.UnregisterRegion("bench").IgnoreError();
-  c->reset();  // hang up first: gRPC's shutdown waits for connected clients
-  const int rc = (*server)->Terminate();
+  for (const std::string& f : options.extra_flags) std::printf(" %s", f.c_str());
+  std::printf("%s\n", options.extra_flags.empty() ? " (defaults)" : "");
+  attnd.client->UnregisterRegion("bench").IgnoreError();
+  attnd.client.reset();  // hang up first: gRPC's shutdown waits for connected clients
+  const int rc = attnd.server->Terminate();
   std::printf("attnd exit %d\n", rc);
   if (rc != 0) {  // the end of attnd's log says why
-    const std::string log = (*server)->Log();
+    const std::string log = attnd.server->Log();
     std::printf("attnd log (last 3000 bytes):\n%s\n",
                 log.substr(log.size() > 3000 ? log.size() - 3000 : 0).c_str());
   }

@@ -66,6 +66,12 @@ struct PrefillPlanLayout {
   int64_t ItemsOffset() const { return kPrefillPlanHeaderInts; }
   int64_t MergesOffset() const { return ItemsOffset() + kPrefillItemInts * max_items; }
   int64_t TotalInts() const { return MergesOffset() + kPrefillMergeInts * max_merges; }
+  // What a plan of num_items items and num_merges merges uses: the header and items from 0,
+  // the merges from MergesOffset(). Only these ints change from call to call.
+  int64_t HeadAndItemsInts(int64_t num_items) const {
+    return ItemsOffset() + kPrefillItemInts * num_items;
+  }
+  int64_t MergeInts(int64_t num_merges) const { return kPrefillMergeInts * num_merges; }
 };
 
 // A layout that serves, in either mode, any batch of at most max_batch requests with at most

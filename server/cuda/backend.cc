@@ -200,8 +200,7 @@ absl::StatusOr<AttentionPlan> CudaDeviceBackend::PlanAttention(const AttentionBa
     if (fits) {
       plan.num_items = plan_host_[0];
       plan.num_merges = plan_host_[1];
-      plan.plan_ints =
-          workspaces_->prefill_layout().ItemsOffset() + kernels::kPrefillItemInts * plan.num_items;
+      plan.plan_ints = workspaces_->prefill_layout().HeadAndItemsInts(plan.num_items);
     }
   }
   if (!fits) {
@@ -293,7 +292,7 @@ absl::Status CudaDeviceBackend::LaunchPrefill(const AttentionWork& work,
   if (plan.num_merges > 0) {
     const kernels::PrefillPlanLayout& layout = workspaces_->prefill_layout();
     if (absl::Status s = UploadPlan(static_cast<size_t>(layout.MergesOffset()),
-                                    kernels::kPrefillMergeInts * plan.num_merges,
+                                    layout.MergeInts(plan.num_merges),
                                     "upload prefill merges");
         !s.ok())
       return s;

@@ -4,8 +4,11 @@
 // region (outputs included) are the same afterwards.
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "client/tensor.h"
@@ -125,11 +128,12 @@ Call AppendCall(client::Client& c, v1::AppendRequest r) {
   return [&c, r] { return c.Append(r).status(); };
 }
 
-const std::vector<Row>& Rows() {
+// Rows whose tensor references are malformed: region, offset, shape, dtype, alignment, aliasing.
+std::vector<Row> TensorRows() {
   using C = absl::StatusCode;
   using R = v1::AttentionRequest;
   using Cl = client::Client;
-  static const auto* rows = new std::vector<Row>{
+  return {
       {"UnknownRegion", C::kNotFound, "q.region",
        [](Cl& c, Harness&, R r) { r.mutable_q()->set_region("no-such-region"); return DecodeCall(c, r); }},
       {"OffsetPastRegionEnd", C::kInvalidArgument, "out",
@@ -161,6 +165,16 @@ const std::vector<Row>& Rows() {
        [](Cl& c, Harness&, R r) { r.mutable_q()->set_offset(r.q().offset() + 1); return DecodeCall(c, r); }},
       {"OutputAliasesInput", C::kInvalidArgument, "out",
        [](Cl& c, Harness&, R r) { r.mutable_out()->set_offset(r.q().offset()); return DecodeCall(c, r); }},
+  };
+}
+
+// Rows whose batch is malformed: device, sequences, layer, token counts, limits, pages, Append,
+// event sync.
+std::vector<Row> BatchRows() {
+  using C = absl::StatusCode;
+  using R = v1::AttentionRequest;
+  using Cl = client::Client;
+  return {
       {"UnknownDevice", C::kInvalidArgument, "device",
        [](Cl& c, Harness&, R r) { r.set_device(7); return DecodeCall(c, r); }},
       {"UnknownSequence", C::kNotFound, "items[1].seq_id",
@@ -202,6 +216,15 @@ const std::vector<Row>& Rows() {
       {"UnusableEventSync", E2eBackend() == "cuda" ? C::kNotFound : C::kFailedPrecondition,
        "sync",
        [](Cl& c, Harness&, R r) { r.mutable_sync()->set_signal_event("e"); return DecodeCall(c, r); }},
+  };
+}
+
+// Rows of sequence management: create, fork, truncate, release.
+std::vector<Row> SequenceRows() {
+  using C = absl::StatusCode;
+  using R = v1::AttentionRequest;
+  using Cl = client::Client;
+  return {
       {"CreateDuplicateSequence", C::kAlreadyExists, "seq_id",
        [](Cl& c, Harness&, R) -> Call { return [&c] { return c.CreateSequence(0, 1).status(); }; }},
       {"CreateOnUnknownDevice", C::kInvalidArgument, "device",
@@ -214,6 +237,15 @@ const std::vector<Row>& Rows() {
        [](Cl& c, Harness&, R) -> Call { return [&c] { return c.TruncateSequence(0, 55, 1).status(); }; }},
       {"ReleaseUnknownSequence", C::kNotFound, "seq_id",
        [](Cl& c, Harness&, R) -> Call { return [&c] { return c.ReleaseSequence(0, 55).status(); }; }},
+  };
+}
+
+// Rows of region management: register and unregister.
+std::vector<Row> RegionRows() {
+  using C = absl::StatusCode;
+  using R = v1::AttentionRequest;
+  using Cl = client::Client;
+  return {
       {"RegisterDuplicateRegionName", C::kAlreadyExists, "name",
        [](Cl& c, Harness& h, R) -> Call {
          return [&c, &h] { return c.RegisterHostRegion(h.region(), h.buffer().key(), 0, 64); };
@@ -241,6 +273,15 @@ const std::vector<Row>& Rows() {
        }},
       {"UnregisterUnknownRegion", C::kNotFound, "name",
        [](Cl& c, Harness&, R) -> Call { return [&c] { return c.UnregisterRegion("no-such-region"); }; }},
+  };
+}
+
+// Rows of KV export and import.
+std::vector<Row> KvTransferRows() {
+  using C = absl::StatusCode;
+  using R = v1::AttentionRequest;
+  using Cl = client::Client;
+  return {
       {"ExportMoreTokensThanHeld", C::kFailedPrecondition, "num_tokens",
        [](Cl& c, Harness& h, R r) -> Call {
          v1::ExportKvRequest e;
@@ -268,6 +309,20 @@ const std::vector<Row>& Rows() {
          return [&c, e] { return c.ImportKv(e).status(); };
        }},
   };
+}
+
+// Every row, in this order: tensors, batches, sequences, regions, KV transfers.
+const std::vector<Row>& Rows() {
+  static const auto* rows = [] {
+    auto* all = new std::vector<Row>;
+    for (std::vector<Row> (*part)() :
+         {TensorRows, BatchRows, SequenceRows, RegionRows, KvTransferRows}) {
+      std::vector<Row> p = part();
+      all->insert(all->end(), std::make_move_iterator(p.begin()),
+                  std::make_move_iterator(p.end()));
+    }
+    return all;
+  }();
   return *rows;
 }
 
