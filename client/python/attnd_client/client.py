@@ -17,12 +17,20 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class AttndError(Exception):
-    """A rejected call: `code` is a grpc.StatusCode, `message` the server's explanation."""
+    """A rejected call: `code` is a grpc.StatusCode, `message` the server's explanation.
+    `tag`: for an answer on a native stream (NativeStream.receive), the refused request's tag;
+    None otherwise."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, tag=None):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+        self.tag = tag
+
+    @classmethod
+    def from_code(cls, code, message, tag=None):
+        """From a numeric gRPC status code, as the C ABI (libattnd_c.so) returns them."""
+        return cls(_CODES.get(int(code), grpc.StatusCode.UNKNOWN), message, tag)
 
 
 def _raise(error):
