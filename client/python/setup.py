@@ -29,7 +29,6 @@ def _load_protos():
 
 class BuildPy(build_py):
     def run(self):
-        _load_protos().generate()
         super().run()
         package = pathlib.Path(self.build_lib) / "attnd_client"
         # build/ persists between builds: nothing of an earlier one's extras may leak in.
@@ -44,4 +43,8 @@ class BuildPy(build_py):
             shutil.copy2(bundle, package / "_lib" / "libattnd_c.so")
 
 
+# Before setup(): pyproject.toml lists the generated packages, and setuptools checks that they
+# exist already when it prepares the metadata, before any build step runs (a fresh clone has no
+# attnd_client/attnd/ yet).
+_load_protos().generate()
 setup(cmdclass={"build_py": BuildPy})
