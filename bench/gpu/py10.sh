@@ -22,6 +22,6 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   kill -TERM $p; wait $p; echo "attnd exit $?"
 fi
 timeout ${MODEL_TIMEOUT:-300} python3 bench/model_bench.py --target unix:///tmp/attnd-model.sock \
-  --attnd-cmd "$d/run attnd --backend=cuda --num_layers=${LAYERS:-32} --num_qo_heads=32 --num_kv_heads=8 --head_dim=128 --dtype=bf16 --page_size=16 --pages_per_device=${PAGES:-33280} --max_batch_size=128 --max_tokens_per_request=8192 --unix_socket=/tmp/attnd-model.sock --metrics_port=0" \
+  --attnd-cmd "$d/run attnd --backend=cuda --num_layers=${LAYERS:-32} --num_qo_heads=32 --num_kv_heads=8 --head_dim=128 --dtype=bf16 --page_size=16 --pages_per_device=${PAGES:-33280} --max_batch_size=128 --max_tokens_per_request=8192 --unix_socket=/tmp/attnd-model.sock --metrics_port=0 ${ATTND_EXTRA:-}" \
   --attnd-log $OUT/attnd-model.log --md $OUT/model.md --layers ${LAYERS:-32} ${MODEL_ARGS:-} 2>&1 | tee $OUT/model.log | tail -40
 echo quit | nvidia-cuda-mps-control
