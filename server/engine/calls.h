@@ -5,15 +5,25 @@
 #define ATTND_SERVER_ENGINE_CALLS_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "absl/time/time.h"
 #include "kernels/paged_kv.h"
 #include "server/config/config.h"
 #include "server/engine/kv_pool.h"
 #include "server/regions/tensor_ref.h"
 
 namespace attnd {
+
+// When a data call stops being worth doing: past its deadline, or once the client has gone
+// (is_cancelled, called from the device's worker; may be empty). A call found expired or
+// cancelled when its turn comes on the device changes nothing (DESIGN.md invariant 8).
+struct CallLife {
+  absl::Time deadline = absl::InfiniteFuture();
+  std::function<bool()> is_cancelled;
+};
 
 // Names of registered IPC events: wait on one before reading inputs, record the other after
 // writing outputs. Either may be empty.
@@ -29,6 +39,7 @@ struct AppendCall {
   std::vector<AppendItem> items;
   TensorName k_new, v_new;
   EventNames sync;
+  CallLife life;
 };
 
 // Prefill and Decode.
@@ -40,6 +51,7 @@ struct AttentionCall {
   TensorName lse;  // region empty: no lse output
   bool deterministic = false;
   EventNames sync;
+  CallLife life;
 };
 
 // Each item's length at the call's layer once its tokens are in.

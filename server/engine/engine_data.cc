@@ -41,6 +41,18 @@ std::vector<BatchEntry> EntriesOf(const PreparedAppend& prepared) {
   return entries;
 }
 
+// Checked when the call's turn comes on the device, before anything changes: a call whose
+// client gave up must not be applied (a retry after DEADLINE_EXCEEDED would append twice).
+absl::Status CheckStillWanted(const CallLife& life) {
+  if (absl::Now() > life.deadline)
+    return absl::DeadlineExceededError(
+        "deadline: the call expired while queued for the device; nothing was changed");
+  if (life.is_cancelled && life.is_cancelled())
+    return absl::CancelledError(
+        "the call was cancelled while queued for the device; nothing was changed");
+  return absl::OkStatus();
+}
+
 DataResult LengthsOf(const PreparedAppend& prepared) {
   DataResult result;
   result.lengths.reserve(prepared.starts.size());
@@ -72,8 +84,9 @@ void Engine::Append(AppendCall call, Reply<DataResult> reply, RequestTrace* trac
   Post<DataResult>(
       device, std::move(reply),
       [this, layer = int64_t{call.layer}, items = std::move(call.items), k = *std::move(k),
-       v = *std::move(v), total = *total, sync = *std::move(sync),
+       v = *std::move(v), total = *total, sync = *std::move(sync), life = std::move(call.life),
        trace](Device& d) -> absl::StatusOr<DataResult> {
+        if (absl::Status s = CheckStillWanted(life); !s.ok()) return s;
         auto prepared = d.pool->PrepareAppend(layer, items);
         if (!prepared.ok()) return prepared.status();
         auto copies = d.pool->CommitAppend(*prepared);
@@ -152,7 +165,8 @@ void Engine::Attention(AttentionCall call, bool decode, Reply<DataResult> reply,
       device, std::move(reply),
       [this, rpc, layer = int64_t{call.layer}, items = std::move(call.items), t = std::move(t),
        total = *total, decode, deterministic = call.deterministic, sync = *std::move(sync),
-       trace](Device& d) -> absl::StatusOr<DataResult> {
+       life = std::move(call.life), trace](Device& d) -> absl::StatusOr<DataResult> {
+        if (absl::Status s = CheckStillWanted(life); !s.ok()) return s;
         auto prepared = d.pool->PrepareAppend(layer, items);
         if (!prepared.ok()) return prepared.status();
         // Planned before any page is reserved: a batch the workspaces cannot hold is refused

@@ -4,6 +4,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/time/time.h"
 #include "server/wire/calls.h"
 #include "server/wire/convert.h"
 #include "server/wire/stream_reactor.h"
@@ -83,6 +84,16 @@ Engine::Reply<DataResult> FinishData(std::unique_ptr<DataCall> data, Resp* resp)
     data->trace.handed = Clock::now();
     data->call.metrics->RecordStages(data->call.rpc, data->trace);
   };
+}
+
+// The call's deadline, for the engine to drop a call that expired while queued. (Cancellation
+// needs a reactor of our own: the callback API lets IsCancelled be read only in OnCancel/OnDone.)
+CallLife LifeOf(const grpc::CallbackServerContext* ctx) {
+  CallLife life;
+  const std::chrono::system_clock::time_point deadline = ctx->deadline();
+  if (deadline != std::chrono::system_clock::time_point::max())
+    life.deadline = absl::FromChrono(deadline);
+  return life;
 }
 
 std::unique_ptr<DataCall> StartData(grpc::CallbackServerContext* ctx, Metrics* metrics,
@@ -227,7 +238,9 @@ grpc::ServerUnaryReactor* AttentionService::Append(grpc::CallbackServerContext* 
   auto data = StartData(ctx, metrics_, "Append");
   grpc::ServerUnaryReactor* reactor = data->call.reactor;
   RequestTrace* trace = &data->trace;
-  engine_->Append(wire::ToAppendCall(*req), FinishData(std::move(data), resp), trace);
+  auto call = wire::ToAppendCall(*req);
+  call.life = LifeOf(ctx);
+  engine_->Append(std::move(call), FinishData(std::move(data), resp), trace);
   return reactor;
 }
 
@@ -237,7 +250,9 @@ grpc::ServerUnaryReactor* AttentionService::Prefill(grpc::CallbackServerContext*
   auto data = StartData(ctx, metrics_, "Prefill");
   grpc::ServerUnaryReactor* reactor = data->call.reactor;
   RequestTrace* trace = &data->trace;
-  engine_->Prefill(wire::ToAttentionCall(*req), FinishData(std::move(data), resp), trace);
+  auto call = wire::ToAttentionCall(*req);
+  call.life = LifeOf(ctx);
+  engine_->Prefill(std::move(call), FinishData(std::move(data), resp), trace);
   return reactor;
 }
 
@@ -247,7 +262,9 @@ grpc::ServerUnaryReactor* AttentionService::Decode(grpc::CallbackServerContext* 
   auto data = StartData(ctx, metrics_, "Decode");
   grpc::ServerUnaryReactor* reactor = data->call.reactor;
   RequestTrace* trace = &data->trace;
-  engine_->Decode(wire::ToAttentionCall(*req), FinishData(std::move(data), resp), trace);
+  auto call = wire::ToAttentionCall(*req);
+  call.life = LifeOf(ctx);
+  engine_->Decode(std::move(call), FinishData(std::move(data), resp), trace);
   return reactor;
 }
 
