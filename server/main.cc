@@ -86,6 +86,7 @@ int Run(const ServerConfig& config) {
   if (!config.tcp_address.empty())
     builder.AddListeningPort(config.tcp_address, grpc::InsecureServerCredentials(), &tcp_port);
   builder.RegisterService(&service);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || (!config.tcp_address.empty() && tcp_port == 0)) {
     spdlog::error("cannot listen on unix_socket='{}' tcp_address='{}'", config.unix_socket,
@@ -93,6 +94,13 @@ int Run(const ServerConfig& config) {
     return 1;
   }
 
+  if (!config.unix_socket.empty() &&
+      chmod(config.unix_socket.c_str(), static_cast<mode_t>(config.unix_socket_mode)) != 0) {
+    spdlog::error("cannot set --unix_socket_mode={:o} on {}", config.unix_socket_mode,
+                  config.unix_socket);
+    server->Shutdown();
+    return 1;
+  }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(true);
   health->SetServingStatus(kServiceName, true);

@@ -99,6 +99,10 @@ absl::Status ServerConfig::Validate() {
     return absl::InvalidArgumentError(absl::StrCat(
         "--log_level=", log_level, ": expected trace, debug, info, warn or error"));
   if (metrics_port < 0 || metrics_port > 65535) return OutOfRange("metrics_port", metrics_port, "0..65535");
+  if (unix_socket_mode < 0 || unix_socket_mode > 0777)
+    return OutOfRange("unix_socket_mode", unix_socket_mode, "permission bits 0..0777 (octal)");
+  if (max_message_bytes < 4096 || max_message_bytes > (int64_t{1} << 30))
+    return OutOfRange("max_message_bytes", max_message_bytes, "4096..1073741824");
   if (cuda_workspace_mb < 16 || cuda_workspace_mb > (int64_t{1} << 20))
     return OutOfRange("cuda_workspace_mb", cuda_workspace_mb, "16..2^20");
   if (cpu_threads < 0 || cpu_threads > 1024) return OutOfRange("cpu_threads", cpu_threads, "0..1024");

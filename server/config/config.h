@@ -46,9 +46,12 @@ struct ServerConfig {
   int64_t max_tokens_per_request = 65536;
   std::vector<int64_t> graph_buckets;  // empty: vLLM-like default up to max_batch_size
   std::string unix_socket = "/tmp/attnd.sock";  // empty: no Unix socket
+  int unix_socket_mode = 0660;                  // permission bits of the socket file
   std::string tcp_address;                      // empty: no TCP listener
   int metrics_port = 9464;                      // 0: no /metrics
-  std::string metrics_bind = "0.0.0.0";
+  std::string metrics_bind = "127.0.0.1";  // loopback: scrapers from elsewhere need it set
+  // Largest request gRPC accepts; requests are control messages (tensors travel by region).
+  int64_t max_message_bytes = 4 << 20;
   std::string log_level = "info";
   double drain_timeout_s = 30.0;
   int cpu_threads = 0;  // CPU backend threads per device; 0: all cores

@@ -1,5 +1,7 @@
 #include "server/config/flags.h"
 
+#include <cstdlib>
+
 #include <string>
 #include <vector>
 
@@ -33,7 +35,13 @@ ABSL_FLAG(std::string, graph_buckets, "",
 ABSL_FLAG(std::string, unix_socket, "/tmp/attnd.sock", "Unix socket to listen on; empty = none");
 ABSL_FLAG(std::string, tcp_address, "", "host:port to listen on over TCP; empty = none");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
-ABSL_FLAG(std::string, metrics_bind, "0.0.0.0", "Address the /metrics endpoint binds");
+ABSL_FLAG(std::string, metrics_bind, "127.0.0.1",
+          "Address the /metrics endpoint binds (0.0.0.0 to let scrapers on other hosts in)");
+ABSL_FLAG(std::string, unix_socket_mode, "0660",
+          "Permission bits of the Unix socket file, in octal: who on this host may connect");
+ABSL_FLAG(int64_t, max_message_bytes, 4 << 20,
+          "Largest request accepted, in bytes (requests are control messages; tensors travel by "
+          "region)");
 ABSL_FLAG(std::string, log_level, "info", "trace, debug, info, warn, error");
 ABSL_FLAG(int32_t, cpu_threads, 0, "CPU backend: threads computing each device's attention; 0 = all cores");
 ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
@@ -113,6 +121,16 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.tcp_address = absl::GetFlag(FLAGS_tcp_address);
   c.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);
+  {
+    const std::string mode = absl::GetFlag(FLAGS_unix_socket_mode);
+    char* end = nullptr;
+    const long bits = std::strtol(mode.c_str(), &end, 8);
+    if (mode.empty() || end == nullptr || *end != '\0')
+      return absl::InvalidArgumentError(
+          absl::StrCat("--unix_socket_mode=", mode, ": not an octal number such as 0660"));
+    c.unix_socket_mode = static_cast<int>(bits);
+  }
+  c.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   c.log_level = absl::GetFlag(FLAGS_log_level);
   c.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
   c.cpu_threads = absl::GetFlag(FLAGS_cpu_threads);

@@ -2,6 +2,7 @@
 #include <memory>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "server/engine/engine.h"
 #include "spdlog/spdlog.h"
@@ -28,8 +29,9 @@ absl::Status Engine::RegisterHostRegion(const HostRegionSpec& spec) {
         [platform, mapping = host->mapping()] { platform->UnpinHostMemory(mapping); });
   }
   if (absl::Status s = regions_.Add(std::shared_ptr<Region>(*std::move(region))); !s.ok()) return s;
-  spdlog::info("region={} kind=host shm_key={} offset={} bytes={}", spec.name, spec.shm_key,
-               spec.offset, spec.byte_size);
+  // The key is the client's text, not checked like a name: escaped, it cannot forge a log line.
+  spdlog::info("region={} kind=host shm_key=\"{}\" offset={} bytes={}", spec.name,
+               absl::CHexEscape(spec.shm_key), spec.offset, spec.byte_size);
   return absl::OkStatus();
 }
 

@@ -140,6 +140,10 @@ absl::StatusOr<PreparedAppend> KvPool::PrepareAppend(int64_t layer,
           "items[", i, "].seq_id: sequence ", item.seq_id, " appears twice in one batch"));
     Sequence* seq = it->second.get();
     const int64_t start = seq->lengths[static_cast<size_t>(layer)];
+    if (item.expected_length.has_value() && *item.expected_length != start)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "items[", i, "].expected_length: sequence ", item.seq_id, " holds ", start,
+          " tokens at layer ", layer, ", not ", *item.expected_length, "; nothing was changed"));
     if (item.num_new_tokens > max_seq_len_ - start)
       return absl::InvalidArgumentError(absl::StrCat(
           "items[", i, "].num_new_tokens: sequence ", item.seq_id, " holds ", start,

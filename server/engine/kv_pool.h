@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -35,6 +36,8 @@ struct PageWrite {
 struct AppendItem {
   uint64_t seq_id;
   int64_t num_new_tokens;
+  // When set, the sequence must hold exactly this many tokens at the layer before the append.
+  std::optional<int64_t> expected_length = std::nullopt;
 };
 
 // A batch's append checked against the pool but not applied: each item's sequence and the

@@ -1,5 +1,7 @@
 #include "server/wire/convert.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 
 namespace attnd::wire {
@@ -14,7 +16,14 @@ v1::KvLayout ToWire(kernels::KvLayout layout) {
 std::vector<AppendItem> ToItems(const google::protobuf::RepeatedPtrField<v1::BatchItem>& items) {
   std::vector<AppendItem> out;
   out.reserve(items.size());
-  for (const v1::BatchItem& item : items) out.push_back({item.seq_id(), item.num_new_tokens()});
+  for (const v1::BatchItem& item : items) {
+    out.push_back({item.seq_id(), item.num_new_tokens()});
+    if (item.has_expected_length()) {
+      // Lengths past int64 cannot match any sequence; clamp so the check refuses them.
+      out.back().expected_length = static_cast<int64_t>(
+          std::min<uint64_t>(item.expected_length(), uint64_t{INT64_MAX}));
+    }
+  }
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <string>
 #include <utility>
 
+#include "absl/strings/escaping.h"
 #include "absl/time/time.h"
 #include "server/wire/calls.h"
 #include "server/wire/convert.h"
@@ -21,8 +22,9 @@ void FinishUnary(grpc::ServerUnaryReactor* reactor, Metrics* metrics, const char
     spdlog::trace("rpc={} handled_us={:.1f}", rpc, seconds * 1e6);
   metrics->RecordRpc(rpc, status.code(), seconds);
   if (!status.ok())
-    spdlog::debug("rpc={} code={} msg={}", rpc, absl::StatusCodeToString(status.code()),
-                  std::string(status.message()));
+    // Messages quote the client's names and keys: escaped, they cannot forge a log line.
+    spdlog::debug("rpc={} code={} msg=\"{}\"", rpc, absl::StatusCodeToString(status.code()),
+                  absl::CHexEscape(status.message()));
   reactor->Finish(ToGrpc(status));
 }
 

@@ -147,6 +147,15 @@ INSTANTIATE_TEST_SUITE_P(
                 "--metrics_port"},
         BadCase{"MetricsPortAbove65535", [](ServerConfig& c) { c.metrics_port = 65536; },
                 "--metrics_port"},
+        BadCase{"SocketModeBeyondPermissionBits",
+                [](ServerConfig& c) { c.unix_socket_mode = 01777; }, "--unix_socket_mode"},
+        BadCase{"NegativeSocketMode", [](ServerConfig& c) { c.unix_socket_mode = -1; },
+                "--unix_socket_mode"},
+        BadCase{"MessageLimitBelow4KiB", [](ServerConfig& c) { c.max_message_bytes = 4095; },
+                "--max_message_bytes"},
+        BadCase{"MessageLimitAbove1GiB",
+                [](ServerConfig& c) { c.max_message_bytes = (int64_t{1} << 30) + 1; },
+                "--max_message_bytes"},
         BadCase{"NegativeDrainTimeout", [](ServerConfig& c) { c.drain_timeout_s = -1.0; },
                 "--drain_timeout_s"},
         BadCase{"NaNDrainTimeout", [](ServerConfig& c) { c.drain_timeout_s = std::nan(""); },
@@ -170,6 +179,14 @@ TEST(ConfigTest, TheDefaultsWithMemoryFractionValidate) {
   ServerConfig c;
   ASSERT_EQ(c.pages_per_device, 0);
   EXPECT_TRUE(c.Validate().ok());
+}
+
+TEST(ConfigTest, TheDefaultsExposeNothingBeyondThisHost) {
+  const ServerConfig c;
+  EXPECT_EQ(c.metrics_bind, "127.0.0.1");
+  EXPECT_EQ(c.unix_socket_mode, 0660);  // owner and group may connect, others may not
+  EXPECT_TRUE(c.tcp_address.empty());
+  EXPECT_LE(c.max_message_bytes, 4 << 20);
 }
 
 TEST(ConfigTest, BoundaryValuesAreAccepted) {

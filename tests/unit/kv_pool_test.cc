@@ -136,6 +136,31 @@ TEST_F(KvPoolTest, AppendOfAnUnknownSequenceIsNotFoundAndChangesNothing) {
   EXPECT_EQ(Snap(pool_), before);
 }
 
+TEST_F(KvPoolTest, AnItemNotAtItsExpectedLengthRefusesTheWholeBatchAndChangesNothing) {
+  ASSERT_TRUE(pool_.Create(1).ok());
+  ASSERT_TRUE(pool_.Create(2).ok());
+  AppendOk(pool_, 1, 0, 4);
+  const Snapshot before = Snap(pool_);
+  std::vector<int64_t> starts;
+  // Item 0 is where it should be; item 1 (holding 0 tokens) says it expects 1: a retry of a
+  // call that was already applied is refused, not appended twice.
+  const AppendItem items[] = {{1, 2, 4}, {2, 1, 1}};
+  auto copies = pool_.ReserveAppend(0, items, &starts);
+  EXPECT_EQ(copies.status().code(), absl::StatusCode::kFailedPrecondition) << copies.status();
+  EXPECT_NE(copies.status().message().find("items[1].expected_length"), absl::string_view::npos)
+      << copies.status();
+  EXPECT_EQ(Snap(pool_), before);
+}
+
+TEST_F(KvPoolTest, ItemsAtTheirExpectedLengthsAreAppended) {
+  ASSERT_TRUE(pool_.Create(1).ok());
+  AppendOk(pool_, 1, 1, 3);
+  std::vector<int64_t> starts;
+  const AppendItem items[] = {{1, 2, 3}};
+  ASSERT_TRUE(pool_.ReserveAppend(1, items, &starts).ok());
+  EXPECT_EQ(Lengths(pool_, 1), (std::vector<int64_t>{0, 5, 0}));
+}
+
 TEST_F(KvPoolTest, TheSameSequenceTwiceInOneBatchIsInvalidArgumentAndChangesNothing) {
   ASSERT_TRUE(pool_.Create(1).ok());
   ASSERT_TRUE(pool_.Create(2).ok());

@@ -66,6 +66,20 @@ TEST_F(WireConvertTest, EveryFieldOfAnAttentionRequestReachesTheCall) {
   EXPECT_EQ(call.sync.signal_event, "s");
 }
 
+TEST_F(WireConvertTest, AnExpectedLengthReachesTheItemOnlyWhenSet) {
+  v1::AppendRequest req;
+  req.add_items()->set_seq_id(1);
+  v1::BatchItem* with = req.add_items();
+  with->set_seq_id(2);
+  const uint64_t expected = Next();
+  with->set_expected_length(expected);
+  req.add_items()->set_expected_length(0);  // set to zero is still set: a new sequence
+  const AppendCall call = wire::ToAppendCall(req);
+  EXPECT_FALSE(call.items[0].expected_length.has_value());
+  EXPECT_EQ(call.items[1].expected_length, static_cast<int64_t>(expected));
+  EXPECT_EQ(call.items[2].expected_length, 0);
+}
+
 TEST_F(WireConvertTest, AnAttentionRequestWithoutLseAsksForNone) {
   EXPECT_TRUE(wire::ToAttentionCall(v1::AttentionRequest()).lse.region.empty());
 }
