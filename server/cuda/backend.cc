@@ -83,7 +83,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   // batch it was made for.
   std::vector<int32_t> plan_host_;
   AttentionPlan planned_;
-  std::vector<int64_t> planned_starts_, planned_num_new_;
+  size_t planned_entries_ = 0;
   bool planned_deterministic_ = false;
   GpuBatch batch_;  // the host arrays of the batch being planned or launched
 };
@@ -209,8 +209,7 @@ absl::StatusOr<AttentionPlan> CudaDeviceBackend::PlanAttention(const AttentionBa
         "); split it into smaller requests or raise --cuda_workspace_mb"));
   }
   planned_ = plan;
-  planned_starts_.assign(batch.starts.begin(), batch.starts.end());
-  planned_num_new_.assign(batch.num_new.begin(), batch.num_new.end());
+  planned_entries_ = n;
   planned_deterministic_ = batch.deterministic;
   return plan;
 }
@@ -250,21 +249,22 @@ absl::StatusOr<LaunchResult> CudaDeviceBackend::Fault() {
   return LaunchResult{std::chrono::steady_clock::now()};
 }
 
-// A plan covers the batch it was made from, and the kernels read as many page ids per entry as
-// it says: work that differs would make them read ids that were never uploaded.
+// A plan covers the batch it was made from: a launch of other work would make the kernels read
+// page ids that were never uploaded. The engine plans and launches the same prepared batch
+// back to back, so only what is cheap to compare is checked here (no per-entry copy on the
+// per-call path).
 absl::Status CudaDeviceBackend::CheckPlanned(const AttentionWork& work,
                                              const AttentionPlan& plan) const {
-  const std::vector<BatchEntry>& entries = work.append.entries;
-  bool same = plan.kernel == planned_.kernel && plan.graph_bucket == planned_.graph_bucket &&
-              plan.plan_ints == planned_.plan_ints && plan.num_items == planned_.num_items &&
-              plan.num_merges == planned_.num_merges && entries.size() == planned_starts_.size() &&
-              work.deterministic == planned_deterministic_;
-  for (size_t i = 0; same && i < entries.size(); ++i)
-    same = entries[i].start == planned_starts_[i] && entries[i].num_new == planned_num_new_[i];
+  const size_t entries = work.append.entries.size();
+  const bool same = plan.kernel == planned_.kernel &&
+                    plan.graph_bucket == planned_.graph_bucket &&
+                    plan.plan_ints == planned_.plan_ints && plan.num_items == planned_.num_items &&
+                    plan.num_merges == planned_.num_merges && entries == planned_entries_ &&
+                    work.deterministic == planned_deterministic_;
   if (same) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("attention: the batch of ", entries.size(),
-                                          " entries is not the one planned (",
-                                          planned_starts_.size(), " entries)"));
+  return absl::InternalError(absl::StrCat("attention: the batch of ", entries,
+                                          " entries is not the one planned (", planned_entries_,
+                                          " entries)"));
 }
 
 absl::Status CudaDeviceBackend::RunEager(const AttentionWork& work, const AttentionPlan& plan) {

@@ -54,6 +54,24 @@ inline absl::Status CheckAttentionTensors(const char* family, const void* q, con
   return absl::OkStatus();
 }
 
+// The head and page checks every attention launcher makes: the GQA group is a whole number of
+// query heads per KV head, and a page's slot index fits the kernels' 32-bit arithmetic.
+inline absl::Status CheckHeadsAndPages(const char* family, int64_t num_qo_heads,
+                                       const KvCacheShape& shape) {
+  const int64_t kvh = shape.num_kv_heads;
+  if (kvh <= 0) return InvalidArg(family, "kv.shape.num_kv_heads ", kvh, " is not positive");
+  if (num_qo_heads <= 0)
+    return InvalidArg(family, "opts.num_qo_heads ", num_qo_heads, " is not positive");
+  if (num_qo_heads % kvh != 0) {
+    return InvalidArg(family, "opts.num_qo_heads ", num_qo_heads,
+                      " is not a multiple of num_kv_heads ", kvh);
+  }
+  if (shape.page_size <= 0 || shape.page_size >= (1 << 30)) {
+    return InvalidArg(family, "kv.shape.page_size ", shape.page_size, " is not in [1, 2^30)");
+  }
+  return absl::OkStatus();
+}
+
 // The kernels compute logits in log2 units: s = pre * q.k, or with a soft cap
 // s = post * tanh(pre * q.k). One definition for every kernel family.
 struct LogitScales {

@@ -58,20 +58,8 @@ struct DecodeOccupancyFn {
 };
 
 absl::Status ValidateShape(const DecodeArgs& a) {
-  using detail::InvalidArg;
-  const KvCacheShape& sh = a.kv.shape;
-  const int64_t qo = a.opts.num_qo_heads, kvh = sh.num_kv_heads;
-  if (a.batch < 0) return InvalidArg(kFamily, "batch ", a.batch, " is negative");
-  if (kvh <= 0) return InvalidArg(kFamily, "kv.shape.num_kv_heads ", kvh, " is not positive");
-  if (qo <= 0) return InvalidArg(kFamily, "opts.num_qo_heads ", qo, " is not positive");
-  if (qo % kvh != 0) {
-    return InvalidArg(kFamily, "opts.num_qo_heads ", qo, " is not a multiple of num_kv_heads ",
-                      kvh);
-  }
-  if (sh.page_size <= 0 || sh.page_size >= (1 << 30)) {
-    return InvalidArg(kFamily, "kv.shape.page_size ", sh.page_size, " is not in [1, 2^30)");
-  }
-  return absl::OkStatus();
+  if (a.batch < 0) return detail::InvalidArg(kFamily, "batch ", a.batch, " is negative");
+  return detail::CheckHeadsAndPages(kFamily, a.opts.num_qo_heads, a.kv.shape);
 }
 
 absl::Status ValidateWorkspace(const DecodeArgs& a) {

@@ -87,18 +87,12 @@ absl::StatusOr<bool> UseHopperKernel(int device, int64_t head_dim, PrefillKernel
 
 absl::Status ValidateShape(const PrefillArgs& a) {
   using detail::InvalidArg;
-  const KvCacheShape& sh = a.kv.shape;
-  const int64_t qo = a.opts.num_qo_heads, kvh = sh.num_kv_heads;
-  if (kvh <= 0) return InvalidArg(kFamily, "kv.shape.num_kv_heads ", kvh, " is not positive");
+  const int64_t kvh = a.kv.shape.num_kv_heads;
+  // The grid's x dimension is one CTA row per KV head.
   if (kvh > 65535) return InvalidArg(kFamily, "kv.shape.num_kv_heads ", kvh, " exceeds 65535");
-  if (qo <= 0) return InvalidArg(kFamily, "opts.num_qo_heads ", qo, " is not positive");
-  if (qo % kvh != 0) {
-    return InvalidArg(kFamily, "opts.num_qo_heads ", qo, " is not a multiple of num_kv_heads ",
-                      kvh);
-  }
-  if (sh.page_size <= 0 || sh.page_size >= (1 << 30)) {
-    return InvalidArg(kFamily, "kv.shape.page_size ", sh.page_size, " is not in [1, 2^30)");
-  }
+  if (absl::Status s = detail::CheckHeadsAndPages(kFamily, a.opts.num_qo_heads, a.kv.shape);
+      !s.ok())
+    return s;
   if (a.opts.window_left >= INT32_MAX) {
     return InvalidArg(kFamily, "opts.window_left ", a.opts.window_left, " is not below 2^31 - 1");
   }
