@@ -14,7 +14,7 @@ metrics_port=${ATTND_METRICS_PORT:-9464}
 tcp_port=${ATTND_TCP_PORT:-50051}
 log=$(mktemp /tmp/attnd-demo.XXXXXX.log)
 "$build/server/attnd" --backend=auto --unix_socket="$sock" --metrics_port="$metrics_port" \
-  --tcp_address="127.0.0.1:$tcp_port" \
+  --tcp_address="127.0.0.1:$tcp_port" --insecure_tcp \
   --num_layers=4 --num_qo_heads=8 --num_kv_heads=2 --head_dim=64 --dtype=bf16 \
   --page_size=16 --pages_per_device=8192 2>"$log" &
 server=$!

@@ -92,6 +92,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   p->tcp_target_ = absl::StrCat("127.0.0.1:", tcp_port);
   flags.push_back("--unix_socket=" + p->socket_path_);
   flags.push_back(absl::StrCat("--tcp_address=127.0.0.1:", tcp_port));
+  flags.push_back("--insecure_tcp");  // loopback only; the TLS tests pass their own flags
   flags.push_back("--metrics_bind=127.0.0.1");
 
   // ATTND_BINARY in the environment overrides the build's path (bundles run elsewhere).

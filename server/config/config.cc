@@ -108,6 +108,23 @@ absl::Status ServerConfig::Validate() {
   if (cpu_threads < 0 || cpu_threads > 1024) return OutOfRange("cpu_threads", cpu_threads, "0..1024");
   if (cpu_threads == 0) cpu_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
   if (!(drain_timeout_s >= 0)) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
+  if (!tcp_address.empty() && !insecure_tcp && (tls_cert_file.empty() || tls_key_file.empty()))
+    return absl::InvalidArgumentError(
+        "--tcp_address needs TLS (--tls_cert_file and --tls_key_file), or --insecure_tcp to "
+        "serve TCP in the clear");
+  if (tls_cert_file.empty() != tls_key_file.empty())
+    return absl::InvalidArgumentError("--tls_cert_file and --tls_key_file go together");
+  if (!tls_client_ca_file.empty() && tls_cert_file.empty())
+    return absl::InvalidArgumentError("--tls_client_ca_file needs --tls_cert_file and --tls_key_file");
+  if (!(lease_timeout_s >= 0)) return absl::InvalidArgumentError("--lease_timeout_s must be >= 0");
+  for (const auto& [flag, value] :
+       {std::pair<const char*, int64_t>{"max_sequences_per_client", max_sequences_per_client},
+        {"max_pages_per_client", max_pages_per_client},
+        {"max_regions_per_client", max_regions_per_client},
+        {"max_region_bytes_per_client", max_region_bytes_per_client},
+        {"max_events_per_client", max_events_per_client}}) {
+    if (value < 0) return OutOfRange(flag, value, ">= 0 (0: no limit)");
+  }
   if (worker_spin_us < -1 || worker_spin_us > 1000000)
     return OutOfRange("worker_spin_us", worker_spin_us, "-1..1000000");
   return absl::OkStatus();

@@ -48,6 +48,23 @@ struct ServerConfig {
   std::string unix_socket = "/tmp/attnd.sock";  // empty: no Unix socket
   int unix_socket_mode = 0660;                  // permission bits of the socket file
   std::string tcp_address;                      // empty: no TCP listener
+  // TLS on TCP through gRPC's own credentials: the server's certificate chain and key (PEM),
+  // and, when set, the CA that client certificates must chain to (then required).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
+  bool insecure_tcp = false;  // TCP without TLS is refused unless this is set
+  // Bearer tokens, one "name token" per line: a call carrying `authorization: Bearer <token>`
+  // acts as client `name`. When set, TCP calls without a valid token are refused.
+  std::string token_file;
+  // How long a client's resources outlive its last connection, Stream and call.
+  double lease_timeout_s = 60.0;
+  // Per client (a uid or a token name, with all its `attnd-client` instances); 0: no limit.
+  int64_t max_sequences_per_client = 65536;
+  int64_t max_pages_per_client = 0;
+  int64_t max_regions_per_client = 1024;
+  int64_t max_region_bytes_per_client = 0;
+  int64_t max_events_per_client = 1024;
   int metrics_port = 9464;                      // 0: no /metrics
   std::string metrics_bind = "127.0.0.1";  // loopback: scrapers from elsewhere need it set
   // Largest request gRPC accepts; requests are control messages (tensors travel by region).
@@ -60,7 +77,7 @@ struct ServerConfig {
   int64_t worker_spin_us = -1;
   int64_t cuda_workspace_mb = 1024;
   bool cuda_graphs = true;
-  int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU  // CUDA backend: decode through graphs captured per batch bucket  // CUDA backend: split-KV partial states per device
+  int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU
 
   // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
   // flag and its limit.

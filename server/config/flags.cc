@@ -34,6 +34,24 @@ ABSL_FLAG(std::string, graph_buckets, "",
           "32,... up to --max_batch_size");
 ABSL_FLAG(std::string, unix_socket, "/tmp/attnd.sock", "Unix socket to listen on; empty = none");
 ABSL_FLAG(std::string, tcp_address, "", "host:port to listen on over TCP; empty = none");
+ABSL_FLAG(std::string, tls_cert_file, "", "TLS on TCP: the server's certificate chain (PEM)");
+ABSL_FLAG(std::string, tls_key_file, "", "TLS on TCP: the server's private key (PEM)");
+ABSL_FLAG(std::string, tls_client_ca_file, "",
+          "TLS on TCP: CA certificates (PEM) client certificates must chain to; set = required");
+ABSL_FLAG(bool, insecure_tcp, false,
+          "Serve --tcp_address without TLS (anyone who can reach the port can call attnd)");
+ABSL_FLAG(std::string, token_file, "",
+          "Bearer tokens, one 'name token' per line; a call with 'authorization: Bearer <token>' "
+          "acts as client 'name'. Set: TCP calls need a valid token");
+ABSL_FLAG(double, lease_timeout_s, 60.0,
+          "How long a client's sequences, regions and events outlive its last connection, open "
+          "Stream and call before they are released");
+ABSL_FLAG(int64_t, max_sequences_per_client, 65536, "Most live sequences per client; 0 = no limit");
+ABSL_FLAG(int64_t, max_pages_per_client, 0, "Most KV pages per client per device; 0 = no limit");
+ABSL_FLAG(int64_t, max_regions_per_client, 1024, "Most registered regions per client; 0 = no limit");
+ABSL_FLAG(int64_t, max_region_bytes_per_client, 0,
+          "Most bytes of registered regions per client; 0 = no limit");
+ABSL_FLAG(int64_t, max_events_per_client, 1024, "Most registered CUDA events per client; 0 = no limit");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(std::string, metrics_bind, "127.0.0.1",
           "Address the /metrics endpoint binds (0.0.0.0 to let scrapers on other hosts in)");
@@ -119,6 +137,17 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.graph_buckets = *buckets;
   c.unix_socket = absl::GetFlag(FLAGS_unix_socket);
   c.tcp_address = absl::GetFlag(FLAGS_tcp_address);
+  c.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  c.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  c.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca_file);
+  c.insecure_tcp = absl::GetFlag(FLAGS_insecure_tcp);
+  c.token_file = absl::GetFlag(FLAGS_token_file);
+  c.lease_timeout_s = absl::GetFlag(FLAGS_lease_timeout_s);
+  c.max_sequences_per_client = absl::GetFlag(FLAGS_max_sequences_per_client);
+  c.max_pages_per_client = absl::GetFlag(FLAGS_max_pages_per_client);
+  c.max_regions_per_client = absl::GetFlag(FLAGS_max_regions_per_client);
+  c.max_region_bytes_per_client = absl::GetFlag(FLAGS_max_region_bytes_per_client);
+  c.max_events_per_client = absl::GetFlag(FLAGS_max_events_per_client);
   c.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);
   {
