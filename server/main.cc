@@ -70,7 +70,14 @@ int Run(const ServerConfig& config) {
   }
   std::unique_ptr<Engine> engine = *std::move(engine_or);
   spdlog::info("backend={}", engine->cuda() ? "cuda" : "cpu");
-  AttentionService service(engine.get(), &metrics);
+  // Peers of the Unix socket are not identified yet (no PeerLookup): callers are told apart
+  // by bearer token only.
+  auto auth = wire::Authenticator::FromFile(config.token_file, wire::PeerLookup());
+  if (!auth.ok()) {
+    spdlog::error("cannot start: {}", auth.status().ToString());
+    return 2;
+  }
+  AttentionService service(engine.get(), &metrics, auth->get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "kernels/paged_kv.h"
 #include "server/config/config.h"
+#include "server/engine/clients.h"
 #include "server/engine/kv_pool.h"
 #include "server/regions/tensor_ref.h"
 
@@ -34,6 +35,7 @@ struct EventNames {
 };
 
 struct AppendCall {
+  ClientRef client;  // whose sequences, regions and events the call names
   uint32_t device = 0;
   uint32_t layer = 0;
   std::vector<AppendItem> items;
@@ -44,6 +46,7 @@ struct AppendCall {
 
 // Prefill and Decode.
 struct AttentionCall {
+  ClientRef client;  // whose sequences, regions and events the call names
   uint32_t device = 0;
   uint32_t layer = 0;
   std::vector<AppendItem> items;
@@ -61,6 +64,7 @@ struct DataResult {
 
 // ExportKv (pool -> buffer) and ImportKv (buffer -> pool) of a head range.
 struct KvTransferCall {
+  ClientRef client;  // whose sequences, regions and events the call names
   uint32_t device = 0;
   uint64_t seq_id = 0;
   uint32_t layer_begin = 0, layer_end = 0;
@@ -106,6 +110,24 @@ struct DeviceState {
   int64_t live_sequences = 0;
   bool serving = true;
   int64_t pool_bytes = 0;
+};
+
+// GetLease: what a client holds and may hold.
+struct LeaseState {
+  std::string client;
+  int64_t sequences = 0;  // on all devices
+  int64_t pages = 0;
+  int64_t regions = 0;
+  int64_t region_bytes = 0;
+  int64_t events = 0;
+};
+
+// ReleaseAll: what went back.
+struct ReleasedHoldings {
+  int64_t sequences = 0;
+  int64_t freed_pages = 0;
+  int64_t regions = 0;
+  int64_t events = 0;
 };
 
 // What GetServerInfo reports.

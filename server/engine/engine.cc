@@ -9,6 +9,14 @@
 
 namespace attnd {
 
+Engine::Engine(const ServerConfig& config, std::unique_ptr<DevicePlatform> platform,
+               Metrics* metrics)
+    : config_(config),
+      platform_(std::move(platform)),
+      metrics_(metrics),
+      clients_(ClientQuotas{config.max_regions_per_client, config.max_region_bytes_per_client,
+                            config.max_events_per_client}) {}
+
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& config,
                                                        std::unique_ptr<DevicePlatform> platform,
                                                        Metrics* metrics) {
@@ -35,16 +43,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& confi
     device->pool = std::make_unique<KvPool>(device->id, device->backend->num_pages(),
                                             config.model.num_layers, config.model.page_size,
                                             config.max_seq_len);
+    device->pool->SetQuotas(config.max_sequences_per_client, config.max_pages_per_client);
     engine->PublishPoolState(*device);
     spdlog::info("device={} backend={} pages={} page_bytes={} pool_bytes={}", device->id,
                  device->backend->name(), device->backend->num_pages(),
                  config.model.PageBytes(), device->backend->pool_bytes());
     engine->devices_.push_back(std::move(device));
   }
+  if (config.lease_timeout_s > 0)
+    engine->lease_thread_ = std::thread([e = engine.get()] { e->RunLeaseThread(); });
   return engine;
 }
 
 Engine::~Engine() {
+  if (lease_thread_.joinable()) {
+    {
+      absl::MutexLock lock(&lease_mu_);
+      stop_leases_ = true;
+    }
+    lease_thread_.join();
+  }
   // Regions and IPC events first (each is closed on its device's worker: releasing one posts
   // there, so it must happen while the worker lives), then each backend on its own worker,
   // then drain and join the workers.

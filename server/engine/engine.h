@@ -11,13 +11,16 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "server/config/config.h"
 #include "server/engine/calls.h"
+#include "server/engine/clients.h"
 #include "server/engine/device_worker.h"
 #include "server/engine/kv_pool.h"
 #include "server/metrics/metrics.h"
@@ -53,32 +56,47 @@ class Engine {
 
   EngineInfo Info() const;
 
+  // ---- Clients and leases (engine_clients.cc). Every call below acts for one client and
+  // sees only that client's sequences, regions and events.
+  ClientRegistry& clients() { return clients_; }
+  // Renews the caller's lease and says who it is (the wire layer calls this for every call).
+  ClientRef Attach(const Caller& caller) { return clients_.Attach(caller, absl::Now()); }
+  LeaseState GetLease(const ClientRef& client);
+  // Releases everything the client holds, on every device.
+  ReleasedHoldings ReleaseAll(const ClientRef& client);
+  // Releases the holdings of clients whose lease ran out by `now`; the lease thread calls it.
+  void ReapExpiredLeases(absl::Time now);
+
   // ---- Regions and events (engine_regions.cc) ----
-  absl::Status RegisterHostRegion(const HostRegionSpec& spec);
-  void RegisterIpcRegion(const IpcRegionSpec& spec, Done done);
-  absl::Status UnregisterRegion(const std::string& name);
-  std::vector<RegionSummary> ListRegions() const;
-  void RegisterIpcEvent(const IpcEventSpec& spec, Done done);
-  absl::Status UnregisterIpcEvent(const std::string& name);
+  absl::Status RegisterHostRegion(const ClientRef& client, const HostRegionSpec& spec);
+  void RegisterIpcRegion(const ClientRef& client, const IpcRegionSpec& spec, Done done);
+  absl::Status UnregisterRegion(const ClientRef& client, const std::string& name);
+  std::vector<RegionSummary> ListRegions(const ClientRef& client) const;
+  void RegisterIpcEvent(const ClientRef& client, const IpcEventSpec& spec, Done done);
+  absl::Status UnregisterIpcEvent(const ClientRef& client, const std::string& name);
 
   // ---- Sequences (engine_sequences.cc) ----
-  void CreateSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply);
-  void ForkSequence(uint32_t device, uint64_t parent_id, uint64_t child_id,
-                    Reply<SequenceState> reply);
-  void TruncateSequence(uint32_t device, uint64_t seq_id, uint64_t length,
-                        Reply<SequenceState> reply);
+  void CreateSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                      Reply<SequenceState> reply);
+  void ForkSequence(const ClientRef& client, uint32_t device, uint64_t parent_id,
+                    uint64_t child_id, Reply<SequenceState> reply);
+  void TruncateSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                        uint64_t length, Reply<SequenceState> reply);
   // Replies with the pages that went back to the pool.
-  void ReleaseSequence(uint32_t device, uint64_t seq_id, Reply<int64_t> reply);
-  void GetSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply);
-  void ListSequences(uint32_t device, Reply<std::vector<SequenceState>> reply);
+  void ReleaseSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                       Reply<int64_t> reply);
+  void GetSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                   Reply<SequenceState> reply);
+  void ListSequences(const ClientRef& client, uint32_t device,
+                     Reply<std::vector<SequenceState>> reply);
 
-  // ---- Data (engine_data.cc). `trace`, when given, must outlive the reply; the engine stamps
+  // ---- Data (engine_data.cc); the call names its client. `trace`, when given, must outlive the reply; the engine stamps
   // posted, dequeued, enqueued and completed in it before replying.
   void Append(AppendCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
   void Prefill(AttentionCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
   void Decode(AttentionCall call, Reply<DataResult> reply, RequestTrace* trace = nullptr);
 
-  // ---- KV export / import (engine_kv.cc). Import replies with every layer's length.
+  // ---- KV export / import (engine_kv.cc); the call names its client. Import replies with every layer's length.
   void ExportKv(KvTransferCall call, Done done);
   void ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply);
 
@@ -94,8 +112,9 @@ class Engine {
     std::unique_ptr<DeviceWorker> worker;  // last: destroyed (drained) first
   };
 
-  Engine(const ServerConfig& config, std::unique_ptr<DevicePlatform> platform, Metrics* metrics)
-      : config_(config), platform_(std::move(platform)), metrics_(metrics) {}
+  Engine(const ServerConfig& config, std::unique_ptr<DevicePlatform> platform, Metrics* metrics);
+  // Wakes every so often to release the holdings of clients whose lease ran out.
+  void RunLeaseThread();
 
   // Finds the device a request names; INVALID_ARGUMENT if it is not one of ours, UNAVAILABLE
   // after a fault.
@@ -112,6 +131,8 @@ class Engine {
   RunOnDevice PosterFor(Device& device);
 
   void Attention(AttentionCall call, bool decode, Reply<DataResult> reply, RequestTrace* trace);
+  // Pins (where the platform does) and names a host region the client registered.
+  absl::Status AddHostRegion(const ClientRef& client, std::unique_ptr<HostRegion> region);
   // Keeps `held` (regions, events) alive until the GPU work enqueued so far is done, then lets
   // go of it on the device's worker.
   template <typename T>
@@ -126,7 +147,8 @@ class Engine {
   absl::Status MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
   void PublishPoolState(Device& device);
   SequenceState StateOf(const Device& device, const Sequence& seq) const;
-  absl::StatusOr<ResolvedEvents> ResolveEvents(const EventNames& sync, const Device& device) const;
+  absl::StatusOr<ResolvedEvents> ResolveEvents(const EventNames& sync, const Device& device,
+                                               const ClientRef& client) const;
   // How long each device worker polls for work before sleeping (--worker_spin_us, resolved).
   std::chrono::microseconds WorkerSpin() const;
 
@@ -137,9 +159,15 @@ class Engine {
   std::vector<std::unique_ptr<Device>> devices_;
   ServingListener serving_listener_;
 
-  // Thread-safe registries of client memory and events.
+  // Thread-safe registries of clients and their memory and events.
+  ClientRegistry clients_;
   RegionRegistry regions_;
   EventRegistry events_;
+
+  // The lease thread; stop_leases_ ends it.
+  absl::Mutex lease_mu_;
+  bool stop_leases_ ABSL_GUARDED_BY(lease_mu_) = false;
+  std::thread lease_thread_;
 };
 
 }  // namespace attnd

@@ -74,20 +74,21 @@ void Engine::Append(AppendCall call, Reply<DataResult> reply, RequestTrace* trac
   const uint64_t kv_shape[] = {*total, static_cast<uint64_t>(m.num_kv_heads),
                                static_cast<uint64_t>(m.head_dim)};
   const Placement placement = platform_->PlacementFor(device->id);
-  auto k = ResolveTensor(regions_, call.k_new, "k_new", m.dtype, kv_shape, placement);
+  const uint32_t owner = call.client.id;
+  auto k = ResolveTensor(regions_, call.k_new, "k_new", m.dtype, kv_shape, placement, owner);
   if (!k.ok()) return std::move(reply)(k.status());
-  auto v = ResolveTensor(regions_, call.v_new, "v_new", m.dtype, kv_shape, placement);
+  auto v = ResolveTensor(regions_, call.v_new, "v_new", m.dtype, kv_shape, placement, owner);
   if (!v.ok()) return std::move(reply)(v.status());
-  auto sync = ResolveEvents(call.sync, *device);
+  auto sync = ResolveEvents(call.sync, *device, call.client);
   if (!sync.ok()) return std::move(reply)(sync.status());
   metrics_->RecordBatch("Append", static_cast<int64_t>(call.items.size()));
   Post<DataResult>(
       device, std::move(reply),
       [this, layer = int64_t{call.layer}, items = std::move(call.items), k = *std::move(k),
        v = *std::move(v), total = *total, sync = *std::move(sync), life = std::move(call.life),
-       trace](Device& d) -> absl::StatusOr<DataResult> {
+       owner, trace](Device& d) -> absl::StatusOr<DataResult> {
         if (absl::Status s = CheckStillWanted(life); !s.ok()) return s;
-        auto prepared = d.pool->PrepareAppend(layer, items);
+        auto prepared = d.pool->PrepareAppend(layer, items, owner);
         if (!prepared.ok()) return prepared.status();
         auto copies = d.pool->CommitAppend(*prepared);
         if (!copies.ok()) return copies.status();
@@ -126,9 +127,10 @@ void Engine::Attention(AttentionCall call, bool decode, Reply<DataResult> reply,
   if (absl::Status s = CheckLayer(call.layer, config_); !s.ok()) return std::move(reply)(s);
   auto total = CheckItems(call.items, config_, decode);
   if (!total.ok()) return std::move(reply)(total.status());
-  auto sync = ResolveEvents(call.sync, *device);
+  auto sync = ResolveEvents(call.sync, *device, call.client);
   if (!sync.ok()) return std::move(reply)(sync.status());
 
+  const uint32_t owner = call.client.id;
   const ModelShape& m = config_.model;
   const uint64_t qo = static_cast<uint64_t>(m.num_qo_heads);
   const uint64_t kv = static_cast<uint64_t>(m.num_kv_heads);
@@ -153,7 +155,8 @@ void Engine::Attention(AttentionCall call, bool decode, Reply<DataResult> reply,
                         {call.lse, "lse", kernels::DType::kFloat32, lse_shape, &t.lse}};
   for (const Spec& spec : specs) {
     if (spec.dst == &t.lse && !t.has_lse) continue;
-    auto r = ResolveTensor(regions_, spec.name, spec.field, spec.dtype, spec.shape, placement);
+    auto r = ResolveTensor(regions_, spec.name, spec.field, spec.dtype, spec.shape, placement,
+                           owner);
     if (!r.ok()) return std::move(reply)(r.status());
     *spec.dst = *std::move(r);
   }
@@ -165,9 +168,9 @@ void Engine::Attention(AttentionCall call, bool decode, Reply<DataResult> reply,
       device, std::move(reply),
       [this, rpc, layer = int64_t{call.layer}, items = std::move(call.items), t = std::move(t),
        total = *total, decode, deterministic = call.deterministic, sync = *std::move(sync),
-       life = std::move(call.life), trace](Device& d) -> absl::StatusOr<DataResult> {
+       life = std::move(call.life), owner, trace](Device& d) -> absl::StatusOr<DataResult> {
         if (absl::Status s = CheckStillWanted(life); !s.ok()) return s;
-        auto prepared = d.pool->PrepareAppend(layer, items);
+        auto prepared = d.pool->PrepareAppend(layer, items, owner);
         if (!prepared.ok()) return prepared.status();
         // Planned before any page is reserved: a batch the workspaces cannot hold is refused
         // with nothing changed.

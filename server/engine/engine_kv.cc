@@ -31,10 +31,10 @@ void Engine::ExportKv(KvTransferCall call, Done done) {
   auto shape = CheckTransfer(call, config_);
   if (!shape.ok()) return std::move(done)(shape.status());
   auto dst = ResolveTensor(regions_, call.buffer, "dst", config_.model.dtype, *shape,
-                           platform_->PlacementFor((*device)->id));
+                           platform_->PlacementFor((*device)->id), call.client.id);
   if (!dst.ok()) return std::move(done)(dst.status());
   PostDone(*device, std::move(done), [this, call, dst = *std::move(dst)](Device& d) -> absl::Status {
-    const Sequence* seq = d.pool->Find(call.seq_id);
+    const Sequence* seq = d.pool->Find(call.seq_id, call.client.id);
     if (seq == nullptr)
       return absl::NotFoundError(
           absl::StrCat("seq_id: no sequence ", call.seq_id, " on device ", d.id));
@@ -56,12 +56,12 @@ void Engine::ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply) {
   auto shape = CheckTransfer(call, config_);
   if (!shape.ok()) return std::move(reply)(shape.status());
   auto src = ResolveTensor(regions_, call.buffer, "src", config_.model.dtype, *shape,
-                           platform_->PlacementFor((*device)->id));
+                           platform_->PlacementFor((*device)->id), call.client.id);
   if (!src.ok()) return std::move(reply)(src.status());
   Post<std::vector<int64_t>>(
       *device, std::move(reply),
       [this, call, src = *std::move(src)](Device& d) -> absl::StatusOr<std::vector<int64_t>> {
-        const Sequence* seq = d.pool->Find(call.seq_id);
+        const Sequence* seq = d.pool->Find(call.seq_id, call.client.id);
         if (seq == nullptr)
           return absl::NotFoundError(
               absl::StrCat("seq_id: no sequence ", call.seq_id, " on device ", d.id));
@@ -75,7 +75,7 @@ void Engine::ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply) {
                 "; an import needs 0 or exactly ", n));
           writes.push_back({call.seq_id, layer, 0, n});
         }
-        auto copies = d.pool->ReserveWrites(writes);
+        auto copies = d.pool->ReserveWrites(writes, call.client.id);
         if (!copies.ok()) return copies.status();
         PublishPoolState(d);
         absl::Status s = d.backend->CopyPages(*copies);

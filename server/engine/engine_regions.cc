@@ -9,17 +9,32 @@
 
 namespace attnd {
 
-absl::Status Engine::RegisterHostRegion(const HostRegionSpec& spec) {
+absl::Status Engine::RegisterHostRegion(const ClientRef& client, const HostRegionSpec& spec) {
   if (absl::Status s = ValidateRegionName(spec.name); !s.ok()) return s;
-  if (regions_.Find(spec.name) != nullptr)
+  if (regions_.Find(spec.name, client.id) != nullptr)
     return absl::AlreadyExistsError(
         absl::StrCat("name: a region named '", spec.name, "' is already registered"));
+  // Counted before anything is mapped (mappings are a finite resource of the whole process),
+  // released if anything fails.
+  if (absl::Status s = clients_.ReserveRegion(client, spec.byte_size); !s.ok()) return s;
   auto region = HostRegion::Open(spec.name, spec.shm_key, spec.offset, spec.byte_size);
-  if (!region.ok()) return region.status();
+  absl::Status added = region.status();
+  if (added.ok()) added = AddHostRegion(client, *std::move(region));
+  if (!added.ok()) {
+    clients_.ReleaseRegion(client, spec.byte_size);
+    return added;
+  }
+  // The key is the client's text, not checked like a name: escaped, it cannot forge a log line.
+  spdlog::info("region={} kind=host shm_key=\"{}\" offset={} bytes={}", spec.name,
+               absl::CHexEscape(spec.shm_key), spec.offset, spec.byte_size);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::AddHostRegion(const ClientRef& client, std::unique_ptr<HostRegion> region) {
   if (platform_->PinsHostMemory()) {
     // Page-locked and portable, so every device's kernels reach it; pinned from the first
     // device's worker (a thread bound to a device), unpinned from anywhere.
-    HostRegion* host = region->get();
+    HostRegion* host = region.get();
     DevicePlatform* platform = platform_.get();
     absl::Status pinned = RunOnWorker(*devices_.front(), [host, platform]() {
       return platform->PinHostMemory(host->mapping(), host->mapping_bytes());
@@ -28,73 +43,88 @@ absl::Status Engine::RegisterHostRegion(const HostRegionSpec& spec) {
     host->SetBeforeUnmap(
         [platform, mapping = host->mapping()] { platform->UnpinHostMemory(mapping); });
   }
-  if (absl::Status s = regions_.Add(std::shared_ptr<Region>(*std::move(region))); !s.ok()) return s;
-  // The key is the client's text, not checked like a name: escaped, it cannot forge a log line.
-  spdlog::info("region={} kind=host shm_key=\"{}\" offset={} bytes={}", spec.name,
-               absl::CHexEscape(spec.shm_key), spec.offset, spec.byte_size);
-  return absl::OkStatus();
+  return regions_.Add(std::shared_ptr<Region>(std::move(region)), client.id);
 }
 
-void Engine::RegisterIpcRegion(const IpcRegionSpec& spec, Done done) {
+void Engine::RegisterIpcRegion(const ClientRef& client, const IpcRegionSpec& spec, Done done) {
   if (!platform_->SupportsIpc()) {
     // The platform says why (the CPU backend has no CUDA memory).
     auto refused = platform_->OpenIpcRegion(spec.name, spec.ipc_handle, -1, spec.byte_size, {});
     return std::move(done)(refused.status());
   }
   if (absl::Status s = ValidateRegionName(spec.name); !s.ok()) return std::move(done)(s);
-  if (regions_.Find(spec.name) != nullptr)
+  if (regions_.Find(spec.name, client.id) != nullptr)
     return std::move(done)(absl::AlreadyExistsError(
         absl::StrCat("name: a region named '", spec.name, "' is already registered")));
   auto device = FindDevice(spec.device);
   if (!device.ok()) return std::move(done)(device.status());
-  PostDone(*device, std::move(done), [this, spec](Device& d) -> absl::Status {
+  if (absl::Status s = clients_.ReserveRegion(client, spec.byte_size); !s.ok())
+    return std::move(done)(s);
+  PostDone(*device, std::move(done), [this, client, spec](Device& d) -> absl::Status {
     auto region = platform_->OpenIpcRegion(spec.name, spec.ipc_handle, d.id, spec.byte_size,
                                            PosterFor(d));
-    if (!region.ok()) return region.status();
-    if (absl::Status s = regions_.Add(std::shared_ptr<Region>(*std::move(region))); !s.ok())
+    absl::Status s = region.status();
+    if (s.ok()) s = regions_.Add(std::shared_ptr<Region>(*std::move(region)), client.id);
+    if (!s.ok()) {
+      clients_.ReleaseRegion(client, spec.byte_size);
       return s;
+    }
     spdlog::info("region={} kind=cuda device={} bytes={}", spec.name, d.id, spec.byte_size);
     return absl::OkStatus();
   });
 }
 
-absl::Status Engine::UnregisterRegion(const std::string& name) {
-  if (absl::Status s = regions_.Remove(name); !s.ok()) return s;
+absl::Status Engine::UnregisterRegion(const ClientRef& client, const std::string& name) {
+  std::shared_ptr<Region> region = regions_.Take(name, client.id);
+  if (region == nullptr) return absl::NotFoundError(absl::StrCat("name: no region named '", name, "'"));
+  clients_.ReleaseRegion(client, region->byte_size());
   spdlog::info("region={} unregistered", name);
   return absl::OkStatus();
 }
 
-std::vector<RegionSummary> Engine::ListRegions() const { return regions_.List(); }
+std::vector<RegionSummary> Engine::ListRegions(const ClientRef& client) const {
+  return regions_.List(client.id);
+}
 
-void Engine::RegisterIpcEvent(const IpcEventSpec& spec, Done done) {
+void Engine::RegisterIpcEvent(const ClientRef& client, const IpcEventSpec& spec, Done done) {
   if (!platform_->SupportsIpc()) {
     auto refused = platform_->OpenIpcEvent(spec.ipc_handle, -1, {});
     return std::move(done)(refused.status());
   }
   if (absl::Status s = ValidateRegionName(spec.name); !s.ok()) return std::move(done)(s);
-  if (events_.Contains(spec.name))
+  if (events_.Contains(spec.name, client.id))
     return std::move(done)(absl::AlreadyExistsError(
         absl::StrCat("name: a CUDA event named '", spec.name, "' is already registered")));
   auto device = FindDevice(spec.device);
   if (!device.ok()) return std::move(done)(device.status());
-  PostDone(*device, std::move(done), [this, spec](Device& d) -> absl::Status {
+  if (absl::Status s = clients_.ReserveEvent(client); !s.ok()) return std::move(done)(s);
+  PostDone(*device, std::move(done), [this, client, spec](Device& d) -> absl::Status {
     auto event = platform_->OpenIpcEvent(spec.ipc_handle, d.id, PosterFor(d));
-    if (!event.ok()) return event.status();
-    if (absl::Status s = events_.Add(spec.name, *std::move(event)); !s.ok()) return s;
+    absl::Status s = event.status();
+    if (s.ok()) s = events_.Add(spec.name, *std::move(event), client.id);
+    if (!s.ok()) {
+      clients_.ReleaseEvent(client);
+      return s;
+    }
     spdlog::info("event={} device={} registered", spec.name, d.id);
     return absl::OkStatus();
   });
 }
 
-absl::Status Engine::UnregisterIpcEvent(const std::string& name) { return events_.Remove(name); }
+absl::Status Engine::UnregisterIpcEvent(const ClientRef& client, const std::string& name) {
+  if (absl::Status s = events_.Remove(name, client.id); !s.ok()) return s;
+  clients_.ReleaseEvent(client);
+  return absl::OkStatus();
+}
 
 absl::StatusOr<ResolvedEvents> Engine::ResolveEvents(const EventNames& sync,
-                                                     const Device& device) const {
+                                                     const Device& device,
+                                                     const ClientRef& client) const {
   if (sync.empty()) return ResolvedEvents{};
   if (!platform_->SupportsIpc())
     return absl::FailedPreconditionError(
         "sync: the CPU backend has no CUDA events; leave sync empty");
-  return events_.Resolve(sync.wait_event, sync.signal_event, device.id);
+  return events_.Resolve(sync.wait_event, sync.signal_event, device.id, client.id);
 }
 
 }  // namespace attnd

@@ -18,60 +18,70 @@ SequenceState Engine::StateOf(const Device& device, const Sequence& seq) const {
   return state;
 }
 
-void Engine::CreateSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply) {
+void Engine::CreateSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                            Reply<SequenceState> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
   Post<SequenceState>(*d, std::move(reply),
-                      [this, seq_id](Device& d) -> absl::StatusOr<SequenceState> {
-                        if (absl::Status s = d.pool->Create(seq_id); !s.ok()) return s;
+                      [this, owner = client.id, principal = client.principal,
+                       seq_id](Device& d) -> absl::StatusOr<SequenceState> {
+                        if (absl::Status s = d.pool->Create(seq_id, owner, principal); !s.ok())
+                          return s;
                         PublishPoolState(d);
-                        return StateOf(d, *d.pool->Find(seq_id));
+                        return StateOf(d, *d.pool->Find(seq_id, owner));
                       });
 }
 
-void Engine::ForkSequence(uint32_t device, uint64_t parent_id, uint64_t child_id,
-                          Reply<SequenceState> reply) {
+void Engine::ForkSequence(const ClientRef& client, uint32_t device, uint64_t parent_id,
+                          uint64_t child_id, Reply<SequenceState> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
   Post<SequenceState>(*d, std::move(reply),
-                      [this, parent_id, child_id](Device& d) -> absl::StatusOr<SequenceState> {
-                        if (absl::Status s = d.pool->Fork(parent_id, child_id); !s.ok()) return s;
+                      [this, owner = client.id, parent_id,
+                       child_id](Device& d) -> absl::StatusOr<SequenceState> {
+                        if (absl::Status s = d.pool->Fork(parent_id, child_id, owner); !s.ok())
+                          return s;
                         PublishPoolState(d);
-                        return StateOf(d, *d.pool->Find(child_id));
+                        return StateOf(d, *d.pool->Find(child_id, owner));
                       });
 }
 
-void Engine::TruncateSequence(uint32_t device, uint64_t seq_id, uint64_t length,
-                              Reply<SequenceState> reply) {
+void Engine::TruncateSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                              uint64_t length, Reply<SequenceState> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
   // Lengths above max_seq_len truncate nothing; clamp so the pool sees a sane int64.
   const int64_t clamped = static_cast<int64_t>(
       std::min<uint64_t>(length, static_cast<uint64_t>(config_.max_seq_len)));
   Post<SequenceState>(*d, std::move(reply),
-                      [this, seq_id, clamped](Device& d) -> absl::StatusOr<SequenceState> {
-                        if (absl::Status s = d.pool->Truncate(seq_id, clamped); !s.ok()) return s;
+                      [this, owner = client.id, seq_id,
+                       clamped](Device& d) -> absl::StatusOr<SequenceState> {
+                        if (absl::Status s = d.pool->Truncate(seq_id, clamped, owner); !s.ok())
+                          return s;
                         PublishPoolState(d);
-                        return StateOf(d, *d.pool->Find(seq_id));
+                        return StateOf(d, *d.pool->Find(seq_id, owner));
                       });
 }
 
-void Engine::ReleaseSequence(uint32_t device, uint64_t seq_id, Reply<int64_t> reply) {
+void Engine::ReleaseSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                             Reply<int64_t> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
-  Post<int64_t>(*d, std::move(reply), [this, seq_id](Device& d) -> absl::StatusOr<int64_t> {
-    auto freed = d.pool->Release(seq_id);
+  Post<int64_t>(*d, std::move(reply),
+                [this, owner = client.id, seq_id](Device& d) -> absl::StatusOr<int64_t> {
+    auto freed = d.pool->Release(seq_id, owner);
     if (freed.ok()) PublishPoolState(d);
     return freed;
   });
 }
 
-void Engine::GetSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> reply) {
+void Engine::GetSequence(const ClientRef& client, uint32_t device, uint64_t seq_id,
+                         Reply<SequenceState> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
   Post<SequenceState>(*d, std::move(reply),
-                      [this, seq_id](Device& d) -> absl::StatusOr<SequenceState> {
-                        const Sequence* seq = d.pool->Find(seq_id);
+                      [this, owner = client.id, seq_id](Device& d) -> absl::StatusOr<SequenceState> {
+                        const Sequence* seq = d.pool->Find(seq_id, owner);
                         if (seq == nullptr)
                           return absl::NotFoundError(
                               absl::StrCat("seq_id: no sequence ", seq_id, " on device ", d.id));
@@ -79,13 +89,15 @@ void Engine::GetSequence(uint32_t device, uint64_t seq_id, Reply<SequenceState> 
                       });
 }
 
-void Engine::ListSequences(uint32_t device, Reply<std::vector<SequenceState>> reply) {
+void Engine::ListSequences(const ClientRef& client, uint32_t device,
+                           Reply<std::vector<SequenceState>> reply) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(reply)(d.status());
   Post<std::vector<SequenceState>>(
-      *d, std::move(reply), [this](Device& d) -> absl::StatusOr<std::vector<SequenceState>> {
+      *d, std::move(reply),
+      [this, owner = client.id](Device& d) -> absl::StatusOr<std::vector<SequenceState>> {
         std::vector<SequenceState> out;
-        for (const Sequence* seq : d.pool->List()) out.push_back(StateOf(d, *seq));
+        for (const Sequence* seq : d.pool->ListOwned(owner)) out.push_back(StateOf(d, *seq));
         return out;
       });
 }

@@ -1,6 +1,7 @@
 #include "server/engine/kv_pool.h"
 
 #include <algorithm>
+#include <tuple>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -17,53 +18,82 @@ KvPool::KvPool(int device, int64_t num_pages, int64_t num_layers, int64_t page_s
       num_layers_(num_layers),
       page_size_(page_size),
       max_seq_len_(max_seq_len),
-      refcounts_(static_cast<size_t>(num_pages), 0) {
+      refcounts_(static_cast<size_t>(num_pages), 0),
+      page_principal_(static_cast<size_t>(num_pages), 0) {
   free_list_.reserve(static_cast<size_t>(num_pages));
   for (int64_t p = num_pages - 1; p >= 0; --p) free_list_.push_back(static_cast<int32_t>(p));
 }
 
-int32_t KvPool::AllocatePage() {
+int32_t KvPool::AllocatePage(uint32_t principal) {
   int32_t page = free_list_.back();
   free_list_.pop_back();
   refcounts_[page] = 1;
+  page_principal_[page] = principal;
+  ++principal_usage_[principal].pages;
   return page;
 }
 
 bool KvPool::ReleasePage(int32_t page) {
   if (--refcounts_[page] > 0) return false;
   free_list_.push_back(page);
+  --principal_usage_[page_principal_[page]].pages;
   return true;
 }
 
-absl::Status KvPool::Create(uint64_t id) {
-  auto seq = std::make_unique<Sequence>();
-  seq->id = id;
-  seq->lengths.assign(static_cast<size_t>(num_layers_), 0);
-  if (!sequences_.try_emplace(id, std::move(seq)).second)
+absl::Status KvPool::CheckPageQuota(uint32_t principal, int64_t needed) const {
+  if (max_pages_per_principal_ == 0 || needed == 0) return absl::OkStatus();
+  auto it = principal_usage_.find(principal);
+  const int64_t held = it == principal_usage_.end() ? 0 : it->second.pages;
+  if (held + needed <= max_pages_per_principal_) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "device ", device_, ": the request needs ", needed, " more pages; this client holds ", held,
+      " of its quota of ", max_pages_per_principal_, " (--max_pages_per_client)"));
+}
+
+absl::Status KvPool::Create(uint64_t id, uint32_t owner, uint32_t principal) {
+  if (sequences_.contains({owner, id}))
     return absl::AlreadyExistsError(
         absl::StrCat("seq_id: sequence ", id, " already exists on device ", device_));
+  OwnerUsage& usage = principal_usage_[principal];
+  if (max_sequences_per_principal_ > 0 && usage.sequences >= max_sequences_per_principal_)
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "seq_id: this client already holds ", usage.sequences, " sequences on device ", device_,
+        ", its quota (--max_sequences_per_client)"));
+  auto seq = std::make_unique<Sequence>();
+  seq->id = id;
+  seq->owner = owner;
+  seq->principal = principal;
+  seq->lengths.assign(static_cast<size_t>(num_layers_), 0);
+  sequences_.emplace(SeqKey{owner, id}, std::move(seq));
+  ++usage.sequences;
   ++table_epoch_;
   return absl::OkStatus();
 }
 
-absl::Status KvPool::Fork(uint64_t parent, uint64_t child) {
-  const Sequence* src = Find(parent);
+absl::Status KvPool::Fork(uint64_t parent, uint64_t child, uint32_t owner) {
+  const Sequence* src = Find(parent, owner);
   if (src == nullptr)
     return absl::NotFoundError(
         absl::StrCat("parent_id: no sequence ", parent, " on device ", device_));
-  if (sequences_.contains(child))
+  if (sequences_.contains({owner, child}))
     return absl::AlreadyExistsError(
         absl::StrCat("child_id: sequence ", child, " already exists on device ", device_));
+  OwnerUsage& usage = principal_usage_[src->principal];
+  if (max_sequences_per_principal_ > 0 && usage.sequences >= max_sequences_per_principal_)
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "child_id: this client already holds ", usage.sequences, " sequences on device ",
+        device_, ", its quota (--max_sequences_per_client)"));
   auto seq = std::make_unique<Sequence>(*src);
   seq->id = child;
   for (int32_t page : seq->pages) ++refcounts_[page];
-  sequences_.emplace(child, std::move(seq));
+  sequences_.emplace(SeqKey{owner, child}, std::move(seq));
+  ++usage.sequences;
   ++table_epoch_;
   return absl::OkStatus();
 }
 
-absl::Status KvPool::Truncate(uint64_t id, int64_t length) {
-  auto it = sequences_.find(id);
+absl::Status KvPool::Truncate(uint64_t id, int64_t length, uint32_t owner) {
+  auto it = sequences_.find(SeqKey{owner, id});
   if (it == sequences_.end())
     return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
   if (length < 0) return absl::InvalidArgumentError("length: must be >= 0");
@@ -78,19 +108,40 @@ absl::Status KvPool::Truncate(uint64_t id, int64_t length) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<int64_t> KvPool::Release(uint64_t id) {
-  auto it = sequences_.find(id);
+absl::StatusOr<int64_t> KvPool::Release(uint64_t id, uint32_t owner) {
+  auto it = sequences_.find(SeqKey{owner, id});
   if (it == sequences_.end())
     return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
   int64_t freed = 0;
   for (int32_t page : it->second->pages) freed += ReleasePage(page) ? 1 : 0;
+  --principal_usage_[it->second->principal].sequences;
   sequences_.erase(it);
   ++table_epoch_;
   return freed;
 }
 
-const Sequence* KvPool::Find(uint64_t id) const {
-  auto it = sequences_.find(id);
+OwnerUsage KvPool::ReleaseOwner(uint32_t owner) {
+  OwnerUsage released;
+  for (const Sequence* seq : ListOwned(owner)) {
+    released.pages += *Release(seq->id, owner);
+    ++released.sequences;
+  }
+  return released;
+}
+
+OwnerUsage KvPool::UsageOf(uint32_t owner) const {
+  OwnerUsage usage;
+  absl::flat_hash_set<int32_t> pages;
+  for (const Sequence* seq : ListOwned(owner)) {
+    ++usage.sequences;
+    pages.insert(seq->pages.begin(), seq->pages.end());
+  }
+  usage.pages = static_cast<int64_t>(pages.size());
+  return usage;
+}
+
+const Sequence* KvPool::Find(uint64_t id, uint32_t owner) const {
+  auto it = sequences_.find(SeqKey{owner, id});
   return it == sequences_.end() ? nullptr : it->second.get();
 }
 
@@ -103,6 +154,16 @@ std::vector<const Sequence*> KvPool::List() const {
   std::vector<const Sequence*> out;
   out.reserve(sequences_.size());
   for (const auto& [id, seq] : sequences_) out.push_back(seq.get());
+  std::sort(out.begin(), out.end(), [](const Sequence* a, const Sequence* b) {
+    return std::tie(a->owner, a->id) < std::tie(b->owner, b->id);
+  });
+  return out;
+}
+
+std::vector<const Sequence*> KvPool::ListOwned(uint32_t owner) const {
+  std::vector<const Sequence*> out;
+  for (const auto& [key, seq] : sequences_)
+    if (key.first == owner) out.push_back(seq.get());
   std::sort(out.begin(), out.end(),
             [](const Sequence* a, const Sequence* b) { return a->id < b->id; });
   return out;
@@ -110,8 +171,9 @@ std::vector<const Sequence*> KvPool::List() const {
 
 absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveAppend(int64_t layer,
                                                             absl::Span<const AppendItem> items,
-                                                            std::vector<int64_t>* starts) {
-  auto prepared = PrepareAppend(layer, items);
+                                                            std::vector<int64_t>* starts,
+                                                            uint32_t owner) {
+  auto prepared = PrepareAppend(layer, items, owner);
   if (!prepared.ok()) return prepared.status();
   auto copies = CommitAppend(*prepared);
   if (copies.ok()) *starts = std::move(prepared->starts);
@@ -119,7 +181,8 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveAppend(int64_t layer,
 }
 
 absl::StatusOr<PreparedAppend> KvPool::PrepareAppend(int64_t layer,
-                                                     absl::Span<const AppendItem> items) {
+                                                     absl::Span<const AppendItem> items,
+                                                     uint32_t owner) {
   if (layer < 0 || layer >= num_layers_)
     return absl::InvalidArgumentError(
         absl::StrCat("layer: ", layer, " is out of range [0, ", num_layers_, ")"));
@@ -131,7 +194,7 @@ absl::StatusOr<PreparedAppend> KvPool::PrepareAppend(int64_t layer,
   absl::flat_hash_set<uint64_t> seen;
   for (size_t i = 0; i < items.size(); ++i) {
     const AppendItem& item = items[i];
-    auto it = sequences_.find(item.seq_id);
+    auto it = sequences_.find(SeqKey{owner, item.seq_id});
     if (it == sequences_.end())
       return absl::NotFoundError(absl::StrCat("items[", i, "].seq_id: no sequence ", item.seq_id,
                                               " on device ", device_));
@@ -164,12 +227,13 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::CommitAppend(const PreparedAppend&
   return Reserve(writes);
 }
 
-absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const PageWrite> writes) {
+absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const PageWrite> writes,
+                                                            uint32_t owner) {
   std::vector<ResolvedWrite> resolved;
   resolved.reserve(writes.size());
   absl::flat_hash_set<std::pair<uint64_t, int64_t>> seen;
   for (const PageWrite& w : writes) {
-    auto it = sequences_.find(w.seq_id);
+    auto it = sequences_.find(SeqKey{owner, w.seq_id});
     if (it == sequences_.end())
       return absl::NotFoundError(
           absl::StrCat("seq_id: no sequence ", w.seq_id, " on device ", device_));
@@ -207,6 +271,9 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::Reserve(absl::Span<const ResolvedW
     needed += std::max<int64_t>(0, last + 1 - planned);
     planned = std::max(planned, last + 1);
   }
+  // A call's writes are all one owner's, so one principal pays for them.
+  const uint32_t principal = writes.empty() ? 0 : writes.front().seq->principal;
+  if (absl::Status s = CheckPageQuota(principal, needed); !s.ok()) return s;
   if (needed > free_pages())
     return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the request needs ",
                                                      needed, " free pages, ", free_pages(),
@@ -222,14 +289,14 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::Reserve(absl::Span<const ResolvedW
       if (p < static_cast<int64_t>(seq.pages.size())) {
         int32_t& page = seq.pages[static_cast<size_t>(p)];
         if (refcounts_[page] > 1) {
-          const int32_t fresh = AllocatePage();
+          const int32_t fresh = AllocatePage(seq.principal);
           copies.push_back({page, fresh});
           ReleasePage(page);
           page = fresh;
           ++table_epoch_;
         }
       } else {
-        seq.pages.push_back(AllocatePage());
+        seq.pages.push_back(AllocatePage(seq.principal));
         ++table_epoch_;
       }
     }

@@ -64,6 +64,16 @@ Metrics::Metrics(const std::vector<int>& devices)
                         "planning, launches), device (waiting for the GPU), reply, write "
                         "(Stream), total (receipt to reply)")
                   .Register(*registry_)) {
+  clients_ = &prometheus::BuildGauge()
+                  .Name("attnd_clients")
+                  .Help("Clients known to the server (a uid or token, and its attnd-client name)")
+                  .Register(*registry_)
+                  .Add({});
+  leases_expired_ = &prometheus::BuildCounter()
+                         .Name("attnd_leases_expired_total")
+                         .Help("Client leases that ran out; what the client held was released")
+                         .Register(*registry_)
+                         .Add({});
   auto& pages_used = prometheus::BuildGauge()
                          .Name("attnd_pages_used")
                          .Help("KV pages owned by sequences, per device")

@@ -59,6 +59,9 @@ class Metrics {
   // A Decode on the CUDA backend: replayed through the graph of `bucket`, or (bucket 0)
   // launched eagerly.
   void RecordDecodeLaunch(int device_index, int bucket);
+  // Leases: clients known now, and leases that ran out (their holdings released).
+  void SetClients(int64_t n) { clients_->Set(static_cast<double>(n)); }
+  void RecordLeaseExpired() { leases_expired_->Increment(); }
 
   StatsSnapshot Snapshot() const;
   prometheus::Registry& registry() { return *registry_; }
@@ -81,6 +84,8 @@ class Metrics {
   std::vector<int> device_ids_;
   std::vector<DeviceMetrics> devices_;
   std::unique_ptr<prometheus::Exposer> exposer_;
+  prometheus::Gauge* clients_;
+  prometheus::Counter* leases_expired_;
 
   // Per-label lookups are cached: prometheus-cpp's Family::Add hashes the label map each time.
   mutable absl::Mutex mu_;

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -31,23 +32,28 @@ struct ResolvedEvents {
   std::vector<std::shared_ptr<IpcEvent>> owners;
 };
 
+// Names are per client: `owner` (0 for in-process callers) sees and touches only its own.
 class EventRegistry {
  public:
-  // ALREADY_EXISTS if the name is taken.
-  absl::Status Add(const std::string& name, std::shared_ptr<IpcEvent> event);
-  // NOT_FOUND if there is no such name.
-  absl::Status Remove(const std::string& name);
-  bool Contains(const std::string& name) const;
+  // ALREADY_EXISTS if the owner already has an event of that name.
+  absl::Status Add(const std::string& name, std::shared_ptr<IpcEvent> event, uint32_t owner = 0);
+  // NOT_FOUND if the owner has no such name.
+  absl::Status Remove(const std::string& name, uint32_t owner = 0);
+  bool Contains(const std::string& name, uint32_t owner = 0) const;
   // Resolves a request's wait and signal events (either may be empty) for a call on `device`;
   // the messages name sync.wait_event / sync.signal_event.
   absl::StatusOr<ResolvedEvents> Resolve(const std::string& wait_event,
-                                         const std::string& signal_event, int device) const;
+                                         const std::string& signal_event, int device,
+                                         uint32_t owner = 0) const;
+  // Removes every event of `owner`; returns how many.
+  int64_t RemoveOwner(uint32_t owner);
   // Drops every event (at shutdown, while the device workers still run).
   void Clear();
 
  private:
   mutable absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<IpcEvent>> events_ ABSL_GUARDED_BY(mu_);
+  using Key = std::pair<uint32_t, std::string>;  // (owner, name)
+  absl::flat_hash_map<Key, std::shared_ptr<IpcEvent>> events_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace attnd

@@ -79,38 +79,43 @@ HostRegion::~HostRegion() {
 
 std::string HostRegion::source() const { return absl::StrCat("shm:", shm_key_, "+", shm_offset_); }
 
-absl::Status RegionRegistry::Add(std::shared_ptr<Region> region) {
+absl::Status RegionRegistry::Add(std::shared_ptr<Region> region, uint32_t owner) {
   absl::MutexLock lock(&mu_);
-  auto [it, inserted] = regions_.try_emplace(region->name(), region);
+  auto [it, inserted] = regions_.try_emplace(Key{owner, region->name()}, region);
   if (!inserted)
     return absl::AlreadyExistsError(
         absl::StrCat("name: a region named '", region->name(), "' is already registered"));
   return absl::OkStatus();
 }
 
-absl::Status RegionRegistry::Remove(const std::string& name) {
-  std::shared_ptr<Region> doomed;  // unmapped outside the lock if this was the last holder
-  absl::MutexLock lock(&mu_);
-  auto it = regions_.find(name);
-  if (it == regions_.end())
+absl::Status RegionRegistry::Remove(const std::string& name, uint32_t owner) {
+  // Unmapped here, outside the lock, if this was the last holder.
+  if (Take(name, owner) == nullptr)
     return absl::NotFoundError(absl::StrCat("name: no region named '", name, "'"));
-  doomed = std::move(it->second);
-  regions_.erase(it);
   return absl::OkStatus();
 }
 
-std::shared_ptr<Region> RegionRegistry::Find(const std::string& name) const {
+std::shared_ptr<Region> RegionRegistry::Take(const std::string& name, uint32_t owner) {
   absl::MutexLock lock(&mu_);
-  auto it = regions_.find(name);
+  auto it = regions_.find(Key{owner, name});
+  if (it == regions_.end()) return nullptr;
+  std::shared_ptr<Region> taken = std::move(it->second);
+  regions_.erase(it);
+  return taken;
+}
+
+std::shared_ptr<Region> RegionRegistry::Find(const std::string& name, uint32_t owner) const {
+  absl::MutexLock lock(&mu_);
+  auto it = regions_.find(Key{owner, name});
   return it == regions_.end() ? nullptr : it->second;
 }
 
-std::vector<RegionSummary> RegionRegistry::List() const {
+std::vector<RegionSummary> RegionRegistry::List(uint32_t owner) const {
   absl::MutexLock lock(&mu_);
   std::vector<RegionSummary> out;
-  out.reserve(regions_.size());
-  for (const auto& [name, r] : regions_) {
-    RegionSummary s{name, r->kind(), r->device(), r->byte_size(), "", 0, r.use_count() - 1};
+  for (const auto& [key, r] : regions_) {
+    if (key.first != owner) continue;
+    RegionSummary s{key.second, r->kind(), r->device(), r->byte_size(), "", 0, r.use_count() - 1};
     if (auto* host = dynamic_cast<const HostRegion*>(r.get())) {
       s.shm_key = host->shm_key();
       s.shm_offset = host->shm_offset();
@@ -120,8 +125,22 @@ std::vector<RegionSummary> RegionRegistry::List() const {
   return out;
 }
 
+std::vector<std::shared_ptr<Region>> RegionRegistry::RemoveOwner(uint32_t owner) {
+  std::vector<std::shared_ptr<Region>> removed;
+  absl::MutexLock lock(&mu_);
+  for (auto it = regions_.begin(); it != regions_.end();) {
+    if (it->first.first == owner) {
+      removed.push_back(std::move(it->second));
+      regions_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  return removed;
+}
+
 void RegionRegistry::Clear() {
-  absl::flat_hash_map<std::string, std::shared_ptr<Region>> doomed;
+  absl::flat_hash_map<Key, std::shared_ptr<Region>> doomed;
   {
     absl::MutexLock lock(&mu_);
     doomed.swap(regions_);

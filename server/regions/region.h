@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -84,22 +85,28 @@ struct RegionSummary {
   int64_t in_flight;  // requests holding the region now
 };
 
+// Names are per client: `owner` (0 for in-process callers) sees and touches only its own.
 class RegionRegistry {
  public:
-  // ALREADY_EXISTS if the name is taken.
-  absl::Status Add(std::shared_ptr<Region> region);
-  // NOT_FOUND if there is no such name. The region stays mapped while requests hold it.
-  absl::Status Remove(const std::string& name);
-  // nullptr if there is no such name.
-  std::shared_ptr<Region> Find(const std::string& name) const;
-  std::vector<RegionSummary> List() const;
+  // ALREADY_EXISTS if the owner already has a region of that name.
+  absl::Status Add(std::shared_ptr<Region> region, uint32_t owner = 0);
+  // NOT_FOUND if the owner has no such name. The region stays mapped while requests hold it.
+  absl::Status Remove(const std::string& name, uint32_t owner = 0);
+  // Removes and returns the owner's region of that name; nullptr if there is none.
+  std::shared_ptr<Region> Take(const std::string& name, uint32_t owner = 0);
+  // nullptr if the owner has no such name.
+  std::shared_ptr<Region> Find(const std::string& name, uint32_t owner = 0) const;
+  std::vector<RegionSummary> List(uint32_t owner = 0) const;
+  // Removes every region of `owner`; returns them (each unmapped when its last holder lets go).
+  std::vector<std::shared_ptr<Region>> RemoveOwner(uint32_t owner);
   size_t size() const;
   // Drops every region (at shutdown, after all work is done).
   void Clear();
 
  private:
+  using Key = std::pair<uint32_t, std::string>;  // (owner, name)
   mutable absl::Mutex mu_;
-  absl::flat_hash_map<std::string, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<Key, std::shared_ptr<Region>> regions_ ABSL_GUARDED_BY(mu_);
 };
 
 // Checks a region name from the wire: 1..128 printable bytes.

@@ -36,7 +36,7 @@ absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions,
                                              const TensorName& ref, absl::string_view field,
                                              kernels::DType expected_dtype,
                                              absl::Span<const uint64_t> expected_shape,
-                                             const Placement& placement) {
+                                             const Placement& placement, uint32_t owner) {
   if (ref.region.empty())
     return absl::InvalidArgumentError(absl::StrCat(field, ".region: required"));
   if (ref.dtype != expected_dtype)
@@ -57,7 +57,7 @@ absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions,
     if (__builtin_mul_overflow(bytes, d, &bytes))
       return absl::InvalidArgumentError(absl::StrCat(field, ".shape: byte size overflows 64 bits"));
   }
-  std::shared_ptr<Region> region = regions.Find(ref.region);
+  std::shared_ptr<Region> region = regions.Find(ref.region, owner);
   if (region == nullptr)
     return absl::NotFoundError(
         absl::StrCat(field, ".region: no region named '", ref.region, "'"));

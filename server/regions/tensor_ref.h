@@ -46,7 +46,7 @@ absl::StatusOr<ResolvedTensor> ResolveTensor(const RegionRegistry& regions, cons
                                              absl::string_view field,
                                              kernels::DType expected_dtype,
                                              absl::Span<const uint64_t> expected_shape,
-                                             const Placement& placement);
+                                             const Placement& placement, uint32_t owner = 0);
 
 // "float16", "bfloat16", "float32"; "unspecified" for nullopt.
 const char* DTypeName(std::optional<kernels::DType> dtype);

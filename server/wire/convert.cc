@@ -207,4 +207,18 @@ void FillLengths(const DataResult& result, google::protobuf::RepeatedField<uint6
   out->Add(result.lengths.begin(), result.lengths.end());
 }
 
+void FillLease(const LeaseState& lease, const ServerConfig& config, v1::LeaseInfo* out) {
+  out->set_client(lease.client);
+  out->set_sequences(static_cast<uint64_t>(lease.sequences));
+  out->set_pages(static_cast<uint64_t>(lease.pages));
+  out->set_regions(static_cast<uint64_t>(lease.regions));
+  out->set_region_bytes(static_cast<uint64_t>(lease.region_bytes));
+  out->set_events(static_cast<uint64_t>(lease.events));
+  out->set_max_sequences(static_cast<uint64_t>(config.max_sequences_per_client));
+  out->set_max_pages(static_cast<uint64_t>(config.max_pages_per_client));
+  out->set_max_regions(static_cast<uint64_t>(config.max_regions_per_client));
+  out->set_max_region_bytes(static_cast<uint64_t>(config.max_region_bytes_per_client));
+  out->set_lease_timeout_s(config.lease_timeout_s);
+}
+
 }  // namespace attnd::wire

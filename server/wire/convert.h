@@ -35,6 +35,7 @@ void FillServerInfo(const EngineInfo& info, v1::ServerInfo* out);
 void FillSequenceInfo(const SequenceState& state, v1::SequenceInfo* out);
 void FillRegions(const std::vector<RegionSummary>& regions, v1::ListRegionsResponse* out);
 void FillStats(const StatsSnapshot& stats, v1::Stats* out);
+void FillLease(const LeaseState& lease, const ServerConfig& config, v1::LeaseInfo* out);
 void FillLengths(const DataResult& result, google::protobuf::RepeatedField<uint64_t>* out);
 
 }  // namespace attnd::wire

@@ -88,29 +88,57 @@ Engine::Reply<DataResult> FinishData(std::unique_ptr<DataCall> data, Resp* resp)
   };
 }
 
-// The call's deadline, for the engine to drop a call that expired while queued. (Cancellation
-// needs a reactor of our own: the callback API lets IsCancelled be read only in OnCancel/OnDone.)
-CallLife LifeOf(const grpc::CallbackServerContext* ctx) {
+// A data call's reactor: it remembers a cancellation (the callback API tells only the reactor,
+// through OnCancel), so the engine drops a call whose client went away before it reached the
+// device.
+class DataReactor final : public grpc::ServerUnaryReactor {
+ public:
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+  // Outlives the reactor: the engine may ask after the reply.
+  std::function<bool()> IsCancelled() const {
+    return [cancelled = cancelled_] { return cancelled->load(); };
+  }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+};
+
+// The call's deadline and cancellation, for the engine to drop a call that expired or was
+// cancelled while queued.
+CallLife LifeOf(const grpc::CallbackServerContext* ctx, const DataReactor* reactor) {
   CallLife life;
   const std::chrono::system_clock::time_point deadline = ctx->deadline();
   if (deadline != std::chrono::system_clock::time_point::max())
     life.deadline = absl::FromChrono(deadline);
+  life.is_cancelled = reactor->IsCancelled();
   return life;
 }
 
+// Starts a data call on a reactor of its own; `life` gets its deadline and cancellation.
 std::unique_ptr<DataCall> StartData(grpc::CallbackServerContext* ctx, Metrics* metrics,
-                                    const char* rpc) {
-  auto data = std::make_unique<DataCall>(DataCall{StartUnary(ctx, metrics, rpc), {}});
+                                    const char* rpc, CallLife* life) {
+  auto* reactor = new DataReactor();
+  *life = LifeOf(ctx, reactor);
+  auto data = std::make_unique<DataCall>(DataCall{UnaryCall{reactor, metrics, rpc, Clock::now()}, {}});
   data->trace.received = data->call.start;
   return data;
 }
 
 }  // namespace
 
+absl::StatusOr<ClientRef> AttentionService::ClientOf(const grpc::CallbackServerContext* ctx) const {
+  auto caller = auth_->Identify(*ctx);
+  if (!caller.ok()) return caller.status();
+  return engine_->Attach(*caller);
+}
+
 grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerContext* ctx,
                                                           const v1::GetServerInfoRequest*,
                                                           v1::ServerInfo* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "GetServerInfo");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
   wire::FillServerInfo(engine_->Info(), resp);
   return Answer(call, absl::OkStatus());
 }
@@ -118,6 +146,8 @@ grpc::ServerUnaryReactor* AttentionService::GetServerInfo(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AttentionService::GetStats(grpc::CallbackServerContext* ctx,
                                                      const v1::GetStatsRequest*, v1::Stats* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "GetStats");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
   wire::FillStats(metrics_->Snapshot(), resp);
   return Answer(call, absl::OkStatus());
 }
@@ -126,14 +156,18 @@ grpc::ServerUnaryReactor* AttentionService::RegisterHostRegion(
     grpc::CallbackServerContext* ctx, const v1::RegisterHostRegionRequest* req,
     v1::RegisterRegionResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "RegisterHostRegion");
-  return Answer(call, engine_->RegisterHostRegion(wire::ToHostRegionSpec(*req)));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  return Answer(call, engine_->RegisterHostRegion(*client, wire::ToHostRegionSpec(*req)));
 }
 
 grpc::ServerUnaryReactor* AttentionService::RegisterCudaRegion(
     grpc::CallbackServerContext* ctx, const v1::RegisterCudaRegionRequest* req,
     v1::RegisterRegionResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "RegisterCudaRegion");
-  engine_->RegisterIpcRegion(wire::ToIpcRegionSpec(*req), FinishWith(call));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->RegisterIpcRegion(*client, wire::ToIpcRegionSpec(*req), FinishWith(call));
   return call.reactor;
 }
 
@@ -141,14 +175,18 @@ grpc::ServerUnaryReactor* AttentionService::UnregisterRegion(
     grpc::CallbackServerContext* ctx, const v1::UnregisterRegionRequest* req,
     v1::UnregisterRegionResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "UnregisterRegion");
-  return Answer(call, engine_->UnregisterRegion(req->name()));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  return Answer(call, engine_->UnregisterRegion(*client, req->name()));
 }
 
 grpc::ServerUnaryReactor* AttentionService::ListRegions(grpc::CallbackServerContext* ctx,
                                                         const v1::ListRegionsRequest*,
                                                         v1::ListRegionsResponse* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "ListRegions");
-  wire::FillRegions(engine_->ListRegions(), resp);
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  wire::FillRegions(engine_->ListRegions(*client), resp);
   return Answer(call, absl::OkStatus());
 }
 
@@ -156,7 +194,9 @@ grpc::ServerUnaryReactor* AttentionService::RegisterCudaEvent(
     grpc::CallbackServerContext* ctx, const v1::RegisterCudaEventRequest* req,
     v1::RegisterCudaEventResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "RegisterCudaEvent");
-  engine_->RegisterIpcEvent(wire::ToIpcEventSpec(*req), FinishWith(call));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->RegisterIpcEvent(*client, wire::ToIpcEventSpec(*req), FinishWith(call));
   return call.reactor;
 }
 
@@ -164,14 +204,18 @@ grpc::ServerUnaryReactor* AttentionService::UnregisterCudaEvent(
     grpc::CallbackServerContext* ctx, const v1::UnregisterCudaEventRequest* req,
     v1::UnregisterCudaEventResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "UnregisterCudaEvent");
-  return Answer(call, engine_->UnregisterIpcEvent(req->name()));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  return Answer(call, engine_->UnregisterIpcEvent(*client, req->name()));
 }
 
 grpc::ServerUnaryReactor* AttentionService::CreateSequence(grpc::CallbackServerContext* ctx,
                                                            const v1::CreateSequenceRequest* req,
                                                            v1::SequenceInfo* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "CreateSequence");
-  engine_->CreateSequence(req->device(), req->seq_id(),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->CreateSequence(*client, req->device(), req->seq_id(),
                           FillThenFinish<SequenceState>(call, [resp](const SequenceState& s) {
                             wire::FillSequenceInfo(s, resp);
                           }));
@@ -182,7 +226,9 @@ grpc::ServerUnaryReactor* AttentionService::ForkSequence(grpc::CallbackServerCon
                                                          const v1::ForkSequenceRequest* req,
                                                          v1::SequenceInfo* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "ForkSequence");
-  engine_->ForkSequence(req->device(), req->parent_id(), req->child_id(),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->ForkSequence(*client, req->device(), req->parent_id(), req->child_id(),
                         FillThenFinish<SequenceState>(call, [resp](const SequenceState& s) {
                           wire::FillSequenceInfo(s, resp);
                         }));
@@ -193,7 +239,9 @@ grpc::ServerUnaryReactor* AttentionService::TruncateSequence(
     grpc::CallbackServerContext* ctx, const v1::TruncateSequenceRequest* req,
     v1::SequenceInfo* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "TruncateSequence");
-  engine_->TruncateSequence(req->device(), req->seq_id(), req->length(),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->TruncateSequence(*client, req->device(), req->seq_id(), req->length(),
                             FillThenFinish<SequenceState>(call, [resp](const SequenceState& s) {
                               wire::FillSequenceInfo(s, resp);
                             }));
@@ -204,7 +252,9 @@ grpc::ServerUnaryReactor* AttentionService::ReleaseSequence(grpc::CallbackServer
                                                             const v1::ReleaseSequenceRequest* req,
                                                             v1::ReleaseSequenceResponse* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "ReleaseSequence");
-  engine_->ReleaseSequence(req->device(), req->seq_id(),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->ReleaseSequence(*client, req->device(), req->seq_id(),
                            FillThenFinish<int64_t>(call, [resp](int64_t freed) {
                              resp->set_freed_pages(static_cast<uint64_t>(freed));
                            }));
@@ -215,7 +265,9 @@ grpc::ServerUnaryReactor* AttentionService::GetSequence(grpc::CallbackServerCont
                                                         const v1::GetSequenceRequest* req,
                                                         v1::SequenceInfo* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "GetSequence");
-  engine_->GetSequence(req->device(), req->seq_id(),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  engine_->GetSequence(*client, req->device(), req->seq_id(),
                        FillThenFinish<SequenceState>(call, [resp](const SequenceState& s) {
                          wire::FillSequenceInfo(s, resp);
                        }));
@@ -226,8 +278,10 @@ grpc::ServerUnaryReactor* AttentionService::ListSequences(grpc::CallbackServerCo
                                                           const v1::ListSequencesRequest* req,
                                                           v1::ListSequencesResponse* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "ListSequences");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
   engine_->ListSequences(
-      req->device(),
+      *client, req->device(),
       FillThenFinish<std::vector<SequenceState>>(call, [resp](const std::vector<SequenceState>& all) {
         for (const SequenceState& s : all) wire::FillSequenceInfo(s, resp->add_sequences());
       }));
@@ -237,11 +291,15 @@ grpc::ServerUnaryReactor* AttentionService::ListSequences(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AttentionService::Append(grpc::CallbackServerContext* ctx,
                                                    const v1::AppendRequest* req,
                                                    v1::AppendResponse* resp) {
-  auto data = StartData(ctx, metrics_, "Append");
+  CallLife life;
+  auto data = StartData(ctx, metrics_, "Append", &life);
   grpc::ServerUnaryReactor* reactor = data->call.reactor;
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(data->call, client.status());
   RequestTrace* trace = &data->trace;
   auto call = wire::ToAppendCall(*req);
-  call.life = LifeOf(ctx);
+  call.client = *client;
+  call.life = std::move(life);
   engine_->Append(std::move(call), FinishData(std::move(data), resp), trace);
   return reactor;
 }
@@ -249,37 +307,48 @@ grpc::ServerUnaryReactor* AttentionService::Append(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AttentionService::Prefill(grpc::CallbackServerContext* ctx,
                                                     const v1::AttentionRequest* req,
                                                     v1::AttentionResponse* resp) {
-  auto data = StartData(ctx, metrics_, "Prefill");
-  grpc::ServerUnaryReactor* reactor = data->call.reactor;
-  RequestTrace* trace = &data->trace;
-  auto call = wire::ToAttentionCall(*req);
-  call.life = LifeOf(ctx);
-  engine_->Prefill(std::move(call), FinishData(std::move(data), resp), trace);
-  return reactor;
+  return Attention(ctx, req, resp, /*decode=*/false);
 }
 
 grpc::ServerUnaryReactor* AttentionService::Decode(grpc::CallbackServerContext* ctx,
                                                    const v1::AttentionRequest* req,
                                                    v1::AttentionResponse* resp) {
-  auto data = StartData(ctx, metrics_, "Decode");
+  return Attention(ctx, req, resp, /*decode=*/true);
+}
+
+grpc::ServerUnaryReactor* AttentionService::Attention(grpc::CallbackServerContext* ctx,
+                                                      const v1::AttentionRequest* req,
+                                                      v1::AttentionResponse* resp, bool decode) {
+  CallLife life;
+  auto data = StartData(ctx, metrics_, decode ? "Decode" : "Prefill", &life);
   grpc::ServerUnaryReactor* reactor = data->call.reactor;
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(data->call, client.status());
   RequestTrace* trace = &data->trace;
   auto call = wire::ToAttentionCall(*req);
-  call.life = LifeOf(ctx);
-  engine_->Decode(std::move(call), FinishData(std::move(data), resp), trace);
+  call.client = *client;
+  call.life = std::move(life);
+  if (decode)
+    engine_->Decode(std::move(call), FinishData(std::move(data), resp), trace);
+  else
+    engine_->Prefill(std::move(call), FinishData(std::move(data), resp), trace);
   return reactor;
 }
 
 grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse>* AttentionService::Stream(
-    grpc::CallbackServerContext*) {
-  return new wire::StreamReactor(engine_, metrics_);
+    grpc::CallbackServerContext* ctx) {
+  return new wire::StreamReactor(engine_, metrics_, ClientOf(ctx));
 }
 
 grpc::ServerUnaryReactor* AttentionService::ExportKv(grpc::CallbackServerContext* ctx,
                                                      const v1::ExportKvRequest* req,
                                                      v1::ExportKvResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "ExportKv");
-  engine_->ExportKv(wire::ToTransferCall(*req), FinishWith(call));
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  KvTransferCall transfer = wire::ToTransferCall(*req);
+  transfer.client = *client;
+  engine_->ExportKv(std::move(transfer), FinishWith(call));
   return call.reactor;
 }
 
@@ -287,11 +356,39 @@ grpc::ServerUnaryReactor* AttentionService::ImportKv(grpc::CallbackServerContext
                                                      const v1::ImportKvRequest* req,
                                                      v1::ImportKvResponse* resp) {
   UnaryCall call = StartUnary(ctx, metrics_, "ImportKv");
-  engine_->ImportKv(wire::ToTransferCall(*req),
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  KvTransferCall transfer = wire::ToTransferCall(*req);
+  transfer.client = *client;
+  engine_->ImportKv(std::move(transfer),
                     FillThenFinish<std::vector<int64_t>>(call, [resp](const std::vector<int64_t>& l) {
                       for (int64_t len : l) resp->add_layer_lengths(static_cast<uint64_t>(len));
                     }));
   return call.reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionService::GetLease(grpc::CallbackServerContext* ctx,
+                                                     const v1::GetLeaseRequest*,
+                                                     v1::LeaseInfo* resp) {
+  UnaryCall call = StartUnary(ctx, metrics_, "GetLease");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  wire::FillLease(engine_->GetLease(*client), engine_->config(), resp);
+  return Answer(call, absl::OkStatus());
+}
+
+grpc::ServerUnaryReactor* AttentionService::ReleaseAll(grpc::CallbackServerContext* ctx,
+                                                       const v1::ReleaseAllRequest*,
+                                                       v1::ReleaseAllResponse* resp) {
+  UnaryCall call = StartUnary(ctx, metrics_, "ReleaseAll");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  const ReleasedHoldings released = engine_->ReleaseAll(*client);
+  resp->set_sequences(static_cast<uint64_t>(released.sequences));
+  resp->set_freed_pages(static_cast<uint64_t>(released.freed_pages));
+  resp->set_regions(static_cast<uint64_t>(released.regions));
+  resp->set_events(static_cast<uint64_t>(released.events));
+  return Answer(call, absl::OkStatus());
 }
 
 }  // namespace attnd

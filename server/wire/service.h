@@ -7,12 +7,15 @@
 #include "attnd/v1/attention.grpc.pb.h"
 #include "server/engine/engine.h"
 #include "server/metrics/metrics.h"
+#include "server/wire/identity.h"
 
 namespace attnd {
 
 class AttentionService final : public v1::Attention::CallbackService {
  public:
-  AttentionService(Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
+  // Every call acts for the client `auth` identifies (its lease renewed by the call).
+  AttentionService(Engine* engine, Metrics* metrics, const wire::Authenticator* auth)
+      : engine_(engine), metrics_(metrics), auth_(auth) {}
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* req,
@@ -72,10 +75,22 @@ class AttentionService final : public v1::Attention::CallbackService {
   grpc::ServerUnaryReactor* ImportKv(grpc::CallbackServerContext* ctx,
                                      const v1::ImportKvRequest* req,
                                      v1::ImportKvResponse* resp) override;
+  grpc::ServerUnaryReactor* GetLease(grpc::CallbackServerContext* ctx,
+                                     const v1::GetLeaseRequest* req, v1::LeaseInfo* resp) override;
+  grpc::ServerUnaryReactor* ReleaseAll(grpc::CallbackServerContext* ctx,
+                                       const v1::ReleaseAllRequest* req,
+                                       v1::ReleaseAllResponse* resp) override;
 
  private:
-  Engine* engine_;
-  Metrics* metrics_;
+  grpc::ServerUnaryReactor* Attention(grpc::CallbackServerContext* ctx,
+                                      const v1::AttentionRequest* req,
+                                      v1::AttentionResponse* resp, bool decode);
+  // The caller's client, its lease renewed; UNAUTHENTICATED or INVALID_ARGUMENT otherwise.
+  absl::StatusOr<ClientRef> ClientOf(const grpc::CallbackServerContext* ctx) const;
+
+  Engine* const engine_;
+  Metrics* const metrics_;
+  const wire::Authenticator* const auth_;
 };
 
 }  // namespace attnd

@@ -9,9 +9,28 @@
 
 namespace attnd::wire {
 
-StreamReactor::StreamReactor(Engine* engine, Metrics* metrics)
-    : engine_(engine), metrics_(metrics) {
+StreamReactor::StreamReactor(Engine* engine, Metrics* metrics, absl::StatusOr<ClientRef> client)
+    : engine_(engine),
+      metrics_(metrics),
+      client_(client.ok() ? *client : ClientRef{}),
+      identified_(client.ok()) {
+  if (!identified_) {
+    Finish(ToGrpc(client.status()));
+    return;
+  }
+  engine_->clients().StreamOpened(client_.id);
   StartRead(&request_);
+}
+
+void StreamReactor::OnDone() {
+  if (identified_) engine_->clients().StreamClosed(client_.id, absl::Now());
+  delete this;
+}
+
+CallLife StreamReactor::Life() const {
+  CallLife life;
+  life.is_cancelled = [cancelled = cancelled_] { return cancelled->load(); };
+  return life;
 }
 
 void StreamReactor::OnReadDone(bool ok) {
@@ -70,8 +89,11 @@ void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
     case v1::StreamRequest::kAppend: {
       slot->rpc = "Stream.Append";
       v1::AppendResponse* resp = slot->response.mutable_append();
+      AppendCall call = ToAppendCall(req.append());
+      call.client = client_;
+      call.life = Life();
       engine_->Append(
-          ToAppendCall(req.append()),
+          std::move(call),
           [this, slot, resp](absl::StatusOr<DataResult> result) {
             if (result.ok()) FillLengths(*result, resp->mutable_lengths());
             Complete(slot, result.status());
@@ -80,15 +102,19 @@ void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
       break;
     }
     case v1::StreamRequest::kPrefill:
-      slot->rpc = "Stream.Prefill";
-      engine_->Prefill(ToAttentionCall(req.prefill()),
-                       lengths_into(slot->response.mutable_attention()), &slot->trace);
+    case v1::StreamRequest::kDecode: {
+      const bool decode = req.op_case() == v1::StreamRequest::kDecode;
+      slot->rpc = decode ? "Stream.Decode" : "Stream.Prefill";
+      AttentionCall call = ToAttentionCall(decode ? req.decode() : req.prefill());
+      call.client = client_;
+      call.life = Life();
+      auto reply = lengths_into(slot->response.mutable_attention());
+      if (decode)
+        engine_->Decode(std::move(call), std::move(reply), &slot->trace);
+      else
+        engine_->Prefill(std::move(call), std::move(reply), &slot->trace);
       break;
-    case v1::StreamRequest::kDecode:
-      slot->rpc = "Stream.Decode";
-      engine_->Decode(ToAttentionCall(req.decode()),
-                      lengths_into(slot->response.mutable_attention()), &slot->trace);
-      break;
+    }
     default:
       slot->rpc = "Stream";
       Complete(slot, absl::InvalidArgumentError("op: one of append, prefill or decode is required"));

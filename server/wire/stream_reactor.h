@@ -3,6 +3,7 @@
 #ifndef ATTND_SERVER_WIRE_STREAM_REACTOR_H_
 #define ATTND_SERVER_WIRE_STREAM_REACTOR_H_
 
+#include <atomic>
 #include <deque>
 #include <memory>
 
@@ -17,11 +18,15 @@ namespace attnd::wire {
 
 class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse> {
  public:
-  StreamReactor(Engine* engine, Metrics* metrics);
+  // Serves `client`'s requests (its lease is kept while the stream is open); a caller that
+  // could not be identified gets the error at once.
+  StreamReactor(Engine* engine, Metrics* metrics, absl::StatusOr<ClientRef> client);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
-  void OnDone() override { delete this; }
+  // The client went away: requests not yet on the device are dropped, unapplied.
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override;
 
  private:
   struct Slot {
@@ -41,8 +46,14 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   // response written.
   bool MaybeFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  // Each request's deadline (none: a Stream's deadline is the stream's) and cancellation.
+  CallLife Life() const;
+
   Engine* const engine_;
   Metrics* const metrics_;
+  const ClientRef client_;
+  const bool identified_;
+  const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   v1::StreamRequest request_;  // the read in progress; only gRPC's read callbacks touch it
 
   absl::Mutex mu_;

@@ -60,31 +60,40 @@ absl::Status Await(Call&& call) {
 class WireEngine {
  public:
   using Done = Engine::Done;
-  explicit WireEngine(Engine* engine) : engine_(engine) {}
+  // Calls act for `client` (default: the in-process client).
+  explicit WireEngine(Engine* engine, ClientRef client = {}) : engine_(engine), client_(client) {}
+  // The same engine, acting for another client.
+  WireEngine As(const ClientRef& client) const { return WireEngine(engine_, client); }
+  const ClientRef& client() const { return client_; }
 
   absl::Status RegisterHostRegion(const v1::RegisterHostRegionRequest& req) {
-    return engine_->RegisterHostRegion(wire::ToHostRegionSpec(req));
+    return engine_->RegisterHostRegion(client_, wire::ToHostRegionSpec(req));
+  }
+  absl::Status UnregisterRegion(const std::string& name) {
+    return engine_->UnregisterRegion(client_, name);
   }
   void GetServerInfo(v1::ServerInfo* info) { wire::FillServerInfo(engine_->Info(), info); }
-  void ListRegions(v1::ListRegionsResponse* resp) { wire::FillRegions(engine_->ListRegions(), resp); }
+  void ListRegions(v1::ListRegionsResponse* resp) {
+    wire::FillRegions(engine_->ListRegions(client_), resp);
+  }
   void CreateSequence(const v1::CreateSequenceRequest& req, v1::SequenceInfo* info, Done done) {
-    engine_->CreateSequence(req.device(), req.seq_id(), Sequence(info, std::move(done)));
+    engine_->CreateSequence(client_, req.device(), req.seq_id(), Sequence(info, std::move(done)));
   }
   void ForkSequence(const v1::ForkSequenceRequest& req, v1::SequenceInfo* info, Done done) {
-    engine_->ForkSequence(req.device(), req.parent_id(), req.child_id(),
+    engine_->ForkSequence(client_, req.device(), req.parent_id(), req.child_id(),
                           Sequence(info, std::move(done)));
   }
   void TruncateSequence(const v1::TruncateSequenceRequest& req, v1::SequenceInfo* info,
                         Done done) {
-    engine_->TruncateSequence(req.device(), req.seq_id(), req.length(),
+    engine_->TruncateSequence(client_, req.device(), req.seq_id(), req.length(),
                               Sequence(info, std::move(done)));
   }
   void GetSequence(const v1::GetSequenceRequest& req, v1::SequenceInfo* info, Done done) {
-    engine_->GetSequence(req.device(), req.seq_id(), Sequence(info, std::move(done)));
+    engine_->GetSequence(client_, req.device(), req.seq_id(), Sequence(info, std::move(done)));
   }
   void ReleaseSequence(const v1::ReleaseSequenceRequest& req, v1::ReleaseSequenceResponse* resp,
                        Done done) {
-    engine_->ReleaseSequence(req.device(), req.seq_id(),
+    engine_->ReleaseSequence(client_, req.device(), req.seq_id(),
                              [resp, done = std::move(done)](absl::StatusOr<int64_t> r) mutable {
                                if (r.ok()) resp->set_freed_pages(static_cast<uint64_t>(*r));
                                std::move(done)(r.status());
@@ -93,7 +102,7 @@ class WireEngine {
   void ListSequences(const v1::ListSequencesRequest& req, v1::ListSequencesResponse* resp,
                      Done done) {
     engine_->ListSequences(
-        req.device(), [resp, done = std::move(done)](
+        client_, req.device(), [resp, done = std::move(done)](
                           absl::StatusOr<std::vector<SequenceState>> r) mutable {
           if (r.ok())
             for (const SequenceState& s : *r) wire::FillSequenceInfo(s, resp->add_sequences());
@@ -101,21 +110,27 @@ class WireEngine {
         });
   }
   void Append(const v1::AppendRequest& req, v1::AppendResponse* resp, Done done) {
-    engine_->Append(wire::ToAppendCall(req), Lengths(resp, std::move(done)));
+    AppendCall call = wire::ToAppendCall(req);
+    call.client = client_;
+    engine_->Append(std::move(call), Lengths(resp, std::move(done)));
   }
   void Prefill(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
                RequestTrace* trace = nullptr) {
-    engine_->Prefill(wire::ToAttentionCall(req), Lengths(resp, std::move(done)), trace);
+    engine_->Prefill(Attention(req), Lengths(resp, std::move(done)), trace);
   }
   void Decode(const v1::AttentionRequest& req, v1::AttentionResponse* resp, Done done,
               RequestTrace* trace = nullptr) {
-    engine_->Decode(wire::ToAttentionCall(req), Lengths(resp, std::move(done)), trace);
+    engine_->Decode(Attention(req), Lengths(resp, std::move(done)), trace);
   }
   void ExportKv(const v1::ExportKvRequest& req, v1::ExportKvResponse*, Done done) {
-    engine_->ExportKv(wire::ToTransferCall(req), std::move(done));
+    KvTransferCall call = wire::ToTransferCall(req);
+    call.client = client_;
+    engine_->ExportKv(std::move(call), std::move(done));
   }
   void ImportKv(const v1::ImportKvRequest& req, v1::ImportKvResponse* resp, Done done) {
-    engine_->ImportKv(wire::ToTransferCall(req), [resp, done = std::move(done)](
+    KvTransferCall call = wire::ToTransferCall(req);
+    call.client = client_;
+    engine_->ImportKv(std::move(call), [resp, done = std::move(done)](
                                                      absl::StatusOr<std::vector<int64_t>> r) mutable {
       if (r.ok())
         for (int64_t len : *r) resp->add_layer_lengths(static_cast<uint64_t>(len));
@@ -124,6 +139,11 @@ class WireEngine {
   }
 
  private:
+  AttentionCall Attention(const v1::AttentionRequest& req) const {
+    AttentionCall call = wire::ToAttentionCall(req);
+    call.client = client_;
+    return call;
+  }
   static Engine::Reply<SequenceState> Sequence(v1::SequenceInfo* info, Done done) {
     return [info, done = std::move(done)](absl::StatusOr<SequenceState> r) mutable {
       if (r.ok()) wire::FillSequenceInfo(*r, info);
@@ -139,6 +159,7 @@ class WireEngine {
   }
 
   Engine* engine_;
+  ClientRef client_;
 };
 
 struct ModelCase {
