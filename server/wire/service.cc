@@ -335,7 +335,7 @@ grpc::ServerUnaryReactor* AttentionService::Attention(grpc::CallbackServerContex
   return reactor;
 }
 
-grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse>* AttentionService::Stream(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* AttentionService::Stream(
     grpc::CallbackServerContext* ctx) {
   return new wire::StreamReactor(engine_, metrics_, ClientOf(ctx));
 }

@@ -11,7 +11,23 @@
 
 namespace attnd {
 
-class AttentionService final : public v1::Attention::CallbackService {
+// attnd.v1.Attention on the callback API, except Stream, whose messages attnd parses itself:
+// gRPC ends a stream whose client sent an unparsable message as if the client had half-closed
+// (status OK, later requests unanswered); attnd ends it with INVALID_ARGUMENT instead. This is
+// the generated CallbackService chain with Stream's link made raw.
+using A = v1::Attention;
+using AttentionServiceBase = A::WithCallbackMethod_GetServerInfo<A::WithCallbackMethod_GetStats<
+    A::WithCallbackMethod_RegisterCudaRegion<A::WithCallbackMethod_RegisterHostRegion<
+    A::WithCallbackMethod_UnregisterRegion<A::WithCallbackMethod_ListRegions<
+    A::WithCallbackMethod_RegisterCudaEvent<A::WithCallbackMethod_UnregisterCudaEvent<
+    A::WithCallbackMethod_CreateSequence<A::WithCallbackMethod_ForkSequence<
+    A::WithCallbackMethod_TruncateSequence<A::WithCallbackMethod_ReleaseSequence<
+    A::WithCallbackMethod_GetSequence<A::WithCallbackMethod_ListSequences<
+    A::WithCallbackMethod_Append<A::WithCallbackMethod_Prefill<A::WithCallbackMethod_Decode<
+    A::WithRawCallbackMethod_Stream<A::WithCallbackMethod_ExportKv<A::WithCallbackMethod_ImportKv<
+    A::WithCallbackMethod_GetLease<A::WithCallbackMethod_ReleaseAll<A::Service>>>>>>>>>>>>>>>>>>>>>>;
+
+class AttentionService final : public AttentionServiceBase {
  public:
   // Every call acts for the client `auth` identifies (its lease renewed by the call).
   AttentionService(Engine* engine, Metrics* metrics, const wire::Authenticator* auth)
@@ -67,7 +83,7 @@ class AttentionService final : public v1::Attention::CallbackService {
   grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* ctx,
                                    const v1::AttentionRequest* req,
                                    v1::AttentionResponse* resp) override;
-  grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse>* Stream(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Stream(
       grpc::CallbackServerContext* ctx) override;
   grpc::ServerUnaryReactor* ExportKv(grpc::CallbackServerContext* ctx,
                                      const v1::ExportKvRequest* req,

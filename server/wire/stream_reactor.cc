@@ -19,7 +19,7 @@ StreamReactor::StreamReactor(Engine* engine, Metrics* metrics, absl::StatusOr<Cl
     return;
   }
   engine_->clients().StreamOpened(client_.id);
-  StartRead(&request_);
+  StartRead(&request_wire_);
 }
 
 void StreamReactor::OnDone() {
@@ -34,14 +34,22 @@ CallLife StreamReactor::Life() const {
 }
 
 void StreamReactor::OnReadDone(bool ok) {
-  if (!ok) {
+  const bool parsed =
+      ok && grpc::SerializationTraits<v1::StreamRequest>::Deserialize(&request_wire_, &request_).ok();
+  if (!parsed) {
     bool finish;
+    grpc::Status status;
     {
       absl::MutexLock lock(&mu_);
       reads_done_ = true;
+      if (ok)
+        final_status_ = grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                     "request: not a valid attnd.v1.StreamRequest; the stream "
+                                     "ends here (the requests before it were answered)");
       finish = MaybeFinishLocked();
+      status = final_status_;
     }
-    if (finish) Finish(grpc::Status::OK);
+    if (finish) Finish(status);
     return;
   }
   auto slot = std::make_unique<Slot>();
@@ -52,13 +60,14 @@ void StreamReactor::OnReadDone(bool ok) {
     pending_.push_back(std::move(slot));
   }
   Dispatch(request_, raw);
-  StartRead(&request_);
+  StartRead(&request_wire_);
 }
 
 void StreamReactor::OnWriteDone(bool ok) {
   Metrics* metrics = metrics_;
   std::unique_ptr<Slot> written;
   bool finish;
+  grpc::Status status;
   {
     absl::MutexLock lock(&mu_);
     // Stamped under the lock: a write can complete (on a gRPC thread) before StartWrite has
@@ -70,10 +79,11 @@ void StreamReactor::OnWriteDone(bool ok) {
     if (ok) written->trace.written = now;
     if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
     finish = WriteNextLocked();
+    status = final_status_;
   }
   // Off the lock and off the reply's path: the next response may already be on its way.
   metrics->RecordStages(written->rpc, written->trace);
-  if (finish) Finish(grpc::Status::OK);
+  if (finish) Finish(status);
 }
 
 void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
@@ -125,6 +135,7 @@ void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
   metrics_->RecordRpc(slot->rpc, status.code(),
                       std::chrono::duration<double>(Clock::now() - slot->trace.received).count());
   bool finish;
+  grpc::Status final_status;
   {
     absl::MutexLock lock(&mu_);
     if (!status.ok()) {
@@ -134,10 +145,11 @@ void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
     }
     slot->done = true;
     finish = WriteNextLocked();
+    final_status = final_status_;
   }
   // This runs on a device worker, not in a gRPC reaction, so OnDone may delete the reactor as
   // soon as Finish is called: it is the last thing done here, with the lock released.
-  if (finish) Finish(grpc::Status::OK);
+  if (finish) Finish(final_status);
 }
 
 bool StreamReactor::WriteNextLocked() {
@@ -147,7 +159,11 @@ bool StreamReactor::WriteNextLocked() {
       continue;
     }
     writing_ = true;
-    StartWrite(&pending_.front()->response);
+    Slot& next = *pending_.front();
+    bool own_buffer;
+    (void)grpc::SerializationTraits<v1::StreamResponse>::Serialize(next.response, &next.wire,
+                                                                   &own_buffer);
+    StartWrite(&next.wire);
     // OnWriteDone, which reads it, takes mu_ first.
     pending_.front()->trace.handed = Clock::now();
   }

@@ -16,7 +16,9 @@
 
 namespace attnd::wire {
 
-class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse> {
+// Reads and writes raw messages (see AttentionServiceBase): an unparsable request ends the
+// stream with INVALID_ARGUMENT once the requests before it are answered.
+class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   // Serves `client`'s requests (its lease is kept while the stream is open); a caller that
   // could not be identified gets the error at once.
@@ -31,6 +33,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
  private:
   struct Slot {
     v1::StreamResponse response;
+    grpc::ByteBuffer wire;  // the response, serialized when its turn to be written comes
     const char* rpc = "Stream";
     bool done = false;
     RequestTrace trace;  // stamped by the engine until done, then under mu_
@@ -54,7 +57,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   const ClientRef client_;
   const bool identified_;
   const std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
-  v1::StreamRequest request_;  // the read in progress; only gRPC's read callbacks touch it
+  // The read in progress and its parse; only gRPC's read callbacks touch them.
+  grpc::ByteBuffer request_wire_;
+  v1::StreamRequest request_;
 
   absl::Mutex mu_;
   std::deque<std::unique_ptr<Slot>> pending_ ABSL_GUARDED_BY(mu_);
@@ -62,6 +67,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);  // OK, or why the stream was cut short
 };
 
 }  // namespace attnd::wire
