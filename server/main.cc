@@ -22,6 +22,7 @@
 #include "server/platform/factory.h"
 #include "server/config/flags.h"
 #include "server/metrics/metrics.h"
+#include "server/regions/host_guard.h"
 #include "server/wire/service.h"
 #include "spdlog/sinks/stdout_sinks.h"
 #include "spdlog/spdlog.h"
@@ -156,6 +157,9 @@ int main(int argc, char** argv) {
   // A crash (SIGSEGV, SIGABRT, ...) prints the faulting thread's stack to stderr, the log.
   absl::InitializeSymbolizer(argv[0]);
   absl::InstallFailureSignalHandler(absl::FailureSignalHandlerOptions());
+  // After absl's handler, so that a SIGBUS outside client memory still reaches it. A client
+  // that shrinks its shm object under attnd must not kill the server (host_guard.h).
+  const absl::Status guarded = attnd::InstallHostGuard();
   // Block the stop signals before any thread starts, so every thread inherits the mask and
   // the main thread alone receives them through sigwait.
   sigset_t signals;
@@ -178,6 +182,10 @@ int main(int argc, char** argv) {
   if (!config.ok()) {
     spdlog::error("bad configuration: {}", std::string(config.status().message()));
     return 2;
+  }
+  if (!guarded.ok()) {
+    spdlog::error("cannot guard client memory: {}", std::string(guarded.message()));
+    return 1;
   }
   return attnd::Run(*config);
 }

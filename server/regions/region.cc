@@ -23,10 +23,9 @@ absl::Status ValidateRegionName(const std::string& name) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
-                                                            const std::string& shm_key,
-                                                            uint64_t offset,
-                                                            uint64_t byte_size) {
+absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(
+    std::string name, const std::string& shm_key, uint64_t offset, uint64_t byte_size,
+    std::optional<uid_t> caller_uid) {
   if (shm_key.size() < 2 || shm_key.size() > 255 || shm_key[0] != '/' ||
       shm_key.find('/', 1) != std::string::npos)
     return absl::InvalidArgumentError(absl::StrCat(
@@ -36,6 +35,9 @@ absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
   if (__builtin_add_overflow(offset, byte_size, &end))
     return absl::InvalidArgumentError("offset + byte_size overflows 64 bits");
 
+  // The key has no '/' past the first, so it names an entry of /dev/shm itself; that entry
+  // could still be a symlink a client planted there, but glibc's shm_open opens with
+  // O_NOFOLLOW and refuses it (region_test checks this).
   int fd = shm_open(shm_key.c_str(), O_RDWR, 0);
   if (fd < 0) {
     if (errno == ENOENT)
@@ -48,6 +50,13 @@ absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
     int err = errno;
     close(fd);
     return absl::InternalError(absl::StrCat("fstat '", shm_key, "': ", std::strerror(err)));
+  }
+  // Checked on the open descriptor, not the name, so the object cannot be swapped in between.
+  if (caller_uid.has_value() && *caller_uid != 0 && st.st_uid != *caller_uid) {
+    close(fd);
+    return absl::PermissionDeniedError(absl::StrCat(
+        "shm_key: shared-memory object '", shm_key, "' is owned by uid ", st.st_uid,
+        ", not by the caller's uid ", *caller_uid));
   }
   const uint64_t object_size = static_cast<uint64_t>(st.st_size);
   if (end > object_size) {
@@ -67,13 +76,21 @@ absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(std::string name,
   if (map == MAP_FAILED)
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot map '", shm_key, "': ", std::strerror(map_errno)));
+  // The object was big enough a moment ago, but its owner may shrink it at any time from now.
+  auto guard = GuardedMapping::Register(map, map_len);
+  if (!guard.ok()) {
+    munmap(map, map_len);
+    return guard.status();
+  }
   auto* base = static_cast<uint8_t*>(map) + (offset - map_offset);
-  return std::unique_ptr<HostRegion>(
-      new HostRegion(std::move(name), base, byte_size, map, map_len, shm_key, offset));
+  return std::unique_ptr<HostRegion>(new HostRegion(std::move(name), base, byte_size, map,
+                                                    map_len, *std::move(guard), shm_key,
+                                                    offset));
 }
 
 HostRegion::~HostRegion() {
   if (before_unmap_) before_unmap_();
+  guard_.Unregister();  // before munmap: host_guard.h says why
   munmap(map_, map_len_);
 }
 

@@ -4,9 +4,12 @@
 #ifndef ATTND_SERVER_REGIONS_REGION_H_
 #define ATTND_SERVER_REGIONS_REGION_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -15,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/regions/host_guard.h"
 
 namespace attnd {
 
@@ -46,12 +50,18 @@ class Region {
   uint64_t byte_size_;
 };
 
-// A range of a POSIX shared-memory object, mapped read-write.
+// A range of a POSIX shared-memory object, mapped read-write and guarded against the object
+// shrinking under attnd (host_guard.h): an access past the object's new end does not kill the
+// process, it turns the whole mapping into zeros and sets damaged().
 class HostRegion final : public Region {
  public:
-  static absl::StatusOr<std::unique_ptr<HostRegion>> Open(std::string name,
-                                                          const std::string& shm_key,
-                                                          uint64_t offset, uint64_t byte_size);
+  // Maps [offset, offset + byte_size) of the object `shm_key`. With `caller_uid` set and not 0,
+  // the object must belong to that uid (PERMISSION_DENIED otherwise): attnd often runs as root
+  // and could open objects its caller cannot, so it opens only what the caller owns. Root
+  // callers and callers of unknown uid (nullopt) are not checked.
+  static absl::StatusOr<std::unique_ptr<HostRegion>> Open(
+      std::string name, const std::string& shm_key, uint64_t offset, uint64_t byte_size,
+      std::optional<uid_t> caller_uid = std::nullopt);
   ~HostRegion() override;
   std::string source() const override;
   const std::string& shm_key() const { return shm_key_; }
@@ -61,15 +71,21 @@ class HostRegion final : public Region {
   size_t mapping_bytes() const { return map_len_; }
   // Runs just before the memory is unmapped (the CUDA backend unpins it there).
   void SetBeforeUnmap(std::function<void()> hook) { before_unmap_ = std::move(hook); }
+  // The object shrank under attnd: an access hit its cut part, and everything read from the
+  // region since then was zeros (writes went to memory the client never sees). Sticky: the
+  // client has to register the region again. Check it after the work that read the region.
+  bool damaged() const { return guard_.damaged(); }
 
  private:
   HostRegion(std::string name, uint8_t* base, uint64_t byte_size, void* map, size_t map_len,
-             std::string shm_key, uint64_t shm_offset)
+             GuardedMapping guard, std::string shm_key, uint64_t shm_offset)
       : Region(std::move(name), Kind::kHost, -1, base, byte_size),
-        map_(map), map_len_(map_len), shm_key_(std::move(shm_key)), shm_offset_(shm_offset) {}
+        map_(map), map_len_(map_len), guard_(std::move(guard)), shm_key_(std::move(shm_key)),
+        shm_offset_(shm_offset) {}
 
   void* map_;
   size_t map_len_;
+  GuardedMapping guard_;  // unregistered before map_ is unmapped (host_guard.h says why)
   std::string shm_key_;
   uint64_t shm_offset_;
   std::function<void()> before_unmap_;

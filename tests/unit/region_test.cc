@@ -2,8 +2,12 @@
 // the RegionRegistry (names, removal while a request still holds a region, in-flight counts).
 #include "server/regions/region.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <cstdint>
 #include <cstring>
@@ -181,6 +185,71 @@ TEST(HostRegionTest, TheMappingIsClosedWhenTheRegionIsDestroyed) {
   EXPECT_EQ(MappingCount(shm.key()), 2);
   region->reset();
   EXPECT_EQ(MappingCount(shm.key()), 1);
+}
+
+// ---- HostRegion::Open's owner check (the caller's uid) ----
+
+// Gives the object to `uid` (root only); false if that is not possible here.
+bool GiveObjectTo(const ShmObject& shm, uid_t uid) {
+  if (geteuid() != 0) return false;
+  const int fd = shm_open(shm.key().c_str(), O_RDWR, 0);
+  if (fd < 0) return false;
+  const bool given = fchown(fd, uid, static_cast<gid_t>(-1)) == 0;
+  close(fd);
+  return given;
+}
+
+TEST(HostRegionOwnerTest, AnObjectOwnedByAnotherUidIsPermissionDeniedNamingKeyAndBothUids) {
+  ShmObject shm(PageSize());
+  // As root the test plays attnd for a caller of uid 1000 who points it at root's object; as
+  // anyone else, a caller one uid away from the object's owner.
+  const uid_t owner = geteuid();
+  const uid_t caller = owner == 0 ? 1000 : owner + 1;
+  auto region = HostRegion::Open("r", shm.key(), 0, 64, caller);
+  ASSERT_FALSE(region.ok());
+  EXPECT_EQ(region.status().code(), absl::StatusCode::kPermissionDenied) << region.status();
+  EXPECT_TRUE(HasMessage(region.status(), shm.key())) << region.status();
+  EXPECT_TRUE(HasMessage(region.status(), "uid " + std::to_string(owner))) << region.status();
+  EXPECT_TRUE(HasMessage(region.status(), "uid " + std::to_string(caller))) << region.status();
+}
+
+TEST(HostRegionOwnerTest, AnObjectOwnedByTheCallerIsAccepted) {
+  ShmObject shm(PageSize());
+  // Root's own objects are never checked (uid 0 skips the check), so as root the object goes
+  // to nobody (65534) and the caller is nobody.
+  const uid_t owner = GiveObjectTo(shm, 65534) ? 65534 : geteuid();
+  if (owner == 0) GTEST_SKIP() << "cannot give the object to another uid";
+  auto region = HostRegion::Open("r", shm.key(), 0, 64, owner);
+  EXPECT_TRUE(region.ok()) << region.status();
+}
+
+TEST(HostRegionOwnerTest, ARootCallerMayOpenAnObjectOfAnyOwner) {
+  ShmObject shm(PageSize());
+  const uid_t owner = GiveObjectTo(shm, 65534) ? 65534 : geteuid();
+  if (owner == 0) GTEST_SKIP() << "cannot give the object to another uid";
+  auto region = HostRegion::Open("r", shm.key(), 0, 64, uid_t{0});
+  EXPECT_TRUE(region.ok()) << region.status();
+}
+
+TEST(HostRegionOwnerTest, WithoutACallerUidTheOwnerIsNotChecked) {
+  ShmObject shm(PageSize());
+  if (!GiveObjectTo(shm, 65534)) GTEST_SKIP() << "not root: cannot give the object away";
+  auto region = HostRegion::Open("r", shm.key(), 0, 64);
+  EXPECT_TRUE(region.ok()) << region.status();
+}
+
+// The key names an entry of /dev/shm directly, but that entry could be a symlink a client
+// planted to make attnd open something else: shm_open does not follow it.
+TEST(HostRegionOwnerTest, AKeyThatIsASymlinkIsNotFollowed) {
+  ShmObject target(PageSize());
+  const std::string link = "/attnd-unit-link-" + std::to_string(getpid());
+  ASSERT_EQ(symlink(("/dev/shm" + target.key()).c_str(), ("/dev/shm" + link).c_str()), 0)
+      << std::strerror(errno);
+  auto region = HostRegion::Open("r", link, 0, 64);
+  unlink(("/dev/shm" + link).c_str());
+  ASSERT_FALSE(region.ok());
+  EXPECT_EQ(region.status().code(), absl::StatusCode::kFailedPrecondition) << region.status();
+  EXPECT_TRUE(HasMessage(region.status(), "shm_key")) << region.status();
 }
 
 // ---- ValidateRegionName ----
