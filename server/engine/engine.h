@@ -131,6 +131,8 @@ class Engine {
   RunOnDevice PosterFor(Device& device);
 
   void Attention(AttentionCall call, bool decode, Reply<DataResult> reply, RequestTrace* trace);
+  absl::StatusOr<std::unique_ptr<HostRegion>> OpenHostRegion(const ClientRef& client,
+                                                              const HostRegionSpec& spec);
   // Pins (where the platform does) and names a host region the client registered.
   absl::Status AddHostRegion(const ClientRef& client, std::unique_ptr<HostRegion> region);
   // Keeps `held` (regions, events) alive until the GPU work enqueued so far is done, then lets

@@ -1,6 +1,7 @@
 // The engine's data calls: Append, Prefill and Decode. On the calling thread: limits, events and
 // tensors are checked and resolved. On the device's worker: the batch is checked against the
 // pool, planned once by the backend, its pages reserved (all or nothing), then launched.
+#include <initializer_list>
 #include <tuple>
 #include <utility>
 
@@ -50,6 +51,21 @@ absl::Status CheckStillWanted(const CallLife& life) {
   if (life.is_cancelled && life.is_cancelled())
     return absl::CancelledError(
         "the call was cancelled while queued for the device; nothing was changed");
+  return absl::OkStatus();
+}
+
+// Host memory is read and written by the CPU: if a client shrank a region's shared-memory object
+// meanwhile, the guard (server/regions/host_guard.h) turned the region into zeros instead of
+// letting the server die. Checked after the work: such a call is taken back and refused.
+absl::Status CheckNotDamaged(std::initializer_list<const ResolvedTensor*> tensors) {
+  for (const ResolvedTensor* t : tensors) {
+    const auto* host = dynamic_cast<const HostRegion*>(t->region.get());
+    if (host != nullptr && host->damaged())
+      return absl::FailedPreconditionError(absl::StrCat(
+          "region '", host->name(), "': its shared-memory object shrank under attnd while the "
+          "call read or wrote it; nothing was appended, outputs are not valid; unregister and "
+          "register the region again"));
+  }
   return absl::OkStatus();
 }
 
@@ -105,6 +121,11 @@ void Engine::Append(AppendCall call, Reply<DataResult> reply, RequestTrace* trac
         if (s.ok() && sync.signal != nullptr) s = KeepUntilDone(d, std::tuple{k, v, sync.owners});
         if (!s.ok())
           return MarkFaulted(d, s, absl::StrCat("Append layer=", layer, " items=", items.size()));
+        if (absl::Status damaged = CheckNotDamaged({&k, &v}); !damaged.ok()) {
+          d.pool->UndoAppend(*prepared);
+          PublishPoolState(d);
+          return damaged;
+        }
         metrics_->AddTokens(d.index, static_cast<int64_t>(total), 0);
         return LengthsOf(*prepared);
       },
@@ -198,6 +219,12 @@ void Engine::Attention(AttentionCall call, bool decode, Reply<DataResult> reply,
         if (s.ok() && sync.signal != nullptr) s = KeepUntilDone(d, std::tuple{t, sync.owners});
         if (!s.ok())
           return MarkFaulted(d, s, absl::StrCat(rpc, " layer=", layer, " items=", items.size()));
+        if (absl::Status damaged = CheckNotDamaged({&t.q, &t.k, &t.v, &t.out, &t.lse});
+            !damaged.ok()) {
+          d.pool->UndoAppend(*prepared);
+          PublishPoolState(d);
+          return damaged;
+        }
         metrics_->AddTokens(d.index, static_cast<int64_t>(total), static_cast<int64_t>(total));
         if (decode && launched.kernel != AttentionKernel::kHost)
           metrics_->RecordDecodeLaunch(d.index, launched.graph_bucket);

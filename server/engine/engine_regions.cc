@@ -17,7 +17,7 @@ absl::Status Engine::RegisterHostRegion(const ClientRef& client, const HostRegio
   // Counted before anything is mapped (mappings are a finite resource of the whole process),
   // released if anything fails.
   if (absl::Status s = clients_.ReserveRegion(client, spec.byte_size); !s.ok()) return s;
-  auto region = HostRegion::Open(spec.name, spec.shm_key, spec.offset, spec.byte_size);
+  auto region = OpenHostRegion(client, spec);
   absl::Status added = region.status();
   if (added.ok()) added = AddHostRegion(client, *std::move(region));
   if (!added.ok()) {
@@ -28,6 +28,20 @@ absl::Status Engine::RegisterHostRegion(const ClientRef& client, const HostRegio
   spdlog::info("region={} kind=host shm_key=\"{}\" offset={} bytes={}", spec.name,
                absl::CHexEscape(spec.shm_key), spec.offset, spec.byte_size);
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<HostRegion>> Engine::OpenHostRegion(const ClientRef& client,
+                                                                   const HostRegionSpec& spec) {
+  // attnd may run as root and would open objects its caller cannot: it opens only what the
+  // caller owns, so a client it cannot give a uid (TCP without a token that names one) gets
+  // no host regions. The in-process client (id 0) is attnd's own code.
+  if (client.id != 0 && !client.uid.has_value())
+    return absl::PermissionDeniedError(
+        "shm_key: host regions need the caller's uid, known on the Unix socket (or from a "
+        "--token_file entry's uid=); this caller has none");
+  std::optional<uid_t> uid;
+  if (client.uid.has_value()) uid = static_cast<uid_t>(*client.uid);
+  return HostRegion::Open(spec.name, spec.shm_key, spec.offset, spec.byte_size, uid);
 }
 
 absl::Status Engine::AddHostRegion(const ClientRef& client, std::unique_ptr<HostRegion> region) {

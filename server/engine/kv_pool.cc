@@ -227,6 +227,19 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::CommitAppend(const PreparedAppend&
   return Reserve(writes);
 }
 
+void KvPool::UndoAppend(const PreparedAppend& prepared) {
+  for (size_t i = 0; i < prepared.sequences.size(); ++i) {
+    Sequence& seq = *prepared.sequences[i];
+    seq.lengths[static_cast<size_t>(prepared.layer)] = prepared.starts[i];
+    const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
+    for (size_t p = keep; p < seq.pages.size(); ++p) ReleasePage(seq.pages[p]);
+    if (seq.pages.size() > keep) {
+      seq.pages.resize(keep);
+      ++table_epoch_;
+    }
+  }
+}
+
 absl::StatusOr<std::vector<PageCopy>> KvPool::ReserveWrites(absl::Span<const PageWrite> writes,
                                                             uint32_t owner) {
   std::vector<ResolvedWrite> resolved;

@@ -117,6 +117,9 @@ class KvPool {
   absl::StatusOr<PreparedAppend> PrepareAppend(int64_t layer, absl::Span<const AppendItem> items,
                                                uint32_t owner = 0);
   absl::StatusOr<std::vector<PageCopy>> CommitAppend(const PreparedAppend& prepared);
+  // Takes a committed append back: each sequence's length at the layer returns to its start and
+  // pages past the longest layer are released (copies made for the writes stay, as copies).
+  void UndoAppend(const PreparedAppend& prepared);
 
   // The general form: each write may start anywhere up to its layer's length; the layer's
   // length becomes max(length, start + n). Sequences must exist and each (seq, layer) appear

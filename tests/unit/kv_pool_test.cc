@@ -251,5 +251,23 @@ TEST_F(KvPoolTest, OutOfPagesMessageNamesNeededAndFreePages) {
   EXPECT_TRUE(std::regex_search(message, std::regex("\\b6\\b"))) << message;  // free
 }
 
+
+TEST_F(KvPoolTest, UndoAppendRestoresTheLayerLengthAndFreesPagesNoOtherLayerNeeds) {
+  ASSERT_TRUE(pool_.Create(1).ok());
+  AppendOk(pool_, 1, 0, 6);  // layer 0: 2 pages
+  AppendOk(pool_, 1, 1, 3);
+  const int64_t free_before = pool_.free_pages();
+  const AppendItem items[] = {{1, 7}};
+  auto prepared = pool_.PrepareAppend(1, items);
+  ASSERT_TRUE(prepared.ok());
+  ASSERT_TRUE(pool_.CommitAppend(*prepared).ok());  // layer 1: 10 tokens, a third page
+  ASSERT_EQ(pool_.free_pages(), free_before - 1);
+  pool_.UndoAppend(*prepared);
+  EXPECT_EQ(pool_.Find(1)->lengths[1], 3);
+  EXPECT_EQ(pool_.Find(1)->lengths[0], 6);
+  EXPECT_EQ(pool_.Find(1)->pages.size(), 2u);  // layer 0 still needs two
+  EXPECT_EQ(pool_.free_pages(), free_before);
+}
+
 }  // namespace
 }  // namespace attnd::kv_pool_test_util
