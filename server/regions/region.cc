@@ -83,9 +83,11 @@ absl::StatusOr<std::unique_ptr<HostRegion>> HostRegion::Open(
     return guard.status();
   }
   auto* base = static_cast<uint8_t*>(map) + (offset - map_offset);
-  return std::unique_ptr<HostRegion>(new HostRegion(std::move(name), base, byte_size, map,
-                                                    map_len, *std::move(guard), shm_key,
-                                                    offset));
+  std::unique_ptr<HostRegion> region(new HostRegion(std::move(name), base, byte_size, map,
+                                                    map_len, *std::move(guard), shm_key, offset));
+  region->set_backing(Backing{true, static_cast<uint64_t>(st.st_dev),
+                              static_cast<uint64_t>(st.st_ino), offset});
+  return region;
 }
 
 HostRegion::~HostRegion() {

@@ -38,9 +38,19 @@ class Region {
   // Where the memory came from, for ListRegions ("shm:/key+offset", "cuda-ipc").
   virtual std::string source() const = 0;
 
+  // The object a host region maps, and where the region starts in it: two regions on one
+  // object share memory though their mappings differ (a client may register it twice).
+  struct Backing {
+    bool known = false;
+    uint64_t device = 0, inode = 0;
+    uint64_t offset = 0;
+  };
+  const Backing& backing() const { return backing_; }
+
  protected:
   Region(std::string name, Kind kind, int device, uint8_t* base, uint64_t byte_size)
       : name_(std::move(name)), kind_(kind), device_(device), base_(base), byte_size_(byte_size) {}
+  void set_backing(const Backing& backing) { backing_ = backing; }
 
  private:
   std::string name_;
@@ -48,6 +58,7 @@ class Region {
   int device_;
   uint8_t* base_;
   uint64_t byte_size_;
+  Backing backing_;
 };
 
 // A range of a POSIX shared-memory object, mapped read-write and guarded against the object

@@ -15,8 +15,26 @@ std::string ShapeString(absl::Span<const uint64_t> shape) {
 }  // namespace
 
 bool ResolvedTensor::Overlaps(const ResolvedTensor& other) const {
-  if (region != other.region || bytes == 0 || other.bytes == 0) return false;
-  return offset < other.offset + other.bytes && other.offset < offset + bytes;
+  if (bytes == 0 || other.bytes == 0) return false;
+  uint64_t start = offset, other_start = other.offset;  // in one coordinate system
+  if (region != other.region) {
+    const Region::Backing& a = region->backing();
+    const Region::Backing& b = other.region->backing();
+    if (a.known && b.known) {
+      // Host regions: positions in the object they map.
+      if (a.device != b.device || a.inode != b.inode) return false;
+      start += a.offset;
+      other_start += b.offset;
+    } else if (region->kind() == other.region->kind() && region->kind() == Region::Kind::kCuda &&
+               region->device() == other.region->device()) {
+      // CUDA regions of one device live in one address space.
+      start = reinterpret_cast<uint64_t>(region->base()) + offset;
+      other_start = reinterpret_cast<uint64_t>(other.region->base()) + other.offset;
+    } else {
+      return false;
+    }
+  }
+  return start < other_start + other.bytes && other_start < start + bytes;
 }
 
 const char* DTypeName(std::optional<kernels::DType> dtype) {

@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "kernels/paged_kv.h"
 #include "server/regions/region.h"
+#include "tests/unit/unit_test_util.h"
 
 namespace attnd {
 namespace {
@@ -257,6 +258,30 @@ TEST(ResolvedTensorOverlapTest, OverlapsOnlyWhenByteRangesOfTheSameRegionInterse
     EXPECT_EQ(c.x.Overlaps(c.y), c.overlaps);
     EXPECT_EQ(c.y.Overlaps(c.x), c.overlaps);  // symmetric
   }
+}
+
+TEST(ResolvedTensorOverlapTest, TwoHostRegionsOnOneObjectOverlapWhereTheirObjectBytesDo) {
+  testing_util::ShmObject object(3 * 4096);
+  // Region x maps the object from byte 4096, region y from byte 0.
+  auto x = HostRegion::Open("x", object.key(), 4096, 8192);
+  auto y = HostRegion::Open("y", object.key(), 0, 3 * 4096);
+  ASSERT_TRUE(x.ok() && y.ok());
+  std::shared_ptr<Region> rx = *std::move(x), ry = *std::move(y);
+  auto T = [](std::shared_ptr<Region> r, uint64_t offset, uint64_t bytes) {
+    ResolvedTensor t;
+    t.region = std::move(r);
+    t.offset = offset;
+    t.bytes = bytes;
+    return t;
+  };
+  EXPECT_TRUE(T(rx, 0, 16).Overlaps(T(ry, 4096, 16)));     // object byte 4096 in both
+  EXPECT_TRUE(T(ry, 4100, 100).Overlaps(T(rx, 0, 16)));
+  EXPECT_FALSE(T(rx, 0, 16).Overlaps(T(ry, 0, 4096)));     // y's first page is not in x
+  EXPECT_FALSE(T(rx, 16, 16).Overlaps(T(ry, 4096, 16)));   // adjacent in the object
+  testing_util::ShmObject other(4096);
+  auto z = HostRegion::Open("z", other.key(), 0, 4096);
+  ASSERT_TRUE(z.ok());
+  EXPECT_FALSE(T(ry, 0, 4096).Overlaps(T(*std::move(z), 0, 4096)));  // another object
 }
 
 // ---- Wire dtype names ----
