@@ -76,6 +76,14 @@ absl::StatusOr<v1::Stats> Client::GetStats(const CallOptions& call) {
   return Unary(&v1::Attention::Stub::GetStats, v1::GetStatsRequest(), call);
 }
 
+absl::StatusOr<v1::LeaseInfo> Client::GetLease(const CallOptions& call) {
+  return Unary(&v1::Attention::Stub::GetLease, v1::GetLeaseRequest(), call);
+}
+
+absl::StatusOr<v1::ReleaseAllResponse> Client::ReleaseAll(const CallOptions& call) {
+  return Unary(&v1::Attention::Stub::ReleaseAll, v1::ReleaseAllRequest(), call);
+}
+
 absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Client::Health(
     absl::string_view service, const CallOptions& call) {
   grpc::ClientContext context;

@@ -65,6 +65,11 @@ class Client {
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> Health(
       absl::string_view service, const CallOptions& call = {});
 
+  // ---- This client's lease (what it holds against its quotas) ----
+  absl::StatusOr<v1::LeaseInfo> GetLease(const CallOptions& call = {});
+  // Releases every sequence, region and event this client holds.
+  absl::StatusOr<v1::ReleaseAllResponse> ReleaseAll(const CallOptions& call = {});
+
   // ---- Regions ----
   absl::Status RegisterHostRegion(absl::string_view name, absl::string_view shm_key,
                                   uint64_t offset, uint64_t byte_size,
