@@ -151,6 +151,46 @@ TEST_F(CudaRegionTest, PrefillAndDecodeReadAndWriteTheClientsDeviceMemory) {
 // waits on before reading the output.
 // Events a client never unregisters are closed at shutdown while their device's worker still
 // runs (closing one posts to it): the server stops with status 0 (TearDown checks it).
+// A client that frees (or loses, by exiting) the allocation it registered must not be able to
+// fault the GPU that every other client shares: attnd's IPC mapping holds the memory until the
+// region is unregistered, so calls naming it read stale bytes at worst.
+TEST_F(CudaRegionTest, AnAllocationFreedAfterRegistrationNeverFaultsTheDevice) {
+  ASSERT_TRUE(client_->RegisterCudaRegion("gpu", handle_, 0, kBytes).ok());
+  ASSERT_EQ(cudaFree(device_buffer_), cudaSuccess);
+  device_buffer_ = nullptr;
+  // Something else takes the freed addresses in the client, as a caching allocator would.
+  void* reuse = nullptr;
+  ASSERT_EQ(cudaMalloc(&reuse, kBytes), cudaSuccess);
+  ASSERT_TRUE(client_->CreateSequence(0, 1).ok());
+  constexpr uint64_t n = 64;
+  v1::AttentionRequest req;
+  req.set_device(0);
+  req.set_layer(0);
+  auto* item = req.add_items();
+  item->set_seq_id(1);
+  item->set_num_new_tokens(n);
+  *req.mutable_q() = client::MakeTensorRef("gpu", 0, v1::DTYPE_BFLOAT16, {n, kQo, kDim});
+  *req.mutable_k_new() = client::MakeTensorRef("gpu", 8 << 20, v1::DTYPE_BFLOAT16, {n, kKv, kDim});
+  *req.mutable_v_new() = client::MakeTensorRef("gpu", 16 << 20, v1::DTYPE_BFLOAT16, {n, kKv, kDim});
+  *req.mutable_out() = client::MakeTensorRef("gpu", 24 << 20, v1::DTYPE_BFLOAT16, {n, kQo, kDim});
+  for (int call = 0; call < 3; ++call) {
+    auto resp = call == 0 ? client_->Prefill(req) : client_->Decode([&] {
+      v1::AttentionRequest d = req;
+      d.mutable_items(0)->set_num_new_tokens(1);
+      for (v1::TensorRef* t : {d.mutable_q(), d.mutable_k_new(), d.mutable_v_new(), d.mutable_out()})
+        t->set_shape(0, 1);
+      return d;
+    }());
+    EXPECT_TRUE(resp.ok()) << "call " << call << ": " << resp.status();
+  }
+  EXPECT_EQ(*client_->Health("attnd.v1.Attention/device/0"),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  ASSERT_TRUE(client_->UnregisterRegion("gpu").ok());
+  EXPECT_EQ(cudaFree(reuse), cudaSuccess);
+  EXPECT_EQ(*client_->Health("attnd.v1.Attention/device/0"),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+}
+
 TEST_F(CudaRegionTest, ServerStopsCleanlyWithEventsStillRegistered) {
   std::vector<cudaEvent_t> events(8);
   for (size_t i = 0; i < events.size(); ++i) {
