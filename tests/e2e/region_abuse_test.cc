@@ -128,16 +128,27 @@ class RegionAbuseTest : public ::testing::Test {
     EXPECT_TRUE(harness_->Attend(0, {{kBystander, 1}}, /*decode=*/true).ok());
   }
 
+  // The refused call was taken back: the victim's sequence holds nothing.
+  void ExpectRefusedAsShrunk(const absl::Status& s) {
+    if (E2eBackend() == "cuda") {
+      // attnd page-locked the region at registration and only the GPU reads it: the pages stay
+      // pinned when the object shrinks, so there is no fault to guard and the call may succeed.
+      EXPECT_TRUE(s.ok() || s.code() == absl::StatusCode::kFailedPrecondition) << s;
+      return;
+    }
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "shrank")) << s;
+    auto seq = victim_->GetSequence(0, kVictim);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    EXPECT_EQ(seq->layer_lengths(0), 0u);
+  }
+
   std::unique_ptr<ServerProcess> server_;
   std::unique_ptr<client::Client> victim_, bystander_;
   std::unique_ptr<Harness> harness_;
   std::unique_ptr<client::SharedMemoryBuffer> buffer_;
 };
 
-void ExpectRefusedAsShrunk(const absl::Status& s) {
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
-  EXPECT_TRUE(absl::StrContains(s.message(), "shrank")) << s;
-}
 
 TEST_F(RegionAbuseTest, AnAppendFromAnObjectCutToZeroIsRefusedAndTheServerServesOn) {
   ShrinkVictimObject(0);
