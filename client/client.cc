@@ -26,6 +26,7 @@ absl::StatusOr<std::unique_ptr<Client>> Client::Connect(absl::string_view target
   // Data calls are latency-bound one-per-layer calls; do not let the channel go idle and pay
   // a reconnect in the middle of a decode step.
   args.SetInt(GRPC_ARG_CLIENT_IDLE_TIMEOUT_MS, 1 << 30);
+  if (options.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateCustomChannel(std::string(target), grpc::InsecureChannelCredentials(), args);
   if (channel == nullptr) {

@@ -35,6 +35,10 @@ struct ClientOptions {
   // How long Connect waits for the channel to be ready before giving up with UNAVAILABLE, so a
   // wrong target fails at once rather than on the first call. Zero: do not wait.
   absl::Duration connect_timeout = absl::Seconds(5);
+  // A connection of this Client's own. Otherwise gRPC shares one connection among all Clients
+  // of a process that name the same target, so dropping a Client closes nothing while another
+  // is alive; tests that play many independent clients need their own.
+  bool own_connection = false;
 };
 
 struct CallOptions {

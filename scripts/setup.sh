@@ -9,6 +9,10 @@ packages=(
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   curl procps python3 python3-venv
+  # scripts/fuzz.sh (ctest request_fuzzer_60s): clang 14 with libFuzzer and the sanitizer
+  # runtimes (libclang-rt-14-dev, not pulled in by clang without recommends), and
+  # llvm-symbolizer (llvm-14) for readable crash reports.
+  clang libclang-rt-14-dev llvm-14
 )
 
 missing=()

@@ -46,6 +46,7 @@ Harness::Harness(client::Client* c, v1::ServerInfo info, std::string region, uin
 }
 
 Harness::~Harness() {
+  if (!unregister_on_destroy_) return;
   // Bounded: the server may already be gone.
   client::CallOptions call;
   call.timeout = absl::Seconds(1);

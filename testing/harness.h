@@ -31,7 +31,12 @@ class Harness {
                                                          std::string region_name,
                                                          uint32_t device, uint64_t max_tokens,
                                                          uint64_t seed);
+  // Unregisters the region (bounded to a second: the server may be gone), unless told to
+  // LeaveRegionRegistered.
   ~Harness();
+  // Destroying the harness will leave its region registered, as a client that vanishes does.
+  // The client need not outlive the harness then.
+  void LeaveRegionRegistered() { unregister_on_destroy_ = false; }
 
   const v1::ServerInfo& info() const { return info_; }
   const std::string& region() const { return region_; }
@@ -103,6 +108,7 @@ class Harness {
   // Inputs of the last built request, as rounded floats.
   std::vector<float> last_q_, last_k_, last_v_;
   double max_error_ = 0;
+  bool unregister_on_destroy_ = true;
 };
 
 }  // namespace attnd::testing
