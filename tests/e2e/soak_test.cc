@@ -53,10 +53,11 @@ constexpr int kDecodeSteps = 4;
 // same 64-way workload (touching the same KV pages, growing gRPC's and the allocator's pools),
 // what remains is allocator noise: glibc keeps freed memory in per-thread arenas, whose
 // high-water marks move a little with how 64 connections' buffers interleave. Measured on a
-// 2-core machine: +1.8 MiB after 20 s, +2.3 MiB after 240 s (70,000 sessions), flat by then.
+// 2-core machine: +1.8 MiB after 20 s, +2.6 MiB after 90 s, +2.3 MiB after 240 s (70,000
+// sessions), flat by then.
 // 8 MiB is well above that, and well below what a leak would add over the default run's
-// ~20,000 sessions: a region mapping (~70 KiB each) after ~120 sessions, or any leak of more
-// than ~500 bytes per session. Fds and pages are compared exactly.
+// 20,000-30,000 sessions: a region mapping (~70 KiB each) after ~120 sessions, or any leak of
+// more than ~400 bytes per session. Fds and pages are compared exactly.
 constexpr int64_t kRssToleranceKb = 8 << 10;
 
 uint64_t Seed() {
