@@ -6,9 +6,10 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev
-  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
+  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   curl procps python3 python3-venv
+  openssl  # the e2e tests make throwaway TLS certificates with its CLI
 )
 
 missing=()

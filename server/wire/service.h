@@ -7,12 +7,16 @@
 #include "attnd/v1/attention.grpc.pb.h"
 #include "server/engine/engine.h"
 #include "server/metrics/metrics.h"
+#include "server/wire/unix_listener.h"
 
 namespace attnd {
 
 class AttentionService final : public v1::Attention::CallbackService {
  public:
-  AttentionService(Engine* engine, Metrics* metrics) : engine_(engine), metrics_(metrics) {}
+  // peers: who is at the other end of each Unix-socket connection (nullptr: no Unix socket);
+  // must outlive the service.
+  AttentionService(Engine* engine, Metrics* metrics, const PeerTable* peers = nullptr)
+      : engine_(engine), metrics_(metrics), peers_(peers) {}
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* req,
@@ -76,6 +80,7 @@ class AttentionService final : public v1::Attention::CallbackService {
  private:
   Engine* engine_;
   Metrics* metrics_;
+  const PeerTable* peers_;
 };
 
 }  // namespace attnd

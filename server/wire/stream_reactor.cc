@@ -11,7 +11,17 @@ namespace attnd::wire {
 
 StreamReactor::StreamReactor(Engine* engine, Metrics* metrics)
     : engine_(engine), metrics_(metrics) {
-  StartRead(&request_);
+  if (StreamRegistry::Global().Add(this)) {
+    StartRead(&request_);
+  } else if (BeginClose()) {
+    FinishClosed();  // opened while attnd drains
+  }
+}
+
+bool StreamReactor::BeginClose() {
+  absl::MutexLock lock(&mu_);
+  closing_ = true;
+  return MaybeFinishLocked();
 }
 
 void StreamReactor::OnReadDone(bool ok) {
@@ -22,7 +32,7 @@ void StreamReactor::OnReadDone(bool ok) {
       reads_done_ = true;
       finish = MaybeFinishLocked();
     }
-    if (finish) Finish(grpc::Status::OK);
+    if (finish) Finish(final_status_);
     return;
   }
   auto slot = std::make_unique<Slot>();
@@ -30,6 +40,7 @@ void StreamReactor::OnReadDone(bool ok) {
   raw->response.set_tag(request_.tag());
   {
     absl::MutexLock lock(&mu_);
+    if (closing_) return;  // drained: read after the close, not served
     pending_.push_back(std::move(slot));
   }
   Dispatch(request_, raw);
@@ -54,7 +65,7 @@ void StreamReactor::OnWriteDone(bool ok) {
   }
   // Off the lock and off the reply's path: the next response may already be on its way.
   metrics->RecordStages(written->rpc, written->trace);
-  if (finish) Finish(grpc::Status::OK);
+  if (finish) Finish(final_status_);
 }
 
 void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
@@ -111,7 +122,7 @@ void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
   }
   // This runs on a device worker, not in a gRPC reaction, so OnDone may delete the reactor as
   // soon as Finish is called: it is the last thing done here, with the lock released.
-  if (finish) Finish(grpc::Status::OK);
+  if (finish) Finish(final_status_);
 }
 
 bool StreamReactor::WriteNextLocked() {
@@ -129,8 +140,10 @@ bool StreamReactor::WriteNextLocked() {
 }
 
 bool StreamReactor::MaybeFinishLocked() {
-  if (finished_ || !reads_done_ || writing_ || !pending_.empty()) return false;
+  if (finished_ || (!reads_done_ && !closing_) || writing_ || !pending_.empty()) return false;
   finished_ = true;
+  if (!reads_done_)  // the client still had it open: tell it to go elsewhere
+    final_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "attnd is shutting down");
   return true;
 }
 

@@ -12,16 +12,25 @@
 #include "server/engine/engine.h"
 #include "server/metrics/metrics.h"
 #include "server/metrics/request_trace.h"
+#include "server/wire/stream_registry.h"
 
 namespace attnd::wire {
 
-class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse> {
+class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1::StreamResponse>,
+                            public StreamRegistry::Closable {
  public:
   StreamReactor(Engine* engine, Metrics* metrics);
 
   void OnReadDone(bool ok) override;
   void OnWriteDone(bool ok) override;
-  void OnDone() override { delete this; }
+  void OnDone() override {
+    StreamRegistry::Global().Remove(this);
+    delete this;
+  }
+  // A drain: requests read from now on are not served; the stream ends with UNAVAILABLE once
+  // those in flight are answered.
+  bool BeginClose() override;
+  void FinishClosed() override { Finish(final_status_); }
 
  private:
   struct Slot {
@@ -51,6 +60,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<v1::StreamRequest, v1
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status final_status_;  // written with finished_ (under mu_), read after it is set
 };
 
 }  // namespace attnd::wire
