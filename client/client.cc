@@ -1,5 +1,9 @@
 #include "client/client.h"
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -19,16 +23,58 @@ absl::Status StreamResponseStatus(const v1::StreamResponse& response) {
 
 // ---- Client ----
 
+namespace {
+
+absl::StatusOr<std::string> ReadPem(absl::string_view option, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr)
+    return absl::InvalidArgumentError(
+        absl::StrCat(option, "=", path, ": cannot be read: ", std::strerror(errno)));
+  std::string contents;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) contents.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  std::fclose(f);
+  if (failed) return absl::InvalidArgumentError(absl::StrCat(option, "=", path, ": cannot be read"));
+  return contents;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(
+    const ClientOptions& options) {
+  if (options.tls_ca_file.empty() && options.tls_cert_file.empty())
+    return grpc::InsecureChannelCredentials();
+  if (options.tls_cert_file.empty() != options.tls_key_file.empty())
+    return absl::InvalidArgumentError("tls_cert_file and tls_key_file go together");
+  grpc::SslCredentialsOptions ssl;
+  for (auto [option, path, pem] :
+       {std::tuple{"tls_ca_file", &options.tls_ca_file, &ssl.pem_root_certs},
+        std::tuple{"tls_cert_file", &options.tls_cert_file, &ssl.pem_cert_chain},
+        std::tuple{"tls_key_file", &options.tls_key_file, &ssl.pem_private_key}}) {
+    if (path->empty()) continue;
+    absl::StatusOr<std::string> contents = ReadPem(option, *path);
+    if (!contents.ok()) return contents.status();
+    *pem = *std::move(contents);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(absl::string_view target,
                                                         const ClientOptions& options) {
   if (target.empty()) return absl::InvalidArgumentError("target is empty");
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      ChannelCredentials(options);
+  if (!credentials.ok()) return credentials.status();
   grpc::ChannelArguments args;
   // Data calls are latency-bound one-per-layer calls; do not let the channel go idle and pay
   // a reconnect in the middle of a decode step.
   args.SetInt(GRPC_ARG_CLIENT_IDLE_TIMEOUT_MS, 1 << 30);
   if (options.own_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(std::string(target), grpc::InsecureChannelCredentials(), args);
+      grpc::CreateCustomChannel(std::string(target), *credentials, args);
   if (channel == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot create a channel to ", target));
   }
@@ -50,11 +96,14 @@ Client::Client(std::string target, const ClientOptions& options,
       stub_(v1::Attention::NewStub(channel_)),
       health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
 
+// Every call's context, unary, health and Stream alike, is prepared here.
 void Client::Prepare(grpc::ClientContext* context, const CallOptions& call) const {
   const absl::Duration timeout = call.timeout.value_or(options_.default_timeout);
   if (timeout != absl::InfiniteDuration()) {
     context->set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   }
+  if (!options_.token.empty()) context->AddMetadata("authorization", "Bearer " + options_.token);
+  if (!options_.client_name.empty()) context->AddMetadata("attnd-client", options_.client_name);
 }
 
 template <typename Request, typename Response>

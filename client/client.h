@@ -39,6 +39,21 @@ struct ClientOptions {
   // of a process that name the same target, so dropping a Client closes nothing while another
   // is alive; tests that play many independent clients need their own.
   bool own_connection = false;
+
+  // TLS (for attnd's TCP port when it has --tls_cert_file): on when tls_ca_file or
+  // tls_cert_file is set. tls_ca_file: PEM CA certificates the server's certificate must chain
+  // to (empty: gRPC's default roots). tls_cert_file + tls_key_file: this client's certificate
+  // chain and key, for a server that requires them (--tls_client_ca_file). tls_server_name:
+  // the name the server's certificate is checked against, when not the target's host.
+  std::string tls_ca_file;
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_server_name;
+  // Sent with every call, unary and Stream: `authorization: Bearer <token>` when set (the
+  // server's --token_file names the client it stands for), and `attnd-client: <client_name>`
+  // when set (one instance among several of the same client).
+  std::string token;
+  std::string client_name;
 };
 
 struct CallOptions {
@@ -51,8 +66,8 @@ class DataStream;
 class Client {
  public:
   // target: "unix:///path/to.sock", or "host:port" for TCP; anything else gRPC accepts as a
-  // target works too. Insecure credentials: attnd listens on a local socket or a private
-  // network next to its orchestrator.
+  // target works too. Plaintext unless options ask for TLS; a TLS file that cannot be read is
+  // INVALID_ARGUMENT naming the option.
   static absl::StatusOr<std::unique_ptr<Client>> Connect(absl::string_view target,
                                                          const ClientOptions& options = {});
 

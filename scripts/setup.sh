@@ -6,13 +6,14 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev
-  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev
+  libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libssl-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   curl procps python3 python3-venv
   # scripts/fuzz.sh (ctest request_fuzzer_60s): clang 14 with libFuzzer and the sanitizer
   # runtimes (libclang-rt-14-dev, not pulled in by clang without recommends), and
   # llvm-symbolizer (llvm-14) for readable crash reports.
   clang libclang-rt-14-dev llvm-14
+  openssl  # the e2e tests make throwaway TLS certificates with its CLI
 )
 
 missing=()

@@ -1,12 +1,13 @@
 // attnd: the attention server daemon. Parses flags, builds the engine, serves gRPC on a Unix
-// socket and/or TCP with health and reflection, serves /metrics, and on SIGTERM or SIGINT
-// stops taking new calls, drains the in-flight ones and exits 0.
+// socket (accepted here, for the peer's credentials) and/or TCP (TLS unless --insecure_tcp)
+// with health and reflection, serves /metrics, and on SIGTERM or SIGINT reports NOT_SERVING,
+// ends open Streams, drains the in-flight calls and exits 0 within --drain_timeout_s.
 #include <signal.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
+#include <thread>
 
 #include "absl/debugging/failure_signal_handler.h"
 #include "absl/debugging/symbolize.h"
@@ -23,7 +24,10 @@
 #include "server/config/flags.h"
 #include "server/metrics/metrics.h"
 #include "server/regions/host_guard.h"
+#include "server/wire/credentials.h"
 #include "server/wire/service.h"
+#include "server/wire/stream_registry.h"
+#include "server/wire/unix_listener.h"
 #include "spdlog/sinks/stdout_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -42,21 +46,85 @@ void SetUpLogging(const std::string& level) {
   spdlog::set_default_logger(logger);
 }
 
-// Removes a stale socket file left by a process that died; refuses to touch anything else.
-absl::Status PrepareUnixSocket(const std::string& path) {
-  struct stat st;
-  if (lstat(path.c_str(), &st) != 0) return absl::OkStatus();
-  if (!S_ISSOCK(st.st_mode))
-    return absl::FailedPreconditionError(
-        absl::StrCat("--unix_socket=", path, " exists and is not a socket"));
-  unlink(path.c_str());
-  return absl::OkStatus();
+// Every health name SERVING ("" the server, the service, each device), then kept in step
+// with the devices.
+void SetUpHealth(const ServerConfig& config, grpc::Server* server, Engine* engine) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  health->SetServingStatus(kServiceName, true);
+  for (int d : config.devices) health->SetServingStatus(DeviceHealthName(d), true);
+  engine->SetServingListener([health, &config, engine](int index, bool serving) {
+    health->SetServingStatus(DeviceHealthName(config.devices[index]), serving);
+    bool any = false;
+    for (int i = 0; i < engine->num_devices(); ++i) any = any || engine->device_serving(i);
+    health->SetServingStatus(kServiceName, any);
+    health->SetServingStatus(any);
+  });
+}
+
+// Blocks until SIGTERM or SIGINT (blocked in every thread since main) arrives.
+int WaitForStopSignal() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  return signal_number;
+}
+
+// The stop signal's drain, all within --drain_timeout_s of the signal: health says NOT_SERVING
+// while calls are still served, then open Streams end, then gRPC stops and the device workers
+// finish what is queued.
+void Drain(const ServerConfig& config, grpc::Server* server, UnixListener* listener,
+           Metrics* metrics) {
+  const auto start = std::chrono::system_clock::now();
+  const auto drain = std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
+  // Every name, devices included, reads NOT_SERVING from now on, and a device that recovers
+  // cannot flip one back.
+  server->GetHealthCheckService()->Shutdown();
+  // civetweb takes up to 2 s to stop /metrics; in parallel with the drain it adds nothing to
+  // the exit unless --drain_timeout_s is under a second. Scrapes during the drain fail.
+  std::thread stop_metrics([metrics] { metrics->StopExposer(); });
+  // Calls are still served for a moment so that load balancers and probes see NOT_SERVING and
+  // route new work elsewhere; stopping at once would show them only refused connections.
+  std::this_thread::sleep_for(std::min<std::chrono::system_clock::duration>(
+      std::chrono::seconds(1), drain / 4));
+  if (listener != nullptr) listener->StopAccepting();
+  // A Stream never ends by itself: each is told to end (UNAVAILABLE) once the requests it has
+  // in flight are answered, or gRPC's shutdown would wait on it until the deadline.
+  wire::StreamRegistry::Global().CloseAll();
+  // Refuses new calls, waits for those in flight, and cancels whatever is left at the deadline.
+  server->Shutdown(start + drain);
+  spdlog::debug("grpc server shut down");
+  server->Wait();
+  stop_metrics.join();
+}
+
+// Who is at the other end of a call's Unix-socket connection, for the Authenticator.
+wire::PeerLookup PeerLookupOf(const UnixListener* listener) {
+  if (listener == nullptr) return {};
+  const PeerTable* peers = &listener->peers();
+  return [peers](absl::string_view grpc_peer) -> std::optional<wire::PeerIdentity> {
+    std::optional<Peer> peer = peers->Find(grpc_peer);
+    if (!peer.has_value()) return std::nullopt;
+    return wire::PeerIdentity{peer->connection_id, static_cast<uint32_t>(peer->uid)};
+  };
 }
 
 int Run(const ServerConfig& config) {
   spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
                config.model.head_dim, config.model.page_size);
+  std::shared_ptr<grpc::ServerCredentials> tcp_credentials;
+  if (!config.tcp_address.empty()) {
+    auto credentials = TcpServerCredentials(config);
+    if (!credentials.ok()) {
+      spdlog::error("bad configuration: {}", std::string(credentials.status().message()));
+      return 2;
+    }
+    tcp_credentials = *std::move(credentials);
+  }
 
   Metrics metrics(config.devices);
   auto platform = CreateDevicePlatform(config);
@@ -71,9 +139,22 @@ int Run(const ServerConfig& config) {
   }
   std::unique_ptr<Engine> engine = *std::move(engine_or);
   spdlog::info("backend={}", engine->cuda() ? "cuda" : "cpu");
-  // Peers of the Unix socket are not identified yet (no PeerLookup): callers are told apart
-  // by bearer token only.
-  auto auth = wire::Authenticator::FromFile(config.token_file, wire::PeerLookup());
+
+  // attnd accepts the Unix socket itself, to learn each connection's uid (UnixListener); gRPC
+  // listens only on TCP, if at all. A connection's end starts its clients' lease countdown.
+  std::unique_ptr<UnixListener> listener;
+  if (!config.unix_socket.empty()) {
+    auto created = UnixListener::Create(config.unix_socket, config.unix_socket_mode);
+    if (!created.ok()) {
+      spdlog::error("cannot listen on --unix_socket: {}", created.status().ToString());
+      return 1;
+    }
+    listener = *std::move(created);
+    listener->set_close_callback([clients = &engine->clients()](uint64_t connection) {
+      clients->ConnectionClosed(connection, absl::Now());
+    });
+  }
+  auto auth = wire::Authenticator::FromFile(config.token_file, PeerLookupOf(listener.get()));
   if (!auth.ok()) {
     spdlog::error("cannot start: {}", auth.status().ToString());
     return 2;
@@ -83,69 +164,36 @@ int Run(const ServerConfig& config) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  if (!config.unix_socket.empty()) {
-    if (absl::Status s = PrepareUnixSocket(config.unix_socket); !s.ok()) {
-      spdlog::error("{}", s.ToString());
-      return 1;
-    }
-    builder.AddListeningPort("unix:" + config.unix_socket, grpc::InsecureServerCredentials());
-  }
   int tcp_port = 0;
   if (!config.tcp_address.empty())
-    builder.AddListeningPort(config.tcp_address, grpc::InsecureServerCredentials(), &tcp_port);
+    builder.AddListeningPort(config.tcp_address, tcp_credentials, &tcp_port);
   builder.RegisterService(&service);
   builder.SetMaxReceiveMessageSize(static_cast<int>(config.max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || (!config.tcp_address.empty() && tcp_port == 0)) {
-    spdlog::error("cannot listen on unix_socket='{}' tcp_address='{}'", config.unix_socket,
-                  config.tcp_address);
+    spdlog::error("cannot listen on tcp_address='{}'", config.tcp_address);
     return 1;
   }
-
-  if (!config.unix_socket.empty() &&
-      chmod(config.unix_socket.c_str(), static_cast<mode_t>(config.unix_socket_mode)) != 0) {
-    spdlog::error("cannot set --unix_socket_mode={:o} on {}", config.unix_socket_mode,
-                  config.unix_socket);
-    server->Shutdown();
-    return 1;
-  }
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
-  health->SetServingStatus(true);
-  health->SetServingStatus(kServiceName, true);
-  for (int d : config.devices) health->SetServingStatus(DeviceHealthName(d), true);
-  engine->SetServingListener([health, &config, &engine](int index, bool serving) {
-    health->SetServingStatus(DeviceHealthName(config.devices[index]), serving);
-    bool any = false;
-    for (int i = 0; i < engine->num_devices(); ++i) any = any || engine->device_serving(i);
-    health->SetServingStatus(kServiceName, any);
-    health->SetServingStatus(any);
-  });
+  if (listener != nullptr) listener->Start(server.get());
+  SetUpHealth(config, server.get(), engine.get());
 
   if (absl::Status s = metrics.StartExposer(config.metrics_bind, config.metrics_port); !s.ok()) {
     spdlog::error("{}", s.ToString());
+    if (listener != nullptr) listener->StopAccepting();
     server->Shutdown();
     return 1;
   }
-  spdlog::info("listening unix={} tcp={} metrics={}:{} devices={}", config.unix_socket,
+  spdlog::info("listening unix={} tcp={} tls={} metrics={}:{} devices={}", config.unix_socket,
                config.tcp_address.empty() ? "off" : absl::StrCat(config.tcp_address, " port=", tcp_port),
+               config.tls_cert_file.empty() ? "off"
+               : config.tls_client_ca_file.empty() ? "on" : "on+client_certs",
                config.metrics_bind, config.metrics_port, config.devices.size());
 
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-
+  const int signal_number = WaitForStopSignal();
   spdlog::info("signal={} draining, deadline={}s", signal_number, config.drain_timeout_s);
-  health->Shutdown();  // probes see NOT_SERVING while we drain
-  const auto deadline = std::chrono::system_clock::now() +
-                        std::chrono::milliseconds(static_cast<int64_t>(config.drain_timeout_s * 1000));
-  server->Shutdown(deadline);
-  spdlog::debug("grpc server shut down");
-  server->Wait();
-  engine.reset();  // finishes work still queued on the device workers
-  if (!config.unix_socket.empty()) unlink(config.unix_socket.c_str());
+  Drain(config, server.get(), listener.get(), &metrics);
+  listener.reset();  // stops watching connections (the socket file went at StopAccepting)
+  engine.reset();    // finishes work still queued on the device workers
   spdlog::info("stopped");
   return 0;
 }

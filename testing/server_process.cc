@@ -16,6 +16,7 @@
 #include <sstream>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace attnd::testing {
@@ -77,7 +78,6 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   const std::string stem = absl::StrCat("/tmp/attnd-e2e-", getpid(), "-", counter++);
   p->socket_path_ = stem + ".sock";
   p->log_path_ = stem + ".log";
-  const int tcp_port = PickFreePort();
   // /metrics only where a test asks for it ("--metrics_port=auto"): stopping its HTTP server
   // costs a second or two at exit.
   for (std::string& f : flags) {
@@ -89,10 +89,20 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   }
   if (p->metrics_port_ == 0) flags.push_back("--metrics_port=0");
   p->unix_target_ = "unix://" + p->socket_path_;
-  p->tcp_target_ = absl::StrCat("127.0.0.1:", tcp_port);
   flags.push_back("--unix_socket=" + p->socket_path_);
-  flags.push_back(absl::StrCat("--tcp_address=127.0.0.1:", tcp_port));
-  flags.push_back("--insecure_tcp");  // loopback only; the TLS tests pass their own flags
+  // A test that passes --tcp_address= or --tls_cert_file= sets TCP up itself (TLS, or clear
+  // text refused without --insecure_tcp); every other gets clear text on a free loopback port.
+  if (std::none_of(flags.begin(), flags.end(), [](const std::string& f) {
+        return absl::StartsWith(f, "--tcp_address=") || absl::StartsWith(f, "--tls_cert_file=");
+      })) {
+    const int tcp_port = PickFreePort();
+    p->tcp_target_ = absl::StrCat("127.0.0.1:", tcp_port);
+    flags.push_back(absl::StrCat("--tcp_address=", p->tcp_target_));
+    flags.push_back("--insecure_tcp");  // loopback only
+  }
+  for (const std::string& f : flags) {
+    if (absl::StartsWith(f, "--tcp_address=")) p->tcp_target_ = f.substr(strlen("--tcp_address="));
+  }
   flags.push_back("--metrics_bind=127.0.0.1");
 
   // ATTND_BINARY in the environment overrides the build's path (bundles run elsewhere).
@@ -117,7 +127,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(std::vector<
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
     if (!p->Running())
-      return absl::InternalError(absl::StrCat("attnd exited during start-up:\n", p->Log()));
+      return absl::InternalError(absl::StrCat("attnd exited during start-up with status ",
+                                              p->exit_status_, ":\n", p->Log()));
     // Connect only once it listens: a refused connection puts gRPC's shared subchannel into
     // a reconnect backoff of a second or more.
     if (p->Log().find("level=info listening ") == std::string::npos) {

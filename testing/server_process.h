@@ -15,9 +15,11 @@ namespace attnd::testing {
 
 class ServerProcess {
  public:
-  // Starts attnd with `flags` plus a fresh Unix socket and a free TCP port, and waits until it
-  // reports SERVING. /metrics is off unless `flags` holds "--metrics_port=auto", which becomes a
-  // free port.
+  // Starts attnd with `flags` plus a fresh Unix socket and plaintext TCP on a free loopback
+  // port, and waits until it reports SERVING over the socket. Flags holding --tcp_address= or
+  // --tls_cert_file= get no TCP flags added (tcp_target() is their --tcp_address, if any).
+  // /metrics is off unless `flags` holds "--metrics_port=auto", which becomes a free port. If
+  // attnd exits during start-up, the error names its exit status and holds its log.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(std::vector<std::string> flags);
   // Sends SIGTERM if still running.
   ~ServerProcess();

@@ -1,6 +1,7 @@
 // attnctl: the operator's and developer's tool for a running attnd.
 //
 //   attnctl [--target=unix:///tmp/attnd.sock] health [--service=NAME]
+//   attnctl --target=host:port --tls_ca_file=ca.pem [--token=...] health
 //   attnctl info | stats
 //   attnctl demo [--demo_sequences=16 --demo_steps=32 --seed=0 ...]
 #include <cstdio>
@@ -24,6 +25,15 @@ ABSL_FLAG(std::string, target, "unix:///tmp/attnd.sock",
 ABSL_FLAG(int64_t, timeout_ms, 30000, "deadline of each RPC in milliseconds; 0 = none");
 ABSL_FLAG(int64_t, connect_timeout_ms, 5000,
           "how long to wait for the server to accept the connection");
+ABSL_FLAG(std::string, tls_ca_file, "",
+          "TLS to a TCP target: CA certificates (PEM) the server's certificate must chain to");
+ABSL_FLAG(std::string, tls_cert_file, "",
+          "TLS: this client's certificate chain (PEM), for a server that requires one");
+ABSL_FLAG(std::string, tls_key_file, "", "TLS: the private key (PEM) of --tls_cert_file");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "TLS: the name the server's certificate must carry, when not the target's host");
+ABSL_FLAG(std::string, token, "", "sent as 'authorization: Bearer <token>' with every call");
+ABSL_FLAG(std::string, client_name, "", "sent as 'attnd-client: <name>' with every call");
 ABSL_FLAG(std::string, service, "",
           "health: check only this service name (default: the server, the service and every "
           "device)");
@@ -53,6 +63,12 @@ absl::StatusOr<std::unique_ptr<Client>> ConnectFromFlags() {
   options.default_timeout =
       timeout_ms > 0 ? absl::Milliseconds(timeout_ms) : absl::InfiniteDuration();
   options.connect_timeout = absl::Milliseconds(absl::GetFlag(FLAGS_connect_timeout_ms));
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca_file);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert_file);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key_file);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  options.token = absl::GetFlag(FLAGS_token);
+  options.client_name = absl::GetFlag(FLAGS_client_name);
   return Client::Connect(absl::GetFlag(FLAGS_target), options);
 }
 

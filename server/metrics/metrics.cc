@@ -120,6 +120,8 @@ absl::Status Metrics::StartExposer(const std::string& bind, int port) {
   return absl::OkStatus();
 }
 
+void Metrics::StopExposer() { exposer_.reset(); }
+
 void Metrics::RecordRpc(absl::string_view rpc, absl::StatusCode code, double seconds) {
   prometheus::Counter* counter;
   prometheus::Histogram* histogram;

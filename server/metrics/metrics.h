@@ -46,6 +46,9 @@ class Metrics {
 
   // Serves /metrics on bind:port (port 0: not at all).
   absl::Status StartExposer(const std::string& bind, int port);
+  // Stops serving /metrics; blocks up to ~2 s (civetweb notices its stop flag between 2 s
+  // polls). Not concurrent with StartExposer.
+  void StopExposer();
 
   void RecordRpc(absl::string_view rpc, absl::StatusCode code, double seconds);
   // The stages of one data request that reached a device worker, whatever its outcome

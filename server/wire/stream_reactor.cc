@@ -19,11 +19,18 @@ StreamReactor::StreamReactor(Engine* engine, Metrics* metrics, absl::StatusOr<Cl
     return;
   }
   engine_->clients().StreamOpened(client_.id);
-  StartRead(&request_wire_);
+  if (StreamRegistry::Global().Add(this)) {
+    StartRead(&request_wire_);
+  } else if (BeginClose()) {
+    FinishClosed();  // opened while attnd drains
+  }
 }
 
 void StreamReactor::OnDone() {
-  if (identified_) engine_->clients().StreamClosed(client_.id, absl::Now());
+  if (identified_) {
+    StreamRegistry::Global().Remove(this);
+    engine_->clients().StreamClosed(client_.id, absl::Now());
+  }
   delete this;
 }
 
@@ -33,12 +40,17 @@ CallLife StreamReactor::Life() const {
   return life;
 }
 
+bool StreamReactor::BeginClose() {
+  absl::MutexLock lock(&mu_);
+  closing_ = true;
+  return MaybeFinishLocked();
+}
+
 void StreamReactor::OnReadDone(bool ok) {
   const bool parsed =
       ok && grpc::SerializationTraits<v1::StreamRequest>::Deserialize(&request_wire_, &request_).ok();
   if (!parsed) {
     bool finish;
-    grpc::Status status;
     {
       absl::MutexLock lock(&mu_);
       reads_done_ = true;
@@ -47,9 +59,8 @@ void StreamReactor::OnReadDone(bool ok) {
                                      "request: not a valid attnd.v1.StreamRequest; the stream "
                                      "ends here (the requests before it were answered)");
       finish = MaybeFinishLocked();
-      status = final_status_;
     }
-    if (finish) Finish(status);
+    if (finish) Finish(final_status_);
     return;
   }
   auto slot = std::make_unique<Slot>();
@@ -57,6 +68,7 @@ void StreamReactor::OnReadDone(bool ok) {
   raw->response.set_tag(request_.tag());
   {
     absl::MutexLock lock(&mu_);
+    if (closing_) return;  // drained: read after the close, not served
     pending_.push_back(std::move(slot));
   }
   Dispatch(request_, raw);
@@ -67,7 +79,6 @@ void StreamReactor::OnWriteDone(bool ok) {
   Metrics* metrics = metrics_;
   std::unique_ptr<Slot> written;
   bool finish;
-  grpc::Status status;
   {
     absl::MutexLock lock(&mu_);
     // Stamped under the lock: a write can complete (on a gRPC thread) before StartWrite has
@@ -79,11 +90,10 @@ void StreamReactor::OnWriteDone(bool ok) {
     if (ok) written->trace.written = now;
     if (!ok) broken_ = true;  // the client is gone; finish once in-flight work lands
     finish = WriteNextLocked();
-    status = final_status_;
   }
   // Off the lock and off the reply's path: the next response may already be on its way.
   metrics->RecordStages(written->rpc, written->trace);
-  if (finish) Finish(status);
+  if (finish) Finish(final_status_);
 }
 
 void StreamReactor::Dispatch(const v1::StreamRequest& req, Slot* slot) {
@@ -135,7 +145,6 @@ void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
   metrics_->RecordRpc(slot->rpc, status.code(),
                       std::chrono::duration<double>(Clock::now() - slot->trace.received).count());
   bool finish;
-  grpc::Status final_status;
   {
     absl::MutexLock lock(&mu_);
     if (!status.ok()) {
@@ -145,11 +154,10 @@ void StreamReactor::Complete(Slot* slot, const absl::Status& status) {
     }
     slot->done = true;
     finish = WriteNextLocked();
-    final_status = final_status_;
   }
   // This runs on a device worker, not in a gRPC reaction, so OnDone may delete the reactor as
   // soon as Finish is called: it is the last thing done here, with the lock released.
-  if (finish) Finish(final_status);
+  if (finish) Finish(final_status_);
 }
 
 bool StreamReactor::WriteNextLocked() {
@@ -171,8 +179,10 @@ bool StreamReactor::WriteNextLocked() {
 }
 
 bool StreamReactor::MaybeFinishLocked() {
-  if (finished_ || !reads_done_ || writing_ || !pending_.empty()) return false;
+  if (finished_ || (!reads_done_ && !closing_) || writing_ || !pending_.empty()) return false;
   finished_ = true;
+  if (!reads_done_)  // the client still had it open: tell it to go elsewhere
+    final_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "attnd is shutting down");
   return true;
 }
 

@@ -13,12 +13,14 @@
 #include "server/engine/engine.h"
 #include "server/metrics/metrics.h"
 #include "server/metrics/request_trace.h"
+#include "server/wire/stream_registry.h"
 
 namespace attnd::wire {
 
 // Reads and writes raw messages (see AttentionServiceBase): an unparsable request ends the
 // stream with INVALID_ARGUMENT once the requests before it are answered.
-class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>,
+                            public StreamRegistry::Closable {
  public:
   // Serves `client`'s requests (its lease is kept while the stream is open); a caller that
   // could not be identified gets the error at once.
@@ -29,6 +31,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   // The client went away: requests not yet on the device are dropped, unapplied.
   void OnCancel() override { cancelled_->store(true); }
   void OnDone() override;
+  // A drain: requests read from now on are not served; the stream ends with UNAVAILABLE once
+  // those in flight are answered.
+  bool BeginClose() override;
+  void FinishClosed() override { Finish(final_status_); }
 
  private:
   struct Slot {
@@ -67,7 +73,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  grpc::Status final_status_ ABSL_GUARDED_BY(mu_);  // OK, or why the stream was cut short
+  bool closing_ ABSL_GUARDED_BY(mu_) = false;
+  // OK, or why the stream was cut short; written under mu_ before finished_ is set, read after.
+  grpc::Status final_status_;
 };
 
 }  // namespace attnd::wire

@@ -143,6 +143,22 @@ INSTANTIATE_TEST_SUITE_P(
                   c.tcp_address.clear();
                 },
                 "--unix_socket"},
+        BadCase{"TcpWithoutTlsOrInsecureTcp",
+                [](ServerConfig& c) { c.tcp_address = "127.0.0.1:0"; }, "--insecure_tcp"},
+        BadCase{"TlsCertificateWithoutKey",
+                [](ServerConfig& c) {
+                  c.tcp_address = "127.0.0.1:0";
+                  c.insecure_tcp = true;
+                  c.tls_cert_file = "server.pem";
+                },
+                "--tls_key_file"},
+        BadCase{"ClientCaWithoutServerCertificate",
+                [](ServerConfig& c) {
+                  c.tcp_address = "127.0.0.1:0";
+                  c.insecure_tcp = true;
+                  c.tls_client_ca_file = "ca.pem";
+                },
+                "--tls_client_ca_file"},
         BadCase{"NegativeMetricsPort", [](ServerConfig& c) { c.metrics_port = -1; },
                 "--metrics_port"},
         BadCase{"MetricsPortAbove65535", [](ServerConfig& c) { c.metrics_port = 65536; },
@@ -203,6 +219,7 @@ TEST(ConfigTest, BoundaryValuesAreAccepted) {
   c.metrics_port = 0;
   c.unix_socket.clear();
   c.tcp_address = "127.0.0.1:0";
+  c.insecure_tcp = true;  // TCP in clear text only when asked for
   c.drain_timeout_s = 0;
   c.worker_spin_us = 1000000;
   EXPECT_TRUE(c.Validate().ok()) << c.Validate();

@@ -58,17 +58,54 @@ def append_request(device, layer, items, k_new, v_new):
                             v_new=v_new)
 
 
+def _read_pem(option, path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        raise AttndError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{option}={path}: cannot be read: {error.strerror}") from None
+
+
+def _channel(target, tls_ca_file, tls_cert_file, tls_key_file, tls_server_name):
+    """Plaintext unless a CA or a client certificate is given (as the C++ client)."""
+    if not tls_ca_file and not tls_cert_file:
+        return grpc.insecure_channel(target)
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise AttndError(grpc.StatusCode.INVALID_ARGUMENT,
+                         "tls_cert_file and tls_key_file go together")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem("tls_ca_file", tls_ca_file) if tls_ca_file else None,
+        private_key=_read_pem("tls_key_file", tls_key_file) if tls_key_file else None,
+        certificate_chain=_read_pem("tls_cert_file", tls_cert_file) if tls_cert_file else None)
+    options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
 class Client:
     """A connection to one attnd.
 
     target: "unix:///path/to.sock" or "host:port". timeout: default deadline of each call in
     seconds (None: none). connect_timeout: seconds to wait for the server at construction.
+
+    TLS (attnd's TCP port with --tls_cert_file) is on when tls_ca_file or tls_cert_file is
+    given: tls_ca_file, the PEM CA the server's certificate must chain to (None: gRPC's
+    default roots); tls_cert_file + tls_key_file, this client's certificate for a server that
+    requires one; tls_server_name, the name checked in the server's certificate when it is not
+    the target's host. token is sent as `authorization: Bearer <token>` and client_name as
+    `attnd-client: <name>` with every call, Streams included.
     """
 
-    def __init__(self, target="unix:///tmp/attnd.sock", timeout=None, connect_timeout=5.0):
+    def __init__(self, target="unix:///tmp/attnd.sock", timeout=None, connect_timeout=5.0, *,
+                 tls_ca_file=None, tls_cert_file=None, tls_key_file=None, tls_server_name=None,
+                 token=None, client_name=None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._metadata = tuple(
+            (key, value) for key, value in (("authorization", token and f"Bearer {token}"),
+                                            ("attnd-client", client_name)) if value)
+        self._channel = _channel(target, tls_ca_file, tls_cert_file, tls_key_file,
+                                 tls_server_name)
         if connect_timeout:
             try:
                 grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
@@ -90,7 +127,8 @@ class Client:
 
     def _call(self, method, request, timeout):
         try:
-            return method(request, timeout=self.timeout if timeout is None else timeout)
+            return method(request, timeout=self.timeout if timeout is None else timeout,
+                          metadata=self._metadata)
         except grpc.RpcError as error:
             _raise(error)
 
@@ -182,7 +220,7 @@ class Client:
 
     def open_stream(self, timeout=None):
         """A DataStream; `timeout` (seconds) bounds the stream's whole life."""
-        return DataStream(self._stub.Stream, timeout)
+        return DataStream(self._stub.Stream, timeout, self._metadata)
 
 
 _CLOSE = object()
@@ -194,9 +232,10 @@ class DataStream:
     then receive their answers in order). A per-request error raises AttndError and leaves the
     stream open; a transport error ends it."""
 
-    def __init__(self, stream_method, timeout):
+    def __init__(self, stream_method, timeout, metadata=()):
         self._requests = queue.SimpleQueue()
-        self._responses = stream_method(iter(self._requests.get, _CLOSE), timeout=timeout)
+        self._responses = stream_method(iter(self._requests.get, _CLOSE), timeout=timeout,
+                                        metadata=metadata)
         self._next_tag = 1
         self._pending = collections.deque()
         self._closed = False

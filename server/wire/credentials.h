@@ -1,0 +1,23 @@
+// The credentials of attnd's TCP listener, from its flags: TLS through gRPC's own SSL
+// credentials when --tls_cert_file and --tls_key_file are set (client certificates required
+// and verified when --tls_client_ca_file is), plaintext only with --insecure_tcp.
+#ifndef ATTND_SERVER_WIRE_CREDENTIALS_H_
+#define ATTND_SERVER_WIRE_CREDENTIALS_H_
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "grpcpp/security/server_credentials.h"
+#include "server/config/config.h"
+
+namespace attnd {
+
+// Reads and checks the TLS files now, so a bad one stops attnd at start with a message that
+// names its flag: unreadable, no PEM certificate (or key) in it, or a key that does not match
+// the certificate. (gRPC would only fail the listener, without saying which file.)
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpServerCredentials(
+    const ServerConfig& config);
+
+}  // namespace attnd
+
+#endif  // ATTND_SERVER_WIRE_CREDENTIALS_H_
