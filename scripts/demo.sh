@@ -13,14 +13,19 @@ sock=${ATTND_SOCKET:-/tmp/attnd-demo.$$.sock}
 metrics_port=${ATTND_METRICS_PORT:-9464}
 tcp_port=${ATTND_TCP_PORT:-50051}
 log=$(mktemp /tmp/attnd-demo.XXXXXX.log)
+# TCP callers have no uid of their own; a token that names ours lets the TCP demo share memory.
+tokens=$(mktemp /tmp/attnd-demo.XXXXXX.tokens)
+token="demo-$(od -An -tx8 -N16 /dev/urandom | tr -d ' \n')"
+echo "demo $token uid=$(id -u)" >"$tokens"
 "$build/server/attnd" --backend=auto --unix_socket="$sock" --metrics_port="$metrics_port" \
-  --tcp_address="127.0.0.1:$tcp_port" --insecure_tcp \
+  --tcp_address="127.0.0.1:$tcp_port" --insecure_tcp --token_file="$tokens" \
   --num_layers=4 --num_qo_heads=8 --num_kv_heads=2 --head_dim=64 --dtype=bf16 \
   --page_size=16 --pages_per_device=8192 2>"$log" &
 server=$!
 stop() {
   kill -TERM "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
+  rm -f "$tokens"
 }
 trap stop EXIT
 
@@ -36,7 +41,7 @@ status=0
 echo "=== demo over the Unix socket ==="
 "${ctl[@]}" demo "$@" || status=$?
 echo "=== demo over TCP (shorter run; the same 64-sequence Decode benchmark) ==="
-"$build/client/attnctl" --target="127.0.0.1:$tcp_port" demo --demo_sequences=4 --demo_steps=4 "$@" || status=$?
+"$build/client/attnctl" --target="127.0.0.1:$tcp_port" --token="$token" demo --demo_sequences=4 --demo_steps=4 "$@" || status=$?
 "${ctl[@]}" stats
 echo "--- /metrics (attnd_ series) ---"
 curl -sf "http://127.0.0.1:$metrics_port/metrics" | grep -E '^attnd_' | grep -v '_bucket' || true

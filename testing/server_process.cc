@@ -8,11 +8,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <random>
 #include <sstream>
 #include <thread>
 
@@ -29,6 +31,16 @@ std::string E2eBackend() {
 int E2eCudaDevices() {
   const char* n = getenv("ATTND_E2E_CUDA_DEVICES");
   return n == nullptr ? 1 : std::max(1, atoi(n));
+}
+
+UidToken MakeUidToken() {
+  static std::atomic<int> counter{0};
+  const std::string token = absl::StrCat("e2e-", std::random_device{}(), "-", getpid(), "-",
+                                         counter++, "-token");
+  const std::string path = absl::StrCat("/tmp/attnd-tokens-", getpid(), "-",
+                                        counter.load());
+  std::ofstream(path) << "e2e " << token << " uid=" << getuid() << "\n";
+  return UidToken{absl::StrCat("--token_file=", path), token};
 }
 
 int PickFreePort() {

@@ -53,6 +53,15 @@ std::string E2eBackend();
 // CUDA devices the suite may name when running against CUDA (ATTND_E2E_CUDA_DEVICES, 1).
 int E2eCudaDevices();
 
+// A token file with one entry that stands for this process's uid ("e2e <token> uid=<uid>"):
+// TCP callers have no uid of their own, and attnd opens host regions only for a known uid.
+// Start attnd with `flag`; clients send `token` (ClientOptions::token).
+struct UidToken {
+  std::string flag;   // --token_file=...
+  std::string token;
+};
+UidToken MakeUidToken();
+
 // A TCP port that was free a moment ago.
 int PickFreePort();
 

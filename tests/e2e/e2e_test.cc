@@ -37,11 +37,16 @@ struct Served {
 Served Serve(std::vector<std::string> flags, bool tcp = false, uint32_t device = 0,
              uint64_t max_tokens = 4096) {
   Served s;
+  // Over TCP the client has no uid of its own: a token that names one lets it share memory.
+  const UidToken uid_token = MakeUidToken();
+  if (tcp) flags.push_back(uid_token.flag);
   auto server = ServerProcess::Start(std::move(flags));
   EXPECT_TRUE(server.ok()) << server.status();
   if (!server.ok()) return s;
   s.server = *std::move(server);
-  auto c = client::Client::Connect(tcp ? s.server->tcp_target() : s.server->unix_target());
+  client::ClientOptions options;
+  if (tcp) options.token = uid_token.token;
+  auto c = client::Client::Connect(tcp ? s.server->tcp_target() : s.server->unix_target(), options);
   EXPECT_TRUE(c.ok()) << c.status();
   s.client = *std::move(c);
   auto h = Harness::Create(s.client.get(), "main", device, max_tokens, Seed());

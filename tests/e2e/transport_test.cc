@@ -116,11 +116,17 @@ class Tls : public ::testing::Test {
 };
 
 TEST_F(Tls, AClientTrustingTheCaIsServedAndItsCallsWork) {
-  auto server = ServerProcess::Start(pki_.ServerFlags());
+  // A token naming this uid lets the TCP client share memory (host regions).
+  const UidToken uid_token = MakeUidToken();
+  std::vector<std::string> flags = pki_.ServerFlags();
+  flags.push_back(uid_token.flag);
+  auto server = ServerProcess::Start(flags);
   ASSERT_TRUE(server.ok()) << server.status();
-  EXPECT_TRUE(HealthOver((*server)->tcp_target(), pki_.ClientOptions(false)).ok());
+  client::ClientOptions options = pki_.ClientOptions(false);
+  options.token = uid_token.token;
+  EXPECT_TRUE(HealthOver((*server)->tcp_target(), options).ok());
 
-  auto c = client::Client::Connect((*server)->tcp_target(), pki_.ClientOptions(false));
+  auto c = client::Client::Connect((*server)->tcp_target(), options);
   ASSERT_TRUE(c.ok()) << c.status();
   auto h = Harness::Create(c->get(), "main", 0, 64, std::random_device{}());
   ASSERT_TRUE(h.ok()) << h.status();

@@ -20,7 +20,9 @@
 namespace attnd::workload {
 namespace {
 
+using testing::MakeUidToken;
 using testing::ServerProcess;
+using testing::UidToken;
 
 uint64_t Seed() {
   static const uint64_t seed = RandomSeed();
@@ -35,15 +37,21 @@ struct Served {
 // A small CPU model on one device; `tcp` connects over TCP instead of the Unix socket.
 Served Serve(bool tcp = false) {
   Served s;
-  auto server = ServerProcess::Start({"--backend=cpu", "--num_layers=2", "--num_qo_heads=8",
-                                      "--num_kv_heads=2", "--head_dim=64", "--dtype=bf16",
-                                      "--page_size=16", "--pages_per_device=2048"});
+  // Over TCP the client has no uid of its own: a token that names one lets it share memory.
+  const UidToken uid_token = MakeUidToken();
+  std::vector<std::string> flags = {"--backend=cpu", "--num_layers=2", "--num_qo_heads=8",
+                                    "--num_kv_heads=2", "--head_dim=64", "--dtype=bf16",
+                                    "--page_size=16", "--pages_per_device=2048"};
+  if (tcp) flags.push_back(uid_token.flag);
+  auto server = ServerProcess::Start(flags);
   if (!server.ok()) {
     ADD_FAILURE() << server.status();
     return s;
   }
   s.server = *std::move(server);
-  auto c = client::Client::Connect(tcp ? s.server->tcp_target() : s.server->unix_target());
+  client::ClientOptions options;
+  if (tcp) options.token = uid_token.token;
+  auto c = client::Client::Connect(tcp ? s.server->tcp_target() : s.server->unix_target(), options);
   if (!c.ok()) {
     ADD_FAILURE() << c.status();
     return s;
