@@ -240,7 +240,7 @@ class Fixture {
       s.sequences.emplace_back(seq.seq_id, seq.layer_lengths, seq.num_pages, seq.shared_pages);
     }
     std::sort(s.sequences.begin(), s.sequences.end());
-    for (const RegionSummary& r : engine_->ListRegions(client_))
+    for (const RegionSummary& r : engine_->ListRegions())
       s.regions.emplace_back(r.name, r.byte_size);
     std::sort(s.regions.begin(), s.regions.end());
     const EngineInfo info = engine_->Info();
@@ -262,7 +262,7 @@ class Fixture {
     if (device.free_pages != device.total_pages)
       Fail(absl::StrCat("every sequence released, yet ", device.total_pages - device.free_pages,
                         " pages are in use"));
-    const std::vector<RegionSummary> regions = engine_->ListRegions(client_);
+    const std::vector<RegionSummary> regions = engine_->ListRegions();
     if (std::none_of(regions.begin(), regions.end(),
                      [](const RegionSummary& r) { return r.name == kRegion; }))
       RegisterRegion();
