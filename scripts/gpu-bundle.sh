@@ -6,11 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ATTND_BUILD_DIR=${ATTND_BUILD_DIR:-build-cuda} ATTND_CUDA=ON
-scripts/build.sh attnd attnctl e2e_test bad_input_test workload_test cuda_kernels_test cuda_region_e2e_test cuda_server_test decode_bench prefill_bench server_bench
+scripts/build.sh attnd attnctl e2e_test bad_input_test workload_test tenancy_test client_probe \
+  region_abuse_test transport_test hardening_test deadline_test cuda_kernels_test cuda_region_e2e_test cuda_server_test decode_bench prefill_bench server_bench
 b=$ATTND_BUILD_DIR
 rm -rf .device/gpu
 ../shared/tools/device-bundle .device/gpu "$b/server/attnd" "$b/client/attnctl" \
   "$b/tests/e2e/e2e_test" "$b/tests/e2e/bad_input_test" "$b/tests/e2e/workload_test" \
+  "$b/tests/e2e/tenancy_test" "$b/tests/e2e/client_probe" "$b/tests/e2e/region_abuse_test" \
+  "$b/tests/e2e/transport_test" "$b/tests/e2e/hardening_test" "$b/tests/e2e/deadline_test" \
   "$b/tests/gpu/cuda_kernels_test" \
   "$b/tests/gpu/cuda_region_e2e_test" "$b/tests/gpu/cuda_server_test" "$b/bench/server_bench" \
   "$b/bench/decode_bench" "$b/bench/prefill_bench"
@@ -20,11 +23,12 @@ set -u
 d=$(cd "$(dirname "$0")" && pwd)
 nvidia-smi -L
 "$d/run" cuda_kernels_test 2>&1 | tail -3
-export ATTND_BINARY=$d/bin/attnd ATTND_E2E_BACKEND=cuda
+export ATTND_BINARY=$d/bin/attnd ATTND_E2E_BACKEND=cuda ATTND_CLIENT_PROBE=$d/bin/client_probe
 export ATTND_E2E_CUDA_DEVICES=$(nvidia-smi -L | wc -l)
-"$d/run" e2e_test 2>&1 | tail -6
-"$d/run" bad_input_test 2>&1 | tail -3
-"$d/run" workload_test 2>&1 | tail -3
+for t in e2e_test bad_input_test workload_test tenancy_test region_abuse_test transport_test \
+         hardening_test deadline_test; do
+  "$d/run" $t 2>&1 | tail -3
+done
 "$d/run" cuda_region_e2e_test 2>&1 | tail -3
 "$d/run" cuda_server_test 2>&1 | tail -3
 sock=/tmp/attnd-gpu-demo.sock
