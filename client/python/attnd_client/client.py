@@ -139,6 +139,15 @@ class Client:
     def get_stats(self, timeout=None):
         return self._call(self._stub.GetStats, pb.GetStatsRequest(), timeout)
 
+    # ---- this client's lease ----
+    def get_lease(self, timeout=None):
+        """What this client holds against its quotas, its limits and its lease timeout."""
+        return self._call(self._stub.GetLease, pb.GetLeaseRequest(), timeout)
+
+    def release_all(self, timeout=None):
+        """Releases every sequence, region and event this client holds."""
+        return self._call(self._stub.ReleaseAll, pb.ReleaseAllRequest(), timeout)
+
     def health(self, service="", timeout=None):
         """"SERVING", "NOT_SERVING", ... for "" (server), "attnd.v1.Attention" or
         "attnd.v1.Attention/device/<i>"."""

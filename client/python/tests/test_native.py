@@ -282,3 +282,19 @@ def test_keyword_calls_and_closed_stream(session):
     with pytest.raises(ac.AttndError, match="closed"):
         stream.send("decode", device=DEVICE, items=items, **session.specs(items, 0))
     assert stream.pending == 0
+
+
+def test_clients_see_only_their_own_and_release_all_gives_back_everything(cpu_target):
+    seq_id = secrets.randbelow(1 << 62)
+    with ac.Client(cpu_target, client_name="py-a") as a, ac.Client(cpu_target, client_name="py-b") as b:
+        a.create_sequence(DEVICE, seq_id)
+        lease = a.get_lease()
+        assert lease.client.endswith("/py-a")
+        assert lease.sequences == 1 and lease.lease_timeout_s > 0
+        assert all(s.seq_id != seq_id for s in b.list_sequences(DEVICE).sequences)
+        with pytest.raises(ac.AttndError) as refused:
+            b.release_sequence(DEVICE, seq_id)
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        released = a.release_all()
+        assert released.sequences == 1
+        assert a.get_lease().sequences == 0
