@@ -291,7 +291,7 @@ def test_clients_see_only_their_own_and_release_all_gives_back_everything(cpu_ta
         lease = a.get_lease()
         assert lease.client.endswith("/py-a")
         assert lease.sequences == 1 and lease.lease_timeout_s > 0
-        assert all(s.seq_id != seq_id for s in b.list_sequences(DEVICE).sequences)
+        assert all(s.seq_id != seq_id for s in b.list_sequences(DEVICE))
         with pytest.raises(ac.AttndError) as refused:
             b.release_sequence(DEVICE, seq_id)
         assert refused.value.code == grpc.StatusCode.NOT_FOUND
