@@ -58,6 +58,11 @@ int attnd_abi_version(void);
 /* connect_timeout_s: how long to wait for the channel (0: do not wait; negative or NaN: 3). */
 int attnd_connect(const char* target, double connect_timeout_s, attnd_client** out, char* err,
                   size_t err_len);
+/* The same, as a named client: token (NULL or "": none) is sent as `authorization: Bearer <token>`
+ * (the server's --token_file names the client), client_name (NULL or "": none) as
+ * `attnd-client`, one instance of the caller with its own lease and namespace. */
+int attnd_connect_as(const char* target, double connect_timeout_s, const char* token,
+                     const char* client_name, attnd_client** out, char* err, size_t err_len);
 /* A stream keeps its client's connection alive: client and streams may be freed in any order. */
 void attnd_client_free(attnd_client* client);
 /* The ServerInfo message, serialized (attnd.v1.ServerInfo); *len is set to the full size even

@@ -14,7 +14,7 @@ using attnd::capi::NullError;
 namespace {
 
 // Bumped on any incompatible change to attnd_c.h.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;  // 2: attnd_connect_as
 // Raw bytes of a cudaIpcMemHandle_t and of a cudaIpcEventHandle_t.
 constexpr size_t kIpcHandleBytes = 64;
 
@@ -26,6 +26,11 @@ int attnd_abi_version(void) { return kAbiVersion; }
 
 int attnd_connect(const char* target, double connect_timeout_s, attnd_client** out, char* err,
                   size_t err_len) {
+  return attnd_connect_as(target, connect_timeout_s, nullptr, nullptr, out, err, err_len);
+}
+
+int attnd_connect_as(const char* target, double connect_timeout_s, const char* token,
+                     const char* client_name, attnd_client** out, char* err, size_t err_len) {
   if (out != nullptr) *out = nullptr;
   return Guard(err, err_len, [&]() -> absl::Status {
     if (target == nullptr) return NullError("target");
@@ -37,6 +42,8 @@ int attnd_connect(const char* target, double connect_timeout_s, attnd_client** o
     }
     attnd::client::ClientOptions options;
     options.connect_timeout = absl::Seconds(connect_timeout_s);
+    if (token != nullptr) options.token = token;
+    if (client_name != nullptr) options.client_name = client_name;
     auto client = attnd::client::Client::Connect(target, options);
     if (!client.ok()) return client.status();
     auto handle = std::make_unique<attnd_client>();

@@ -112,7 +112,7 @@ class CApi : public ::testing::Test {
   char err_[kErrLen] = {};
 };
 
-TEST(CApiAlone, AbiVersionIsOne) { EXPECT_EQ(attnd_abi_version(), 1); }
+TEST(CApiAlone, AbiVersionIsTwo) { EXPECT_EQ(attnd_abi_version(), 2); }
 
 TEST(CApiAlone, ConnectingToNoServerIsUnavailableAndLeavesNoHandle) {
   char err[kErrLen];
@@ -120,6 +120,31 @@ TEST(CApiAlone, ConnectingToNoServerIsUnavailableAndLeavesNoHandle) {
   EXPECT_EQ(attnd_connect("unix:///tmp/attnd-capi-nobody.sock", 0.2, &client, err, kErrLen), 14);
   EXPECT_EQ(client, nullptr);
   EXPECT_NE(std::string(err).find("attnd-capi-nobody.sock"), std::string::npos) << err;
+}
+
+TEST_F(CApi, ClientsConnectedUnderOtherNamesSeeNoneOfEachOthersSequences) {
+  attnd_client* a = nullptr;
+  attnd_client* b = nullptr;
+  ASSERT_EQ(attnd_connect_as(server_.target().c_str(), 5.0, nullptr, "capi-a", &a, err_, kErrLen), 0)
+      << err_;
+  ASSERT_EQ(attnd_connect_as(server_.target().c_str(), 5.0, "", "capi-b", &b, err_, kErrLen), 0)
+      << err_;
+  ASSERT_EQ(attnd_create_sequence(a, 0, 77, err_, kErrLen), 0) << err_;
+  uint64_t lengths[kLayers];
+  size_t layers = 0;
+  EXPECT_EQ(attnd_get_sequence(a, 0, 77, lengths, kLayers, &layers, err_, kErrLen), 0) << err_;
+  EXPECT_EQ(attnd_get_sequence(b, 0, 77, lengths, kLayers, &layers, err_, kErrLen), 5) << err_;
+  EXPECT_EQ(attnd_get_sequence(client_, 0, 77, lengths, kLayers, &layers, err_, kErrLen), 5);
+  EXPECT_EQ(attnd_release_sequence(b, 0, 77, nullptr, err_, kErrLen), 5);
+  EXPECT_EQ(attnd_release_sequence(a, 0, 77, nullptr, err_, kErrLen), 0) << err_;
+  // A name the server refuses is the connection's first call's answer, not a crash.
+  attnd_client* bad = nullptr;
+  ASSERT_EQ(attnd_connect_as(server_.target().c_str(), 5.0, nullptr, "a b", &bad, err_, kErrLen), 0);
+  EXPECT_EQ(attnd_create_sequence(bad, 0, 1, err_, kErrLen), 3);
+  EXPECT_NE(std::string(err_).find("attnd-client"), std::string::npos) << err_;
+  attnd_client_free(bad);
+  attnd_client_free(a);
+  attnd_client_free(b);
 }
 
 TEST_F(CApi, ServerInfoParsesAsTheServersModel) {

@@ -19,7 +19,7 @@ import os
 import pathlib
 import threading
 
-ABI_VERSION = 1  # attnd_abi_version() this binding is written for
+ABI_VERSION = 2  # attnd_abi_version() this binding is written for
 LIB_NAME = "libattnd_c.so"
 ERR_LEN = 1024  # bytes of each error-message buffer
 
@@ -62,6 +62,8 @@ _PROTOTYPES = {
     "attnd_abi_version": (ctypes.c_int, ()),
     "attnd_connect": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_double, ctypes.POINTER(_P))
                       + _ERR),
+    "attnd_connect_as": (ctypes.c_int, (ctypes.c_char_p, ctypes.c_double, ctypes.c_char_p,
+                                        ctypes.c_char_p, ctypes.POINTER(_P)) + _ERR),
     "attnd_client_free": (None, (_P,)),
     "attnd_server_info": (ctypes.c_int, (_P, ctypes.c_char_p, c_size, _sizep) + _ERR),
     "attnd_register_host_region": (ctypes.c_int, (_P, ctypes.c_char_p, ctypes.c_char_p, c_u64,

@@ -205,13 +205,18 @@ def _as_call(call, fields):
 class NativeClient:
     """A connection to one attnd through libattnd_c.so. May be shared between threads."""
 
-    def __init__(self, target="unix:///tmp/attnd.sock", connect_timeout=5.0):
+    def __init__(self, target="unix:///tmp/attnd.sock", connect_timeout=5.0, *, token=None,
+                 client_name=None):
+        """token: a --token_file token (sent as a bearer token); client_name: this client's
+        instance name (`attnd-client`), with its own lease and namespace."""
         self._h = None  # set last, so __del__ of a half-made object frees nothing
         lib = _cabi.library()
         handle = ctypes.c_void_p()
         err = ctypes.create_string_buffer(ERR_LEN)
-        rc = lib.attnd_connect(str(target).encode(), float(connect_timeout),
-                               ctypes.byref(handle), err, ERR_LEN)
+        rc = lib.attnd_connect_as(str(target).encode(), float(connect_timeout),
+                                  token.encode() if token else None,
+                                  client_name.encode() if client_name else None,
+                                  ctypes.byref(handle), err, ERR_LEN)
         if rc:
             _raise(rc, err)
         self.target = target
@@ -219,9 +224,10 @@ class NativeClient:
         self._h = handle
 
     @classmethod
-    def connect(cls, target="unix:///tmp/attnd.sock", connect_timeout=5.0):
-        """Connects, waiting up to connect_timeout seconds for the server."""
-        return cls(target, connect_timeout)
+    def connect(cls, target="unix:///tmp/attnd.sock", connect_timeout=5.0, **identity):
+        """Connects, waiting up to connect_timeout seconds for the server; `identity`: token,
+        client_name (see __init__)."""
+        return cls(target, connect_timeout, **identity)
 
     def close(self):
         handle, self._h = self._h, None

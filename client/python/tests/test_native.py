@@ -298,3 +298,15 @@ def test_clients_see_only_their_own_and_release_all_gives_back_everything(cpu_ta
         released = a.release_all()
         assert released.sequences == 1
         assert a.get_lease().sequences == 0
+
+
+def test_native_clients_under_other_names_see_none_of_each_others_sequences(cpu_target):
+    seq_id = secrets.randbelow(1 << 62)
+    with NativeClient.connect(cpu_target, client_name="native-a") as a, \
+            NativeClient.connect(cpu_target, client_name="native-b") as b:
+        a.create_sequence(DEVICE, seq_id)
+        a.get_sequence(DEVICE, seq_id)
+        with pytest.raises(ac.AttndError) as refused:
+            b.get_sequence(DEVICE, seq_id)
+        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        a.release_sequence(DEVICE, seq_id)
