@@ -21,9 +21,15 @@ ARG RUNTIME_IMAGE=debian:12-slim
 # ---- deps: the Debian packages that build attnd and attnctl ----------------------------------
 FROM ${BUILD_IMAGE} AS deps
 WORKDIR /src
-# setup.sh alone first, so that this layer outlives source changes.
+# setup.sh alone first, so that this layer outlives source changes. ccache: the compile steps
+# below keep its cache in a BuildKit cache mount, so a rebuild after a source change compiles
+# only what changed (layers alone would redo the whole tree).
 COPY scripts/setup.sh scripts/setup.sh
-RUN scripts/setup.sh build && rm -rf /var/lib/apt/lists/*
+RUN scripts/setup.sh build \
+ && apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends ccache \
+ && rm -rf /var/lib/apt/lists/*
+ENV CCACHE_DIR=/ccache
 
 # ---- cuda-toolkit: nvcc and the CUDA runtime from NVIDIA's wheels ----------------------------
 # The wheels are the one CUDA toolkit that installs without NVIDIA's apt repository or images.
@@ -37,7 +43,8 @@ RUN --mount=type=bind,source=deploy/cuda,target=/cuda \
     set -eu; \
     if ls /cuda/wheels/*.whl >/dev/null 2>&1; then from="--no-index --find-links=/cuda/wheels"; \
     else from=""; fi; \
-    python3 -m pip install -q --no-deps --target=/tmp/wheels $from -r /cuda/requirements.txt; \
+    python3 -m pip install -q --root-user-action=ignore --no-deps --target=/tmp/wheels $from \
+      -r /cuda/requirements.txt; \
     mv /tmp/wheels/nvidia/cu13 /opt/cuda && rm -rf /tmp/wheels; \
     cd /opt/cuda; \
     # The layout nvcc.profile and FindCUDAToolkit expect of a toolkit, which the wheels lack:
@@ -58,8 +65,10 @@ COPY proto proto
 COPY kernels kernels
 COPY server server
 COPY client client
-RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTND_CUDA=OFF \
+RUN --mount=type=cache,target=/ccache \
+    cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTND_CUDA=OFF \
       -DATTND_BUILD_TESTS=OFF -DATTND_BUILD_BENCH=OFF \
+      -DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache \
  && ninja -C /build attnd attnctl
 
 # ---- build-cuda: the same tree reconfigured with CUDA ----------------------------------------
@@ -67,8 +76,10 @@ RUN cmake -S . -B /build -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTND_CUDA=OFF \
 # CPU build, so this reuses its objects and compiles just those.
 FROM build AS build-cuda
 COPY --from=cuda-toolkit /opt/cuda /opt/cuda
-RUN cmake -S . -B /build -DATTND_CUDA=ON -DCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc \
+RUN --mount=type=cache,target=/ccache \
+    cmake -S . -B /build -DATTND_CUDA=ON -DCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc \
       -DCUDAToolkit_ROOT=/opt/cuda -DCMAKE_CUDA_ARCHITECTURES=90a \
+      -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache \
  && ninja -C /build attnd attnctl \
  && if ldd /build/server/attnd | grep -E 'libcudart|libcuda\.'; then \
       echo "attnd must link the CUDA runtime statically (the runtime image has none)" >&2; \

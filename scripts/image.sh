@@ -77,6 +77,12 @@ timed "base image" base_image "$base"
 timed "CUDA wheels" cuda_wheels
 if [ "$mode" != extract ]; then timed "attnd:cpu build" build cpu; fi
 timed "attnd:cuda build" build cuda
+if [ -n "$dockerd_pid" ]; then
+  # Our own daemon only: what older builds left (the images they tagged, layers and ccache
+  # past a few GB) goes, so that build/image does not grow with every source change.
+  docker image prune -f >/dev/null
+  docker builder prune -f --keep-storage=4gb >/dev/null
+fi
 
 case $mode in
   test)
