@@ -11,7 +11,7 @@
 # to every client that may open its socket. To serve the host regions of a client of another
 # uid, run the image as that uid (`docker run --user UID:GID`); for clients of several uids,
 # as root (`--user 0:0`), which opens them through CAP_DAC_OVERRIDE (in Docker's default set;
-# Kubernetes: add it to the dropped-ALL capabilities). Either way the container shares the
+# in Kubernetes, add it back after dropping ALL). Either way the container shares the
 # host's IPC namespace (--ipc=host) and a host folder for the socket (-v /run/attnd:/run/attnd),
 # owned by the uid attnd runs as.
 

@@ -32,9 +32,9 @@ mkdir -p "$state"
 state=$(cd "$state" && pwd)
 base=attnd-base:bookworm
 
-# shellcheck source=image/daemon.sh
+# shellcheck source=scripts/image/daemon.sh
 . scripts/image/daemon.sh
-# shellcheck source=image/checks.sh
+# shellcheck source=scripts/image/checks.sh
 . scripts/image/checks.sh
 # One run at a time per state folder: two dockerds cannot share one data root.
 exec 9>"$state/lock"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/image.sh: each image checked as users run it. attnd listens on a Unix
 # socket in a host folder mounted at /run/attnd and shares the host's IPC namespace, so a client
 # on the host reaches it and shares /dev/shm with it. Host networking: /metrics and TCP are on

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/image.sh: a Docker daemon to talk to, and the Debian 12 base image.
 
 # The dockerd that DOCKER_HOST (or /var/run/docker.sock) reaches, or else one of our own with its
