@@ -2,15 +2,19 @@
 // socket (accepted here, for the peer's credentials) and/or TCP (TLS unless --insecure_tcp)
 // with health and reflection, serves /metrics, and on SIGTERM or SIGINT reports NOT_SERVING,
 // ends open Streams, drains the in-flight calls and exits 0 within --drain_timeout_s.
+// --check_config only checks the flags: exit 0 and the resolved configuration, or exit 2.
 #include <signal.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "absl/debugging/failure_signal_handler.h"
 #include "absl/debugging/symbolize.h"
+#include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
@@ -30,6 +34,11 @@
 #include "server/wire/unix_listener.h"
 #include "spdlog/sinks/stdout_sinks.h"
 #include "spdlog/spdlog.h"
+
+ABSL_FLAG(bool, check_config, false,
+          "Check the flags (and --flagfile) as a start would, TLS and token files included, print "
+          "the resolved configuration and exit: 0 if attnd would start with them, 2 if not. "
+          "Touches no device, socket or port");
 
 namespace attnd {
 namespace {
@@ -110,6 +119,24 @@ wire::PeerLookup PeerLookupOf(const UnixListener* listener) {
     if (!peer.has_value()) return std::nullopt;
     return wire::PeerIdentity{peer->connection_id, static_cast<uint32_t>(peer->uid)};
   };
+}
+
+// What a start checks before it touches a device or a port: the TLS files and the token file.
+// Exit 2 with a message, as the start itself would; else the configuration on stdout and 0.
+int CheckConfig(const ServerConfig& config) {
+  if (!config.tcp_address.empty()) {
+    if (auto credentials = TcpServerCredentials(config); !credentials.ok()) {
+      spdlog::error("bad configuration: {}", std::string(credentials.status().message()));
+      return 2;
+    }
+  }
+  if (auto auth = wire::Authenticator::FromFile(config.token_file, {}); !auth.ok()) {
+    spdlog::error("bad configuration: {}", auth.status().ToString());
+    return 2;
+  }
+  std::fputs(Describe(config).c_str(), stdout);
+  std::puts("config OK");
+  return 0;
 }
 
 int Run(const ServerConfig& config) {
@@ -224,13 +251,19 @@ int main(int argc, char** argv) {
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   absl::SetProgramUsageMessage(
       "attnd: attention server. Flags may also come from a config file: --flagfile=PATH.");
-  absl::ParseCommandLine(argc, argv);
+  // Unknown flags and malformed values end here, in absl's parser (exit 1, the flag named).
+  const std::vector<char*> positional = absl::ParseCommandLine(argc, argv);
   auto config = attnd::ConfigFromFlags();
+  // A word without dashes (a manifest's "insecure_tcp") would otherwise be dropped silently.
+  if (config.ok() && positional.size() > 1)
+    config = absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument '", positional[1], "': flags are --name=value"));
   attnd::SetUpLogging(config.ok() ? config->log_level : "info");
   if (!config.ok()) {
     spdlog::error("bad configuration: {}", std::string(config.status().message()));
     return 2;
   }
+  if (absl::GetFlag(FLAGS_check_config)) return attnd::CheckConfig(*config);
   if (!guarded.ok()) {
     spdlog::error("cannot guard client memory: {}", std::string(guarded.message()));
     return 1;

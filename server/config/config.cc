@@ -5,6 +5,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 
 namespace attnd {
 
@@ -128,6 +130,45 @@ absl::Status ServerConfig::Validate() {
   if (worker_spin_us < -1 || worker_spin_us > 1000000)
     return OutOfRange("worker_spin_us", worker_spin_us, "-1..1000000");
   return absl::OkStatus();
+}
+
+std::string Describe(const ServerConfig& c) {
+  const ModelShape& m = c.model;
+  const char* backend = c.backend == BackendChoice::kCpu    ? "cpu"
+                        : c.backend == BackendChoice::kCuda ? "cuda"
+                                                            : "auto";
+  const char* dtype = m.dtype == kernels::DType::kBFloat16  ? "bf16"
+                      : m.dtype == kernels::DType::kFloat16 ? "fp16"
+                                                            : "fp32";
+  return absl::StrCat(
+      "--backend=", backend, "\n--devices=", absl::StrJoin(c.devices, ","),
+      "\n--num_layers=", m.num_layers, "\n--num_qo_heads=", m.num_qo_heads,
+      "\n--num_kv_heads=", m.num_kv_heads, "\n--head_dim=", m.head_dim, "\n--dtype=", dtype,
+      "\n--page_size=", m.page_size,
+      "\n--kv_layout=", m.layout == kernels::KvLayout::kNHD ? "NHD" : "HND",
+      "\n--sm_scale=", m.sm_scale, "\n--logits_soft_cap=", m.logits_soft_cap,
+      "\n--window_left=", m.window_left, "\n--pages_per_device=", c.pages_per_device,
+      "\n--memory_fraction=", c.memory_fraction, "\n--max_batch_size=", c.max_batch_size,
+      "\n--max_seq_len=", c.max_seq_len, "\n--max_tokens_per_request=", c.max_tokens_per_request,
+      "\n--graph_buckets=", absl::StrJoin(c.graph_buckets, ","),
+      "\n--unix_socket=", c.unix_socket, "\n--unix_socket_mode=", absl::StrFormat("%04o", c.unix_socket_mode),
+      "\n--tcp_address=", c.tcp_address,
+      "\n--tls_cert_file=", c.tls_cert_file, "\n--tls_key_file=", c.tls_key_file,
+      "\n--tls_client_ca_file=", c.tls_client_ca_file,
+      "\n--insecure_tcp=", c.insecure_tcp ? "true" : "false",
+      "\n--token_file=", c.token_file, "\n--lease_timeout_s=", c.lease_timeout_s,
+      "\n--metrics_port=", c.metrics_port, "\n--metrics_bind=", c.metrics_bind,
+      "\n--max_message_bytes=", c.max_message_bytes,
+      "\n--max_sequences_per_client=", c.max_sequences_per_client,
+      "\n--max_pages_per_client=", c.max_pages_per_client,
+      "\n--max_regions_per_client=", c.max_regions_per_client,
+      "\n--max_region_bytes_per_client=", c.max_region_bytes_per_client,
+      "\n--max_events_per_client=", c.max_events_per_client,
+      absl::StrCat("\n--cpu_threads=", c.cpu_threads, "\n--worker_spin_us=", c.worker_spin_us,
+                   "\n--cuda_workspace_mb=", c.cuda_workspace_mb,
+                   "\n--cuda_graphs=", c.cuda_graphs ? "true" : "false",
+                   "\n--debug_fault_layer=", c.debug_fault_layer),
+      "\n--drain_timeout_s=", c.drain_timeout_s, "\n--log_level=", c.log_level, "\n");
 }
 
 }  // namespace attnd

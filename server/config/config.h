@@ -84,6 +84,11 @@ struct ServerConfig {
   absl::Status Validate();
 };
 
+// The configuration after Validate(), one `--flag=value` line per flag (attnd --check_config
+// prints it), so that an operator sees the defaults a flagfile left out, resolved (sm_scale,
+// graph buckets, CPU threads).
+std::string Describe(const ServerConfig& config);
+
 // 1, 2, 4, 8, 16, 24, 32, 40, ... (steps of 8) up to max_batch_size, like vLLM's capture sizes.
 std::vector<int64_t> DefaultGraphBuckets(int64_t max_batch_size);
 

@@ -1,6 +1,6 @@
 // Tests of server/config.h: ServerConfig::Validate() rejects every bad setting with a message that
 // names its flag, resolves defaults (sm_scale, graph buckets), and DefaultGraphBuckets has the
-// vLLM-like shape.
+// vLLM-like shape; Describe() (attnd --check_config) prints every flag of server/config/flags.cc.
 #include "server/config/config.h"
 
 #include <gtest/gtest.h>
@@ -12,7 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/commandlineflag.h"
+#include "absl/flags/reflection.h"
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "server/config/flags.h"
 
 namespace attnd {
 namespace {
@@ -336,6 +341,24 @@ TEST(DefaultGraphBucketsTest, ForANonMultipleOfEightEndWithMaxItself) {
   EXPECT_EQ(DefaultGraphBuckets(20), (std::vector<int64_t>{1, 2, 4, 8, 16, 20}));
   EXPECT_EQ(DefaultGraphBuckets(3), (std::vector<int64_t>{1, 2, 3}));
   EXPECT_EQ(DefaultGraphBuckets(1), (std::vector<int64_t>{1}));
+}
+
+// A flag added to flags.cc but not to Describe() would be missing from --check_config's output.
+TEST(DescribeTest, PrintsEveryFlagOnceWithItsResolvedValue) {
+  absl::StatusOr<ServerConfig> config = ConfigFromFlags();  // the defaults
+  ASSERT_TRUE(config.ok()) << config.status();
+  const std::string text = Describe(*config);
+  int flags = 0;
+  for (const auto& [name, flag] : absl::GetAllFlags()) {
+    if (!absl::StrContains(flag->Filename(), "server/config/flags.cc")) continue;
+    ++flags;
+    const std::string line = absl::StrCat("--", name, "=");
+    EXPECT_TRUE(absl::StartsWith(text, line) || absl::StrContains(text, "\n" + line)) << name;
+  }
+  EXPECT_GT(flags, 30);
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), flags);
+  EXPECT_TRUE(absl::StrContains(text, "\n--sm_scale=0.125\n"));  // 1/sqrt(64), resolved
+  EXPECT_TRUE(absl::StrContains(text, "\n--unix_socket_mode=0660\n"));  // octal, as given
 }
 
 }  // namespace
