@@ -99,13 +99,16 @@ absl::Status KvPool::Truncate(uint64_t id, int64_t length, uint32_t owner) {
   if (length < 0) return absl::InvalidArgumentError("length: must be >= 0");
   Sequence& seq = *it->second;
   for (int64_t& len : seq.lengths) len = std::min(len, length);
-  const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
-  for (size_t i = keep; i < seq.pages.size(); ++i) ReleasePage(seq.pages[i]);
-  if (seq.pages.size() > keep) {
-    seq.pages.resize(keep);
-    ++table_epoch_;
-  }
+  DropPagesPastLongestLayer(seq);
   return absl::OkStatus();
+}
+
+void KvPool::DropPagesPastLongestLayer(Sequence& seq) {
+  const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
+  if (seq.pages.size() <= keep) return;
+  for (size_t i = keep; i < seq.pages.size(); ++i) ReleasePage(seq.pages[i]);
+  seq.pages.resize(keep);
+  ++table_epoch_;
 }
 
 absl::StatusOr<int64_t> KvPool::Release(uint64_t id, uint32_t owner) {
@@ -231,12 +234,7 @@ void KvPool::UndoAppend(const PreparedAppend& prepared) {
   for (size_t i = 0; i < prepared.sequences.size(); ++i) {
     Sequence& seq = *prepared.sequences[i];
     seq.lengths[static_cast<size_t>(prepared.layer)] = prepared.starts[i];
-    const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
-    for (size_t p = keep; p < seq.pages.size(); ++p) ReleasePage(seq.pages[p]);
-    if (seq.pages.size() > keep) {
-      seq.pages.resize(keep);
-      ++table_epoch_;
-    }
+    DropPagesPastLongestLayer(seq);
   }
 }
 

@@ -20,19 +20,6 @@ absl::Status BadFile(absl::string_view flag, const std::string& path, absl::stri
   return absl::InvalidArgumentError(absl::StrCat("--", flag, "=", path, ": ", why));
 }
 
-absl::StatusOr<std::string> ReadFile(absl::string_view flag, const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return BadFile(flag, path, absl::StrCat("cannot be read: ", strerror(errno)));
-  std::string contents;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) contents.append(buf, n);
-  const bool failed = std::ferror(f) != 0;
-  std::fclose(f);
-  if (failed) return BadFile(flag, path, "cannot be read");
-  return contents;
-}
-
 struct BioFree {
   void operator()(BIO* b) const { BIO_free(b); }
 };
@@ -61,6 +48,19 @@ absl::StatusOr<Cert> FirstCertificate(absl::string_view flag, const std::string&
 
 }  // namespace
 
+absl::StatusOr<std::string> ReadFlagFile(absl::string_view flag, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) return BadFile(flag, path, absl::StrCat("cannot be read: ", strerror(errno)));
+  std::string contents;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) contents.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  std::fclose(f);
+  if (failed) return BadFile(flag, path, "cannot be read");
+  return contents;
+}
+
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpServerCredentials(
     const ServerConfig& config) {
   if (config.tls_cert_file.empty()) {
@@ -69,9 +69,9 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpServerCredentials(
       return absl::InvalidArgumentError("--tcp_address needs TLS, or --insecure_tcp");
     return grpc::InsecureServerCredentials();
   }
-  absl::StatusOr<std::string> chain = ReadFile("tls_cert_file", config.tls_cert_file);
+  absl::StatusOr<std::string> chain = ReadFlagFile("tls_cert_file", config.tls_cert_file);
   if (!chain.ok()) return chain.status();
-  absl::StatusOr<std::string> key_pem = ReadFile("tls_key_file", config.tls_key_file);
+  absl::StatusOr<std::string> key_pem = ReadFlagFile("tls_key_file", config.tls_key_file);
   if (!key_pem.ok()) return key_pem.status();
   absl::StatusOr<Cert> leaf = FirstCertificate("tls_cert_file", config.tls_cert_file, *chain);
   if (!leaf.ok()) return leaf.status();
@@ -87,7 +87,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> TcpServerCredentials(
   grpc::SslServerCredentialsOptions options;
   options.pem_key_cert_pairs.push_back({*key_pem, *chain});
   if (!config.tls_client_ca_file.empty()) {
-    absl::StatusOr<std::string> ca = ReadFile("tls_client_ca_file", config.tls_client_ca_file);
+    absl::StatusOr<std::string> ca = ReadFlagFile("tls_client_ca_file", config.tls_client_ca_file);
     if (!ca.ok()) return ca.status();
     absl::StatusOr<Cert> ca_cert =
         FirstCertificate("tls_client_ca_file", config.tls_client_ca_file, *ca);

@@ -5,12 +5,17 @@
 #define ATTND_SERVER_WIRE_CREDENTIALS_H_
 
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "grpcpp/security/server_credentials.h"
 #include "server/config/config.h"
 
 namespace attnd {
+
+// The whole file a flag names (TLS files, the token file); INVALID_ARGUMENT naming the flag and
+// the path when it cannot be read.
+absl::StatusOr<std::string> ReadFlagFile(absl::string_view flag, const std::string& path);
 
 // Reads and checks the TLS files now, so a bad one stops attnd at start with a message that
 // names its flag: unreadable, no PEM certificate (or key) in it, or a key that does not match

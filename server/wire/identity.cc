@@ -1,13 +1,11 @@
 #include "server/wire/identity.h"
 
-#include <fstream>
-#include <sstream>
-
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "server/wire/credentials.h"
 
 namespace attnd::wire {
 namespace {
@@ -74,11 +72,9 @@ absl::StatusOr<std::unique_ptr<Authenticator>> Authenticator::FromFile(
     const std::string& token_file, PeerLookup peers) {
   std::vector<TokenEntry> tokens;
   if (!token_file.empty()) {
-    std::ifstream in(token_file);
-    if (!in) return absl::InvalidArgumentError(absl::StrCat("--token_file=", token_file, ": cannot read"));
-    std::stringstream text;
-    text << in.rdbuf();
-    auto parsed = ParseTokenFile(text.str());
+    absl::StatusOr<std::string> text = ReadFlagFile("token_file", token_file);
+    if (!text.ok()) return text.status();
+    auto parsed = ParseTokenFile(*text);
     if (!parsed.ok()) return parsed.status();
     if (parsed->empty())
       return absl::InvalidArgumentError(absl::StrCat("--token_file=", token_file, ": no tokens"));
