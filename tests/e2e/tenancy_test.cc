@@ -145,8 +145,28 @@ struct Probe {
   FILE* out = nullptr;
 };
 
-// Starts tests/e2e/client_probe, as `uid` when given (and the test runs as root).
-Probe StartProbe(std::vector<std::string> args, std::optional<uid_t> uid = std::nullopt) {
+// The probe's path: ATTND_CLIENT_PROBE in the environment overrides the build's (bundles run
+// elsewhere).
+std::string ProbePath() {
+  const char* from_env = getenv("ATTND_CLIENT_PROBE");
+  return from_env != nullptr ? from_env : ATTND_CLIENT_PROBE;
+}
+
+// A copy of the probe another uid can run: the build folder may sit in a directory only root
+// can enter (a checkout under `mktemp -d` is 0700).
+std::string ProbeForAnyUid() {
+  char dir[] = "/tmp/attnd-probe-XXXXXX";
+  if (mkdtemp(dir) == nullptr || chmod(dir, 0755) != 0) return "";
+  const std::string copy = std::string(dir) + "/client_probe";
+  std::ifstream in(ProbePath(), std::ios::binary);
+  std::ofstream(copy, std::ios::binary) << in.rdbuf();
+  if (chmod(copy.c_str(), 0755) != 0) return "";
+  return copy;
+}
+
+// Starts the probe (`binary`, default ProbePath()), as `uid` when given (the test runs as root).
+Probe StartProbe(std::vector<std::string> args, std::optional<uid_t> uid = std::nullopt,
+                 std::string binary = ProbePath()) {
   int pipe_fds[2];
   EXPECT_EQ(pipe(pipe_fds), 0);
   Probe probe;
@@ -156,9 +176,6 @@ Probe StartProbe(std::vector<std::string> args, std::optional<uid_t> uid = std::
     close(pipe_fds[0]);
     if (uid.has_value() && (setgid(*uid) != 0 || setuid(*uid) != 0)) _exit(3);
     std::vector<char*> argv;
-    // ATTND_CLIENT_PROBE in the environment overrides the build's path (bundles run elsewhere).
-    const char* from_env = getenv("ATTND_CLIENT_PROBE");
-    std::string binary = from_env != nullptr ? from_env : ATTND_CLIENT_PROBE;
     argv.push_back(binary.data());
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -252,16 +269,20 @@ TEST(Tenancy, ASecondUidCannotRegisterAnotherUidsObjectButCanRegisterItsOwn) {
   ASSERT_TRUE(server.ok()) << server.status();
   auto secret = client::SharedMemoryBuffer::Create(client::SharedMemoryBuffer::UniqueKey(), 4096);
   ASSERT_TRUE(secret.ok());  // root's, mode 0600
+  const std::string probe_copy = ProbeForAnyUid();
+  ASSERT_FALSE(probe_copy.empty()) << "cannot copy the probe to /tmp";
   Probe probe = StartProbe({absl::StrCat("--target=", (*server)->unix_target()),
                             "--mode=register_foreign",
                             absl::StrCat("--shm_key=", (*secret)->key())},
-                           /*uid=*/65534);
+                           /*uid=*/65534, probe_copy);
   const std::string foreign = ReadLine(probe);
   const std::string own = ReadLine(probe);
   waitpid(probe.pid, nullptr, 0);
   fclose(probe.out);
   EXPECT_TRUE(absl::StartsWith(foreign, "register_foreign code=7 ")) << foreign;  // PERMISSION_DENIED
   EXPECT_TRUE(absl::StartsWith(own, "register_own code=0 ")) << own;
+  unlink(probe_copy.c_str());
+  rmdir(probe_copy.substr(0, probe_copy.rfind('/')).c_str());
   auto root = Connect(**server);
   EXPECT_EQ(root->ListRegions()->regions_size(), 0);  // nobody's region is nobody's
 }
