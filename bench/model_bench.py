@@ -74,6 +74,17 @@ Run (GPU host; the command in bench/results/README-model.md):
   python3 bench/model_bench.py --target unix:///tmp/attnd-model.sock \\
       --attnd-cmd ".device/gpu/run attnd <the flags above>" --md /tmp/model.md
 
+Two GPUs (--devices 0,1): the layers split in contiguous halves, pipeline style (layers
+0..L/2-1 on cuda:0 with the embedding, the rest on cuda:1 with the LM head): each layer's
+weights, KV cache and graphs on its device, the hidden state (and RoPE factors) copied from
+cuda:0 to cuda:1 at the boundary (eagerly, between graphs: a CUDA graph is of one device), and
+in (a) one AttndTorch per device, each sequence created on both. Only (a) and (c) are split;
+(b) FlashInfer is not run with several devices. attnd must serve both (--devices=0,1, with the
+pages above on each device, since each holds every sequence for its layers):
+
+  python3 bench/model_bench.py --devices 0,1 --ways ac --target unix:///tmp/attnd-model.sock \
+      --attnd-cmd "attnd <the flags above> --devices=0,1" --md /tmp/model-2gpu.md
+
 Quick run: --layers 4 --batches 1,16 --steps 20. Needs torch with CUDA, attnd_client (with its
 native library) on PYTHONPATH, and for (b) flashinfer 0.6.x (--skip-flashinfer otherwise).
 """
@@ -93,6 +104,8 @@ if _HERE not in sys.path:  # the package beside this script, however the script 
 
 from modelbench.common import GIB, HEAD_DIM, HIDDEN, INTER, KV, QO, BenchError, log  # noqa: E402
 from modelbench.model import KvSource, Model  # noqa: E402
+from modelbench.pipeline import Pipeline  # noqa: E402
+from modelbench.placement import parse_devices  # noqa: E402
 from modelbench.report import fmt, summary  # noqa: E402
 from modelbench.timing import Sleeper  # noqa: E402
 from modelbench.way_attnd import WayAttnd  # noqa: E402
@@ -100,9 +113,9 @@ from modelbench.way_flashinfer import WayFlashInfer  # noqa: E402
 from modelbench.way_sdpa import WaySdpa  # noqa: E402
 
 
-def free_memory():
+def free_memory(pipe):
     gc.collect()  # the closures of a way's steps hold its graphs and buffers
-    torch.cuda.synchronize()
+    pipe.synchronize()
     torch.cuda.empty_cache()
 
 
@@ -111,7 +124,7 @@ def mps_status():
     return os.path.exists(os.path.join(pipe, "control"))
 
 
-def run_way(name, results, errors, make, batches, token_sets, prefill_tokens, sleeper):
+def run_way(name, results, errors, make, batches, token_sets, prefill_tokens, sleeper, pipe):
     """Constructs one way, runs its decode configurations then its prefill, frees it."""
     way = None
     try:
@@ -128,7 +141,7 @@ def run_way(name, results, errors, make, batches, token_sets, prefill_tokens, sl
                        f"{r.host_attn_us:.1f} µs)" if r.host_layer_us is not None else "")
                     + f" [{r.mode}]")
             finally:
-                free_memory()
+                free_memory(pipe)
         if prefill_tokens:
             r = way.prefill(prefill_tokens)
             results[(name, "prefill")] = r
@@ -148,7 +161,7 @@ def run_way(name, results, errors, make, batches, token_sets, prefill_tokens, sl
             except Exception as e:  # noqa: BLE001
                 log(f"({name}) FAILED while closing: {type(e).__name__}: {e}")
                 errors.append(f"({name}) FAILED while closing: {e}")
-        free_memory()
+        free_memory(pipe)
 
 
 
@@ -184,6 +197,14 @@ def parse_args(argv=None):
                          "rounding differences grow with depth: ~0.03 at 32 layers in a CPU "
                          "model of this kind; wrong KV or positions give ~0.5)")
     ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--devices", default=None,
+                    help="comma-separated CUDA devices the model's layers are split over in "
+                         "contiguous, near-equal ranges (pipeline style: 0,1 runs layers "
+                         "0..L/2-1 on cuda:0 and the rest on cuda:1, the hidden state copied "
+                         "between them); weights, KV caches and graphs of each layer on its "
+                         "device, and in (a) one AttndTorch per device (attnd must serve them "
+                         "all: --devices=0,1 on attnd too). Splits (a) and (c) only: with more "
+                         "than one device (b) FlashInfer is not run. Default: --device alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--md", default=None, help="also write the results (markdown) here")
     args = ap.parse_args(argv)
@@ -196,32 +217,51 @@ def parse_args(argv=None):
         log(f"note: --steps {args.steps} < 20; the issue asks for medians of at least 20")
     if args.skip_flashinfer:
         args.ways = args.ways.replace("b", "")
+    try:
+        args.devices = parse_devices(args.devices) if args.devices else [args.device]
+        args.pipe = Pipeline(args.layers, args.devices)  # checks layers >= devices
+    except ValueError as e:
+        ap.error(str(e))
+    args.device = args.devices[0]
     return args
 
 
 
 def setup_device(args):
-    """Selects the GPU and says what the run is; returns the device's properties."""
+    """Selects the GPU (the first of --devices) and says what the run is; returns the name
+    the report gives the device(s)."""
     if not torch.cuda.is_available():
         raise BenchError("no CUDA device")
+    if max(args.devices) >= torch.cuda.device_count():
+        raise BenchError(f"--devices {args.devices}: torch sees {torch.cuda.device_count()} "
+                         "CUDA devices")
     torch.cuda.set_device(args.device)
     dev = torch.cuda.get_device_properties(args.device)
     log(f"device: {dev.name}, {dev.total_memory / GIB:.0f} GiB; torch {torch.__version__}; "
         f"MPS control pipe {'found' if mps_status() else 'NOT found'}")
+    if args.pipe.multi:
+        names = [torch.cuda.get_device_properties(d).name for d in args.devices]
+        log(f"devices: {args.pipe.placement.describe()} ({', '.join(names)}); the hidden "
+            "state is copied between them at the boundary")
+        if "b" in args.ways:
+            log("note: (b) FlashInfer is not split over devices; it is not run")
     if "a" in args.ways and not mps_status():
         log("warning: no MPS control daemon seen (nvidia-cuda-mps-control -d): (a) then pays a "
             "GPU context switch per call")
     log(f"model: {args.layers} layers, hidden {HIDDEN}, {QO}/{KV} heads x {HEAD_DIM}, MLP "
         f"{INTER}, vocab {args.vocab}, bf16; context {args.context}, batches {args.batches}, "
         f"prefill {args.prefill}; ways {args.ways}")
-    return dev
+    if args.pipe.multi:
+        return f"{dev.name} x {len(args.devices)}: {args.pipe.placement.describe()}"
+    return dev.name
 
 
 def make_inputs(args):
     """The weights, the context's K/V and the tokens of every configuration (from the seed)."""
     t0 = time.perf_counter()
-    model = Model(args.layers, args.vocab, max(args.context + 1, args.prefill) + 1, args.seed)
-    torch.cuda.synchronize()
+    model = Model(args.layers, args.vocab, max(args.context + 1, args.prefill) + 1, args.seed,
+                  args.pipe.layer_devices())
+    args.pipe.synchronize()
     log(f"weights {model.weight_bytes() / GIB:.1f} GiB in {time.perf_counter() - t0:.1f} s")
     kv = KvSource(args.seed, args.context)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -233,7 +273,7 @@ def make_inputs(args):
 
 
 def make_attnd(args, model, kv):
-    w = WayAttnd(args, model, kv)
+    w = WayAttnd(args, model, kv, args.pipe)
     try:
         w.fill()
     except BaseException:
@@ -275,27 +315,31 @@ def run_ways(args, model, kv, token_sets, prefill_tokens, sleeper):
     results, errors, found = {}, [], {"version": None}
 
     def run(name, make):
-        run_way(name, results, errors, make, args.batches, token_sets, prefill_tokens, sleeper)
+        run_way(name, results, errors, make, args.batches, token_sets, prefill_tokens, sleeper,
+                args.pipe)
 
     if "a" in args.ways:
         log("\n(a) attention in attnd")
         run("a", lambda: make_attnd(args, model, kv))
-    if "b" in args.ways:
+    if "b" in args.ways and args.pipe.multi:
+        errors.append(f"(b) not run: --devices {','.join(map(str, args.devices))} splits (a) "
+                      "and (c) only")
+    elif "b" in args.ways:
         log("\n(b) in-process FlashInfer")
         run("b", lambda: make_flashinfer(args, model, kv, errors, found))
     if "c" in args.ways:
         log("\n(c) in-process torch SDPA, dense caches")
-        run("c", lambda: WaySdpa(args, model, kv))
+        run("c", lambda: WaySdpa(args, model, kv, args.pipe))
     return results, errors, found["version"]
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dev = setup_device(args)
+    device_name = setup_device(args)
     model, kv, token_sets, prefill_tokens = make_inputs(args)
     sleeper = Sleeper()
     results, errors, fi_version = run_ways(args, model, kv, token_sets, prefill_tokens, sleeper)
-    text, bad = summary(args, results, errors, dev.name, fi_version)
+    text, bad = summary(args, results, errors, device_name, fi_version)
     log("\n" + text)
     if args.md:
         with open(args.md, "w") as f:

@@ -24,8 +24,8 @@ def pages_for(tokens):
     return (tokens + PAGE - 1) // PAGE
 
 
-def check_memory(label, need_bytes):
-    free, _ = torch.cuda.mem_get_info()
+def check_memory(label, need_bytes, device=None):
+    free, _ = torch.cuda.mem_get_info(device)
     if need_bytes + 3 * GIB > free:
         raise MemoryError(f"{label} needs {need_bytes / GIB:.1f} GiB of KV (+3 GiB margin), "
                           f"{free / GIB:.1f} GiB free: run with --attnd-cmd so attnd's pool is "

@@ -9,28 +9,36 @@ from .common import BF16, DEVICE, EPS, HEAD_DIM, HIDDEN, INTER, KV, QO, ROPE_THE
 
 class Model:
     """Random bf16 weights, initialised on the GPU from `seed`; std 1/sqrt(fan_in) keeps the
-    activations of order one through all layers."""
+    activations of order one through all layers.
 
-    def __init__(self, layers, vocab, max_pos, seed):
+    layer_devices (--devices): the torch.device of each layer's weights; the embedding and RoPE
+    table stay on the current device (the first), the final norm and LM head go to the last
+    layer's. Every weight is drawn on the current device, in the same order whatever the
+    placement, then moved: the same seed gives the same model on one device or several."""
+
+    def __init__(self, layers, vocab, max_pos, seed, layer_devices=None):
         dev = torch.device(DEVICE)
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
+        at = layer_devices or [None] * layers  # None: stays where it is drawn
+        home = [dev if d is None else d for d in at]
 
-        def mat(rows, cols):
+        def mat(rows, cols, to=None):
             w = torch.empty(rows, cols, device=dev, dtype=BF16)
-            return w.normal_(0.0, cols ** -0.5, generator=g)
+            w = w.normal_(0.0, cols ** -0.5, generator=g)
+            return w if to is None else w.to(to)  # the drawn copy is freed once moved
 
         self.layers = layers
         self.vocab = vocab
         self.embed = torch.empty(vocab, HIDDEN, device=dev, dtype=BF16).normal_(generator=g)
-        self.wqkv = [mat((QO + 2 * KV) * HEAD_DIM, HIDDEN) for _ in range(layers)]
-        self.wo = [mat(HIDDEN, QO * HEAD_DIM) for _ in range(layers)]
-        self.wgu = [mat(2 * INTER, HIDDEN) for _ in range(layers)]
-        self.wdown = [mat(HIDDEN, INTER) for _ in range(layers)]
-        self.ln1 = [torch.ones(HIDDEN, device=dev, dtype=BF16) for _ in range(layers)]
-        self.ln2 = [torch.ones(HIDDEN, device=dev, dtype=BF16) for _ in range(layers)]
-        self.norm = torch.ones(HIDDEN, device=dev, dtype=BF16)
-        self.lm_head = mat(vocab, HIDDEN)
+        self.wqkv = [mat((QO + 2 * KV) * HEAD_DIM, HIDDEN, at[i]) for i in range(layers)]
+        self.wo = [mat(HIDDEN, QO * HEAD_DIM, at[i]) for i in range(layers)]
+        self.wgu = [mat(2 * INTER, HIDDEN, at[i]) for i in range(layers)]
+        self.wdown = [mat(HIDDEN, INTER, at[i]) for i in range(layers)]
+        self.ln1 = [torch.ones(HIDDEN, device=home[i], dtype=BF16) for i in range(layers)]
+        self.ln2 = [torch.ones(HIDDEN, device=home[i], dtype=BF16) for i in range(layers)]
+        self.norm = torch.ones(HIDDEN, device=home[-1], dtype=BF16)
+        self.lm_head = mat(vocab, HIDDEN, at[-1])
         inv = 1.0 / ROPE_THETA ** (torch.arange(0, HEAD_DIM, 2, device=dev,
                                                 dtype=torch.float64) / HEAD_DIM)
         angles = torch.arange(max_pos, device=dev, dtype=torch.float64)[:, None] * inv[None]
@@ -88,16 +96,16 @@ class KvSource:
 class Statics:
     """The static buffers of one batch size (graph inputs and outputs)."""
 
-    def __init__(self, model, rows, tokens, positions, logit_rows):
-        self.ids = torch.tensor(tokens, device=DEVICE, dtype=torch.long)
-        self.pos = torch.tensor(positions, device=DEVICE, dtype=torch.long)
-        self.h = torch.empty(rows, HIDDEN, device=DEVICE, dtype=BF16)
-        self.freqs = torch.empty(rows, HEAD_DIM // 2, device=DEVICE, dtype=torch.complex64)
-        self.logits = torch.empty(logit_rows, model.vocab, device=DEVICE, dtype=BF16)
-        self.q = torch.empty(rows, QO, HEAD_DIM, device=DEVICE, dtype=BF16)
-        self.k = torch.empty(rows, KV, HEAD_DIM, device=DEVICE, dtype=BF16)
-        self.v = torch.empty(rows, KV, HEAD_DIM, device=DEVICE, dtype=BF16)
-        self.attn = torch.empty(rows, QO, HEAD_DIM, device=DEVICE, dtype=BF16)
+    def __init__(self, model, rows, tokens, positions, logit_rows, device=DEVICE):
+        self.ids = torch.tensor(tokens, device=device, dtype=torch.long)
+        self.pos = torch.tensor(positions, device=device, dtype=torch.long)
+        self.h = torch.empty(rows, HIDDEN, device=device, dtype=BF16)
+        self.freqs = torch.empty(rows, HEAD_DIM // 2, device=device, dtype=torch.complex64)
+        self.logits = torch.empty(logit_rows, model.vocab, device=device, dtype=BF16)
+        self.q = torch.empty(rows, QO, HEAD_DIM, device=device, dtype=BF16)
+        self.k = torch.empty(rows, KV, HEAD_DIM, device=device, dtype=BF16)
+        self.v = torch.empty(rows, KV, HEAD_DIM, device=device, dtype=BF16)
+        self.attn = torch.empty(rows, QO, HEAD_DIM, device=device, dtype=BF16)
 
     def tail(self, model):
         """Final norm + LM head of the last row only when logits has one row (prefill)."""

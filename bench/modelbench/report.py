@@ -29,7 +29,7 @@ def table(args, results):
         ra, rb, rc = (results.get((n, b)) for n in "abc")
         tokens = b if b != "prefill" else args.prefill
         label = (f"decode B={b}, ctx {args.context}" if b != "prefill"
-                 else f"prefill {args.prefill} tokens")
+                 else f"prefill {args.prefill} tokens") + devices_note(args)
 
         def ms(r):
             return None if r is None else r.step_ms
@@ -78,8 +78,34 @@ def cross_check(args, results):
 
 
 
+def multi_device(args):
+    """The Pipeline of a --devices run over several devices, else None."""
+    pipe = getattr(args, "pipe", None)
+    return pipe if pipe is not None and pipe.multi else None
+
+
+def devices_note(args):
+    """', cuda:0+1' after a configuration of a run over several devices; '' on one."""
+    pipe = multi_device(args)
+    return "" if pipe is None else ", cuda:" + "+".join(map(str, pipe.placement.devices))
+
+
 def header(args, device_name, fi_version):
     """The lines above the table: what was measured, and how."""
+    pipe = multi_device(args)
+    if pipe is not None:
+        graphs = args.layers + 1 + len(pipe.placement.boundaries())
+        return [f"devices {device_name} (pipeline: each device runs its layers' weights, KV "
+                f"and graphs; the hidden state is copied at each boundary); torch "
+                f"{torch.__version__}; {args.layers} layers; context {args.context}; median of "
+                f"{args.steps} steps after {args.warmup} warm-up; prefill median of "
+                f"{args.prefill_reps}; GPU busy: median of {args.busy_reps} steps enqueued "
+                f"behind a sleep kernel on the first device",
+                f"(a) attnd via one AttndTorch per device, {graphs} piecewise CUDA graphs "
+                f"(a piece across a boundary is one per device) + {args.layers} attnd calls "
+                "per step; (b) FlashInfer not run (--devices splits (a) and (c) only); (c) "
+                "in-process torch SDPA over dense per-layer caches, one CUDA graph per device "
+                "per step; prefill eager", ""]
     return [f"device {device_name}; torch {torch.__version__}; flashinfer "
             f"{fi_version or 'not run'}; {args.layers} layers; context {args.context}; "
             f"median of {args.steps} steps after {args.warmup} warm-up; prefill median of "

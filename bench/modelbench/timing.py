@@ -23,10 +23,25 @@ def side_stream_warmup(fn):
     torch.cuda.synchronize()
 
 
-def capture(fn, pool=None):
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=pool):
-        fn()
+_capture_streams = {}  # device -> the stream graphs of that device are captured on
+
+
+def capture(fn, pool=None, device=None):
+    """fn captured as a CUDA graph. device (a torch.device, for --devices): capture on that
+    device, on a capture stream of its own (torch.cuda.graph's default capture stream is one
+    stream, made on whichever device was current at its first use)."""
+    if device is None:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            fn()
+        return g
+    with torch.cuda.device(device):
+        stream = _capture_streams.get(device)
+        if stream is None:
+            stream = _capture_streams[device] = torch.cuda.Stream(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool, stream=stream):
+            fn()
     return g
 
 
@@ -109,12 +124,13 @@ class Result:
         self.logits = None  # float32 on the CPU, for the cross-check
 
 
-def graph_or_eager(run):
-    """The whole step as one CUDA graph (a replay function), or eager if capture fails."""
+def graph_or_eager(run, device=None):
+    """The whole step (or, with device, one device's part of it) as one CUDA graph (a replay
+    function), or eager if capture fails."""
     try:
-        g = capture(run)
+        g = capture(run, device=device)
         return g.replay, "one CUDA graph"
     except Exception as e:  # noqa: BLE001
         log(f"  graph capture failed ({type(e).__name__}: {str(e)[:200]}); timing eagerly")
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         return run, "eager (capture failed)"

@@ -39,14 +39,14 @@ def _attnd_binary(lib_path):
 class _Server:
     """An attnd started for the tests, on a Unix socket of its own; stopped with SIGTERM."""
 
-    def __init__(self, binary, backend):
+    def __init__(self, binary, backend, extra_flags=()):
         self._dir = tempfile.TemporaryDirectory(prefix="attnd-pytest-")
         sock = os.path.join(self._dir.name, "attnd.sock")
         self.target = f"unix://{sock}"
         self._log = open(os.path.join(self._dir.name, "attnd.log"), "w+")
         self._proc = subprocess.Popen(
             [binary, f"--backend={backend}", f"--unix_socket={sock}", "--metrics_port=0",
-             *MODEL_FLAGS], stderr=self._log, stdout=subprocess.DEVNULL)
+             *MODEL_FLAGS, *extra_flags], stderr=self._log, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -68,8 +68,9 @@ class _Server:
         self._dir.cleanup()
 
 
-def attnd_target(request, backend):
-    """A target to connect to: $ATTND_TARGET, or an attnd started for this session."""
+def attnd_target(request, backend, extra_flags=()):
+    """A target to connect to: $ATTND_TARGET, or an attnd started for this session (with
+    extra_flags after the model's, e.g. --devices=0,1)."""
     target = os.environ.get("ATTND_TARGET")
     if target:
         return target
@@ -77,7 +78,7 @@ def attnd_target(request, backend):
     if binary is None:
         pytest.fail("no attnd to test against: set ATTND_TARGET to a running one, or "
                     "ATTND_BINARY to the attnd executable")
-    server = _Server(binary, backend)
+    server = _Server(binary, backend, extra_flags)
     request.addfinalizer(server.stop)
     return server.target
 

@@ -68,6 +68,7 @@ class History:
     def __init__(self, attn):
         self.attn = attn
         self.m = attn.model
+        self.dev = torch.device("cuda", attn.device)  # every tensor on attn's device
         self.kv = {}
 
     def create(self, seq_ids):
@@ -76,7 +77,7 @@ class History:
             self.start(s)
 
     def start(self, s, like=None, length=None):
-        m, dev = self.m, torch.device("cuda", DEVICE)
+        m, dev = self.m, self.dev
         for layer in range(m["num_layers"]):
             if like is None:
                 empty = torch.empty(0, m["num_kv_heads"], m["head_dim"], dtype=m["dtype"],
@@ -87,7 +88,7 @@ class History:
                 self.kv[s, layer] = (k[:length], v[:length])
 
     def inputs(self, total):
-        m, dev = self.m, torch.device("cuda", DEVICE)
+        m, dev = self.m, self.dev
         return tuple(torch.randn(total, heads, m["head_dim"], dtype=m["dtype"], device=dev)
                      for heads in (m["num_qo_heads"], m["num_kv_heads"], m["num_kv_heads"]))
 
@@ -122,6 +123,7 @@ class History:
                 torch.cuda.set_sync_debug_mode("default")
             assert out.shape == (total, m["num_qo_heads"], m["head_dim"])
             assert out.dtype == m["dtype"] and lse.dtype == torch.float32
+            assert out.device == lse.device == self.dev
             self.check(seq_ids, counts, layer, q, out.clone(), lse.clone())
 
     def check(self, seq_ids, counts, layer, q, out, lse):
