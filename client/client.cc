@@ -271,6 +271,22 @@ absl::StatusOr<v1::ImportKvResponse> Client::ImportKv(const v1::ImportKvRequest&
   return Unary(&v1::Attention::Stub::ImportKv, request, call);
 }
 
+absl::StatusOr<v1::KvGrant> Client::GrantKv(const v1::GrantKvRequest& request,
+                                            const CallOptions& call) {
+  return Unary(&v1::Attention::Stub::GrantKv, request, call);
+}
+
+absl::Status Client::RevokeKv(absl::string_view grant, const CallOptions& call) {
+  v1::RevokeKvRequest request;
+  request.set_grant(std::string(grant));
+  return Unary(&v1::Attention::Stub::RevokeKv, request, call).status();
+}
+
+absl::StatusOr<v1::PullKvResponse> Client::PullKv(const v1::PullKvRequest& request,
+                                                  const CallOptions& call) {
+  return Unary(&v1::Attention::Stub::PullKv, request, call);
+}
+
 absl::StatusOr<std::unique_ptr<DataStream>> Client::OpenStream(const CallOptions& call) {
   auto context = std::make_unique<grpc::ClientContext>();
   Prepare(context.get(), call);

@@ -131,6 +131,12 @@ class Client {
   // ---- KV export / import ----
   absl::StatusOr<v1::ExportKvResponse> ExportKv(const v1::ExportKvRequest& request,
                                                 const CallOptions& call = {});
+  // KV transfer between attnd processes: grant on the source, pull on the destination.
+  absl::StatusOr<v1::KvGrant> GrantKv(const v1::GrantKvRequest& request,
+                                      const CallOptions& call = {});
+  absl::Status RevokeKv(absl::string_view grant, const CallOptions& call = {});
+  absl::StatusOr<v1::PullKvResponse> PullKv(const v1::PullKvRequest& request,
+                                            const CallOptions& call = {});
   absl::StatusOr<v1::ImportKvResponse> ImportKv(const v1::ImportKvRequest& request,
                                                 const CallOptions& call = {});
 

@@ -68,13 +68,18 @@ absl::Status ServerConfig::Validate() {
     return absl::InvalidArgumentError("--sm_scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
   if (m.sm_scale == 0.0f) m.sm_scale = 1.0f / std::sqrt(static_cast<float>(m.head_dim));
 
-  if (devices.empty()) return absl::InvalidArgumentError("--devices must name at least one device");
-  std::vector<int> sorted = devices;
-  std::sort(sorted.begin(), sorted.end());
-  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
-    return absl::InvalidArgumentError("--devices names a device twice");
-  if (sorted.front() < 0) return absl::InvalidArgumentError("--devices: indices must be >= 0");
+  if (!devices.empty()) {  // empty: --devices=all, resolved by the platform
+    std::vector<int> sorted = devices;
+    std::sort(sorted.begin(), sorted.end());
+    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+      return absl::InvalidArgumentError("--devices names a device twice");
+    if (sorted.front() < 0) return absl::InvalidArgumentError("--devices: indices must be >= 0");
+  }
 
+  if (max_concurrent_pulls < 1 || max_concurrent_pulls > 64)
+    return OutOfRange("max_concurrent_pulls", max_concurrent_pulls, "1..64");
+  if (!(kv_pull_timeout_s > 0) || !std::isfinite(kv_pull_timeout_s))
+    return absl::InvalidArgumentError("--kv_pull_timeout_s must be finite and > 0");
   if (pages_per_device < 0) return OutOfRange("pages_per_device", pages_per_device, ">= 0");
   if (pages_per_device > (int64_t{1} << 31) - 1)
     return OutOfRange("pages_per_device", pages_per_device, "< 2^31");
@@ -141,7 +146,7 @@ std::string Describe(const ServerConfig& c) {
                       : m.dtype == kernels::DType::kFloat16 ? "fp16"
                                                             : "fp32";
   return absl::StrCat(
-      "--backend=", backend, "\n--devices=", absl::StrJoin(c.devices, ","),
+      "--backend=", backend, "\n--devices=", c.devices.empty() ? "all" : absl::StrJoin(c.devices, ","),
       "\n--num_layers=", m.num_layers, "\n--num_qo_heads=", m.num_qo_heads,
       "\n--num_kv_heads=", m.num_kv_heads, "\n--head_dim=", m.head_dim, "\n--dtype=", dtype,
       "\n--page_size=", m.page_size,

@@ -38,7 +38,7 @@ struct ModelShape {
 struct ServerConfig {
   ModelShape model;
   BackendChoice backend = BackendChoice::kAuto;
-  std::vector<int> devices = {0};
+  std::vector<int> devices = {0};  // empty (--devices=all): every device the platform sees
   int64_t pages_per_device = 0;   // 0: derived from memory_fraction
   double memory_fraction = 0.1;   // of free GPU memory (CUDA) or of physical RAM (CPU)
   int64_t max_batch_size = 256;
@@ -65,6 +65,19 @@ struct ServerConfig {
   int64_t max_regions_per_client = 1024;
   int64_t max_region_bytes_per_client = 0;
   int64_t max_events_per_client = 1024;
+  // KV transfer between attnd processes (README "Across nodes").
+  // Callers (principals: "uid:N", "token:NAME") allowed to open pulls of this server's grants:
+  // they learn the UCX key of a whole pool, so only other attnd processes belong here.
+  std::vector<std::string> kv_peers;
+  // gRPC targets this server may pull from ("*": any). A pull names its source, and this
+  // server presents its token there: without a list, a client could send it anywhere.
+  std::vector<std::string> kv_sources;
+  // What this server presents to a source attnd when it pulls: a bearer token (the file's
+  // first line) and, for TLS sources, the CA certificates to check them against.
+  std::string kv_peer_token_file;
+  std::string kv_peer_tls_ca_file;
+  int64_t max_concurrent_pulls = 4;  // pulls this server runs at once (more queue, up to 64)
+  double kv_pull_timeout_s = 60.0;   // one pull, end to end
   int metrics_port = 9464;                      // 0: no /metrics
   std::string metrics_bind = "127.0.0.1";  // loopback: scrapers from elsewhere need it set
   // Largest request gRPC accepts; requests are control messages (tensors travel by region).
@@ -78,6 +91,7 @@ struct ServerConfig {
   int64_t cuda_workspace_mb = 1024;
   bool cuda_graphs = true;
   int64_t debug_fault_layer = -1;  // testing aid: data requests at this layer fault the GPU
+  int64_t debug_pull_pause_ms = 0;  // testing aid: a pull waits this long between open and read
 
   // Checks every field, resolves defaults (sm_scale, graph buckets). The message names the
   // flag and its limit.

@@ -12,7 +12,8 @@
 #include "absl/strings/str_split.h"
 
 ABSL_FLAG(std::string, backend, "auto", "cpu, cuda, or auto (cuda when a GPU is present)");
-ABSL_FLAG(std::string, devices, "0", "Comma-separated device indices to serve");
+ABSL_FLAG(std::string, devices, "all",
+          "Comma-separated device indices to serve, or \"all\": every visible GPU (the CPU backend: 0)");
 ABSL_FLAG(int64_t, num_layers, 2, "Model layers whose KV the pool holds");
 ABSL_FLAG(int64_t, num_qo_heads, 8, "Query/output heads");
 ABSL_FLAG(int64_t, num_kv_heads, 2, "K/V heads; divides num_qo_heads");
@@ -52,6 +53,19 @@ ABSL_FLAG(int64_t, max_regions_per_client, 1024, "Most registered regions per cl
 ABSL_FLAG(int64_t, max_region_bytes_per_client, 0,
           "Most bytes of registered regions per client; 0 = no limit");
 ABSL_FLAG(int64_t, max_events_per_client, 1024, "Most registered CUDA events per client; 0 = no limit");
+ABSL_FLAG(std::string, kv_peers, "",
+          "KV transfer: comma-separated callers (uid:N, token:NAME) that may pull this server's "
+          "grants (other attnd processes; each learns the UCX key of a whole pool)");
+ABSL_FLAG(std::string, kv_sources, "",
+          "KV transfer: comma-separated gRPC targets (host:port, unix:///path) this server may "
+          "pull from, or * for any; empty: PullKv is refused");
+ABSL_FLAG(std::string, kv_peer_token_file, "",
+          "KV transfer: a file whose first line is the bearer token this server presents to "
+          "source attnd processes it pulls from");
+ABSL_FLAG(std::string, kv_peer_tls_ca_file, "",
+          "KV transfer: CA certificates (PEM) of TLS sources; unset: TCP sources are plaintext");
+ABSL_FLAG(int64_t, max_concurrent_pulls, 4, "KV transfer: pulls run at once (more wait)");
+ABSL_FLAG(double, kv_pull_timeout_s, 60.0, "KV transfer: the longest one pull may take");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
 ABSL_FLAG(std::string, metrics_bind, "127.0.0.1",
           "Address the /metrics endpoint binds (0.0.0.0 to let scrapers on other hosts in)");
@@ -68,6 +82,8 @@ ABSL_FLAG(int64_t, cuda_workspace_mb, 1024,
 ABSL_FLAG(bool, cuda_graphs, true,
           "CUDA backend: run Decode batches up to the largest --graph_buckets entry by replaying "
           "graphs captured at start-up (false: always launch eagerly)");
+ABSL_FLAG(int64_t, debug_pull_pause_ms, 0,
+          "Testing aid: each KV pull waits this long after the source opened it, before reading");
 ABSL_FLAG(int64_t, debug_fault_layer, -1,
           "Testing aid (CUDA backend): a data request at this layer launches a kernel that "
           "traps, giving the device a sticky error; -1 = never");
@@ -104,9 +120,13 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   else if (backend == "cuda") c.backend = BackendChoice::kCuda;
   else return absl::InvalidArgumentError(absl::StrCat("--backend=", backend, ": expected cpu, cuda or auto"));
 
-  auto devices = ParseList<int>("devices", absl::GetFlag(FLAGS_devices));
-  if (!devices.ok()) return devices.status();
-  c.devices = *devices;
+  if (absl::GetFlag(FLAGS_devices) != "all") {  // "all": empty; the platform fills it in
+    auto devices = ParseList<int>("devices", absl::GetFlag(FLAGS_devices));
+    if (!devices.ok()) return devices.status();
+    if (devices->empty())
+      return absl::InvalidArgumentError("--devices must name at least one device, or be all");
+    c.devices = *devices;
+  }
 
   ModelShape& m = c.model;
   m.num_layers = absl::GetFlag(FLAGS_num_layers);
@@ -148,6 +168,16 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.max_regions_per_client = absl::GetFlag(FLAGS_max_regions_per_client);
   c.max_region_bytes_per_client = absl::GetFlag(FLAGS_max_region_bytes_per_client);
   c.max_events_per_client = absl::GetFlag(FLAGS_max_events_per_client);
+  for (absl::string_view peer : absl::StrSplit(absl::GetFlag(FLAGS_kv_peers), ',',
+                                               absl::SkipWhitespace()))
+    c.kv_peers.emplace_back(absl::StripAsciiWhitespace(peer));
+  for (absl::string_view source : absl::StrSplit(absl::GetFlag(FLAGS_kv_sources), ',',
+                                                 absl::SkipWhitespace()))
+    c.kv_sources.emplace_back(absl::StripAsciiWhitespace(source));
+  c.kv_peer_token_file = absl::GetFlag(FLAGS_kv_peer_token_file);
+  c.kv_peer_tls_ca_file = absl::GetFlag(FLAGS_kv_peer_tls_ca_file);
+  c.max_concurrent_pulls = absl::GetFlag(FLAGS_max_concurrent_pulls);
+  c.kv_pull_timeout_s = absl::GetFlag(FLAGS_kv_pull_timeout_s);
   c.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);
   {
@@ -166,6 +196,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.cuda_workspace_mb = absl::GetFlag(FLAGS_cuda_workspace_mb);
   c.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   c.debug_fault_layer = absl::GetFlag(FLAGS_debug_fault_layer);
+  c.debug_pull_pause_ms = absl::GetFlag(FLAGS_debug_pull_pause_ms);
   c.worker_spin_us = absl::GetFlag(FLAGS_worker_spin_us);
   if (absl::Status s = c.Validate(); !s.ok()) return s;
   return c;

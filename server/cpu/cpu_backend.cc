@@ -49,6 +49,7 @@ class CpuDeviceBackend final : public DeviceBackend {
   std::string name() const override { return "cpu"; }
   int64_t num_pages() const override { return shape_.num_pages; }
   int64_t pool_bytes() const override { return shape_.TotalBytes(); }
+  KvPoolMemory pool_memory() const override { return {pool_->data(), pool_bytes(), false}; }
 
   absl::Status CopyPages(absl::Span<const PageCopy> copies) override {
     const size_t page_bytes =

@@ -13,6 +13,7 @@ class CpuPlatform final : public DevicePlatform {
   std::chrono::microseconds DefaultWorkerSpin() const override {
     return std::chrono::microseconds(0);
   }
+  std::vector<int> VisibleDevices() const override { return {0}; }
   absl::Status BindWorkerThread(int) override { return absl::OkStatus(); }
   absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateBackend(const ServerConfig& config,
                                                                int device) override {

@@ -29,6 +29,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   std::string name() const override { return name_; }
   int64_t num_pages() const override { return shape_.num_pages; }
   int64_t pool_bytes() const override { return shape_.TotalBytes(); }
+  KvPoolMemory pool_memory() const override { return {pool_.get(), pool_bytes(), true}; }
 
   absl::Status CopyPages(absl::Span<const PageCopy> copies) override;
   absl::StatusOr<LaunchResult> Append(const AppendWork& work) override;

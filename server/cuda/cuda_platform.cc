@@ -18,6 +18,11 @@ class CudaPlatform final : public DevicePlatform {
   std::chrono::microseconds DefaultWorkerSpin() const override {
     return std::chrono::microseconds(200);
   }
+  std::vector<int> VisibleDevices() const override {
+    std::vector<int> all(static_cast<size_t>(CudaDeviceCount()));
+    for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int>(i);
+    return all;
+  }
   absl::Status BindWorkerThread(int device) override { return BindThreadToDevice(device); }
   absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateBackend(const ServerConfig& config,
                                                                int device) override {
@@ -49,10 +54,13 @@ class CudaPlatform final : public DevicePlatform {
 
 absl::StatusOr<std::unique_ptr<DevicePlatform>> CreateCudaPlatform(const ServerConfig& config) {
   if (CudaDeviceCount() == 0) return absl::FailedPreconditionError("no CUDA device is visible");
-  for (int d : config.devices) {
+  auto platform = std::make_unique<CudaPlatform>();
+  const std::vector<int> devices =
+      config.devices.empty() ? platform->VisibleDevices() : config.devices;
+  for (int d : devices) {
     if (absl::Status s = CheckCudaSupport(config, d); !s.ok()) return s;
   }
-  return std::make_unique<CudaPlatform>();
+  return platform;
 }
 
 }  // namespace attnd

@@ -74,6 +74,42 @@ struct KvTransferCall {
   EventNames sync;
 };
 
+// ---- KV transfer between attnd processes ----
+// The owner of a sequence lets peers pull positions [0, num_tokens) of it (0: its length).
+struct KvGrantCall {
+  ClientRef client;
+  uint32_t device = 0;
+  uint64_t seq_id = 0;
+  uint64_t num_tokens = 0;
+  absl::Duration ttl = absl::Seconds(60);
+  uint32_t max_pulls = 0;  // 0: any number until the grant ends
+};
+
+struct KvGrantInfo {
+  std::string grant;  // 16 bytes: the capability
+  uint64_t num_tokens = 0;
+  absl::Time expires;
+};
+
+// What a pull of a grant may read on the source: its pages and the pool they are in.
+struct KvPullSource {
+  uint64_t pull_id = 0;
+  uint32_t device = 0;    // the device id
+  int device_index = 0;
+  int64_t num_tokens = 0;
+  std::vector<int32_t> pages;  // of positions [0, num_tokens)
+  kernels::KvCacheShape shape;  // the source pool's
+};
+
+// A destination's pull into sequence seq_id: pages reserved, then filled, then adopted.
+struct KvPullTarget {
+  ClientRef client;
+  uint32_t device = 0;
+  uint64_t seq_id = 0;
+  int64_t num_tokens = 0;
+  int64_t layer_begin = 0, layer_end = 0;  // this server's layers the pull fills
+};
+
 struct HostRegionSpec {
   std::string name;
   std::string shm_key;

@@ -22,6 +22,7 @@
 #include "server/engine/calls.h"
 #include "server/engine/clients.h"
 #include "server/engine/device_worker.h"
+#include "server/engine/kv_grants.h"
 #include "server/engine/kv_pool.h"
 #include "server/metrics/metrics.h"
 #include "server/metrics/request_trace.h"
@@ -100,6 +101,29 @@ class Engine {
   void ExportKv(KvTransferCall call, Done done);
   void ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply);
 
+  // ---- KV transfer between attnd processes (engine_transfer.cc) ----
+  // The source. A grant holds the sequence's pages as they are once the device has finished
+  // the work enqueued so far; the reply comes then.
+  void GrantKv(KvGrantCall call, Reply<KvGrantInfo> reply);
+  absl::Status RevokeKv(const ClientRef& client, const std::string& grant);
+  // A peer opens a pull of num_tokens of a grant (0: all), to be closed within max_time.
+  absl::StatusOr<KvPullSource> OpenKvPull(const std::string& grant, uint64_t num_tokens,
+                                          absl::Duration max_time);
+  absl::Status CloseKvPull(uint64_t pull_id, bool completed);
+  // The destination; these block the calling thread (a puller's, never a gRPC or device
+  // worker thread). Reserve returns detached pages once no earlier device work can touch them.
+  absl::StatusOr<std::vector<int32_t>> ReserveKvPull(const KvPullTarget& target);
+  // Gives the filled pages to the sequence; returns its layer lengths.
+  absl::StatusOr<std::vector<int64_t>> CommitKvPull(const KvPullTarget& target,
+                                                    std::vector<int32_t> pages);
+  void AbortKvPull(uint32_t device, std::vector<int32_t> pages);
+  // The shape and memory of a device's pool, and binding a thread to the device: what the KV
+  // transport registers and where its thread runs.
+  absl::StatusOr<kernels::KvCacheShape> PoolShape(uint32_t device) const;
+  absl::StatusOr<KvPoolMemory> PoolMemoryOf(uint32_t device) const;
+  absl::Status BindThreadToDevice(uint32_t device);
+  const KvGrants& grants() const { return grants_; }
+
  private:
   struct Device {
     int id = 0;     // the index clients name
@@ -113,8 +137,11 @@ class Engine {
   };
 
   Engine(const ServerConfig& config, std::unique_ptr<DevicePlatform> platform, Metrics* metrics);
-  // Wakes every so often to release the holdings of clients whose lease ran out.
+  // Wakes every so often to release the holdings of clients whose lease ran out, and to end
+  // grants and pulls past their deadlines.
   void RunLeaseThread();
+  // Drops the pages of ended grants on their devices' workers.
+  void DropHolds(std::vector<EndedHold> ended);
 
   // Finds the device a request names; INVALID_ARGUMENT if it is not one of ours, UNAVAILABLE
   // after a fault.
@@ -165,6 +192,7 @@ class Engine {
   ClientRegistry clients_;
   RegionRegistry regions_;
   EventRegistry events_;
+  KvGrants grants_;
 
   // The lease thread; stop_leases_ ends it.
   absl::Mutex lease_mu_;

@@ -30,6 +30,7 @@ ReleasedHoldings Engine::ReleaseAll(const ClientRef& client) {
     ++released.regions;
   }
   released.events = events_.RemoveOwner(client.id);
+  DropHolds(grants_.RevokeOwner(client.id));
   for (int64_t i = 0; i < released.events; ++i) clients_.ReleaseEvent(client);
   for (auto& device : devices_) {
     // The pool is plain bookkeeping: released even on a device that faulted.
@@ -65,6 +66,7 @@ void Engine::RunLeaseThread() {
   while (!lease_mu_.AwaitWithTimeout(absl::Condition(&stop_leases_), period)) {
     lease_mu_.Unlock();
     ReapExpiredLeases(absl::Now());
+    DropHolds(grants_.Sweep(absl::Now()));
     lease_mu_.Lock();
   }
 }

@@ -317,4 +317,71 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::Reserve(absl::Span<const ResolvedW
   return copies;
 }
 
+absl::StatusOr<std::vector<int32_t>> KvPool::Hold(uint64_t id, int64_t num_tokens,
+                                                  uint32_t owner) {
+  const Sequence* seq = Find(id, owner);
+  if (seq == nullptr)
+    return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
+  for (int64_t layer = 0; layer < num_layers_; ++layer) {
+    if (seq->lengths[layer] < num_tokens)
+      return absl::FailedPreconditionError(
+          absl::StrCat("num_tokens: ", num_tokens, " exceeds the ", seq->lengths[layer],
+                       " tokens sequence ", id, " holds at layer ", layer));
+  }
+  std::vector<int32_t> held(seq->pages.begin(), seq->pages.begin() + PagesFor(num_tokens));
+  for (int32_t page : held) ++refcounts_[page];
+  return held;
+}
+
+int64_t KvPool::DropPages(absl::Span<const int32_t> pages) {
+  int64_t freed = 0;
+  for (int32_t page : pages) freed += ReleasePage(page) ? 1 : 0;
+  return freed;
+}
+
+absl::StatusOr<std::vector<int32_t>> KvPool::AllocateDetached(int64_t count,
+                                                              uint32_t principal) {
+  if (absl::Status s = CheckPageQuota(principal, count); !s.ok()) return s;
+  if (count > free_pages())
+    return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the pull needs ",
+                                                     count, " free pages, ", free_pages(),
+                                                     " are free of ", total_pages()));
+  std::vector<int32_t> pages;
+  pages.reserve(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) pages.push_back(AllocatePage(principal));
+  return pages;
+}
+
+absl::Status KvPool::CheckAdoptable(uint64_t id, uint32_t owner, uint32_t principal) const {
+  const Sequence* seq = Find(id, owner);
+  if (seq == nullptr) {
+    auto it = principal_usage_.find(principal);
+    const int64_t held = it == principal_usage_.end() ? 0 : it->second.sequences;
+    if (max_sequences_per_principal_ > 0 && held >= max_sequences_per_principal_)
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "seq_id: this client already holds ", held, " sequences on device ", device_,
+          ", its quota (--max_sequences_per_client)"));
+    return absl::OkStatus();
+  }
+  if (!seq->pages.empty() || seq->MaxLength() > 0)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "seq_id: sequence ", id, " on device ", device_, " holds ", seq->MaxLength(),
+        " tokens; a pull fills a new or empty sequence"));
+  return absl::OkStatus();
+}
+
+absl::Status KvPool::Adopt(uint64_t id, uint32_t owner, uint32_t principal,
+                           std::vector<int32_t> pages, int64_t layer_begin, int64_t layer_end,
+                           int64_t num_tokens) {
+  if (absl::Status s = CheckAdoptable(id, owner, principal); !s.ok()) return s;
+  if (Find(id, owner) == nullptr) {
+    if (absl::Status s = Create(id, owner, principal); !s.ok()) return s;
+  }
+  Sequence& seq = *sequences_.at(SeqKey{owner, id});
+  seq.pages = std::move(pages);
+  for (int64_t layer = layer_begin; layer < layer_end; ++layer) seq.lengths[layer] = num_tokens;
+  ++table_epoch_;
+  return absl::OkStatus();
+}
+
 }  // namespace attnd

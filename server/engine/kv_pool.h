@@ -127,6 +127,24 @@ class KvPool {
   absl::StatusOr<std::vector<PageCopy>> ReserveWrites(absl::Span<const PageWrite> writes,
                                                       uint32_t owner = 0);
 
+  // ---- KV transfer between attnd processes ----
+  // A grant's hold on the pages of positions [0, num_tokens) of a sequence: each page gets one
+  // more reference, so it stays allocated when the sequence lets go of it and, since a write
+  // into a shared page copies it first, keeps its bytes. Every layer must hold num_tokens.
+  absl::StatusOr<std::vector<int32_t>> Hold(uint64_t id, int64_t num_tokens, uint32_t owner = 0);
+  // Drops one reference of each page (a hold's, or detached pages'); returns the pages freed.
+  int64_t DropPages(absl::Span<const int32_t> pages);
+  // `count` pages in no sequence (an incoming pull writes them), all or nothing, counted
+  // against `principal`'s quota.
+  absl::StatusOr<std::vector<int32_t>> AllocateDetached(int64_t count, uint32_t principal);
+  // Checks that detached pages could be given to sequence `id` of `owner`: it is absent (it
+  // would be created) or holds no token.
+  absl::Status CheckAdoptable(uint64_t id, uint32_t owner, uint32_t principal) const;
+  // Gives detached pages to sequence `id` (created when absent; it must hold no token): layers
+  // [layer_begin, layer_end) hold num_tokens tokens, the others none.
+  absl::Status Adopt(uint64_t id, uint32_t owner, uint32_t principal, std::vector<int32_t> pages,
+                     int64_t layer_begin, int64_t layer_end, int64_t num_tokens);
+
  private:
   // A write whose sequence has been looked up.
   struct ResolvedWrite {

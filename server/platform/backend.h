@@ -104,12 +104,21 @@ struct KvTransferWork {
   bool to_pool = false;  // import: buffer -> pool; export: pool -> buffer
 };
 
+// The pool's memory as the KV transport registers it (it reads and writes pages there while
+// the engine keeps those pages out of every kernel's way).
+struct KvPoolMemory {
+  void* base = nullptr;
+  int64_t bytes = 0;
+  bool device_memory = false;  // CUDA device memory, else host memory
+};
+
 class DeviceBackend {
  public:
   virtual ~DeviceBackend() = default;
   virtual std::string name() const = 0;
   virtual int64_t num_pages() const = 0;
   virtual int64_t pool_bytes() const = 0;
+  virtual KvPoolMemory pool_memory() const = 0;
   // Copies whole pages (all layers, K and V) for copy-on-write, before the writes that follow.
   virtual absl::Status CopyPages(absl::Span<const PageCopy> copies) = 0;
   virtual absl::StatusOr<LaunchResult> Append(const AppendWork& work) = 0;

@@ -11,6 +11,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -36,6 +37,8 @@ class DevicePlatform {
   virtual bool SupportsIpc() const = 0;
   // How long a device worker polls for work before it sleeps, when --worker_spin_us is unset.
   virtual std::chrono::microseconds DefaultWorkerSpin() const = 0;
+  // The devices --devices=all serves.
+  virtual std::vector<int> VisibleDevices() const = 0;
   // Runs first on each device's worker thread, which then serves only that device.
   virtual absl::Status BindWorkerThread(int device) = 0;
   // On the device's worker.
