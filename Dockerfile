@@ -88,11 +88,14 @@ RUN --mount=type=cache,target=/ccache \
 
 # ---- runtime: what both images share ---------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
-# The shared libraries of the Debian 12 packages the build linked (scripts/setup.sh build).
+# The shared libraries of the Debian 12 packages the build linked (scripts/setup.sh build);
+# libucx0 is UCX (libucx-dev's runtime, with its tcp, shared-memory and InfiniBand transports),
+# for the KV transfer between attnd processes.
 RUN apt-get update -q \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
       libgrpc++1.51 libprotobuf32 libabsl20220623 libspdlog1.10 libfmt9 libssl3 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 \
+      libucx0 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log
 # A fixed uid, so that hosts can own the socket folder for it and Kubernetes can check
 # runAsNonRoot; the header says why not root.

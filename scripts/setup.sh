@@ -10,6 +10,7 @@ build=(
   build-essential cmake ninja-build pkg-config
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev
   libabsl-dev libspdlog-dev libfmt-dev prometheus-cpp-dev libssl-dev
+  libucx-dev  # KV transfer between attnd processes (server/transport)
 )
 tests=(
   libgtest-dev libgmock-dev libbenchmark-dev
