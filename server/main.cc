@@ -139,7 +139,7 @@ int CheckConfig(const ServerConfig& config) {
   return 0;
 }
 
-int Run(const ServerConfig& config) {
+int Run(ServerConfig config) {
   spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
                config.model.head_dim, config.model.page_size);
@@ -153,12 +153,13 @@ int Run(const ServerConfig& config) {
     tcp_credentials = *std::move(credentials);
   }
 
-  Metrics metrics(config.devices);
   auto platform = CreateDevicePlatform(config);
   if (!platform.ok()) {
     spdlog::error("cannot start: {}", platform.status().ToString());
     return 1;
   }
+  if (config.devices.empty()) config.devices = (*platform)->VisibleDevices();  // --devices=all
+  Metrics metrics(config.devices);
   auto engine_or = Engine::Create(config, *std::move(platform), &metrics);
   if (!engine_or.ok()) {
     spdlog::error("cannot start: {}", engine_or.status().ToString());
@@ -186,7 +187,13 @@ int Run(const ServerConfig& config) {
     spdlog::error("cannot start: {}", auth.status().ToString());
     return 2;
   }
+  auto kv_transfer = wire::KvTransfer::Create(engine.get());
+  if (!kv_transfer.ok()) {
+    spdlog::error("bad configuration: {}", kv_transfer.status().ToString());
+    return 2;
+  }
   AttentionService service(engine.get(), &metrics, auth->get());
+  service.SetKvTransfer(kv_transfer->get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -220,6 +227,7 @@ int Run(const ServerConfig& config) {
   spdlog::info("signal={} draining, deadline={}s", signal_number, config.drain_timeout_s);
   Drain(config, server.get(), listener.get(), &metrics);
   listener.reset();  // stops watching connections (the socket file went at StopAccepting)
+  kv_transfer->reset();  // pulls end before the pools they write go
   engine.reset();    // finishes work still queued on the device workers
   spdlog::info("stopped");
   return 0;

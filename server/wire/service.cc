@@ -391,4 +391,74 @@ grpc::ServerUnaryReactor* AttentionService::ReleaseAll(grpc::CallbackServerConte
   return Answer(call, absl::OkStatus());
 }
 
+// ---- KV transfer between attnd processes ----
+
+grpc::ServerUnaryReactor* AttentionService::GrantKv(grpc::CallbackServerContext* ctx,
+                                                    const v1::GrantKvRequest* req,
+                                                    v1::KvGrant* resp) {
+  UnaryCall call = StartUnary(ctx, metrics_, "GrantKv");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  KvGrantCall grant{*client, req->device(), req->seq_id(), req->num_tokens(),
+                    absl::Milliseconds(req->ttl_ms() == 0 ? 60000 : req->ttl_ms()),
+                    req->max_pulls()};
+  engine_->GrantKv(std::move(grant), FillThenFinish<KvGrantInfo>(call, [resp](const KvGrantInfo& g) {
+    resp->set_grant(g.grant);
+    resp->set_num_tokens(g.num_tokens);
+    resp->set_expires_unix_ms(static_cast<uint64_t>(absl::ToUnixMillis(g.expires)));
+  }));
+  return call.reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionService::RevokeKv(grpc::CallbackServerContext* ctx,
+                                                     const v1::RevokeKvRequest* req,
+                                                     v1::RevokeKvResponse*) {
+  UnaryCall call = StartUnary(ctx, metrics_, "RevokeKv");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  return Answer(call, engine_->RevokeKv(*client, req->grant()));
+}
+
+grpc::ServerUnaryReactor* AttentionService::PullKv(grpc::CallbackServerContext* ctx,
+                                                   const v1::PullKvRequest* req,
+                                                   v1::PullKvResponse* resp) {
+  UnaryCall call = StartUnary(ctx, metrics_, "PullKv");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  if (kv_transfer_ == nullptr)
+    return Answer(call, absl::FailedPreconditionError("KV transfer is off on this server"));
+  kv_transfer_->Pull(*client, *req, [call, resp](absl::StatusOr<v1::PullKvResponse> r) {
+    if (r.ok()) *resp = *std::move(r);
+    call.Finish(r.status());
+  });
+  return call.reactor;
+}
+
+absl::Status AttentionService::CheckPeer(const grpc::CallbackServerContext* ctx) const {
+  auto caller = auth_->Identify(*ctx);
+  if (!caller.ok()) return caller.status();
+  if (kv_transfer_ == nullptr) return absl::FailedPreconditionError("KV transfer is off on this server");
+  if (!kv_transfer_->IsPeer(caller->principal))
+    return absl::PermissionDeniedError(absl::StrCat(
+        "caller ", absl::CHexEscape(caller->principal),
+        " is not a KV transfer peer of this server (--kv_peers)"));
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* AttentionService::OpenKvPull(grpc::CallbackServerContext* ctx,
+                                                       const v1::OpenKvPullRequest* req,
+                                                       v1::OpenKvPullResponse* resp) {
+  UnaryCall call = StartUnary(ctx, metrics_, "OpenKvPull");
+  if (absl::Status s = CheckPeer(ctx); !s.ok()) return Answer(call, s);
+  return Answer(call, kv_transfer_->OpenPull(*req, resp));
+}
+
+grpc::ServerUnaryReactor* AttentionService::CloseKvPull(grpc::CallbackServerContext* ctx,
+                                                        const v1::CloseKvPullRequest* req,
+                                                        v1::CloseKvPullResponse*) {
+  UnaryCall call = StartUnary(ctx, metrics_, "CloseKvPull");
+  if (absl::Status s = CheckPeer(ctx); !s.ok()) return Answer(call, s);
+  return Answer(call, kv_transfer_->ClosePull(*req));
+}
+
 }  // namespace attnd

@@ -8,6 +8,7 @@
 #include "server/engine/engine.h"
 #include "server/metrics/metrics.h"
 #include "server/wire/identity.h"
+#include "server/wire/kv_transfer.h"
 
 namespace attnd {
 
@@ -25,13 +26,18 @@ using AttentionServiceBase = A::WithCallbackMethod_GetServerInfo<A::WithCallback
     A::WithCallbackMethod_GetSequence<A::WithCallbackMethod_ListSequences<
     A::WithCallbackMethod_Append<A::WithCallbackMethod_Prefill<A::WithCallbackMethod_Decode<
     A::WithRawCallbackMethod_Stream<A::WithCallbackMethod_ExportKv<A::WithCallbackMethod_ImportKv<
-    A::WithCallbackMethod_GetLease<A::WithCallbackMethod_ReleaseAll<A::Service>>>>>>>>>>>>>>>>>>>>>>;
+    A::WithCallbackMethod_GetLease<A::WithCallbackMethod_ReleaseAll<
+    A::WithCallbackMethod_GrantKv<A::WithCallbackMethod_RevokeKv<A::WithCallbackMethod_PullKv<
+    A::WithCallbackMethod_OpenKvPull<A::WithCallbackMethod_CloseKvPull<
+    A::Service>>>>>>>>>>>>>>>>>>>>>>>>>>>;
 
 class AttentionService final : public AttentionServiceBase {
  public:
   // Every call acts for the client `auth` identifies (its lease renewed by the call).
   AttentionService(Engine* engine, Metrics* metrics, const wire::Authenticator* auth)
       : engine_(engine), metrics_(metrics), auth_(auth) {}
+  // KV transfer between attnd processes; without it those RPCs are FAILED_PRECONDITION.
+  void SetKvTransfer(wire::KvTransfer* kv_transfer) { kv_transfer_ = kv_transfer; }
 
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* ctx,
                                           const v1::GetServerInfoRequest* req,
@@ -96,8 +102,24 @@ class AttentionService final : public AttentionServiceBase {
   grpc::ServerUnaryReactor* ReleaseAll(grpc::CallbackServerContext* ctx,
                                        const v1::ReleaseAllRequest* req,
                                        v1::ReleaseAllResponse* resp) override;
+  grpc::ServerUnaryReactor* GrantKv(grpc::CallbackServerContext* ctx,
+                                    const v1::GrantKvRequest* req, v1::KvGrant* resp) override;
+  grpc::ServerUnaryReactor* RevokeKv(grpc::CallbackServerContext* ctx,
+                                     const v1::RevokeKvRequest* req,
+                                     v1::RevokeKvResponse* resp) override;
+  grpc::ServerUnaryReactor* PullKv(grpc::CallbackServerContext* ctx,
+                                   const v1::PullKvRequest* req,
+                                   v1::PullKvResponse* resp) override;
+  grpc::ServerUnaryReactor* OpenKvPull(grpc::CallbackServerContext* ctx,
+                                       const v1::OpenKvPullRequest* req,
+                                       v1::OpenKvPullResponse* resp) override;
+  grpc::ServerUnaryReactor* CloseKvPull(grpc::CallbackServerContext* ctx,
+                                        const v1::CloseKvPullRequest* req,
+                                        v1::CloseKvPullResponse* resp) override;
 
  private:
+  // OpenKvPull and CloseKvPull: the caller must be in --kv_peers.
+  absl::Status CheckPeer(const grpc::CallbackServerContext* ctx) const;
   grpc::ServerUnaryReactor* Attention(grpc::CallbackServerContext* ctx,
                                       const v1::AttentionRequest* req,
                                       v1::AttentionResponse* resp, bool decode);
@@ -107,6 +129,7 @@ class AttentionService final : public AttentionServiceBase {
   Engine* const engine_;
   Metrics* const metrics_;
   const wire::Authenticator* const auth_;
+  wire::KvTransfer* kv_transfer_ = nullptr;
 };
 
 }  // namespace attnd

@@ -1,0 +1,314 @@
+#include "server/wire/kv_transfer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "grpcpp/grpcpp.h"
+#include "server/engine/kv_runs.h"
+#include "server/wire/convert.h"
+#include "server/wire/credentials.h"
+#include "spdlog/spdlog.h"
+
+namespace attnd::wire {
+namespace {
+
+constexpr size_t kMaxQueuedPulls = 64;
+constexpr size_t kGrantBytes = 16;
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+// A source's error, said to be the source's, with its code kept.
+absl::Status FromSource(const std::string& source, const char* rpc, const grpc::Status& s) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("source ", source, ": ", rpc, ": ", s.error_message()));
+}
+
+absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& open) {
+  const v1::ModelConfig& m = open.model();
+  std::optional<kernels::DType> dtype = FromWire(m.dtype());
+  if (!dtype || (m.kv_layout() != v1::KV_LAYOUT_NHD && m.kv_layout() != v1::KV_LAYOUT_HND))
+    return absl::FailedPreconditionError(
+        "source: its pool's dtype or layout is unknown to this server");
+  kernels::KvCacheShape s;
+  s.num_layers = m.num_layers();
+  s.num_pages = static_cast<int64_t>(open.pool_pages());
+  s.page_size = m.page_size();
+  s.num_kv_heads = m.num_kv_heads();
+  s.head_dim = m.head_dim();
+  s.layout = m.kv_layout() == v1::KV_LAYOUT_NHD ? kernels::KvLayout::kNHD : kernels::KvLayout::kHND;
+  s.dtype = *dtype;
+  return s;
+}
+
+absl::Status CheckPullRequest(const v1::PullKvRequest& req) {
+  if (req.source().empty())
+    return absl::InvalidArgumentError("source: the source attnd's gRPC target is empty");
+  if (req.grant().size() != kGrantBytes)
+    return absl::InvalidArgumentError(
+        absl::StrCat("grant: ", req.grant().size(), " bytes; a grant is ", kGrantBytes));
+  if ((req.layer_begin() != 0 || req.layer_end() != 0) && req.layer_begin() >= req.layer_end())
+    return absl::InvalidArgumentError("layer_begin, layer_end: an empty layer range");
+  if ((req.head_begin() != 0 || req.head_end() != 0) && req.head_begin() >= req.head_end())
+    return absl::InvalidArgumentError("head_begin, head_end: an empty head range");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvTransfer>> KvTransfer::Create(Engine* engine) {
+  const ServerConfig& c = engine->config();
+  std::string token, ca;
+  if (!c.kv_peer_token_file.empty()) {
+    auto text = ReadFlagFile("kv_peer_token_file", c.kv_peer_token_file);
+    if (!text.ok()) return text.status();
+    std::vector<std::string> lines = absl::StrSplit(*text, '\n', absl::SkipWhitespace());
+    if (lines.empty())
+      return absl::InvalidArgumentError(
+          absl::StrCat("--kv_peer_token_file=", c.kv_peer_token_file, ": no token in it"));
+    token = std::string(absl::StripAsciiWhitespace(lines[0]));
+  }
+  if (!c.kv_peer_tls_ca_file.empty()) {
+    auto text = ReadFlagFile("kv_peer_tls_ca_file", c.kv_peer_tls_ca_file);
+    if (!text.ok()) return text.status();
+    ca = *std::move(text);
+  }
+  return std::unique_ptr<KvTransfer>(new KvTransfer(engine, std::move(token), std::move(ca)));
+}
+
+KvTransfer::KvTransfer(Engine* engine, std::string token, std::string tls_ca)
+    : engine_(engine), token_(std::move(token)), tls_ca_(std::move(tls_ca)) {
+  for (int64_t i = 0; i < engine->config().max_concurrent_pulls; ++i)
+    threads_.emplace_back([this] { RunPullThread(); });
+}
+
+KvTransfer::~KvTransfer() {
+  std::deque<QueuedPull> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    dropped.swap(queue_);
+  }
+  for (QueuedPull& p : dropped)
+    std::move(p.done)(absl::UnavailableError("attnd is shutting down; the pull did not start"));
+  for (std::thread& t : threads_) t.join();
+  absl::MutexLock lock(&mu_);
+  transports_.clear();
+}
+
+bool KvTransfer::IsPeer(const std::string& principal) const {
+  const std::vector<std::string>& peers = engine_->config().kv_peers;
+  return std::find(peers.begin(), peers.end(), principal) != peers.end();
+}
+
+absl::StatusOr<UcxTransport*> KvTransfer::TransportFor(uint32_t device) {
+  absl::MutexLock lock(&mu_);
+  auto it = transports_.find(device);
+  if (it != transports_.end()) return it->second.get();
+  auto memory = engine_->PoolMemoryOf(device);
+  if (!memory.ok()) return memory.status();
+  PoolMemory pool{memory->base, static_cast<uint64_t>(memory->bytes), memory->device_memory};
+  auto transport = UcxTransport::Create(pool, [this, device] {
+    if (absl::Status s = engine_->BindThreadToDevice(device); !s.ok())
+      spdlog::error("kv transfer: cannot bind the UCX thread to device {}: {}", device,
+                    s.ToString());
+  });
+  if (!transport.ok())
+    return absl::FailedPreconditionError(absl::StrCat(
+        "KV transfer is unavailable on device ", device, ": ", transport.status().message()));
+  spdlog::info("kv transfer: device={} ucx={} pool_bytes={} registered", device,
+               UcxTransport::Version(), pool.bytes);
+  UcxTransport* raw = transport->get();
+  transports_.emplace(device, *std::move(transport));
+  return raw;
+}
+
+absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
+                                  v1::OpenKvPullResponse* resp) {
+  if (req.grant().size() != kGrantBytes)
+    return absl::InvalidArgumentError(
+        absl::StrCat("grant: ", req.grant().size(), " bytes; a grant is ", kGrantBytes));
+  auto source = engine_->OpenKvPull(req.grant(), req.num_tokens(),
+                                    absl::Seconds(engine_->config().kv_pull_timeout_s));
+  if (!source.ok()) return source.status();
+  auto transport = TransportFor(source->device);
+  if (!transport.ok()) {
+    (void)engine_->CloseKvPull(source->pull_id, /*completed=*/false);
+    return transport.status();
+  }
+  const int64_t pages = (source->num_tokens + source->shape.page_size - 1) / source->shape.page_size;
+  resp->set_pull_id(source->pull_id);
+  resp->set_num_tokens(static_cast<uint64_t>(source->num_tokens));
+  for (int64_t i = 0; i < pages; ++i) resp->add_pages(source->pages[i]);
+  v1::ServerInfo info;
+  FillServerInfo(engine_->Info(), &info);
+  *resp->mutable_model() = info.model();
+  resp->set_pool_pages(static_cast<uint64_t>(source->shape.num_pages));
+  resp->set_worker_address((*transport)->worker_address());
+  resp->set_rkey((*transport)->pool_rkey());
+  resp->set_pool_base((*transport)->pool_base());
+  resp->set_ucx_version(UcxTransport::Version());
+  return absl::OkStatus();
+}
+
+absl::Status KvTransfer::ClosePull(const v1::CloseKvPullRequest& req) {
+  return engine_->CloseKvPull(req.pull_id(), req.completed());
+}
+
+void KvTransfer::Pull(const ClientRef& client, const v1::PullKvRequest& req, PullDone done) {
+  if (absl::Status s = CheckPullRequest(req); !s.ok()) return std::move(done)(s);
+  const std::vector<std::string>& sources = engine_->config().kv_sources;
+  if (std::find(sources.begin(), sources.end(), "*") == sources.end() &&
+      std::find(sources.begin(), sources.end(), req.source()) == sources.end())
+    return std::move(done)(absl::PermissionDeniedError(absl::StrCat(
+        "source: ", absl::CHexEscape(req.source()),
+        " is not a source this server may pull from (--kv_sources)")));
+  absl::MutexLock lock(&mu_);
+  if (stopping_) return std::move(done)(absl::UnavailableError("attnd is shutting down"));
+  if (queue_.size() >= kMaxQueuedPulls)
+    return std::move(done)(absl::ResourceExhaustedError(absl::StrCat(
+        "this server already has ", queue_.size(), " pulls waiting for one of its ",
+        threads_.size(), " pull threads (--max_concurrent_pulls)")));
+  queue_.push_back(QueuedPull{client, req, std::move(done)});
+}
+
+void KvTransfer::RunPullThread() {
+  while (true) {
+    QueuedPull pull;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](KvTransfer* t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->mu_) {
+            return t->stopping_ || !t->queue_.empty();
+          },
+          this));
+      if (queue_.empty()) return;  // stopping
+      pull = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    std::move(pull.done)(RunPull(pull.client, pull.req));
+  }
+}
+
+std::shared_ptr<v1::Attention::Stub> KvTransfer::StubFor(const std::string& target) {
+  absl::MutexLock lock(&mu_);
+  auto it = stubs_.find(target);
+  if (it != stubs_.end()) return it->second;
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (!tls_ca_.empty() && !absl::StartsWith(target, "unix:")) {
+    grpc::SslCredentialsOptions options;
+    options.pem_root_certs = tls_ca_;
+    creds = grpc::SslCredentials(options);
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  auto stub = std::shared_ptr<v1::Attention::Stub>(
+      v1::Attention::NewStub(grpc::CreateChannel(target, creds)));
+  stubs_.emplace(target, stub);
+  return stub;
+}
+
+void KvTransfer::PrepareContext(grpc::ClientContext* ctx, absl::Time deadline) const {
+  ctx->set_deadline(absl::ToChronoTime(deadline));
+  if (!token_.empty()) ctx->AddMetadata("authorization", absl::StrCat("Bearer ", token_));
+}
+
+absl::StatusOr<v1::PullKvResponse> KvTransfer::RunPull(const ClientRef& client,
+                                                       const v1::PullKvRequest& req) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(engine_->config().kv_pull_timeout_s);
+  std::shared_ptr<v1::Attention::Stub> stub = StubFor(req.source());
+  v1::OpenKvPullRequest open_req;
+  open_req.set_grant(req.grant());
+  open_req.set_num_tokens(req.num_tokens());
+  v1::OpenKvPullResponse open;
+  {
+    grpc::ClientContext ctx;
+    PrepareContext(&ctx, deadline);
+    grpc::Status s = stub->OpenKvPull(&ctx, open_req, &open);
+    if (!s.ok()) return FromSource(req.source(), "OpenKvPull", s);
+  }
+  absl::StatusOr<v1::PullKvResponse> result = ReadPull(client, req, open, deadline);
+  // The done message: the source lets go of the pages for this pull (and ends the grant after
+  // its last allowed pull). A source that is gone has let go already.
+  v1::CloseKvPullRequest close;
+  close.set_pull_id(open.pull_id());
+  close.set_completed(result.ok());
+  v1::CloseKvPullResponse closed;
+  grpc::ClientContext ctx;
+  PrepareContext(&ctx, absl::Now() + absl::Seconds(5));
+  grpc::Status s = stub->CloseKvPull(&ctx, close, &closed);
+  if (!s.ok() && result.ok())
+    spdlog::warn("kv transfer: source {} did not take the close of pull {}: {}", req.source(),
+                 open.pull_id(), s.error_message());
+  return result;
+}
+
+absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
+                                                        const v1::PullKvRequest& req,
+                                                        const v1::OpenKvPullResponse& open,
+                                                        absl::Time deadline) {
+  if (open.ucx_version() != UcxTransport::Version())
+    return absl::FailedPreconditionError(absl::StrCat(
+        "source ", req.source(), " runs UCX ", open.ucx_version(), ", this server ",
+        UcxTransport::Version(), "; both sides of a pull must run the same UCX version"));
+  auto src = SourceShape(open);
+  if (!src.ok()) return src.status();
+  auto dst = engine_->PoolShape(req.device());
+  if (!dst.ok()) return dst.status();
+  KvPullShape shape;
+  shape.layer_begin = req.layer_end() == 0 ? 0 : req.layer_begin();
+  shape.layer_end = req.layer_end() == 0 ? src->num_layers : req.layer_end();
+  shape.dst_layer_begin = req.dst_layer_begin();
+  shape.head_begin = req.head_end() == 0 ? 0 : req.head_begin();
+  shape.head_end = req.head_end() == 0 ? src->num_kv_heads : req.head_end();
+  shape.num_tokens = static_cast<int64_t>(open.num_tokens());
+  if (absl::Status s = CheckPullCompatible(*src, *dst, shape); !s.ok()) return s;
+
+  KvPullTarget target{client, req.device(), req.seq_id(), shape.num_tokens,
+                      shape.dst_layer_begin,
+                      shape.dst_layer_begin + (shape.layer_end - shape.layer_begin)};
+  if (engine_->config().debug_pull_pause_ms > 0)  // tests: the source changes or dies here
+    absl::SleepFor(absl::Milliseconds(engine_->config().debug_pull_pause_ms));
+  auto pages = engine_->ReserveKvPull(target);
+  if (!pages.ok()) return pages.status();
+  const std::vector<int32_t> src_pages(open.pages().begin(), open.pages().end());
+  auto runs = PlanPullRuns(*src, *dst, shape, src_pages, *pages);
+  absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
+  absl::Status read = runs.ok() ? transport.status() : runs.status();
+  ReadStats stats;
+  const auto start = std::chrono::steady_clock::now();
+  if (read.ok()) {
+    std::vector<CopyRun> copies;
+    copies.reserve(runs->size());
+    for (const PageRun& r : *runs) copies.push_back({r.src_offset, r.dst_offset, r.bytes});
+    RemotePool remote{open.worker_address(), open.rkey(), open.pool_base(),
+                      static_cast<uint64_t>(src->TotalBytes())};
+    read = (*transport)->Read(remote, copies, deadline, &stats);
+    if (!read.ok())
+      read = absl::Status(read.code(), absl::StrCat("source ", req.source(),
+                                                    ": reading the pages failed: ", read.message()));
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (!read.ok()) {
+    engine_->AbortKvPull(req.device(), *std::move(pages));
+    return read;
+  }
+  auto lengths = engine_->CommitKvPull(target, *std::move(pages));
+  if (!lengths.ok()) return lengths.status();
+  v1::PullKvResponse resp;
+  for (int64_t len : *lengths) resp.add_layer_lengths(static_cast<uint64_t>(len));
+  resp.set_bytes(stats.bytes);
+  resp.set_requests(stats.requests);
+  resp.set_transfer_s(seconds);
+  return resp;
+}
+
+}  // namespace attnd::wire
