@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export ATTND_BUILD_DIR=${ATTND_BUILD_DIR:-build-cuda} ATTND_CUDA=ON
 scripts/build.sh attnd attnctl e2e_test bad_input_test workload_test tenancy_test client_probe \
-  region_abuse_test transport_test hardening_test deadline_test cuda_kernels_test cuda_region_e2e_test cuda_server_test decode_bench prefill_bench server_bench
+  region_abuse_test transport_test hardening_test deadline_test cuda_kernels_test cuda_region_e2e_test cuda_server_test decode_bench prefill_bench server_bench \
+  kv_transfer_test kv_transfer_bench
 b=$ATTND_BUILD_DIR
 rm -rf .device/gpu
 ../shared/tools/device-bundle .device/gpu "$b/server/attnd" "$b/client/attnctl" \
@@ -16,7 +17,8 @@ rm -rf .device/gpu
   "$b/tests/e2e/transport_test" "$b/tests/e2e/hardening_test" "$b/tests/e2e/deadline_test" \
   "$b/tests/gpu/cuda_kernels_test" \
   "$b/tests/gpu/cuda_region_e2e_test" "$b/tests/gpu/cuda_server_test" "$b/bench/server_bench" \
-  "$b/bench/decode_bench" "$b/bench/prefill_bench"
+  "$b/bench/decode_bench" "$b/bench/prefill_bench" "$b/tests/e2e/kv_transfer_test" \
+  "$b/bench/kv_transfer_bench"
 cat > .device/gpu/run-all.sh <<'RUN'
 #!/usr/bin/env bash
 set -u

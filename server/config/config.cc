@@ -172,7 +172,14 @@ std::string Describe(const ServerConfig& c) {
       absl::StrCat("\n--cpu_threads=", c.cpu_threads, "\n--worker_spin_us=", c.worker_spin_us,
                    "\n--cuda_workspace_mb=", c.cuda_workspace_mb,
                    "\n--cuda_graphs=", c.cuda_graphs ? "true" : "false",
-                   "\n--debug_fault_layer=", c.debug_fault_layer),
+                   "\n--debug_fault_layer=", c.debug_fault_layer,
+                   "\n--debug_pull_pause_ms=", c.debug_pull_pause_ms),
+      absl::StrCat("\n--kv_peers=", absl::StrJoin(c.kv_peers, ","),
+                   "\n--kv_sources=", absl::StrJoin(c.kv_sources, ","),
+                   "\n--kv_peer_token_file=", c.kv_peer_token_file,
+                   "\n--kv_peer_tls_ca_file=", c.kv_peer_tls_ca_file,
+                   "\n--max_concurrent_pulls=", c.max_concurrent_pulls,
+                   "\n--kv_pull_timeout_s=", c.kv_pull_timeout_s),
       "\n--drain_timeout_s=", c.drain_timeout_s, "\n--log_level=", c.log_level, "\n");
 }
 

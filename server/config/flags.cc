@@ -120,7 +120,8 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   else if (backend == "cuda") c.backend = BackendChoice::kCuda;
   else return absl::InvalidArgumentError(absl::StrCat("--backend=", backend, ": expected cpu, cuda or auto"));
 
-  if (absl::GetFlag(FLAGS_devices) != "all") {  // "all": empty; the platform fills it in
+  c.devices.clear();  // "all": empty; the platform fills it in
+  if (absl::GetFlag(FLAGS_devices) != "all") {
     auto devices = ParseList<int>("devices", absl::GetFlag(FLAGS_devices));
     if (!devices.ok()) return devices.status();
     if (devices->empty())

@@ -34,8 +34,17 @@ uint64_t Seed() {
 
 // A model of `kv` kv heads and 2 query heads per kv head; every node may pull from any
 // source, and lets this uid (the other attnd processes of the test) pull its grants.
-std::vector<std::string> NodeFlags(uint32_t kv, std::string layout = "NHD", int pages = 1024) {
+// The device destinations serve (ATTND_E2E_KV_DST_DEVICE, 0): 1 on a two-GPU host moves KV
+// between GPUs; sources serve device 0.
+uint32_t DstDevice() {
+  const char* d = getenv("ATTND_E2E_KV_DST_DEVICE");
+  return d == nullptr ? 0 : static_cast<uint32_t>(atoi(d));
+}
+
+std::vector<std::string> NodeFlags(uint32_t kv, std::string layout = "NHD", int pages = 1024,
+                                   bool destination = false) {
   return {"--backend=" + E2eBackend(),
+          absl::StrCat("--devices=", destination ? DstDevice() : 0),
           absl::StrCat("--num_layers=", kLayers),
           absl::StrCat("--num_qo_heads=", 2 * kv),
           absl::StrCat("--num_kv_heads=", kv),
@@ -52,21 +61,24 @@ struct Node {
   std::unique_ptr<ServerProcess> server;
   std::unique_ptr<client::Client> client;
   std::unique_ptr<Harness> harness;
+  uint32_t device = 0;
   Harness& h() { return *harness; }
   client::Client& c() { return *client; }
 };
 
 std::unique_ptr<Node> StartNode(std::vector<std::string> flags, uint64_t max_tokens = 512) {
   auto node = std::make_unique<Node>();
-  auto server = ServerProcess::Start(std::move(flags));
+  auto server = ServerProcess::Start(flags);
   EXPECT_TRUE(server.ok()) << server.status();
   if (!server.ok()) return nullptr;
   node->server = *std::move(server);
+  for (const std::string& f : flags)
+    if (f.rfind("--devices=", 0) == 0) node->device = static_cast<uint32_t>(atoi(f.c_str() + 10));
   auto c = client::Client::Connect(node->server->unix_target());
   EXPECT_TRUE(c.ok()) << c.status();
   if (!c.ok()) return nullptr;
   node->client = *std::move(c);
-  auto h = Harness::Create(node->client.get(), "main", 0, max_tokens, Seed());
+  auto h = Harness::Create(node->client.get(), "main", node->device, max_tokens, Seed());
   EXPECT_TRUE(h.ok()) << h.status();
   if (!h.ok()) return nullptr;
   node->harness = *std::move(h);
@@ -76,6 +88,7 @@ std::unique_ptr<Node> StartNode(std::vector<std::string> flags, uint64_t max_tok
 absl::StatusOr<v1::KvGrant> Grant(Node& n, uint64_t seq, uint32_t max_pulls = 0,
                                   uint32_t ttl_ms = 0) {
   v1::GrantKvRequest r;
+  r.set_device(n.device);
   r.set_seq_id(seq);
   r.set_max_pulls(max_pulls);
   r.set_ttl_ms(ttl_ms);
@@ -91,6 +104,7 @@ absl::StatusOr<v1::PullKvResponse> Pull(Node& dst, Node& src, const std::string&
   r.set_head_begin(head_begin);
   r.set_head_end(head_end);
   r.set_seq_id(seq);
+  r.set_device(dst.device);
   return dst.c().PullKv(r);
 }
 
@@ -105,6 +119,7 @@ std::vector<uint8_t> Export(Node& n, uint64_t seq, uint64_t tokens, uint32_t h0,
   std::memset((*buf)->data(), 0xa5, bytes);
   EXPECT_TRUE(n.c().RegisterHostRegion(name, (*buf)->key(), 0, bytes).ok());
   v1::ExportKvRequest r;
+  r.set_device(n.device);
   r.set_seq_id(seq);
   r.set_layer_end(kLayers);
   r.set_head_begin(h0);
@@ -136,7 +151,7 @@ uint64_t FreePages(Node& n) {
 
 TEST(KvTransfer, AWholeSequenceArrivesByteForByteAndDecodesLikeTheSource) {
   auto src = StartNode(NodeFlags(4));
-  auto dst = StartNode(NodeFlags(4));
+  auto dst = StartNode(NodeFlags(4, "NHD", 1024, true));
   ASSERT_TRUE(src && dst);
   Prefill(*src, 1, 37);  // two full pages and a partial one
   auto grant = Grant(*src, 1);
@@ -187,8 +202,8 @@ void ExpectHalvesDecodeLikeTheSource(Node& src, uint64_t src_seq, std::vector<No
 
 void SplitEightHeadsIntoTwoHalves(const std::string& layout) {
   auto src = StartNode(NodeFlags(8, layout));
-  auto d0 = StartNode(NodeFlags(4, layout));
-  auto d1 = StartNode(NodeFlags(4, layout));
+  auto d0 = StartNode(NodeFlags(4, layout, 1024, true));
+  auto d1 = StartNode(NodeFlags(4, layout, 1024, true));
   ASSERT_TRUE(src && d0 && d1);
   Prefill(*src, 1, 53);
   auto grant = Grant(*src, 1, /*max_pulls=*/2);
@@ -217,7 +232,7 @@ TEST(KvTransfer, EightHeadsSplitIntoTwoDestinationsDecodeBitForBitLikeTheSourceH
 
 TEST(KvTransfer, ConcurrentPullsAllArriveIntact) {
   auto src = StartNode(NodeFlags(4));
-  auto dst = StartNode(NodeFlags(4, "NHD", 1024));
+  auto dst = StartNode(NodeFlags(4, "NHD", 1024, true));
   ASSERT_TRUE(src && dst);
   constexpr int kPulls = 6;
   std::vector<std::string> grants;
@@ -241,7 +256,7 @@ TEST(KvTransfer, ConcurrentPullsAllArriveIntact) {
 
 TEST(KvTransfer, ASourceThatReleasesItsSequenceMidPullStillDeliversWhatItGranted) {
   auto src = StartNode(NodeFlags(4));
-  std::vector<std::string> flags = NodeFlags(4);
+  std::vector<std::string> flags = NodeFlags(4, "NHD", 1024, true);
   flags.push_back("--debug_pull_pause_ms=600");
   auto dst = StartNode(flags);
   ASSERT_TRUE(src && dst);
@@ -262,7 +277,7 @@ TEST(KvTransfer, ASourceThatReleasesItsSequenceMidPullStillDeliversWhatItGranted
 TEST(KvTransfer, ASourceThatDiesMidPullLeavesTheDestinationAsItWas) {
   auto src = StartNode(NodeFlags(4));
   auto spare = StartNode(NodeFlags(4));
-  std::vector<std::string> flags = NodeFlags(4);
+  std::vector<std::string> flags = NodeFlags(4, "NHD", 1024, true);
   flags.push_back("--debug_pull_pause_ms=600");
   flags.push_back("--kv_pull_timeout_s=5");  // a transport that cannot tell the peer is gone
   auto dst = StartNode(flags);
@@ -281,7 +296,7 @@ TEST(KvTransfer, ASourceThatDiesMidPullLeavesTheDestinationAsItWas) {
               pulled.status().code() == absl::StatusCode::kDeadlineExceeded)
       << pulled.status();
   EXPECT_EQ(FreePages(*dst), free_before);
-  EXPECT_EQ(dst->c().GetSequence(0, 5).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(dst->c().GetSequence(dst->device, 5).status().code(), absl::StatusCode::kNotFound);
   // The destination still pulls from a live source.
   Prefill(*spare, 1, 17);
   auto g2 = Grant(*spare, 1);
@@ -293,8 +308,8 @@ TEST(KvTransfer, ASourceThatDiesMidPullLeavesTheDestinationAsItWas) {
 
 TEST(KvTransfer, ADestinationOutOfPagesChangesNothingAndTheGrantStaysUsable) {
   auto src = StartNode(NodeFlags(4));
-  auto small = StartNode(NodeFlags(4, "NHD", /*pages=*/4));
-  auto big = StartNode(NodeFlags(4));
+  auto small = StartNode(NodeFlags(4, "NHD", /*pages=*/4, true));
+  auto big = StartNode(NodeFlags(4, "NHD", 1024, true));
   ASSERT_TRUE(src && small && big);
   Prefill(*src, 1, 100);  // 7 pages
   auto grant = Grant(*src, 1, /*max_pulls=*/1);
@@ -303,7 +318,7 @@ TEST(KvTransfer, ADestinationOutOfPagesChangesNothingAndTheGrantStaysUsable) {
   auto refused = Pull(*small, *src, grant->grant(), 1);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
   EXPECT_EQ(FreePages(*small), free_before);
-  EXPECT_EQ(small->c().GetSequence(0, 1).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(small->c().GetSequence(small->device, 1).status().code(), absl::StatusCode::kNotFound);
   // The refused pull did not count: the grant's one pull is still there.
   auto pulled = Pull(*big, *src, grant->grant(), 1);
   ASSERT_TRUE(pulled.ok()) << pulled.status();
@@ -311,8 +326,8 @@ TEST(KvTransfer, ADestinationOutOfPagesChangesNothingAndTheGrantStaysUsable) {
 
 TEST(KvTransfer, BadPullsAreRefusedNamingTheFieldAndChangeNothing) {
   auto src = StartNode(NodeFlags(4));
-  auto dst = StartNode(NodeFlags(4));
-  auto wide = StartNode(NodeFlags(8));
+  auto dst = StartNode(NodeFlags(4, "NHD", 1024, true));
+  auto wide = StartNode(NodeFlags(8, "NHD", 1024, true));
   ASSERT_TRUE(src && dst && wide);
   Prefill(*src, 1, 20);
   Prefill(*dst, 7, 5);
@@ -332,7 +347,7 @@ TEST(KvTransfer, BadPullsAreRefusedNamingTheFieldAndChangeNothing) {
   expect(Pull(*wide, *src, grant->grant(), 2).status(), absl::StatusCode::kInvalidArgument,
          "head_begin");
   expect(Grant(*src, 99).status(), absl::StatusCode::kNotFound, "seq_id");
-  EXPECT_EQ(dst->c().GetSequence(0, 2).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(dst->c().GetSequence(dst->device, 2).status().code(), absl::StatusCode::kNotFound);
   ASSERT_TRUE(src->c().RevokeKv(grant->grant()).ok());
   expect(Pull(*dst, *src, grant->grant(), 2).status(), absl::StatusCode::kNotFound, "grant");
 }
@@ -346,7 +361,7 @@ TEST(KvTransfer, OnlyListedPeersOpenPullsAndOnlyListedSourcesArePulledFrom) {
                               }),
                closed.end());
   auto src = StartNode(closed);
-  auto open_dst = StartNode(NodeFlags(4));
+  auto open_dst = StartNode(NodeFlags(4, "NHD", 1024, true));
   auto closed_dst = StartNode(closed);
   ASSERT_TRUE(src && open_dst && closed_dst);
   Prefill(*src, 1, 20);

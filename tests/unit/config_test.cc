@@ -13,11 +13,15 @@
 #include <vector>
 
 #include "absl/flags/commandlineflag.h"
+#include "absl/flags/declare.h"
+#include "absl/flags/flag.h"
 #include "absl/flags/reflection.h"
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "server/config/flags.h"
+
+ABSL_DECLARE_FLAG(std::string, devices);
 
 namespace attnd {
 namespace {
@@ -94,7 +98,10 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"NaNSmScale", [](ServerConfig& c) { c.model.sm_scale = kNaN; }, "--sm_scale"},
         BadCase{"InfiniteSmScale", [](ServerConfig& c) { c.model.sm_scale = kInf; },
                 "--sm_scale"},
-        BadCase{"NoDevices", [](ServerConfig& c) { c.devices.clear(); }, "--devices"},
+        BadCase{"NoConcurrentPulls", [](ServerConfig& c) { c.max_concurrent_pulls = 0; },
+                "--max_concurrent_pulls"},
+        BadCase{"ZeroPullTimeout", [](ServerConfig& c) { c.kv_pull_timeout_s = 0; },
+                "--kv_pull_timeout_s"},
         BadCase{"DuplicateDevice", [](ServerConfig& c) { c.devices = {0, 1, 0}; }, "--devices"},
         BadCase{"NegativeDevice", [](ServerConfig& c) { c.devices = {-1}; }, "--devices"},
         BadCase{"NegativePagesPerDevice", [](ServerConfig& c) { c.pages_per_device = -1; },
@@ -359,6 +366,22 @@ TEST(DescribeTest, PrintsEveryFlagOnceWithItsResolvedValue) {
   EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), flags);
   EXPECT_TRUE(absl::StrContains(text, "\n--sm_scale=0.125\n"));  // 1/sqrt(64), resolved
   EXPECT_TRUE(absl::StrContains(text, "\n--unix_socket_mode=0660\n"));  // octal, as given
+}
+
+TEST(FlagsTest, DevicesAllIsTheDefaultAndAnEmptyListIsRefused) {
+  absl::FlagSaver saver;
+  absl::StatusOr<ServerConfig> config = ConfigFromFlags();
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->devices.empty());  // every device the platform sees
+  EXPECT_TRUE(absl::StrContains(Describe(*config), "\n--devices=all\n"));
+  absl::SetFlag(&FLAGS_devices, "1,0");
+  config = ConfigFromFlags();
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->devices, (std::vector<int>{1, 0}));
+  absl::SetFlag(&FLAGS_devices, " ");
+  config = ConfigFromFlags();
+  ASSERT_FALSE(config.ok());
+  EXPECT_TRUE(absl::StrContains(config.status().message(), "--devices")) << config.status();
 }
 
 }  // namespace

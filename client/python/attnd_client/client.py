@@ -227,6 +227,30 @@ class Client:
     def import_kv(self, request, timeout=None):
         return self._call(self._stub.ImportKv, request, timeout)
 
+    # ---- KV transfer between attnd processes (README "Across nodes") ----
+    def grant_kv(self, device, seq_id, num_tokens=0, ttl_ms=0, max_pulls=0, timeout=None):
+        """On the source: lets peers pull positions [0, num_tokens) of the sequence (0: its
+        length). Returns a KvGrant; pass its `grant` bytes and this server's target to the
+        destination's pull_kv."""
+        return self._call(self._stub.GrantKv,
+                          pb.GrantKvRequest(device=device, seq_id=seq_id, num_tokens=num_tokens,
+                                            ttl_ms=ttl_ms, max_pulls=max_pulls), timeout)
+
+    def revoke_kv(self, grant, timeout=None):
+        self._call(self._stub.RevokeKv, pb.RevokeKvRequest(grant=grant), timeout)
+
+    def pull_kv(self, source, grant, device, seq_id, layer_begin=0, layer_end=0, head_begin=0,
+                head_end=0, num_tokens=0, dst_layer_begin=0, timeout=None):
+        """On the destination: this server pulls the grant's KV (a layer and kv-head range; 0, 0:
+        all) from the source attnd at `source` into a new or empty sequence. Returns a
+        PullKvResponse (layer_lengths, bytes, requests, transfer_s)."""
+        return self._call(self._stub.PullKv,
+                          pb.PullKvRequest(source=source, grant=grant, device=device,
+                                           seq_id=seq_id, layer_begin=layer_begin,
+                                           layer_end=layer_end, head_begin=head_begin,
+                                           head_end=head_end, num_tokens=num_tokens,
+                                           dst_layer_begin=dst_layer_begin), timeout)
+
     def open_stream(self, timeout=None):
         """A DataStream; `timeout` (seconds) bounds the stream's whole life."""
         return DataStream(self._stub.Stream, timeout, self._metadata)
