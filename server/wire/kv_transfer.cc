@@ -222,7 +222,9 @@ void KvTransfer::PrepareContext(grpc::ClientContext* ctx, absl::Time deadline) c
 
 absl::StatusOr<v1::PullKvResponse> KvTransfer::RunPull(const ClientRef& client,
                                                        const v1::PullKvRequest& req) {
-  const absl::Time deadline = absl::Now() + absl::Seconds(engine_->config().kv_pull_timeout_s);
+  PullTimes times;
+  times.start = absl::Now();
+  const absl::Time deadline = times.start + absl::Seconds(engine_->config().kv_pull_timeout_s);
   std::shared_ptr<v1::Attention::Stub> stub = StubFor(req.source());
   v1::OpenKvPullRequest open_req;
   open_req.set_grant(req.grant());
@@ -234,7 +236,8 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::RunPull(const ClientRef& client,
     grpc::Status s = stub->OpenKvPull(&ctx, open_req, &open);
     if (!s.ok()) return FromSource(req.source(), "OpenKvPull", s);
   }
-  absl::StatusOr<v1::PullKvResponse> result = ReadPull(client, req, open, deadline);
+  times.opened = absl::Now();
+  absl::StatusOr<v1::PullKvResponse> result = ReadPull(client, req, open, deadline, &times);
   // The done message: the source lets go of the pages for this pull (and ends the grant after
   // its last allowed pull). A source that is gone has let go already.
   v1::CloseKvPullRequest close;
@@ -247,13 +250,26 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::RunPull(const ClientRef& client,
   if (!s.ok() && result.ok())
     spdlog::warn("kv transfer: source {} did not take the close of pull {}: {}", req.source(),
                  open.pull_id(), s.error_message());
+  const auto ms = [](absl::Time a, absl::Time b) {
+    return b > a ? absl::ToDoubleMilliseconds(b - a) : 0.0;
+  };
+  const absl::Time end = absl::Now();
+  spdlog::info(
+      "kv pull source=\"{}\" device={} seq_id={} code={} bytes={} requests={} open_ms={:.2f} "
+      "reserve_ms={:.2f} read_ms={:.2f} commit_ms={:.2f} close_ms={:.2f} total_ms={:.2f}",
+      absl::CHexEscape(req.source()), req.device(), req.seq_id(),
+      absl::StatusCodeToString(result.status().code()), result.ok() ? result->bytes() : 0,
+      result.ok() ? result->requests() : 0, ms(times.start, times.opened),
+      ms(times.opened, times.reserved), ms(times.reserved, times.read),
+      ms(times.read, times.committed), ms(std::max(times.committed, times.opened), end),
+      ms(times.start, end));
   return result;
 }
 
 absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
                                                         const v1::PullKvRequest& req,
                                                         const v1::OpenKvPullResponse& open,
-                                                        absl::Time deadline) {
+                                                        absl::Time deadline, PullTimes* times) {
   if (open.ucx_version() != UcxTransport::Version())
     return absl::FailedPreconditionError(absl::StrCat(
         "source ", req.source(), " runs UCX ", open.ucx_version(), ", this server ",
@@ -278,6 +294,7 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
     absl::SleepFor(absl::Milliseconds(engine_->config().debug_pull_pause_ms));
   auto pages = engine_->ReserveKvPull(target);
   if (!pages.ok()) return pages.status();
+  times->reserved = absl::Now();
   const std::vector<int32_t> src_pages(open.pages().begin(), open.pages().end());
   auto runs = PlanPullRuns(*src, *dst, shape, src_pages, *pages);
   absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
@@ -297,12 +314,14 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
   }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  times->read = absl::Now();
   if (!read.ok()) {
     engine_->AbortKvPull(req.device(), *std::move(pages));
     return read;
   }
   auto lengths = engine_->CommitKvPull(target, *std::move(pages));
   if (!lengths.ok()) return lengths.status();
+  times->committed = absl::Now();
   v1::PullKvResponse resp;
   for (int64_t len : *lengths) resp.add_layer_lengths(static_cast<uint64_t>(len));
   resp.set_bytes(stats.bytes);

@@ -42,6 +42,10 @@ class KvTransfer {
   void Pull(const ClientRef& client, const v1::PullKvRequest& req, PullDone done);
 
  private:
+  // When each step of a pull ended, for its log line.
+  struct PullTimes {
+    absl::Time start, opened, reserved, read, committed;
+  };
   struct QueuedPull {
     ClientRef client;
     v1::PullKvRequest req;
@@ -60,7 +64,7 @@ class KvTransfer {
   absl::StatusOr<v1::PullKvResponse> ReadPull(const ClientRef& client,
                                               const v1::PullKvRequest& req,
                                               const v1::OpenKvPullResponse& open,
-                                              absl::Time deadline);
+                                              absl::Time deadline, PullTimes* times);
 
   // Constant after construction.
   Engine* const engine_;
