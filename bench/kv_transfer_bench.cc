@@ -5,6 +5,8 @@
 // ceiling (ucx_perftest in the same run) is measured by the calling script.
 //   kv_transfer_bench --source=unix:///tmp/src.sock --dest=unix:///tmp/dst.sock \
 //       --dest_half=unix:///tmp/half.sock --tokens=4096
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +15,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
 #include "client/client.h"
 #include "testing/harness.h"
 
@@ -35,8 +38,9 @@ int Run() {
   const uint32_t tokens = absl::GetFlag(FLAGS_tokens);
   auto src = client::Client::Connect(absl::GetFlag(FLAGS_source));
   if (!src.ok()) return fprintf(stderr, "source: %s\n", src.status().ToString().c_str()), 1;
-  auto h = testing::Harness::Create(src->get(), "bench", 0, tokens, 1);
+  auto h = testing::Harness::Create(src->get(), absl::StrCat("bench-", getpid()), 0, tokens, 1);
   if (!h.ok()) return fprintf(stderr, "harness: %s\n", h.status().ToString().c_str()), 1;
+  (void)(*src)->ReleaseSequence(0, 1);  // an earlier run's
   if (!(*h)->CreateSequence(1).ok()) return 1;
   const uint32_t layers = (*h)->info().model().num_layers();
   // One random fill serves every layer: the bytes' values do not matter here, and filling is

@@ -179,6 +179,7 @@ std::string Describe(const ServerConfig& c) {
                    "\n--kv_peer_token_file=", c.kv_peer_token_file,
                    "\n--kv_peer_tls_ca_file=", c.kv_peer_tls_ca_file,
                    "\n--max_concurrent_pulls=", c.max_concurrent_pulls,
+                   "\n--kv_same_node_ipc=", c.kv_same_node_ipc ? "true" : "false",
                    "\n--kv_pull_timeout_s=", c.kv_pull_timeout_s),
       "\n--drain_timeout_s=", c.drain_timeout_s, "\n--log_level=", c.log_level, "\n");
 }

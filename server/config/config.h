@@ -76,6 +76,7 @@ struct ServerConfig {
   // first line) and, for TLS sources, the CA certificates to check them against.
   std::string kv_peer_token_file;
   std::string kv_peer_tls_ca_file;
+  bool kv_same_node_ipc = true;  // CUDA pools on one node: map through CUDA IPC, copy by kernel
   int64_t max_concurrent_pulls = 4;  // pulls this server runs at once (more queue, up to 64)
   double kv_pull_timeout_s = 60.0;   // one pull, end to end
   int metrics_port = 9464;                      // 0: no /metrics

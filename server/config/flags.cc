@@ -64,6 +64,9 @@ ABSL_FLAG(std::string, kv_peer_token_file, "",
           "source attnd processes it pulls from");
 ABSL_FLAG(std::string, kv_peer_tls_ca_file, "",
           "KV transfer: CA certificates (PEM) of TLS sources; unset: TCP sources are plaintext");
+ABSL_FLAG(bool, kv_same_node_ipc, true,
+          "KV transfer between CUDA pools on one node: map the source's pool through CUDA IPC "
+          "and copy the runs with one kernel instead of a UCX request each");
 ABSL_FLAG(int64_t, max_concurrent_pulls, 4, "KV transfer: pulls run at once (more wait)");
 ABSL_FLAG(double, kv_pull_timeout_s, 60.0, "KV transfer: the longest one pull may take");
 ABSL_FLAG(int32_t, metrics_port, 9464, "Port of the Prometheus /metrics endpoint; 0 = off");
@@ -178,6 +181,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   c.kv_peer_token_file = absl::GetFlag(FLAGS_kv_peer_token_file);
   c.kv_peer_tls_ca_file = absl::GetFlag(FLAGS_kv_peer_tls_ca_file);
   c.max_concurrent_pulls = absl::GetFlag(FLAGS_max_concurrent_pulls);
+  c.kv_same_node_ipc = absl::GetFlag(FLAGS_kv_same_node_ipc);
   c.kv_pull_timeout_s = absl::GetFlag(FLAGS_kv_pull_timeout_s);
   c.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   c.metrics_bind = absl::GetFlag(FLAGS_metrics_bind);

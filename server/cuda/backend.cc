@@ -37,6 +37,8 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
                                          const AttentionPlan& plan) override;
   absl::Status TransferKv(const KvTransferWork& work) override;
+  absl::StatusOr<std::string> PoolIpcHandle() override;
+  absl::Status CopyRunsIntoPool(const uint8_t* src, absl::Span<const PageRun> runs) override;
   absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
     return completions_->Add(stream_.get(), std::move(fn));
   }
@@ -414,6 +416,44 @@ absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
 absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateCudaDeviceBackend(const ServerConfig& config,
                                                                         int device) {
   return CudaDeviceBackend::Create(config, device);
+}
+
+absl::StatusOr<std::string> CudaDeviceBackend::PoolIpcHandle() {
+  cudaIpcMemHandle_t handle;
+  if (absl::Status s = Check(cudaIpcGetMemHandle(&handle, pool_.get()), "pool IPC handle");
+      !s.ok())
+    return s;
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+absl::Status CudaDeviceBackend::CopyRunsIntoPool(const uint8_t* src,
+                                                 absl::Span<const PageRun> runs) {
+  // Long runs (merged pages) are cut so that every warp of the copy gets a share.
+  std::vector<kernels::cuda::ByteRun> pieces;
+  pieces.reserve(runs.size());
+  for (const PageRun& r : runs) {
+    if (r.dst_offset + r.bytes > static_cast<uint64_t>(pool_bytes()) ||
+        ((r.src_offset | r.dst_offset | r.bytes) & 15) != 0)
+      return absl::InvalidArgumentError("runs: a run outside the pool or not 16-byte aligned");
+    for (uint64_t done = 0; done < r.bytes; done += kernels::cuda::kMaxRunBytes)
+      pieces.push_back({r.src_offset + done, r.dst_offset + done,
+                        std::min(kernels::cuda::kMaxRunBytes, r.bytes - done)});
+  }
+  if (pieces.empty()) return absl::OkStatus();
+  const size_t bytes = pieces.size() * sizeof(kernels::cuda::ByteRun);
+  void* list = nullptr;
+  if (absl::Status s = Check(cudaMallocAsync(&list, bytes, stream_.get()), "runs list"); !s.ok())
+    return s;
+  // From pageable memory: the call returns once the list is staged, so `pieces` may go.
+  absl::Status s = Check(cudaMemcpyAsync(list, pieces.data(), bytes, cudaMemcpyHostToDevice,
+                                         stream_.get()),
+                         "runs list upload");
+  if (s.ok())
+    s = kernels::cuda::LaunchRunsCopy(src, pool_.get(),
+                                      static_cast<const kernels::cuda::ByteRun*>(list),
+                                      static_cast<int64_t>(pieces.size()), stream_.get());
+  absl::Status freed = Check(cudaFreeAsync(list, stream_.get()), "runs list free");
+  return s.ok() ? freed : s;
 }
 
 }  // namespace attnd

@@ -195,4 +195,53 @@ absl::Status Engine::BindThreadToDevice(uint32_t device) {
   return platform_->BindWorkerThread(static_cast<int>(device));
 }
 
+absl::StatusOr<std::string> Engine::PoolIpcHandle(uint32_t device) {
+  auto d = FindDevice(device);
+  if (!d.ok()) return d.status();
+  absl::StatusOr<std::string> handle;
+  (void)RunOnWorker(**d, [&]() -> absl::Status {
+    handle = (*d)->backend->PoolIpcHandle();
+    return absl::OkStatus();
+  });
+  return handle;
+}
+
+absl::StatusOr<std::shared_ptr<Region>> Engine::MapPeerPool(uint32_t device,
+                                                            const std::string& handle,
+                                                            uint64_t bytes) {
+  auto d = FindDevice(device);
+  if (!d.ok()) return d.status();
+  absl::StatusOr<std::shared_ptr<Region>> mapped;
+  (void)RunOnWorker(**d, [&]() -> absl::Status {
+    auto region = platform_->OpenIpcRegion("kv-peer-pool", handle, (*d)->id, bytes,
+                                           PosterFor(**d));
+    if (region.ok()) mapped = std::shared_ptr<Region>(*std::move(region));
+    else mapped = region.status();
+    return absl::OkStatus();
+  });
+  return mapped;
+}
+
+absl::Status Engine::CopyRunsIntoPool(uint32_t device, const uint8_t* src,
+                                      absl::Span<const PageRun> runs) {
+  auto d = FindDevice(device);
+  if (!d.ok()) return d.status();
+  Device& dev = **d;
+  absl::Notification done;
+  absl::Status s = RunOnWorker(dev, [&]() -> absl::Status {
+    absl::Status c = dev.backend->CopyRunsIntoPool(src, runs);
+    if (c.ok()) c = dev.backend->WhenDone([&done]() { done.Notify(); });
+    if (!c.ok() && c.code() != absl::StatusCode::kInvalidArgument &&
+        c.code() != absl::StatusCode::kUnimplemented)
+      return MarkFaulted(dev, c, "CopyRunsIntoPool");
+    return c;
+  });
+  if (!s.ok()) return s;
+  done.WaitForNotification();
+  // A fault while copying (a peer's mapping gone bad) is sticky: the device stops serving.
+  if (!dev.serving.load())
+    return absl::UnavailableError(absl::StrCat("device: ", dev.id, " faulted copying a pull"));
+  return absl::OkStatus();
+}
+
 }  // namespace attnd

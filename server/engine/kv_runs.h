@@ -11,14 +11,9 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "kernels/paged_kv.h"
+#include "server/platform/page_copy.h"  // PageRun
 
 namespace attnd {
-
-struct PageRun {
-  uint64_t src_offset = 0;  // bytes from the source pool's first byte
-  uint64_t dst_offset = 0;  // bytes from the destination pool's first byte
-  uint64_t bytes = 0;
-};
 
 // What a pull copies. The destination's heads are [0, head_end - head_begin) and its layers
 // [dst_layer_begin, dst_layer_begin + layer_end - layer_begin).

@@ -131,6 +131,17 @@ class DeviceBackend {
   virtual absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
                                                  const AttentionPlan& plan) = 0;
   virtual absl::Status TransferKv(const KvTransferWork& work) = 0;
+  // KV transfer within one node. The IPC handle of the pool's memory, for a peer process to
+  // map it; and copying runs of bytes from such a mapped peer pool (`src`, on this device) into
+  // this pool, on the device's stream. UNIMPLEMENTED where the platform maps no peer pools.
+  virtual absl::StatusOr<std::string> PoolIpcHandle() {
+    return absl::UnimplementedError("this backend has no IPC handle for its pool");
+  }
+  virtual absl::Status CopyRunsIntoPool(const uint8_t* src, absl::Span<const PageRun> runs) {
+    (void)src;
+    (void)runs;
+    return absl::UnimplementedError("this backend copies no runs from mapped peer pools");
+  }
   // Runs fn once the work enqueued so far has finished (at once where work is synchronous).
   // fn must not call into the backend; it may post to the device's worker.
   virtual absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) {

@@ -12,6 +12,13 @@ struct PageCopy {
   int32_t dst;
 };
 
+// Bytes of one pool to copy into another (a KV pull): offsets from each pool's first byte.
+struct PageRun {
+  uint64_t src_offset = 0;
+  uint64_t dst_offset = 0;
+  uint64_t bytes = 0;
+};
+
 }  // namespace attnd
 
 #endif  // ATTND_SERVER_PLATFORM_PAGE_COPY_H_

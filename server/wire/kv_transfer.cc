@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
 #include <utility>
 
 #include "absl/strings/escaping.h"
@@ -46,6 +47,18 @@ absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& 
   s.layout = m.kv_layout() == v1::KV_LAYOUT_NHD ? kernels::KvLayout::kNHD : kernels::KvLayout::kHND;
   s.dtype = *dtype;
   return s;
+}
+
+// This boot of this host: two attnd processes with the same id share the machine (and, with
+// the same IPC namespace, can map each other's GPU memory).
+const std::string& NodeId() {
+  static const std::string id = [] {
+    std::ifstream f("/proc/sys/kernel/random/boot_id");
+    std::string line;
+    std::getline(f, line);
+    return line;
+  }();
+  return id;
 }
 
 absl::Status CheckPullRequest(const v1::PullKvRequest& req) {
@@ -155,6 +168,78 @@ absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
   resp->set_rkey((*transport)->pool_rkey());
   resp->set_pool_base((*transport)->pool_base());
   resp->set_ucx_version(UcxTransport::Version());
+  if (engine_->config().kv_same_node_ipc) {
+    std::string handle;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = pool_handles_.find(source->device);
+      if (it != pool_handles_.end()) handle = it->second;
+    }
+    if (handle.empty()) {
+      absl::StatusOr<std::string> h = engine_->PoolIpcHandle(source->device);
+      handle = h.ok() ? *h : std::string(1, '\0');  // "\0": none, do not ask again
+      absl::MutexLock lock(&mu_);
+      pool_handles_[source->device] = handle;
+    }
+    if (handle.size() > 1) {
+      resp->set_cuda_ipc_handle(handle);
+      resp->set_node_id(NodeId());
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<Region> KvTransfer::SameNodePool(const v1::PullKvRequest& req,
+                                                 const v1::OpenKvPullResponse& open,
+                                                 uint64_t bytes) {
+  if (!engine_->config().kv_same_node_ipc || !engine_->cuda() ||
+      open.cuda_ipc_handle().empty() || open.node_id() != NodeId())
+    return nullptr;
+  const std::string key =
+      absl::StrCat(req.device(), "|", req.source(), "|", open.cuda_ipc_handle());
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = peer_pools_.find(key);
+    if (it != peer_pools_.end()) return it->second;
+  }
+  absl::StatusOr<std::shared_ptr<Region>> mapped =
+      engine_->MapPeerPool(req.device(), open.cuda_ipc_handle(), bytes);
+  if (!mapped.ok())
+    spdlog::warn("kv transfer: cannot map the pool of {} on device {} ({}); pulls from it use UCX",
+                 absl::CHexEscape(req.source()), req.device(), std::string(mapped.status().message()));
+  std::shared_ptr<Region> region = mapped.ok() ? *std::move(mapped) : nullptr;
+  absl::MutexLock lock(&mu_);
+  if (peer_pools_.size() >= 64) peer_pools_.clear();  // sources that came and went
+  peer_pools_.emplace(key, region);
+  return region;
+}
+
+absl::Status KvTransfer::CopyRuns(const v1::PullKvRequest& req,
+                                  const v1::OpenKvPullResponse& open, uint64_t src_bytes,
+                                  absl::Span<const PageRun> runs, absl::Time deadline,
+                                  v1::PullKvResponse* resp) {
+  uint64_t bytes = 0;
+  for (const PageRun& r : runs) bytes += r.bytes;
+  if (std::shared_ptr<Region> peer = SameNodePool(req, open, src_bytes)) {
+    resp->set_path("cuda_ipc");
+    resp->set_requests(runs.size());
+    resp->set_bytes(bytes);
+    return engine_->CopyRunsIntoPool(req.device(), peer->base(), runs);
+  }
+  resp->set_path("ucx");
+  absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
+  if (!transport.ok()) return transport.status();
+  std::vector<CopyRun> copies;
+  copies.reserve(runs.size());
+  for (const PageRun& r : runs) copies.push_back({r.src_offset, r.dst_offset, r.bytes});
+  RemotePool remote{open.worker_address(), open.rkey(), open.pool_base(), src_bytes};
+  ReadStats stats;
+  absl::Status read = (*transport)->Read(remote, copies, deadline, &stats);
+  resp->set_requests(stats.requests);
+  resp->set_bytes(stats.bytes);
+  if (!read.ok())
+    return absl::Status(read.code(), absl::StrCat("source ", req.source(),
+                                                  ": reading the pages failed: ", read.message()));
   return absl::OkStatus();
 }
 
@@ -255,10 +340,11 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::RunPull(const ClientRef& client,
   };
   const absl::Time end = absl::Now();
   spdlog::info(
-      "kv pull source=\"{}\" device={} seq_id={} code={} bytes={} requests={} open_ms={:.2f} "
+      "kv pull source=\"{}\" device={} seq_id={} code={} path={} bytes={} requests={} open_ms={:.2f} "
       "reserve_ms={:.2f} read_ms={:.2f} commit_ms={:.2f} close_ms={:.2f} total_ms={:.2f}",
       absl::CHexEscape(req.source()), req.device(), req.seq_id(),
-      absl::StatusCodeToString(result.status().code()), result.ok() ? result->bytes() : 0,
+      absl::StatusCodeToString(result.status().code()), result.ok() ? result->path() : "-",
+      result.ok() ? result->bytes() : 0,
       result.ok() ? result->requests() : 0, ms(times.start, times.opened),
       ms(times.opened, times.reserved), ms(times.reserved, times.read),
       ms(times.read, times.committed), ms(std::max(times.committed, times.opened), end),
@@ -297,21 +383,11 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
   times->reserved = absl::Now();
   const std::vector<int32_t> src_pages(open.pages().begin(), open.pages().end());
   auto runs = PlanPullRuns(*src, *dst, shape, src_pages, *pages);
-  absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
-  absl::Status read = runs.ok() ? transport.status() : runs.status();
-  ReadStats stats;
+  v1::PullKvResponse resp;
   const auto start = std::chrono::steady_clock::now();
-  if (read.ok()) {
-    std::vector<CopyRun> copies;
-    copies.reserve(runs->size());
-    for (const PageRun& r : *runs) copies.push_back({r.src_offset, r.dst_offset, r.bytes});
-    RemotePool remote{open.worker_address(), open.rkey(), open.pool_base(),
-                      static_cast<uint64_t>(src->TotalBytes())};
-    read = (*transport)->Read(remote, copies, deadline, &stats);
-    if (!read.ok())
-      read = absl::Status(read.code(), absl::StrCat("source ", req.source(),
-                                                    ": reading the pages failed: ", read.message()));
-  }
+  absl::Status read = runs.ok() ? CopyRuns(req, open, static_cast<uint64_t>(src->TotalBytes()),
+                                           *runs, deadline, &resp)
+                                : runs.status();
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   times->read = absl::Now();
@@ -322,10 +398,7 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
   auto lengths = engine_->CommitKvPull(target, *std::move(pages));
   if (!lengths.ok()) return lengths.status();
   times->committed = absl::Now();
-  v1::PullKvResponse resp;
   for (int64_t len : *lengths) resp.add_layer_lengths(static_cast<uint64_t>(len));
-  resp.set_bytes(stats.bytes);
-  resp.set_requests(stats.requests);
   resp.set_transfer_s(seconds);
   return resp;
 }

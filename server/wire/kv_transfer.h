@@ -54,6 +54,14 @@ class KvTransfer {
 
   KvTransfer(Engine* engine, std::string token, std::string tls_ca);
   absl::StatusOr<UcxTransport*> TransportFor(uint32_t device);
+  // The source's pool mapped into `device` through CUDA IPC when it is on this node and both
+  // pools are GPU memory (--kv_same_node_ipc); null otherwise, or when mapping fails (UCX then).
+  std::shared_ptr<Region> SameNodePool(const v1::PullKvRequest& req,
+                                       const v1::OpenKvPullResponse& open, uint64_t bytes);
+  // Copies the runs: one kernel from a mapped same-node pool, else UCX reads.
+  absl::Status CopyRuns(const v1::PullKvRequest& req, const v1::OpenKvPullResponse& open,
+                        uint64_t src_bytes, absl::Span<const PageRun> runs, absl::Time deadline,
+                        v1::PullKvResponse* resp);
   std::shared_ptr<v1::Attention::Stub> StubFor(const std::string& target);
   // Prepares a call to a source: its deadline and this server's token.
   void PrepareContext(grpc::ClientContext* ctx, absl::Time deadline) const;
@@ -76,6 +84,11 @@ class KvTransfer {
   absl::flat_hash_map<uint32_t, std::unique_ptr<UcxTransport>> transports_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::string, std::shared_ptr<v1::Attention::Stub>> stubs_
       ABSL_GUARDED_BY(mu_);
+  // Source side: each device's pool IPC handle ("" when it has none).
+  absl::flat_hash_map<uint32_t, std::string> pool_handles_ ABSL_GUARDED_BY(mu_);
+  // Destination side: same-node peer pools mapped, by (device, source, handle); null where
+  // mapping failed (not tried again).
+  absl::flat_hash_map<std::string, std::shared_ptr<Region>> peer_pools_ ABSL_GUARDED_BY(mu_);
   std::deque<QueuedPull> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;

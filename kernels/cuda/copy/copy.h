@@ -27,6 +27,21 @@ absl::Status LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStr
 absl::Status LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
                                   cudaStream_t stream);
 
+// `bytes` bytes from src + src_offset to dst + dst_offset.
+struct ByteRun {
+  uint64_t src_offset;
+  uint64_t dst_offset;
+  uint64_t bytes;
+};
+// The runs of a KV pull between two pools on one node (src mapped from the peer through CUDA
+// IPC): `runs` (device memory, `count` of them, multiples of 16 bytes at 16-byte aligned
+// offsets) copied by one warp each; callers split runs longer than kMaxRunBytes so that warps
+// share the work. One launch moves any number of runs: what a request per run costs in copy
+// calls and events (UCX's cuda_ipc pays one copy call per request) is paid once.
+inline constexpr uint64_t kMaxRunBytes = 64 << 10;
+absl::Status LaunchRunsCopy(const void* src, void* dst, const ByteRun* runs, int64_t count,
+                            cudaStream_t stream);
+
 }  // namespace attnd::kernels::cuda
 
 #endif  // ATTND_KERNELS_CUDA_COPY_COPY_H_

@@ -44,6 +44,21 @@ __global__ void HostRangesCopyKernel(const uint32_t* header, const uint32_t* src
     dst[begin + i] = src[begin + i];
 }
 
+// One warp per run, 16 bytes per lane per step; warps stride over the runs.
+__global__ void RunsCopyKernel(const uint8_t* src, uint8_t* dst, const ByteRun* runs,
+                               int64_t count) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t r = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; r < count;
+       r += warps) {
+    const ByteRun run = runs[r];
+    const auto* s = reinterpret_cast<const uint4*>(src + run.src_offset);
+    auto* d = reinterpret_cast<uint4*>(dst + run.dst_offset);
+    const uint64_t n = run.bytes / 16;
+    for (uint64_t i = lane; i < n; i += 32) d[i] = s[i];
+  }
+}
+
 }  // namespace attnd::kernels::cuda::detail
 
 #endif  // ATTND_KERNELS_CUDA_COPY_COPY_KERNEL_CUH_
