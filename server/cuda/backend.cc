@@ -38,7 +38,7 @@ class CudaDeviceBackend final : public DeviceBackend {
                                          const AttentionPlan& plan) override;
   absl::Status TransferKv(const KvTransferWork& work) override;
   absl::StatusOr<std::string> PoolIpcHandle() override;
-  absl::Status CopyRunsIntoPool(const uint8_t* src, absl::Span<const PageRun> runs) override;
+  absl::Status PullFromPeerPool(const PeerPoolPull& pull) override;
   absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) override {
     return completions_->Add(stream_.get(), std::move(fn));
   }
@@ -75,6 +75,10 @@ class CudaDeviceBackend final : public DeviceBackend {
   const kernels::AttentionOptions options_;
   kernels::KvCacheShape shape_;
   Stream stream_;
+  // KV pulls within one node: both page lists of the pull in flight, on the device and staged.
+  DeviceBuffer pull_pages_;
+  size_t pull_pages_bytes_ = 0;
+  std::vector<int32_t> pull_pages_host_;
   std::unique_ptr<CudaCompletions> completions_;  // after stream_: destroyed before it
   DeviceBuffer pool_;
   std::unique_ptr<Workspaces> workspaces_;
@@ -426,34 +430,53 @@ absl::StatusOr<std::string> CudaDeviceBackend::PoolIpcHandle() {
   return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
-absl::Status CudaDeviceBackend::CopyRunsIntoPool(const uint8_t* src,
-                                                 absl::Span<const PageRun> runs) {
-  // Long runs (merged pages) are cut so that every warp of the copy gets a share.
-  std::vector<kernels::cuda::ByteRun> pieces;
-  pieces.reserve(runs.size());
-  for (const PageRun& r : runs) {
-    if (r.dst_offset + r.bytes > static_cast<uint64_t>(pool_bytes()) ||
-        ((r.src_offset | r.dst_offset | r.bytes) & 15) != 0)
-      return absl::InvalidArgumentError("runs: a run outside the pool or not 16-byte aligned");
-    for (uint64_t done = 0; done < r.bytes; done += kernels::cuda::kMaxRunBytes)
-      pieces.push_back({r.src_offset + done, r.dst_offset + done,
-                        std::min(kernels::cuda::kMaxRunBytes, r.bytes - done)});
+absl::Status CudaDeviceBackend::PullFromPeerPool(const PeerPoolPull& pull) {
+  const kernels::KvCacheShape& src = pull.src_shape;
+  const int64_t pages = (pull.num_tokens + shape_.page_size - 1) / shape_.page_size;
+  if (static_cast<int64_t>(pull.src_pages.size()) < pages ||
+      static_cast<int64_t>(pull.dst_pages.size()) < pages)
+    return absl::InvalidArgumentError("src_pages, dst_pages: fewer than the pull's pages");
+  for (int64_t i = 0; i < pages; ++i) {
+    if (pull.src_pages[i] < 0 || pull.src_pages[i] >= src.num_pages ||
+        pull.dst_pages[i] < 0 || pull.dst_pages[i] >= shape_.num_pages)
+      return absl::InvalidArgumentError(absl::StrCat("pages[", i, "]: outside a pool"));
   }
-  if (pieces.empty()) return absl::OkStatus();
-  const size_t bytes = pieces.size() * sizeof(kernels::cuda::ByteRun);
-  void* list = nullptr;
-  if (absl::Status s = Check(cudaMallocAsync(&list, bytes, stream_.get()), "runs list"); !s.ok())
+  // Both page lists go up in one copy, into a buffer kept for pulls.
+  const size_t list_bytes = 2 * static_cast<size_t>(pages) * sizeof(int32_t);
+  if (pull_pages_bytes_ < list_bytes) {
+    auto grown = AllocateDevice(list_bytes, "pull page lists");
+    if (!grown.ok()) return grown.status();
+    pull_pages_ = *std::move(grown);
+    pull_pages_bytes_ = list_bytes;
+  }
+  pull_pages_host_.assign(pull.src_pages.begin(), pull.src_pages.begin() + pages);
+  pull_pages_host_.insert(pull_pages_host_.end(), pull.dst_pages.begin(),
+                          pull.dst_pages.begin() + pages);
+  // Pageable memory: the call returns once the lists are staged, so the vector may change.
+  if (absl::Status s = Check(cudaMemcpyAsync(pull_pages_.get(), pull_pages_host_.data(),
+                                             list_bytes, cudaMemcpyHostToDevice, stream_.get()),
+                             "pull page lists upload");
+      !s.ok())
     return s;
-  // From pageable memory: the call returns once the list is staged, so `pieces` may go.
-  absl::Status s = Check(cudaMemcpyAsync(list, pieces.data(), bytes, cudaMemcpyHostToDevice,
-                                         stream_.get()),
-                         "runs list upload");
-  if (s.ok())
-    s = kernels::cuda::LaunchRunsCopy(src, pool_.get(),
-                                      static_cast<const kernels::cuda::ByteRun*>(list),
-                                      static_cast<int64_t>(pieces.size()), stream_.get());
-  absl::Status freed = Check(cudaFreeAsync(list, stream_.get()), "runs list free");
-  return s.ok() ? freed : s;
+  kernels::cuda::PagedPullParams p;
+  p.src = pull.src;
+  p.dst = static_cast<uint8_t*>(pool_.get());
+  p.src_pages = static_cast<const int32_t*>(pull_pages_.get());
+  p.dst_pages = p.src_pages + pages;
+  p.src_pool_pages = src.num_pages;
+  p.dst_pool_pages = shape_.num_pages;
+  p.src_heads = src.num_kv_heads;
+  p.dst_heads = pull.head_end - pull.head_begin;
+  p.head_begin = pull.head_begin;
+  p.layer_begin = pull.layer_begin;
+  p.layer_end = pull.layer_end;
+  p.dst_layer_begin = pull.dst_layer_begin;
+  p.num_tokens = pull.num_tokens;
+  p.page_size = shape_.page_size;
+  p.head_dim = shape_.head_dim;
+  p.elem_bytes = static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  p.hnd = shape_.layout == kernels::KvLayout::kHND;
+  return kernels::cuda::LaunchPagedPull(p, stream_.get());
 }
 
 }  // namespace attnd

@@ -123,13 +123,12 @@ class Engine {
   absl::StatusOr<KvPoolMemory> PoolMemoryOf(uint32_t device) const;
   absl::Status BindThreadToDevice(uint32_t device);
   // Within one node (CUDA): the IPC handle of a device's pool; a peer's pool mapped into one
-  // of ours (closed on that device's worker when the last holder lets go); and copying runs
-  // from such a mapping into our pool, waiting (the caller's thread) until they are done.
+  // of ours (closed on that device's worker when the last holder lets go); and a pull from
+  // such a mapping into our pool, waiting (the caller's thread) until it is done.
   absl::StatusOr<std::string> PoolIpcHandle(uint32_t device);
   absl::StatusOr<std::shared_ptr<Region>> MapPeerPool(uint32_t device, const std::string& handle,
                                                       uint64_t bytes);
-  absl::Status CopyRunsIntoPool(uint32_t device, const uint8_t* src,
-                                absl::Span<const PageRun> runs);
+  absl::Status PullFromPeerPool(uint32_t device, const PeerPoolPull& pull);
   const KvGrants& grants() const { return grants_; }
 
  private:

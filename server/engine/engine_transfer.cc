@@ -222,18 +222,17 @@ absl::StatusOr<std::shared_ptr<Region>> Engine::MapPeerPool(uint32_t device,
   return mapped;
 }
 
-absl::Status Engine::CopyRunsIntoPool(uint32_t device, const uint8_t* src,
-                                      absl::Span<const PageRun> runs) {
+absl::Status Engine::PullFromPeerPool(uint32_t device, const PeerPoolPull& pull) {
   auto d = FindDevice(device);
   if (!d.ok()) return d.status();
   Device& dev = **d;
   absl::Notification done;
   absl::Status s = RunOnWorker(dev, [&]() -> absl::Status {
-    absl::Status c = dev.backend->CopyRunsIntoPool(src, runs);
+    absl::Status c = dev.backend->PullFromPeerPool(pull);
     if (c.ok()) c = dev.backend->WhenDone([&done]() { done.Notify(); });
     if (!c.ok() && c.code() != absl::StatusCode::kInvalidArgument &&
         c.code() != absl::StatusCode::kUnimplemented)
-      return MarkFaulted(dev, c, "CopyRunsIntoPool");
+      return MarkFaulted(dev, c, "PullFromPeerPool");
     return c;
   });
   if (!s.ok()) return s;

@@ -104,6 +104,19 @@ struct KvTransferWork {
   bool to_pool = false;  // import: buffer -> pool; export: pool -> buffer
 };
 
+// Positions [0, num_tokens) of kv heads [head_begin, head_end) of layers [layer_begin,
+// layer_end) of a peer's pool (mapped on this device), into this pool's `dst_pages` at heads
+// [0, head_end - head_begin) and layers from dst_layer_begin. The engine has checked that the
+// pools match (page size, head dim, dtype, layout) and reserved dst_pages.
+struct PeerPoolPull {
+  const uint8_t* src = nullptr;
+  kernels::KvCacheShape src_shape;
+  absl::Span<const int32_t> src_pages, dst_pages;
+  int64_t layer_begin = 0, layer_end = 0, dst_layer_begin = 0;
+  int64_t head_begin = 0, head_end = 0;
+  int64_t num_tokens = 0;
+};
+
 // The pool's memory as the KV transport registers it (it reads and writes pages there while
 // the engine keeps those pages out of every kernel's way).
 struct KvPoolMemory {
@@ -132,15 +145,14 @@ class DeviceBackend {
                                                  const AttentionPlan& plan) = 0;
   virtual absl::Status TransferKv(const KvTransferWork& work) = 0;
   // KV transfer within one node. The IPC handle of the pool's memory, for a peer process to
-  // map it; and copying runs of bytes from such a mapped peer pool (`src`, on this device) into
-  // this pool, on the device's stream. UNIMPLEMENTED where the platform maps no peer pools.
+  // map it; and a pull from such a mapped peer pool into this pool, on the device's stream.
+  // UNIMPLEMENTED where the platform maps no peer pools.
   virtual absl::StatusOr<std::string> PoolIpcHandle() {
     return absl::UnimplementedError("this backend has no IPC handle for its pool");
   }
-  virtual absl::Status CopyRunsIntoPool(const uint8_t* src, absl::Span<const PageRun> runs) {
-    (void)src;
-    (void)runs;
-    return absl::UnimplementedError("this backend copies no runs from mapped peer pools");
+  virtual absl::Status PullFromPeerPool(const PeerPoolPull& pull) {
+    (void)pull;
+    return absl::UnimplementedError("this backend pulls from no mapped peer pools");
   }
   // Runs fn once the work enqueued so far has finished (at once where work is synchronous).
   // fn must not call into the backend; it may post to the device's worker.

@@ -214,24 +214,43 @@ std::shared_ptr<Region> KvTransfer::SameNodePool(const v1::PullKvRequest& req,
   return region;
 }
 
-absl::Status KvTransfer::CopyRuns(const v1::PullKvRequest& req,
-                                  const v1::OpenKvPullResponse& open, uint64_t src_bytes,
-                                  absl::Span<const PageRun> runs, absl::Time deadline,
-                                  v1::PullKvResponse* resp) {
-  uint64_t bytes = 0;
-  for (const PageRun& r : runs) bytes += r.bytes;
+absl::Status KvTransfer::CopyPages(const v1::PullKvRequest& req,
+                                   const v1::OpenKvPullResponse& open,
+                                   const kernels::KvCacheShape& src,
+                                   const kernels::KvCacheShape& dst, const KvPullShape& shape,
+                                   absl::Span<const int32_t> src_pages,
+                                   absl::Span<const int32_t> dst_pages, absl::Time deadline,
+                                   v1::PullKvResponse* resp) {
+  const uint64_t src_bytes = static_cast<uint64_t>(src.TotalBytes());
   if (std::shared_ptr<Region> peer = SameNodePool(req, open, src_bytes)) {
+    const int64_t pages = (shape.num_tokens + src.page_size - 1) / src.page_size;
+    const int64_t layers = shape.layer_end - shape.layer_begin;
     resp->set_path("cuda_ipc");
-    resp->set_requests(runs.size());
-    resp->set_bytes(bytes);
-    return engine_->CopyRunsIntoPool(req.device(), peer->base(), runs);
+    resp->set_requests(static_cast<uint64_t>(layers * pages * 2));  // (layer, page, K/V) blocks
+    resp->set_bytes(static_cast<uint64_t>(layers * 2 * shape.num_tokens * dst.num_kv_heads *
+                                          dst.head_dim) *
+                    kernels::DTypeSize(dst.dtype));
+    PeerPoolPull pull;
+    pull.src = peer->base();
+    pull.src_shape = src;
+    pull.src_pages = src_pages;
+    pull.dst_pages = dst_pages;
+    pull.layer_begin = shape.layer_begin;
+    pull.layer_end = shape.layer_end;
+    pull.dst_layer_begin = shape.dst_layer_begin;
+    pull.head_begin = shape.head_begin;
+    pull.head_end = shape.head_end;
+    pull.num_tokens = shape.num_tokens;
+    return engine_->PullFromPeerPool(req.device(), pull);
   }
   resp->set_path("ucx");
+  auto runs = PlanPullRuns(src, dst, shape, src_pages, dst_pages);
+  if (!runs.ok()) return runs.status();
   absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
   if (!transport.ok()) return transport.status();
   std::vector<CopyRun> copies;
-  copies.reserve(runs.size());
-  for (const PageRun& r : runs) copies.push_back({r.src_offset, r.dst_offset, r.bytes});
+  copies.reserve(runs->size());
+  for (const PageRun& r : *runs) copies.push_back({r.src_offset, r.dst_offset, r.bytes});
   RemotePool remote{open.worker_address(), open.rkey(), open.pool_base(), src_bytes};
   ReadStats stats;
   absl::Status read = (*transport)->Read(remote, copies, deadline, &stats);
@@ -382,12 +401,10 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
   if (!pages.ok()) return pages.status();
   times->reserved = absl::Now();
   const std::vector<int32_t> src_pages(open.pages().begin(), open.pages().end());
-  auto runs = PlanPullRuns(*src, *dst, shape, src_pages, *pages);
   v1::PullKvResponse resp;
   const auto start = std::chrono::steady_clock::now();
-  absl::Status read = runs.ok() ? CopyRuns(req, open, static_cast<uint64_t>(src->TotalBytes()),
-                                           *runs, deadline, &resp)
-                                : runs.status();
+  absl::Status read =
+      CopyPages(req, open, *src, *dst, shape, src_pages, *pages, deadline, &resp);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   times->read = absl::Now();

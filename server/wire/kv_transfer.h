@@ -18,6 +18,7 @@
 #include "absl/synchronization/mutex.h"
 #include "attnd/v1/attention.grpc.pb.h"
 #include "server/engine/engine.h"
+#include "server/engine/kv_runs.h"
 #include "server/transport/ucx_transport.h"
 
 namespace attnd::wire {
@@ -58,10 +59,12 @@ class KvTransfer {
   // pools are GPU memory (--kv_same_node_ipc); null otherwise, or when mapping fails (UCX then).
   std::shared_ptr<Region> SameNodePool(const v1::PullKvRequest& req,
                                        const v1::OpenKvPullResponse& open, uint64_t bytes);
-  // Copies the runs: one kernel from a mapped same-node pool, else UCX reads.
-  absl::Status CopyRuns(const v1::PullKvRequest& req, const v1::OpenKvPullResponse& open,
-                        uint64_t src_bytes, absl::Span<const PageRun> runs, absl::Time deadline,
-                        v1::PullKvResponse* resp);
+  // Copies the pages: one kernel from a mapped same-node pool, else a UCX read per run.
+  absl::Status CopyPages(const v1::PullKvRequest& req, const v1::OpenKvPullResponse& open,
+                         const kernels::KvCacheShape& src, const kernels::KvCacheShape& dst,
+                         const KvPullShape& shape, absl::Span<const int32_t> src_pages,
+                         absl::Span<const int32_t> dst_pages, absl::Time deadline,
+                         v1::PullKvResponse* resp);
   std::shared_ptr<v1::Attention::Stub> StubFor(const std::string& target);
   // Prepares a call to a source: its deadline and this server's token.
   void PrepareContext(grpc::ClientContext* ctx, absl::Time deadline) const;

@@ -1,9 +1,11 @@
-// The runs copy of same-node KV pulls: random runs (16 B .. 64 KiB, some adjacent) from a random
-// source to a poisoned destination; every run's bytes arrive and nothing else changes.
+// The paged pull kernel (KV transfer within one node): random shapes, layouts, head ranges,
+// layer ranges and scattered page tables; every pulled element lands where the pool layout says
+// and nothing else in the destination changes (it is poisoned first).
 #include <gtest/gtest.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -13,46 +15,98 @@
 namespace attnd::kernels::testing {
 namespace {
 
-using cuda::ByteRun;
+using cuda::PagedPullParams;
 
-TEST(RunsCopyTest, RandomRunsArriveAndTheRestStaysPoisoned) {
-  SKIP_WITHOUT_GPU();
-  std::mt19937_64 rng(20261129);
-  constexpr size_t kBytes = 8 << 20;
-  std::vector<uint8_t> src(kBytes);
-  for (auto& b : src) b = static_cast<uint8_t>(rng());
-  // Runs over disjoint 128 KiB slots of the destination, in random order, of random lengths.
-  std::vector<ByteRun> runs;
-  std::vector<size_t> slots(kBytes / (128 << 10));
-  for (size_t i = 0; i < slots.size(); ++i) slots[i] = i;
-  std::shuffle(slots.begin(), slots.end(), rng);
-  for (size_t slot : slots) {
-    const uint64_t bytes = 16 * (1 + rng() % (cuda::kMaxRunBytes / 16));
-    const uint64_t src_offset = 16 * (rng() % ((kBytes - bytes) / 16));
-    runs.push_back({src_offset, slot * (128 << 10), bytes});
-  }
-  DeviceBuffer<uint8_t> d_src(kBytes), d_dst(kBytes);
-  DeviceBuffer<ByteRun> d_runs(runs.size());
-  d_src.Upload(src);
-  d_runs.Upload(runs);
-  d_dst.Fill(0xEE);
-  ATTND_STATUS_OK(cuda::LaunchRunsCopy(d_src.get(), d_dst.get(), d_runs.get(),
-                                       static_cast<int64_t>(runs.size()), nullptr));
-  ATTND_CUDA_OK(cudaDeviceSynchronize());
-  std::vector<uint8_t> want(kBytes, 0xEE);
-  for (const ByteRun& r : runs)
-    std::copy(src.begin() + r.src_offset, src.begin() + r.src_offset + r.bytes,
-              want.begin() + r.dst_offset);
-  EXPECT_EQ(d_dst.Download(), want);
+std::vector<int32_t> Scattered(int64_t pool_pages, int64_t n, std::mt19937_64& rng) {
+  std::vector<int32_t> all(static_cast<size_t>(pool_pages));
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  all.resize(static_cast<size_t>(n));
+  return all;
 }
 
-TEST(RunsCopyTest, MisalignedPointersAreRefusedNamingThem) {
+TEST(PagedPullTest, EveryPulledElementLandsInItsPlaceAndNothingElseChanges) {
   SKIP_WITHOUT_GPU();
-  DeviceBuffer<uint8_t> d(64);
-  DeviceBuffer<ByteRun> runs(1);
-  const absl::Status s = cuda::LaunchRunsCopy(d.get() + 8, d.get(), runs.get(), 1, nullptr);
+  std::mt19937_64 rng(20261129);
+  for (int trial = 0; trial < 24; ++trial) {
+    SCOPED_TRACE(::testing::Message() << "trial " << trial);
+    const bool hnd = trial % 2;
+    const int64_t ps = 1 + rng() % 20, dim = 64, src_heads = 1 + rng() % 8;
+    const int64_t h0 = rng() % src_heads, h1 = h0 + 1 + rng() % (src_heads - h0);
+    const int64_t layers = 1 + rng() % 3, src_pool = 24, dst_pool = 20;
+    const int64_t l0 = rng() % layers, l1 = l0 + 1 + rng() % (layers - l0);
+    const int64_t dl0 = rng() % 2, dst_layers = dl0 + (l1 - l0);
+    const int64_t tokens = 1 + rng() % (ps * 10);
+    const int64_t pages = (tokens + ps - 1) / ps;
+    const std::vector<int32_t> sp = Scattered(src_pool, pages, rng);
+    const std::vector<int32_t> dp = Scattered(dst_pool, pages, rng);
+    const int64_t src_elems = layers * src_pool * 2 * ps * src_heads * dim;
+    const int64_t dst_elems = dst_layers * dst_pool * 2 * ps * (h1 - h0) * dim;
+    std::vector<uint16_t> a(static_cast<size_t>(src_elems));
+    for (auto& x : a) x = static_cast<uint16_t>(rng());
+    DeviceBuffer<uint16_t> d_src(a.size()), d_dst(static_cast<size_t>(dst_elems));
+    DeviceBuffer<int32_t> d_sp(sp.size()), d_dp(dp.size());
+    d_src.Upload(a);
+    d_sp.Upload(sp);
+    d_dp.Upload(dp);
+    d_dst.Fill(0xEE);
+    PagedPullParams p;
+    p.src = reinterpret_cast<const uint8_t*>(d_src.get());
+    p.dst = reinterpret_cast<uint8_t*>(d_dst.get());
+    p.src_pages = d_sp.get();
+    p.dst_pages = d_dp.get();
+    p.src_pool_pages = src_pool;
+    p.dst_pool_pages = dst_pool;
+    p.src_heads = src_heads;
+    p.dst_heads = h1 - h0;
+    p.head_begin = h0;
+    p.layer_begin = l0;
+    p.layer_end = l1;
+    p.dst_layer_begin = dl0;
+    p.num_tokens = tokens;
+    p.page_size = ps;
+    p.head_dim = dim;
+    p.elem_bytes = 2;
+    p.hnd = hnd;
+    ATTND_STATUS_OK(cuda::LaunchPagedPull(p, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    // Element offset of (layer, page, kv, slot, head) in a pool of `heads` heads.
+    const auto at = [&](int64_t pool, int64_t heads, int64_t l, int64_t page, int kv,
+                        int64_t slot, int64_t h) {
+      const int64_t block = ((l * pool + page) * 2 + kv) * ps * heads * dim;
+      return block + (hnd ? (h * ps + slot) : (slot * heads + h)) * dim;
+    };
+    std::vector<uint16_t> want(static_cast<size_t>(dst_elems), 0xEEEE);
+    for (int64_t l = l0; l < l1; ++l)
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int kv = 0; kv < 2; ++kv)
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t e = 0; e < dim; ++e)
+              want[at(dst_pool, h1 - h0, dl0 + l - l0, dp[t / ps], kv, t % ps, h - h0) + e] =
+                  a[at(src_pool, src_heads, l, sp[t / ps], kv, t % ps, h) + e];
+    ASSERT_EQ(d_dst.Download(), want);
+  }
+}
+
+TEST(PagedPullTest, AHeadRangeOutsideTheSourceIsRefusedNamingIt) {
+  SKIP_WITHOUT_GPU();
+  DeviceBuffer<uint8_t> d(1 << 16);
+  DeviceBuffer<int32_t> pages(1);
+  PagedPullParams p;
+  p.src = d.get();
+  p.dst = d.get();
+  p.src_pages = p.dst_pages = pages.get();
+  p.src_heads = 4;
+  p.dst_heads = 4;
+  p.head_begin = 1;
+  p.layer_end = 1;
+  p.num_tokens = 1;
+  p.page_size = 1;
+  p.head_dim = 64;
+  p.elem_bytes = 2;
+  const absl::Status s = cuda::LaunchPagedPull(p, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(s.message().find("src"), std::string::npos);
+  EXPECT_NE(s.message().find("head_begin"), std::string::npos);
 }
 
 }  // namespace

@@ -11,19 +11,22 @@
 
 namespace attnd::kernels::cuda {
 
-absl::Status LaunchRunsCopy(const void* src, void* dst, const ByteRun* runs, int64_t count,
-                            cudaStream_t stream) {
-  if (count < 0) return absl::InvalidArgumentError("count: negative");
-  if (count == 0) return absl::OkStatus();
-  if (src == nullptr || dst == nullptr || runs == nullptr)
-    return absl::InvalidArgumentError("src, dst, runs: must not be null");
-  if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) & 15) != 0)
-    return absl::InvalidArgumentError("src, dst: must be 16-byte aligned");
-  // 8 warps a block; enough blocks to fill the device, fewer for few runs.
-  const int64_t blocks = std::min<int64_t>((count + 7) / 8, 132 * 16);
-  detail::RunsCopyKernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-      static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), runs, count);
-  return detail::CudaStatus(cudaGetLastError(), "runs copy kernel launch");
+absl::Status LaunchPagedPull(const PagedPullParams& p, cudaStream_t stream) {
+  if (p.num_tokens <= 0 || p.layer_end <= p.layer_begin) return absl::OkStatus();
+  if (p.src == nullptr || p.dst == nullptr || p.src_pages == nullptr || p.dst_pages == nullptr)
+    return absl::InvalidArgumentError("src, dst, src_pages, dst_pages: must not be null");
+  if (((reinterpret_cast<uintptr_t>(p.src) | reinterpret_cast<uintptr_t>(p.dst)) & 15) != 0 ||
+      (p.head_dim * p.elem_bytes) % 16 != 0)
+    return absl::InvalidArgumentError(
+        "src, dst, head_dim: pools must be 16-byte aligned with rows of a multiple of 16 bytes");
+  if (p.dst_heads <= 0 || p.head_begin < 0 || p.head_begin + p.dst_heads > p.src_heads ||
+      p.page_size <= 0)
+    return absl::InvalidArgumentError("head_begin, dst_heads: outside the source's heads");
+  const int64_t pages = (p.num_tokens + p.page_size - 1) / p.page_size;
+  const int64_t items = (p.layer_end - p.layer_begin) * pages * 2;
+  const int64_t blocks = std::min<int64_t>((items + 7) / 8, 132 * 16);  // 8 warps a block
+  detail::PagedPullKernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p);
+  return detail::CudaStatus(cudaGetLastError(), "paged pull kernel launch");
 }
 
 absl::Status LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,

@@ -27,20 +27,26 @@ absl::Status LaunchIndirectCopies(const IndirectCopy* copies, int count, cudaStr
 absl::Status LaunchHostRangesCopy(const uint32_t* header, const void* src, void* dst,
                                   cudaStream_t stream);
 
-// `bytes` bytes from src + src_offset to dst + dst_offset.
-struct ByteRun {
-  uint64_t src_offset;
-  uint64_t dst_offset;
-  uint64_t bytes;
+// A KV pull within one node: positions [0, num_tokens) of kv heads [head_begin, head_end) of
+// layers [layer_begin, layer_end) of a peer's pool (mapped into this device through CUDA IPC)
+// into this pool at heads [0, head_end - head_begin) and layers from dst_layer_begin. Both pools
+// are [layers][pages][2][page block] with the same page size, head dim, dtype and layout; the
+// page ids of positions [0, num_tokens) are in device memory. One warp per (layer, page, K/V)
+// block computes its own addresses, so a pull uploads two page lists, not a list of runs, and
+// costs one launch however scattered its pages are.
+struct PagedPullParams {
+  const uint8_t* src = nullptr;
+  uint8_t* dst = nullptr;
+  const int32_t* src_pages = nullptr;  // device memory
+  const int32_t* dst_pages = nullptr;
+  int64_t src_pool_pages = 0, dst_pool_pages = 0;  // pages per layer of each pool
+  int64_t src_heads = 0, dst_heads = 0;  // kv heads of each pool; dst_heads heads are copied
+  int64_t head_begin = 0;
+  int64_t layer_begin = 0, layer_end = 0, dst_layer_begin = 0;
+  int64_t num_tokens = 0, page_size = 0, head_dim = 0, elem_bytes = 0;
+  bool hnd = false;  // HND page blocks ([heads][page_size][dim]); else NHD
 };
-// The runs of a KV pull between two pools on one node (src mapped from the peer through CUDA
-// IPC): `runs` (device memory, `count` of them, multiples of 16 bytes at 16-byte aligned
-// offsets) copied by one warp each; callers split runs longer than kMaxRunBytes so that warps
-// share the work. One launch moves any number of runs: what a request per run costs in copy
-// calls and events (UCX's cuda_ipc pays one copy call per request) is paid once.
-inline constexpr uint64_t kMaxRunBytes = 64 << 10;
-absl::Status LaunchRunsCopy(const void* src, void* dst, const ByteRun* runs, int64_t count,
-                            cudaStream_t stream);
+absl::Status LaunchPagedPull(const PagedPullParams& params, cudaStream_t stream);
 
 }  // namespace attnd::kernels::cuda
 

@@ -44,18 +44,56 @@ __global__ void HostRangesCopyKernel(const uint32_t* header, const uint32_t* src
     dst[begin + i] = src[begin + i];
 }
 
-// One warp per run, 16 bytes per lane per step; warps stride over the runs.
-__global__ void RunsCopyKernel(const uint8_t* src, uint8_t* dst, const ByteRun* runs,
-                               int64_t count) {
+// Copies `bytes` (a multiple of 16) with one warp; each lane issues four 16-byte loads before
+// its stores, so a warp keeps 2 KiB in flight.
+__device__ __forceinline__ void WarpCopy(const uint8_t* src, uint8_t* dst, int64_t bytes,
+                                         int lane) {
+  constexpr int kUnroll = 4;
+  const auto* s = reinterpret_cast<const uint4*>(src);
+  auto* d = reinterpret_cast<uint4*>(dst);
+  const int64_t n = bytes / 16;
+  for (int64_t i = lane; i < n; i += 32 * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k)
+      if (i + 32 * k < n) v[k] = s[i + 32 * k];
+#pragma unroll
+    for (int k = 0; k < kUnroll; ++k)
+      if (i + 32 * k < n) d[i + 32 * k] = v[k];
+  }
+}
+
+// One warp per (layer, page, K/V) block of the pull; warps stride over the blocks. Within a
+// block the contiguous units are slots (NHD: a slot's heads) or heads (HND: a head's slots).
+__global__ void PagedPullKernel(const PagedPullParams p) {
   const int lane = threadIdx.x & 31;
+  const int64_t pages = (p.num_tokens + p.page_size - 1) / p.page_size;
+  const int64_t items = (p.layer_end - p.layer_begin) * pages * 2;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  for (int64_t r = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; r < count;
-       r += warps) {
-    const ByteRun run = runs[r];
-    const auto* s = reinterpret_cast<const uint4*>(src + run.src_offset);
-    auto* d = reinterpret_cast<uint4*>(dst + run.dst_offset);
-    const uint64_t n = run.bytes / 16;
-    for (uint64_t i = lane; i < n; i += 32) d[i] = s[i];
+  const int64_t row = p.head_dim * p.elem_bytes;  // one head of one slot
+  const int64_t src_block = p.page_size * p.src_heads * row;
+  const int64_t dst_block = p.page_size * p.dst_heads * row;
+  for (int64_t item = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; item < items;
+       item += warps) {
+    const int kv = static_cast<int>(item % 2);
+    const int64_t page = (item / 2) % pages;
+    const int64_t layer = item / 2 / pages;
+    const int64_t rows = min(p.page_size, p.num_tokens - page * p.page_size);
+    const uint8_t* s = p.src + ((p.layer_begin + layer) * p.src_pool_pages * 2 +
+                                int64_t{p.src_pages[page]} * 2 + kv) * src_block;
+    uint8_t* d = p.dst + ((p.dst_layer_begin + layer) * p.dst_pool_pages * 2 +
+                          int64_t{p.dst_pages[page]} * 2 + kv) * dst_block;
+    if (p.hnd) {  // head h: rows slots from h * page_size * row
+      for (int64_t h = 0; h < p.dst_heads; ++h)
+        WarpCopy(s + (p.head_begin + h) * p.page_size * row, d + h * p.page_size * row,
+                 rows * row, lane);
+    } else if (p.dst_heads == p.src_heads) {  // NHD, every head: the first rows slots at once
+      WarpCopy(s, d, rows * p.src_heads * row, lane);
+    } else {  // NHD, a head range: per slot
+      for (int64_t slot = 0; slot < rows; ++slot)
+        WarpCopy(s + (slot * p.src_heads + p.head_begin) * row, d + slot * p.dst_heads * row,
+                 p.dst_heads * row, lane);
+    }
   }
 }
 
