@@ -93,7 +93,17 @@ absl::StatusOr<std::unique_ptr<KvTransfer>> KvTransfer::Create(Engine* engine) {
     if (!text.ok()) return text.status();
     ca = *std::move(text);
   }
-  return std::unique_ptr<KvTransfer>(new KvTransfer(engine, std::move(token), std::move(ca)));
+  auto transfer =
+      std::unique_ptr<KvTransfer>(new KvTransfer(engine, std::move(token), std::move(ca)));
+  // A server that lets peers pull registers its pools now: registering a GPU pool with UCX
+  // takes most of a second, which the first pull would otherwise wait for.
+  if (!c.kv_peers.empty()) {
+    for (int device : engine->config().devices) {
+      auto t = transfer->TransportFor(static_cast<uint32_t>(device));
+      if (!t.ok()) spdlog::warn("kv transfer: {}", std::string(t.status().message()));
+    }
+  }
+  return transfer;
 }
 
 KvTransfer::KvTransfer(Engine* engine, std::string token, std::string tls_ca)
