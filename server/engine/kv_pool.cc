@@ -50,6 +50,17 @@ absl::Status KvPool::CheckPageQuota(uint32_t principal, int64_t needed) const {
       " of its quota of ", max_pages_per_principal_, " (--max_pages_per_client)"));
 }
 
+absl::Status KvPool::CheckPagesAvailable(uint32_t principal, int64_t needed,
+                                         const char* what) const {
+  if (absl::Status s = CheckPageQuota(principal, needed); !s.ok()) return s;
+  if (needed > free_pages())
+    return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the ", what,
+                                                     " needs ", needed, " free pages, ",
+                                                     free_pages(), " are free of ",
+                                                     total_pages()));
+  return absl::OkStatus();
+}
+
 absl::Status KvPool::Create(uint64_t id, uint32_t owner, uint32_t principal) {
   if (sequences_.contains({owner, id}))
     return absl::AlreadyExistsError(
@@ -284,11 +295,7 @@ absl::StatusOr<std::vector<PageCopy>> KvPool::Reserve(absl::Span<const ResolvedW
   }
   // A call's writes are all one owner's, so one principal pays for them.
   const uint32_t principal = writes.empty() ? 0 : writes.front().seq->principal;
-  if (absl::Status s = CheckPageQuota(principal, needed); !s.ok()) return s;
-  if (needed > free_pages())
-    return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the request needs ",
-                                                     needed, " free pages, ", free_pages(),
-                                                     " are free of ", total_pages()));
+  if (absl::Status s = CheckPagesAvailable(principal, needed, "request"); !s.ok()) return s;
   // Commit.
   std::vector<PageCopy> copies;
   for (const ResolvedWrite& w : writes) {
@@ -341,11 +348,7 @@ int64_t KvPool::DropPages(absl::Span<const int32_t> pages) {
 
 absl::StatusOr<std::vector<int32_t>> KvPool::AllocateDetached(int64_t count,
                                                               uint32_t principal) {
-  if (absl::Status s = CheckPageQuota(principal, count); !s.ok()) return s;
-  if (count > free_pages())
-    return absl::ResourceExhaustedError(absl::StrCat("device ", device_, ": the pull needs ",
-                                                     count, " free pages, ", free_pages(),
-                                                     " are free of ", total_pages()));
+  if (absl::Status s = CheckPagesAvailable(principal, count, "pull"); !s.ok()) return s;
   std::vector<int32_t> pages;
   pages.reserve(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i) pages.push_back(AllocatePage(principal));

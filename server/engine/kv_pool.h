@@ -160,6 +160,8 @@ class KvPool {
   // Returns true if the page went back to the free list.
   bool ReleasePage(int32_t page);
   absl::Status CheckPageQuota(uint32_t principal, int64_t needed) const;
+  // The quota, then the free list: RESOURCE_EXHAUSTED naming what (a "request", a "pull") needs.
+  absl::Status CheckPagesAvailable(uint32_t principal, int64_t needed, const char* what) const;
   // Releases the pages past what the sequence's longest layer needs (truncate, undo).
   void DropPagesPastLongestLayer(Sequence& seq);
   int64_t PagesFor(int64_t tokens) const { return (tokens + page_size_ - 1) / page_size_; }

@@ -27,16 +27,22 @@ DEVICE = 0
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}
 
 
-@pytest.fixture(scope="module")
-def attn(request):
+def sdpa_checkable_target(request, extra_flags=()):
+    """(target, ServerInfo) of a CUDA attnd whose outputs SDPA can check; skips otherwise."""
     native_library_or_skip()
-    target = attnd_target(request, "cuda")
+    target = attnd_target(request, "cuda", extra_flags)
     with NativeClient.connect(target) as client:
         info = client.server_info()
     if "cuda_regions" not in info.features:
         pytest.skip(f"the attnd at {target} has no CUDA regions (the CPU backend?)")
     if info.model.logits_soft_cap > 0 or info.model.window_left >= 0:
         pytest.skip("the attnd's model has a soft cap or a window, which SDPA cannot check")
+    return target, info
+
+
+@pytest.fixture(scope="module")
+def attn(request):
+    target, _ = sdpa_checkable_target(request)
     a = AttndTorch.connect(target, device=DEVICE, max_tokens=512)
     yield a
     a.close()

@@ -20,11 +20,9 @@ torch = pytest.importorskip("torch", reason="torch is not installed")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                 reason="fewer than two CUDA devices")
 
-from attnd_client import NativeClient  # noqa: E402
 from attnd_client.torch import AttndTorch  # noqa: E402
 
-from conftest import attnd_target, native_library_or_skip  # noqa: E402
-from test_torch_gpu import History  # noqa: E402
+from test_torch_gpu import History, sdpa_checkable_target  # noqa: E402
 
 MAX_TOKENS = 512
 CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -33,14 +31,7 @@ CUDA0, CUDA1 = torch.device("cuda", 0), torch.device("cuda", 1)
 @pytest.fixture(scope="module")
 def served(request):
     """(target, the devices the attnd serves); skips unless it serves device 1."""
-    native_library_or_skip()
-    target = attnd_target(request, "cuda", ["--devices=0,1"])
-    with NativeClient.connect(target) as client:
-        info = client.server_info()
-    if "cuda_regions" not in info.features:
-        pytest.skip(f"the attnd at {target} has no CUDA regions (the CPU backend?)")
-    if info.model.logits_soft_cap > 0 or info.model.window_left >= 0:
-        pytest.skip("the attnd's model has a soft cap or a window, which SDPA cannot check")
+    target, info = sdpa_checkable_target(request, ["--devices=0,1"])
     devices = {d.device for d in info.devices}
     if 1 not in devices:
         pytest.skip(f"the attnd at {target} serves devices {sorted(devices)}, not 1 (start it "
