@@ -95,10 +95,13 @@ absl::StatusOr<std::unique_ptr<KvTransfer>> KvTransfer::Create(Engine* engine) {
   }
   auto transfer =
       std::unique_ptr<KvTransfer>(new KvTransfer(engine, std::move(token), std::move(ca)));
-  // A server that lets peers pull registers its pools now: registering a GPU pool with UCX
-  // takes most of a second, which the first pull would otherwise wait for.
+  // A server that lets peers pull registers its GPU pools now: that takes most of a second,
+  // which the first pull would otherwise wait for. Host pools stay lazy: registering one with
+  // an RDMA transport would pin (and so commit) memory the pool has only reserved.
   if (!c.kv_peers.empty()) {
     for (int device : engine->config().devices) {
+      auto memory = engine->PoolMemoryOf(static_cast<uint32_t>(device));
+      if (!memory.ok() || !memory->device_memory) continue;
       auto t = transfer->TransportFor(static_cast<uint32_t>(device));
       if (!t.ok()) spdlog::warn("kv transfer: {}", std::string(t.status().message()));
     }
