@@ -164,11 +164,9 @@ absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
   auto source = engine_->OpenKvPull(req.grant(), req.num_tokens(),
                                     absl::Seconds(engine_->config().kv_pull_timeout_s));
   if (!source.ok()) return source.status();
-  auto transport = TransportFor(source->device);
-  if (!transport.ok()) {
-    (void)engine_->CloseKvPull(source->pull_id, /*completed=*/false);
-    return transport.status();
-  }
+  // Without UCX for this pool (Debian's UCX registers no GPU memory) a same-node destination
+  // can still map it; the pull fails only if neither way is offered.
+  absl::StatusOr<UcxTransport*> transport = TransportFor(source->device);
   const int64_t pages = (source->num_tokens + source->shape.page_size - 1) / source->shape.page_size;
   resp->set_pull_id(source->pull_id);
   resp->set_num_tokens(static_cast<uint64_t>(source->num_tokens));
@@ -177,10 +175,12 @@ absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
   FillServerInfo(engine_->Info(), &info);
   *resp->mutable_model() = info.model();
   resp->set_pool_pages(static_cast<uint64_t>(source->shape.num_pages));
-  resp->set_worker_address((*transport)->worker_address());
-  resp->set_rkey((*transport)->pool_rkey());
-  resp->set_pool_base((*transport)->pool_base());
-  resp->set_ucx_version(UcxTransport::Version());
+  if (transport.ok()) {
+    resp->set_worker_address((*transport)->worker_address());
+    resp->set_rkey((*transport)->pool_rkey());
+    resp->set_pool_base((*transport)->pool_base());
+    resp->set_ucx_version(UcxTransport::Version());
+  }
   if (engine_->config().kv_same_node_ipc) {
     std::string handle;
     {
@@ -198,6 +198,11 @@ absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
       resp->set_cuda_ipc_handle(handle);
       resp->set_node_id(NodeId());
     }
+  }
+  if (!transport.ok() && resp->cuda_ipc_handle().empty()) {
+    (void)engine_->CloseKvPull(source->pull_id, /*completed=*/false);
+    resp->Clear();
+    return transport.status();
   }
   return absl::OkStatus();
 }
@@ -257,6 +262,14 @@ absl::Status KvTransfer::CopyPages(const v1::PullKvRequest& req,
     return engine_->PullFromPeerPool(req.device(), pull);
   }
   resp->set_path("ucx");
+  if (open.worker_address().empty())
+    return absl::FailedPreconditionError(absl::StrCat(
+        "source ", req.source(), " offers no UCX for its pool (its UCX cannot register it) and "
+        "the pool could not be mapped here through CUDA IPC"));
+  if (open.ucx_version() != UcxTransport::Version())
+    return absl::FailedPreconditionError(absl::StrCat(
+        "source ", req.source(), " runs UCX ", open.ucx_version(), ", this server ",
+        UcxTransport::Version(), "; both sides of a pull must run the same UCX version"));
   auto runs = PlanPullRuns(src, dst, shape, src_pages, dst_pages);
   if (!runs.ok()) return runs.status();
   absl::StatusOr<UcxTransport*> transport = TransportFor(req.device());
@@ -388,10 +401,6 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
                                                         const v1::PullKvRequest& req,
                                                         const v1::OpenKvPullResponse& open,
                                                         absl::Time deadline, PullTimes* times) {
-  if (open.ucx_version() != UcxTransport::Version())
-    return absl::FailedPreconditionError(absl::StrCat(
-        "source ", req.source(), " runs UCX ", open.ucx_version(), ", this server ",
-        UcxTransport::Version(), "; both sides of a pull must run the same UCX version"));
   auto src = SourceShape(open);
   if (!src.ok()) return src.status();
   auto dst = engine_->PoolShape(req.device());
