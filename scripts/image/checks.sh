@@ -11,8 +11,34 @@
 check_work=""
 check_containers=()
 
+# A free port below the ephemeral range (32768+): a port the kernel hands out for bind(0) could
+# be handed again, before attnd binds it, to a test running beside this one (UCX's tcp
+# listeners and connections in the KV transfer tests take ephemeral ports by the dozen).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 -c '
+import random, socket
+for _ in range(500):
+    port = random.randint(20000, 32000)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+        print(port)
+        break
+    except OSError:
+        pass
+    finally:
+        s.close()'
+}
+
+# Whether /metrics on PORT shows LINE (a regular expression), within 10 s.
+metrics_show() {
+  local port=$1 line=$2
+  for _ in $(seq 1 20); do
+    if curl -sf "http://127.0.0.1:$port/metrics" | grep -q "$line"; then return 0; fi
+    sleep 0.5
+  done
+  echo "image: /metrics on port $port never showed $line" >&2
+  return 1
 }
 
 # attnctl as UID:GID: client UID:GID IMAGE WHERE ARGS..., WHERE being unix:SOCKDIR (the host
@@ -111,7 +137,7 @@ check_cpu() {
   docker logs "$cid" 2>&1 | grep -q 'backend=cpu'
   client 10001:10001 "$image" "unix:$sockdir" health >/dev/null
   client 10001:10001 "$image" "tcp:$tport" health >/dev/null
-  curl -sf "http://127.0.0.1:$mport/metrics" | grep -q '^attnd_pages_total{device="0"} 8192'
+  metrics_show "$mport" '^attnd_pages_total{device="0"} 8192'
   client 10001:10001 "$image" "unix:$sockdir" demo >"$check_work/demo.out" 2>&1 ||
     { tail -30 "$check_work/demo.out" >&2; return 1; }
   grep -q '^demo: PASS' "$check_work/demo.out"
