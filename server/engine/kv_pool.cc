@@ -117,7 +117,8 @@ absl::Status KvPool::Truncate(uint64_t id, int64_t length, uint32_t owner) {
 void KvPool::DropPagesPastLongestLayer(Sequence& seq) {
   const size_t keep = static_cast<size_t>(PagesFor(seq.MaxLength()));
   if (seq.pages.size() <= keep) return;
-  for (size_t i = keep; i < seq.pages.size(); ++i) ReleasePage(seq.pages[i]);
+  // Last page first: the free list is a stack, so the pages come back out in table order.
+  for (size_t i = seq.pages.size(); i > keep; --i) ReleasePage(seq.pages[i - 1]);
   seq.pages.resize(keep);
   ++table_epoch_;
 }
@@ -127,7 +128,10 @@ absl::StatusOr<int64_t> KvPool::Release(uint64_t id, uint32_t owner) {
   if (it == sequences_.end())
     return absl::NotFoundError(absl::StrCat("seq_id: no sequence ", id, " on device ", device_));
   int64_t freed = 0;
-  for (int32_t page : it->second->pages) freed += ReleasePage(page) ? 1 : 0;
+  // Last page first: the next sequence gets these pages in the order this one had them, so
+  // pages stay consecutive and a KV pull merges them into long runs.
+  const std::vector<int32_t>& pages = it->second->pages;
+  for (auto page = pages.rbegin(); page != pages.rend(); ++page) freed += ReleasePage(*page) ? 1 : 0;
   --principal_usage_[it->second->principal].sequences;
   sequences_.erase(it);
   ++table_epoch_;
@@ -342,7 +346,7 @@ absl::StatusOr<std::vector<int32_t>> KvPool::Hold(uint64_t id, int64_t num_token
 
 int64_t KvPool::DropPages(absl::Span<const int32_t> pages) {
   int64_t freed = 0;
-  for (int32_t page : pages) freed += ReleasePage(page) ? 1 : 0;
+  for (auto page = pages.rbegin(); page != pages.rend(); ++page) freed += ReleasePage(*page) ? 1 : 0;
   return freed;
 }
 

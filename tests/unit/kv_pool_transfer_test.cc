@@ -102,5 +102,19 @@ TEST_F(KvPoolTransferTest, AdoptFillsAnEmptySequenceButNotOneHoldingTokens) {
   EXPECT_TRUE(PoolIsConsistent(pool_));
 }
 
+TEST_F(KvPoolTransferTest, AReleasedSequencesPagesComeBackInTheOrderItHadThem) {
+  ASSERT_TRUE(pool_.Create(1).ok());
+  ASSERT_TRUE(pool_.Create(2).ok());
+  Grow(1, 8);   // pages 0, 1
+  Grow(2, 12);  // pages 2, 3, 4
+  const std::vector<int32_t> had = pool_.Find(2)->pages;
+  ASSERT_TRUE(pool_.Release(2).ok());
+  ASSERT_TRUE(pool_.Create(3).ok());
+  Grow(3, 12);
+  // Consecutive before, consecutive again: a pull of the new sequence merges its pages.
+  EXPECT_EQ(pool_.Find(3)->pages, had);
+  EXPECT_TRUE(PoolIsConsistent(pool_));
+}
+
 }  // namespace
 }  // namespace attnd
