@@ -493,7 +493,7 @@ void AppendRows(void* pool, const KvCacheShape& shape, int64_t layer, const int3
 }  // namespace
 
 void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
-                 int64_t start, int64_t n, const void* k, const void* v) {
+                 int64_t start, int64_t n, const void* k, const void* v, KvScales) {
   if (n <= 0) return;
   // Only the element size matters for a copy.
   if (DTypeSize(shape.dtype) == 4) {
@@ -505,7 +505,8 @@ void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int
 
 void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64_t layer,
                               const SequenceView& seq, const AttentionOptions& opts, const void* q,
-                              void* out, float* lse, int64_t kv_head_begin, int64_t kv_head_end) {
+                              void* out, float* lse, int64_t kv_head_begin, int64_t kv_head_end,
+                              KvScales) {
   if (seq.num_queries <= 0 || kv_head_begin >= kv_head_end) return;
   Problem p;
   p.pool = pool;
@@ -535,8 +536,9 @@ void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64
 
 void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                        const SequenceView& seq, const AttentionOptions& opts, const void* q,
-                       void* out, float* lse) {
-  CpuPagedAttentionKvHeads(pool, shape, layer, seq, opts, q, out, lse, 0, shape.num_kv_heads);
+                       void* out, float* lse, KvScales scales) {
+  CpuPagedAttentionKvHeads(pool, shape, layer, seq, opts, q, out, lse, 0, shape.num_kv_heads,
+                           scales);
 }
 
 float LoadAsFloat(const void* base, int64_t index, DType dtype) {

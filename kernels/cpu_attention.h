@@ -12,9 +12,12 @@ namespace attnd::kernels {
 
 // Writes n tokens' K and V, each [n][num_kv_heads][head_dim] of shape.dtype contiguous, into
 // positions [start, start + n) of `layer`, following seq.page_table.
+// An fp8 pool (shape.storage) stores fp8(K / scales.k) and fp8(V / scales.v), saturating.
 void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
-                 int64_t start, int64_t n, const void* k, const void* v);
+                 int64_t start, int64_t n, const void* k, const void* v, KvScales scales = {});
 
+// The attention functions read an fp8 pool's K and V as scales.k * fp8 and scales.v * fp8 (the
+// dequantized truth the GPU kernels are compared against).
 // Causal attention of one sequence's num_queries new queries over its kv_len positions.
 // q and out are [num_queries][num_qo_heads][head_dim] of shape.dtype; lse (may be null) is
 // [num_queries][num_qo_heads] float32, natural log of the softmax denominator. Computes in fp32
@@ -22,7 +25,7 @@ void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int
 // num_queries > kv_len) gets a zero output row and lse = -inf; num_queries == 0 is a no-op.
 void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                        const SequenceView& seq, const AttentionOptions& opts, const void* q,
-                       void* out, float* lse);
+                       void* out, float* lse, KvScales scales = {});
 
 // CpuPagedAttention restricted to kv heads [kv_head_begin, kv_head_end) and the query heads of
 // their GQA groups; writes only those heads' rows of out and lse. Calls on disjoint head ranges
@@ -30,16 +33,18 @@ void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t laye
 void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64_t layer,
                               const SequenceView& seq, const AttentionOptions& opts,
                               const void* q, void* out, float* lse, int64_t kv_head_begin,
-                              int64_t kv_head_end);
+                              int64_t kv_head_end, KvScales scales = {});
 
 // fp64 reference of CpuPagedAttention: gathers the sequence's K/V densely and computes
 // softmax(logits) V in double, two passes. Output in double, [num_queries][qo_heads][head_dim];
 // lse [num_queries][qo_heads].
 void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                              const SequenceView& seq, const AttentionOptions& opts,
-                             const void* q, std::vector<double>* out, std::vector<double>* lse);
+                             const void* q, std::vector<double>* out, std::vector<double>* lse,
+                             KvScales scales = {});
 
-// Conversions between the storage dtypes and float (round-to-nearest-even on the way down).
+// Conversions between the storage dtypes and float (round-to-nearest-even on the way down;
+// fp8 e4m3 saturates at +-448 and maps NaN to NaN, like CUDA's __NV_SATFINITE conversion).
 float LoadAsFloat(const void* base, int64_t index, DType dtype);
 void StoreFromFloat(void* base, int64_t index, DType dtype, float value);
 

@@ -9,9 +9,24 @@
 
 namespace attnd::kernels {
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+// kFloat8E4M3 is a storage type of the KV pool only (OCP e4m3fn: no infinities, max 448);
+// q, k_new, v_new and out stay in the model's 16- or 32-bit dtype.
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat8E4M3 = 3 };
 
-inline constexpr size_t DTypeSize(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+inline constexpr size_t DTypeSize(DType t) {
+  return t == DType::kFloat32 ? 4 : t == DType::kFloat8E4M3 ? 1 : 2;
+}
+
+// How the pool stores K and V: in the model's dtype, or as fp8 e4m3 with per-layer scales
+// (value = fp8 * scale, vLLM's kv_cache_dtype=fp8 with k_scale/v_scale).
+enum class KvStorage : int { kModelDType = 0, kFp8E4M3 = 1 };
+
+// The dequantization scales of one layer of an fp8 pool (1 and 1 for a model-dtype pool):
+// K = k * fp8(K / k), V = v * fp8(V / v), the quantization saturating at +-448.
+struct KvScales {
+  float k = 1.0f;
+  float v = 1.0f;
+};
 
 // NHD: a page's K (or V) block is [page_size][kv_heads][head_dim].
 // HND: a page's K (or V) block is [kv_heads][page_size][head_dim].
@@ -25,16 +40,21 @@ struct KvCacheShape {
   int64_t num_kv_heads = 0;
   int64_t head_dim = 0;
   KvLayout layout = KvLayout::kNHD;
-  DType dtype = DType::kBFloat16;
+  DType dtype = DType::kBFloat16;  // the model's: q, k_new, v_new, out, transfer buffers
+  KvStorage storage = KvStorage::kModelDType;
+
+  // What a pool element is, and its bytes (offsets below count elements of it).
+  constexpr DType StorageDType() const {
+    return storage == KvStorage::kFp8E4M3 ? DType::kFloat8E4M3 : dtype;
+  }
+  constexpr int64_t ElemBytes() const { return static_cast<int64_t>(DTypeSize(StorageDType())); }
 
   // Elements of one K (or V) block of one page.
   constexpr int64_t BlockElems() const { return page_size * num_kv_heads * head_dim; }
   constexpr int64_t PageElems() const { return 2 * BlockElems(); }
   constexpr int64_t LayerElems() const { return num_pages * PageElems(); }
   constexpr int64_t TotalElems() const { return num_layers * LayerElems(); }
-  constexpr int64_t TotalBytes() const {
-    return TotalElems() * static_cast<int64_t>(DTypeSize(dtype));
-  }
+  constexpr int64_t TotalBytes() const { return TotalElems() * ElemBytes(); }
   // Elements between consecutive slots (tokens) of a block, and between consecutive heads.
   constexpr int64_t SlotStride() const {
     return layout == KvLayout::kNHD ? num_kv_heads * head_dim : head_dim;

@@ -48,7 +48,7 @@ bool Visible(const AttentionOptions& opts, int64_t query_pos, int64_t key_pos) {
 
 void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                              const SequenceView& seq, const AttentionOptions& opts, const void* q,
-                             std::vector<double>* out, std::vector<double>* lse) {
+                             std::vector<double>* out, std::vector<double>* lse, KvScales) {
   const int64_t qo = opts.num_qo_heads;
   const int64_t kv_heads = shape.num_kv_heads;
   const int64_t group = qo / kv_heads;

@@ -19,6 +19,7 @@ kernels::KvCacheShape ModelShape::CacheShape(int64_t num_pages) const {
   s.head_dim = head_dim;
   s.layout = layout;
   s.dtype = dtype;
+  s.storage = kv_storage;
   return s;
 }
 

@@ -20,6 +20,11 @@ struct ModelShape {
   int64_t num_kv_heads = 2;
   int64_t head_dim = 64;
   kernels::DType dtype = kernels::DType::kBFloat16;
+  // fp8: K and V stored as e4m3 with per-layer scales (--kv_cache_dtype, --kv_scales_file).
+  kernels::KvStorage kv_storage = kernels::KvStorage::kModelDType;
+  // The scales every layer starts with (num_layers entries after Validate(); 1 and 1 unless a
+  // scales file says otherwise). SetKvScales changes them later for layers that hold no KV.
+  std::vector<kernels::KvScales> kv_scales;
   int64_t page_size = 16;
   kernels::KvLayout layout = kernels::KvLayout::kNHD;
   float sm_scale = 0.0f;  // 0: 1/sqrt(head_dim), resolved by Validate()
@@ -28,8 +33,7 @@ struct ModelShape {
 
   // Bytes of one page across all layers (K and V).
   int64_t PageBytes() const {
-    return num_layers * 2 * page_size * num_kv_heads * head_dim *
-           static_cast<int64_t>(kernels::DTypeSize(dtype));
+    return num_layers * 2 * page_size * num_kv_heads * head_dim * CacheShape(0).ElemBytes();
   }
   kernels::KvCacheShape CacheShape(int64_t num_pages) const;
   kernels::AttentionOptions Options() const;

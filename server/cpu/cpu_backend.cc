@@ -105,6 +105,9 @@ class CpuDeviceBackend final : public DeviceBackend {
     return LaunchResult{std::chrono::steady_clock::now()};
   }
 
+  absl::Status SetKvScales(int64_t, absl::Span<const kernels::KvScales>) override {
+    return absl::UnimplementedError("SetKvScales: not yet");  // TODO(fp8): scales
+  }
   absl::Status TransferKv(const KvTransferWork& w) override {
     const int64_t heads = w.head_end - w.head_begin;
     const size_t run_bytes =

@@ -36,6 +36,9 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::StatusOr<AttentionPlan> PlanAttention(const AttentionBatch& batch) override;
   absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
                                          const AttentionPlan& plan) override;
+  absl::Status SetKvScales(int64_t, absl::Span<const kernels::KvScales>) override {
+    return absl::UnimplementedError("SetKvScales: not yet");  // TODO(fp8): scales
+  }
   absl::Status TransferKv(const KvTransferWork& work) override;
   absl::StatusOr<std::string> PoolIpcHandle() override;
   absl::Status PullFromPeerPool(const PeerPoolPull& pull) override;

@@ -154,6 +154,12 @@ class DeviceBackend {
     (void)pull;
     return absl::UnimplementedError("this backend pulls from no mapped peer pools");
   }
+  // fp8 pools: the dequantization scales of layers [layer_begin, layer_begin + scales.size()),
+  // used by every kernel that runs after the call (decode graphs read them from device memory).
+  // The engine calls it only while no sequence holds KV at those layers. Model-dtype pools:
+  // FAILED_PRECONDITION.
+  virtual absl::Status SetKvScales(int64_t layer_begin,
+                                   absl::Span<const kernels::KvScales> scales) = 0;
   // Runs fn once the work enqueued so far has finished (at once where work is synchronous).
   // fn must not call into the backend; it may post to the device's worker.
   virtual absl::Status WhenDone(absl::AnyInvocable<void() &&> fn) {
