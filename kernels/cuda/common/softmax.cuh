@@ -55,13 +55,20 @@ __device__ __forceinline__ RowMax NextRowMax(float m, float mx, const Logits& lo
 
 // One tile of an mma.sync kernel: scores s[j][2 i + e] and accumulators acc[n][2 i + e] of this
 // thread's rows i, the rows' tile maxima mx (this thread's part). Rescales l and acc by alpha,
-// then leaves the probabilities in s and adds them to l in key order.
+// then leaves the probabilities in s and adds them to l in key order. Without `upper`, the
+// second row (i = 1) holds no query: its probabilities are 0 and its state stays as it was.
 template <typename Logits, int kJ, int kN>
 __device__ __forceinline__ void OnlineSoftmaxStep(float (&s)[kJ][4], const float (&mx)[2],
                                                   float (&m)[2], float (&l)[2],
-                                                  float (&acc)[kN][4], const Logits& logits) {
+                                                  float (&acc)[kN][4], const Logits& logits,
+                                                  bool upper = true) {
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    if (i == 1 && !upper) {
+#pragma unroll
+      for (int j = 0; j < kJ; ++j) s[j][2] = s[j][3] = 0.f;
+      break;
+    }
     const RowMax r = NextRowMax(m[i], mx[i], logits);
     m[i] = r.m_new;
     l[i] *= r.alpha;

@@ -69,7 +69,7 @@ __device__ __forceinline__ void QkFp8(float (&s)[kJ][4], const uint32_t (&qfrag)
                                                           kk + (mi >> 1))));
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t b0, b1;
+        uint32_t b0, b1;  // head dims 4c, 4c + 1 | 4c + 2, 4c + 3
         Fp8x4ToHalf2x2(kb[j], b0, b1);
         Mma16816<__half>(s[2 * sub + (j & 1)], a[j >> 1], b0, b1);
       }
@@ -141,6 +141,9 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
   const int kvh = blockIdx.x / p.m_blocks;
   const int row0 = (blockIdx.x - kvh * p.m_blocks) * Tr::kRows;
   const int nrows = min(Tr::kRows, p.group - row0);
+  // GQA groups of up to 8 heads leave every thread's second fragment row (g + 8) empty: its
+  // logits and exponentials are skipped (CTA-uniform).
+  const bool upper_rows = nrows > 8;
   const int qo_head0 = kvh * p.group + row0;
   const KV* kv = static_cast<const KV*>(p.kv_layer) + kvh * p.head_stride +
                  (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
@@ -207,8 +210,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
     GridDependencyWait();
     {
       const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + qo_head0 * p.q_sh;
-      for (int idx = threadIdx.x; idx < Tr::kRows * Tr::kChunks; idx += Tr::kThreads) {
-        const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+      for (int idx = threadIdx.x; idx < Tr::kRows * Tr::kQChunks; idx += Tr::kThreads) {
+        const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
         const bool ok = r < nrows;
         CpAsync16(SmemAddr(q_smem + Swz<D>(r, ch)), ok ? qb + r * p.q_sh + ch * 8 : qb, ok);
       }
@@ -274,16 +277,16 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
       if constexpr (kFp8) {
         QkFp8<Tr>(s, qfrag, load_q, ks, lane);
       } else {
-  #pragma unroll
+#pragma unroll
         for (int kk = 0; kk < kKSteps; ++kk) {
           uint32_t a[4];
           if constexpr (Tr::kQInRegs) {
-  #pragma unroll
+#pragma unroll
             for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
           } else {
             load_q(a, kk);
           }
-  #pragma unroll
+#pragma unroll
           for (int sub = 0; sub < kSub; ++sub) {
             uint32_t kb[4];
             const int mi = lane >> 3;
@@ -301,6 +304,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
       for (int j = 0; j < 2 * kSub; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
+          if (e >= 2 && !upper_rows) break;
           const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
           float x = s[j][e];
           x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
@@ -309,7 +313,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
           mx[e >> 1] = fmaxf(mx[e >> 1], x);
         }
       }
-      OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{});
+      OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{}, upper_rows);
 
       // acc += p . v, 16 tokens at a time.
 #pragma unroll
@@ -356,8 +360,8 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
     }
     __syncthreads();
     const bool direct = n_items == 1;
-    for (int idx = threadIdx.x; idx < nrows * Tr::kChunks; idx += Tr::kThreads) {
-      const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+    for (int idx = threadIdx.x; idx < nrows * Tr::kQChunks; idx += Tr::kThreads) {
+      const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
       float mw[Tr::kWarps], o[8];
       const float lse2 =
           CombineWarpStates<Tr::kWarps, Tr::kRows, D>(m_smem, l_smem, acc_smem, r, ch, mw, o);

@@ -51,7 +51,16 @@ struct DecodeParams {
 // loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
 // dims (the query fragment is permuted to match) and a transposed V fragment two tokens of two
 // dims (split into an even- and an odd-dim tile: the output columns are interleaved, undone
-// when the accumulators are stored). Its slices are 32 tokens, as many as a lane resolves.
+// when the accumulators are stored). Its stages hold half the bytes of bf16's (more of them
+// in flight): the widening doubles the work per byte, and smaller steps overlap it better.
+// ATTND_DECODE_FP8_TOKENS / _STAGES override the head_dim 128 choice (benchmark experiments).
+#ifndef ATTND_DECODE_FP8_TOKENS
+#define ATTND_DECODE_FP8_TOKENS 32
+#endif
+#ifndef ATTND_DECODE_FP8_STAGES
+#define ATTND_DECODE_FP8_STAGES 3
+#endif
+
 template <int D, int kKvBytes = 2>
 struct DecodeTraits {
   static constexpr int kHeadDim = D;
@@ -59,13 +68,16 @@ struct DecodeTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;        // query rows per CTA (mma M)
-  static constexpr int kWarpTokens = D == 64 || kFp8 ? 32 : 16;  // tokens per warp per stage
+  // Tokens per warp per stage (a lane resolves one: at most 32).
+  static constexpr int kWarpTokens = kFp8 ? (D == 64 ? 32 : ATTND_DECODE_FP8_TOKENS)
+                                          : (D == 64 ? 32 : 16);
   static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
   static constexpr int kTileTokens = kWarps * kWarpTokens;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = kFp8 ? (D == 64 ? 6 : ATTND_DECODE_FP8_STAGES) : 3;
   static constexpr int kRowBytes = D * kKvBytes;
   static constexpr int kChunks = kRowBytes / 16;             // 16-byte chunks per K/V row
   static constexpr int kChunkElems = 16 / kKvBytes;
+  static constexpr int kQChunks = D / 8;                     // 16-byte chunks of a q/out row
   static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
   static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
   static constexpr bool kQInRegs = D <= 128;
