@@ -4,6 +4,9 @@
 Runs attnd's decode_bench (which measures the read and copy ceilings and our kernels), then
 times on the same shapes: PyTorch SDPA with the cuDNN and flash backends (dense KV, enable_gqa),
 and FlashInfer's paged decode (tensor-core and CUDA-core) and append when `flashinfer` imports.
+--fp8 prints instead the fp8 KV table: our fp8 rows against our bf16 rows of the same run, and
+FlashInfer's decode over an fp8 (e4m3) cache next to its bf16 one (head_dim 128 cases only, to
+keep its JIT builds within one call).
 Every peer is timed like ours: CUDA-graph replays of several calls cycling over input copies
 larger than L2, median of 30 replays. Prints a markdown table (ours/peer = peer time / our time,
 above 1 means we are faster) and writes it to --md.
@@ -98,13 +101,14 @@ def sdpa_time(c, backend):
     return t, mode
 
 
-def flashinfer_decode_time(fi, c, tensor_cores):
+def flashinfer_decode_time(fi, c, tensor_cores, fp8=False):
     b, l, qo, kv, d, p = c
-    kv_bytes = b * l * kv * d * 2 * 2
+    kv_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    kv_bytes = b * l * kv * d * 2 * (1 if fp8 else 2)
     copies = max(1, math.ceil(400e6 / kv_bytes))
     pages_per_seq = (l + p - 1) // p
     num_pages = pages_per_seq * b * copies
-    cache = torch.randn(num_pages, 2, p, kv, d, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(num_pages, 2, p, kv, d, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
     perm = torch.randperm(num_pages, device="cuda", dtype=torch.int32)
     q = torch.randn(b, qo, d, device="cuda", dtype=torch.bfloat16)
     ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -115,7 +119,7 @@ def flashinfer_decode_time(fi, c, tensor_cores):
         indices = perm[cidx * b * pages_per_seq:(cidx + 1) * b * pages_per_seq].contiguous()
         last = torch.full((b,), (l - 1) % p + 1, device="cuda", dtype=torch.int32)
         w.plan(indptr, indices, last, qo, kv, d, p, q_data_type=torch.bfloat16,
-               kv_data_type=torch.bfloat16)
+               kv_data_type=kv_dtype)
         wrappers.append(w)
 
     def fn(i):
@@ -180,11 +184,40 @@ def fmt(x, nd=1):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def fp8_table(ours, read_gbs, fi):
+    """Our fp8 decode rows next to our bf16 ones and FlashInfer's, same run."""
+    lines = ["| case (q bf16, KV e4m3, page 16) | ours bf16 µs | ours fp8 µs | fp8 tokens/s ÷ bf16 |"
+             " fp8 % read ceiling | FI tc bf16 µs | FI tc fp8 µs | FI cuda-core fp8 µs |"
+             " FI fp8 ÷ bf16 (tc) | ours fp8 / FI fp8 (best) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in CASES:
+        for det in (False, True):
+            o = ours.get(("decode", case_name(c, det)))
+            f = ours.get(("decode", case_name(c, det) + " fp8"))
+            if o is None or f is None:
+                continue
+            us, fus = float(o["us"]), float(f["us"])
+            fib = fit = fic = float("nan")
+            if fi is not None and not det and c[4] == 128:
+                fib, _ = flashinfer_decode_time(fi, c, True)
+                fit, _ = flashinfer_decode_time(fi, c, True, fp8=True)
+                fic, _ = flashinfer_decode_time(fi, c, False, fp8=True)
+            best = min(x for x in (fit, fic, float("inf")) if x == x)
+            row = (f"| {case_name(c, det)} | {us:.2f} | {fus:.2f} | {us / fus:.2f} | "
+                   f"{float(f['pct']):.1f} | {fmt(fib * 1e3, 2)} | {fmt(fit * 1e3, 2)} | "
+                   f"{fmt(fic * 1e3, 2)} | {fmt(fib / fit, 2)} | "
+                   f"{fmt(best * 1e3 / fus if best != float('inf') else float('nan'), 2)} |")
+            print(row, flush=True)
+            lines.append(row)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ours", required=True, help="command that runs decode_bench")
     ap.add_argument("--md", default=None)
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--fp8", action="store_true", help="the fp8 KV table only")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,10 +239,18 @@ def main():
             fi = None
 
     dev = torch.cuda.get_device_name()
-    lines = [f"device: {dev}; torch {torch.__version__}; flashinfer "
-             f"{fi.__version__ if fi else 'not run'}",
-             f"read ceiling {read_gbs:.0f} GB/s, copy {copy_gbs:.0f} GB/s (read+write), "
-             "measured by decode_bench in this run", "",
+    head = [f"device: {dev}; torch {torch.__version__}; flashinfer "
+            f"{fi.__version__ if fi else 'not run'}",
+            f"read ceiling {read_gbs:.0f} GB/s, copy {copy_gbs:.0f} GB/s (read+write), "
+            "measured by decode_bench in this run", ""]
+    if args.fp8:
+        text = "\n".join(head + fp8_table(ours, read_gbs, fi)) + "\n"
+        print("\n" + text)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(text)
+        return 0
+    lines = head + [
              "| case (bf16, page 16) | ours µs | ours GB/s | % read ceiling | det µs | det cost |"
              " cuDNN µs | flash µs | FI tc µs | FI cuda-core µs | ours/cuDNN | ours/FI tc |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
