@@ -100,7 +100,9 @@ TEST(ClientConversionsTest, EveryFp8PatternDecodesLikeTheServerAndEncodesBackToI
     const uint8_t code = static_cast<uint8_t>(bits);
     const float x = client::Fp8E4M3BitsToFloat(code);
     ASSERT_TRUE(SameFloat(x, KernelDecodeFp8(code))) << std::hex << bits;
-    if (!std::isnan(x)) ASSERT_EQ(client::FloatToFp8E4M3Bits(x), code) << std::hex << bits;
+    if (!std::isnan(x)) {
+      ASSERT_EQ(client::FloatToFp8E4M3Bits(x), code) << std::hex << bits;
+    }
   }
   EXPECT_EQ(client::Fp8E4M3BitsToFloat(0x7e), 448.0f);  // the largest finite
   EXPECT_TRUE(std::isnan(client::Fp8E4M3BitsToFloat(0x7f)));
