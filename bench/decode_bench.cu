@@ -53,6 +53,7 @@ struct DecodeCase {
   int waves = 1;      // grid columns x waves (experiments: smaller splits); 0: 1 CTA/SM
   int min_chunk = 0;  // planner's min_chunk_tokens override (experiments)
   bool pdl = true;    // DecodeArgs::overlap_previous
+  bool fp8 = false;   // an fp8 e4m3 pool (half the bytes a token)
 };
 
 struct Row {
@@ -110,6 +111,15 @@ std::vector<DecodeCase> Cases(bool quick, bool sweep, bool append_only) {
       {64, 4096, 32, 8, 64, 16},   {64, 4096, 32, 8, 256, 16},  {64, 4096, 8, 8, 128, 16},
       {64, 4096, 64, 8, 128, 16},
   };
+  // The fp8 twins of the cases fp8 KV is for (issue: >= 1.8x bf16's tokens/s at B >= 16,
+  // L >= 2048), and of the head_dim 64 / 256 ones.
+  for (const DecodeCase& c : std::vector<DecodeCase>(cases)) {
+    if (c.batch >= 16 && c.len >= 2048) {
+      DecodeCase f = c;
+      f.fp8 = true;
+      cases.push_back(f);
+    }
+  }
   if (quick) cases.resize(3);
   if (sweep) {  // experiments, non-deterministic only
     cases.clear();
@@ -136,6 +146,7 @@ struct DecodeInputs {
   int32_t* indices = nullptr;
   uint16_t *q = nullptr, *out = nullptr;
   float* lse = nullptr;
+  float* scales = nullptr;  // fp8: [1][2], 1 and 1
   std::vector<int32_t> indptr, lens;
 
   void Init(const DecodeCase& c, cudaStream_t s, std::mt19937& rng) {
@@ -145,12 +156,18 @@ struct DecodeInputs {
     sh.head_dim = c.d;
     sh.layout = c.layout;
     sh.dtype = DType::kBFloat16;
+    sh.storage = c.fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
     pages_per_seq = (c.len + c.page - 1) / c.page;
-    kv_bytes = double(c.batch) * c.len * c.kv * c.d * 2 * 2;
+    kv_bytes = double(c.batch) * c.len * c.kv * c.d * 2 * sh.ElemBytes();
     copies = std::max(1, static_cast<int>(std::ceil(400e6 / kv_bytes)));
     sh.num_pages = pages_per_seq * c.batch * copies;
     CK(cudaMalloc(&pool, sh.TotalBytes()));
-    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalElems(), rng(), true);
+    // fp8 pools get the same random 16-bit patterns as bytes (speed does not depend on them).
+    FillRandom<<<4096, 256, 0, s>>>(static_cast<uint16_t*>(pool), sh.TotalBytes() / 2, rng(),
+                                    true);
+    const float ones[2] = {1.f, 1.f};
+    CK(cudaMalloc(&scales, sizeof ones));
+    CK(cudaMemcpy(scales, ones, sizeof ones, cudaMemcpyHostToDevice));
     std::vector<int32_t> perm(sh.num_pages);
     std::iota(perm.begin(), perm.end(), 0);
     std::shuffle(perm.begin(), perm.end(), rng);
@@ -171,6 +188,7 @@ struct DecodeInputs {
     CK(cudaFree(q));
     CK(cudaFree(out));
     CK(cudaFree(lse));
+    CK(cudaFree(scales));
   }
 };
 
@@ -178,8 +196,8 @@ struct DecodeInputs {
 // Returns false (after printing why) when the planner refuses the batch.
 bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, bool warm_up,
                 cudaStream_t s, double read_gbs, Csv& csv) {
-  DecodePlanConfig cfg = ValueOrExit(
-      cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, c.d, c.qo, c.kv, -1), "decode config");
+  DecodePlanConfig cfg =
+      ValueOrExit(cuda::MakeDecodePlanConfig(dev, in.sh, c.qo, -1), "decode config");
   cfg.deterministic = det;
   if (c.waves == 0) cfg.ctas_per_sm = 1; else cfg.ctas_per_sm *= c.waves;
   if (c.min_chunk > 0) cfg.min_chunk_tokens = c.min_chunk;
@@ -206,6 +224,7 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
   cuda::DecodeArgs a;
   a.kv.pool = in.pool;
   a.kv.shape = in.sh;
+  a.kv.scales = in.scales;
   a.opts.num_qo_heads = c.qo;
   a.opts.sm_scale = 1.f / std::sqrt(float(c.d));
   a.batch = c.batch;
@@ -237,12 +256,25 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
   if (c.waves > 1) tag += " x" + std::to_string(c.waves);
   if (c.min_chunk > 0) tag += " minchunk" + std::to_string(c.min_chunk);
   if (!c.pdl) tag += " nopdl";
+  if (c.fp8) tag += " fp8";
   std::snprintf(name, sizeof name, "B%d L%d qo%d kv%d d%d p%d%s%s", c.batch, c.len, c.qo,
                 c.kv, c.d, c.page, det ? " det" : "", tag.c_str());
   const double gbs = in.kv_bytes / ms / 1e6;
   csv.Emit({"decode", name, ms * 1e3, gbs, 100 * gbs / read_gbs});
-  std::printf("decode %-36s %9.2f us %7.0f GB/s %5.1f%% of read  (items %d, chunk %d)\n",
-              name, ms * 1e3, gbs, 100 * gbs / read_gbs, plan[0], plan[1]);
+  std::printf("decode %-36s %9.2f us %7.0f GB/s %5.1f%% of read  (items %d, chunk %d)", name,
+              ms * 1e3, gbs, 100 * gbs / read_gbs, plan[0], plan[1]);
+  // fp8 rows: tokens/s against the bf16 row of the same case in this run.
+  static std::vector<std::pair<std::string, double>> bf16_us;
+  std::string base = name;
+  if (c.fp8) base.erase(base.find(" fp8"), 4);
+  if (!c.fp8) bf16_us.push_back({base, ms * 1e3});
+  for (const auto& [n, us] : bf16_us) {
+    if (c.fp8 && n == base) {
+      std::printf("  %.2fx bf16's tokens/s", us / (ms * 1e3));
+      csv.Emit({"fp8_vs_bf16", name, ms * 1e3, us / (ms * 1e3), 0});
+    }
+  }
+  std::printf("\n");
   CK(cudaFree(d_plan));
   CK(cudaFree(po));
   CK(cudaFree(pl));
@@ -252,8 +284,10 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
 
 // Append of n tokens (8 kv heads x 128, page 16) to random slots: 256 sequences of one token
 // each, or one sequence of 4096 consecutive slots over shuffled pages.
-void TimeAppend(int n, cudaStream_t s, double copy_gbs, std::mt19937& rng, Csv& csv) {
+void TimeAppend(int n, bool fp8, cudaStream_t s, double copy_gbs, std::mt19937& rng,
+                Csv& csv) {
   KvCacheShape sh;
+  sh.storage = fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
   sh.num_layers = 1;
   sh.page_size = 16;
   sh.num_kv_heads = 8;
@@ -285,8 +319,13 @@ void TimeAppend(int n, cudaStream_t s, double copy_gbs, std::mt19937& rng, Csv& 
   CK(cudaMemcpy(d_slots, slots.data(), slots.size() * 8, cudaMemcpyHostToDevice));
   CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
   cuda::AppendArgs a;
+  float* scales;
+  const float ones[2] = {1.f, 1.f};
+  CK(cudaMalloc(&scales, sizeof ones));
+  CK(cudaMemcpy(scales, ones, sizeof ones, cudaMemcpyHostToDevice));
   a.kv.pool = pool;
   a.kv.shape = sh;
+  a.kv.scales = scales;
   a.k_token_stride = a.v_token_stride = row;
   a.num_tokens = n;
   const float ms = TimeGraph(s, copies * 4, [&] {
@@ -298,9 +337,9 @@ void TimeAppend(int n, cudaStream_t s, double copy_gbs, std::mt19937& rng, Csv& 
       CK_OK(cuda::LaunchAppendKv(a, s));
     }
   });
-  const double bytes = 2.0 * n * row * 2 * 2;  // K and V, read + write
+  const double bytes = 2.0 * n * row * (2 + sh.ElemBytes());  // K and V, read + write
   char name[64];
-  std::snprintf(name, sizeof name, "%d tokens", n);
+  std::snprintf(name, sizeof name, "%d tokens%s", n, fp8 ? " fp8" : "");
   const double gbs = bytes / ms / 1e6;
   csv.Emit({"append", name, ms * 1e3, gbs, 100 * gbs / copy_gbs});
   std::printf("append %-36s %9.2f us %7.0f GB/s %5.1f%% of copy\n", name, ms * 1e3, gbs,
@@ -309,6 +348,7 @@ void TimeAppend(int n, cudaStream_t s, double copy_gbs, std::mt19937& rng, Csv& 
   CK(cudaFree(k));
   CK(cudaFree(v));
   CK(cudaFree(d_slots));
+  CK(cudaFree(scales));
 }
 
 }  // namespace
@@ -351,7 +391,9 @@ int main(int argc, char** argv) {
     }
     in.Free();
   }
-  for (int n : {256, 4096}) TimeAppend(n, s, ceilings.copy_gbs, rng, csv);
+  for (int n : {256, 4096}) {
+    for (bool fp8 : {false, true}) TimeAppend(n, fp8, s, ceilings.copy_gbs, rng, csv);
+  }
   CK(cudaGetLastError());
   return 0;
 }

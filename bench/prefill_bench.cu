@@ -187,8 +187,11 @@ struct DecodeRun {
   int* counters = nullptr;
   cuda::DecodeArgs a;
   void Init(int dev, const Batch& b) {
-    const DecodePlanConfig cfg = ValueOrExit(
-        cuda::MakeDecodePlanConfig(dev, DType::kBFloat16, b.d, b.qo, b.kv, -1), "decode config");
+    KvCacheShape shape;
+    shape.head_dim = b.d;
+    shape.num_kv_heads = b.kv;
+    const DecodePlanConfig cfg =
+        ValueOrExit(cuda::MakeDecodePlanConfig(dev, shape, b.qo, -1), "decode config");
     const int batch = static_cast<int>(b.reqs.size());
     int64_t mk = 0;
     for (const Req& r : b.reqs) mk = std::max<int64_t>(mk, r.kv_len);

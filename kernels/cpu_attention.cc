@@ -1,4 +1,4 @@
-// fp32 CPU append and paged attention, and the storage dtype conversions they use.
+// fp32 CPU append and paged attention (the dtype conversions they use are in cpu_convert.h).
 //
 // The attention reads a sequence's KV once per tile of queries (usually once per call: a decode
 // step is one tile), a chunk of keys at a time for all kv heads together, in address order. Each
@@ -13,169 +13,25 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/cpu_convert.h"
+
 namespace attnd::kernels {
 namespace {
 
-// ---------------------------------------------------------------------------------------------
-// Scalar conversions. Bit manipulation rather than compiler intrinsics so that the result does
-// not depend on the host's F16C support or the floating-point rounding mode.
-
-uint32_t FloatBits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-float BitsFloat(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Rounds `value >> shift` to nearest, ties to even. 1 <= shift <= 31.
-uint32_t ShiftRightRne(uint32_t value, int shift) {
-  const uint32_t kept = value >> shift;
-  const uint32_t rest = value & ((1u << shift) - 1);
-  const uint32_t half = 1u << (shift - 1);
-  return kept + ((rest > half || (rest == half && (kept & 1))) ? 1 : 0);
-}
-
-float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  const uint32_t exp = (h >> 10) & 0x1f;
-  const uint32_t mant = h & 0x3ff;
-  if (exp == 0x1f) return BitsFloat(sign | 0x7f800000 | (mant << 13));  // inf, nan (payload kept)
-  if (exp != 0) return BitsFloat(sign | ((exp + 112) << 23) | (mant << 13));
-  // Zero or subnormal: mant * 2^-24, exact in float since mant < 2^10.
-  const float magnitude = static_cast<float>(mant) * 0x1p-24f;
-  return sign ? -magnitude : magnitude;
-}
-
-uint16_t FloatToHalf(float f) {
-  const uint32_t x = FloatBits(f);
-  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000);
-  const uint32_t abs = x & 0x7fffffff;
-  if (abs > 0x7f800000) {
-    // NaN: keep it quiet and keep the top payload bits.
-    return static_cast<uint16_t>(sign | 0x7e00 | ((abs >> 13) & 0x3ff));
-  }
-  // 65520 (0x477ff000) is the midpoint between the largest half, 65504, and 2^16; the tie goes to
-  // the even neighbour 2^16, which does not exist, so it and everything above become infinity.
-  if (abs >= 0x477ff000) return static_cast<uint16_t>(sign | 0x7c00);
-  const uint32_t exp = abs >> 23;
-  if (exp >= 113) {
-    // Normal half. Rebias the exponent, round away 13 mantissa bits; a carry out of the mantissa
-    // correctly bumps the exponent.
-    const uint32_t rebased = abs - (112u << 23);
-    return static_cast<uint16_t>(sign | ShiftRightRne(rebased, 13));
-  }
-  // Below 2^-24 / 2 the value rounds to zero (2^-25 exactly is a tie that goes to even zero, which
-  // the general path below also handles; exponents under 102 would shift by more than 24).
-  if (exp < 102) return sign;
-  // Subnormal half (or the smallest normal after rounding up): units of 2^-24.
-  // value = significand * 2^(exp - 150), so units = significand >> (126 - exp).
-  const uint32_t significand = (abs & 0x7fffff) | 0x800000;
-  return static_cast<uint16_t>(sign | ShiftRightRne(significand, static_cast<int>(126 - exp)));
-}
-
-// fp32 moves go through memcpy so NaN payloads (even signalling ones) pass through bit-exact.
-float LoadF32(const void* base, int64_t index) {
-  float f;
-  std::memcpy(&f, static_cast<const float*>(base) + index, sizeof(f));
-  return f;
-}
-
-void StoreF32(void* base, int64_t index, float value) {
-  std::memcpy(static_cast<float*>(base) + index, &value, sizeof(value));
-}
-
-float Bf16ToFloat(uint16_t b) { return BitsFloat(static_cast<uint32_t>(b) << 16); }
-
-uint16_t FloatToBf16(float f) {
-  const uint32_t x = FloatBits(f);
-  if ((x & 0x7fffffff) > 0x7f800000) return static_cast<uint16_t>((x >> 16) | 0x0040);  // quiet NaN
-  // Round to nearest even on the low 16 bits; overflow carries into the exponent and ends at inf.
-  return static_cast<uint16_t>((x + 0x7fff + ((x >> 16) & 1)) >> 16);
-}
+using cpu_convert::BF16;
+using cpu_convert::Broadcast;
+using cpu_convert::F16;
+using cpu_convert::F32;
+using cpu_convert::Fp8;
+using cpu_convert::HorizontalSum;
+using cpu_convert::LoadRow;
+using cpu_convert::LoadV;
+using cpu_convert::StoreRow;
+using cpu_convert::StoreV;
+using cpu_convert::V4f;
 
 // ---------------------------------------------------------------------------------------------
-// Four-float vectors through the GCC/Clang vector extension: SSE2 on baseline x86-64, NEON on
-// Arm, wider instructions when the build targets them. One portable source, no intrinsics; the
-// plain loops below would not be vectorised at -O2 (float reductions may not be reordered, and
-// the cheap cost model skips loops that need alias checks).
-
-using V4f = float __attribute__((vector_size(16)));
-using V4u = uint32_t __attribute__((vector_size(16)));
-using V4i = int32_t __attribute__((vector_size(16)));
-using V4h = uint16_t __attribute__((vector_size(8)));
-
-V4f LoadV(const float* p) {
-  V4f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-void StoreV(float* p, V4f v) { std::memcpy(p, &v, sizeof(v)); }
-
-V4f Broadcast(float f) { return V4f{f, f, f, f}; }
-
-float HorizontalSum(V4f v) { return (v[0] + v[1]) + (v[2] + v[3]); }
-
-// Four 16-bit patterns zero-extended to 32 bits.
-V4u Widen(const uint16_t* p) {
-  V4h h;
-  std::memcpy(&h, p, sizeof(h));
-  return __builtin_convertvector(h, V4u);
-}
-
-// Vector form of HalfToFloat: normals by rebiasing the exponent, exponent 31 (inf/nan) by moving
-// it to 255, subnormals through an exact int->float conversion (no float denormal arithmetic,
-// which is slow on some cores and wrong under flush-to-zero).
-V4f HalfToFloat4(V4u x) {
-  const V4u sign = (x & 0x8000u) << 16;
-  const V4u exp = x & 0x7c00u;
-  const V4u shifted = (x & 0x7fffu) << 13;
-  const V4u normal = shifted + (112u << 23);
-  const V4u special = shifted + (224u << 23);
-  const V4f sub = __builtin_convertvector(reinterpret_cast<V4i>(x & 0x3ffu), V4f) * 0x1p-24f;
-  const V4u magnitude =
-      exp == 0u ? reinterpret_cast<V4u>(sub) : (exp == 0x7c00u ? special : normal);
-  return reinterpret_cast<V4f>(magnitude | sign);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dtype traits: the attention loops are templated on these so there is no per-element switch.
-
-struct F32 {
-  using Storage = float;
-  static float Load(Storage s) { return s; }
-  static Storage Store(float f) { return f; }
-  static V4f Load4(const Storage* p) { return LoadV(p); }
-};
-struct F16 {
-  using Storage = uint16_t;
-  static float Load(Storage s) { return HalfToFloat(s); }
-  static Storage Store(float f) { return FloatToHalf(f); }
-  static V4f Load4(const Storage* p) { return HalfToFloat4(Widen(p)); }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  static float Load(Storage s) { return Bf16ToFloat(s); }
-  static Storage Store(float f) { return FloatToBf16(f); }
-  static V4f Load4(const Storage* p) { return reinterpret_cast<V4f>(Widen(p) << 16); }
-};
-
-template <typename T>
-void LoadRow(const typename T::Storage* src, int64_t n, float* dst) {
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) StoreV(dst + i, T::Load4(src + i));
-  for (; i < n; ++i) dst[i] = T::Load(src[i]);
-}
-
-template <typename T>
-void StoreRow(const float* src, int64_t n, typename T::Storage* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = T::Store(src[i]);
-}
+// Vector arithmetic.
 
 void ScaleRow(float s, int64_t n, float* x) {
   int64_t i = 0;
@@ -282,6 +138,11 @@ struct Problem {
   int64_t heads;
   int64_t chunk;         // keys converted per step
   int64_t tile_queries;  // queries per tile
+  // The scales of an fp8 pool, folded where they cost nothing: K's into the factor the queries
+  // are multiplied by anyway (logit = sm_scale * q . (k_scale * fp8)), V's into the softmax
+  // normalisation of the output. 1 for a model-dtype pool, so that path is unchanged.
+  float q_scale;    // sm_scale * k_scale
+  float out_scale;  // v_scale
 };
 
 // Online softmax state of one (query, query head) row.
@@ -317,9 +178,9 @@ void VisibleRange(const Problem& p, int64_t pos, int64_t* lo, int64_t* hi) {
 
 // Reads keys [begin, end) of the heads (K when kv == 0, V when 1) into dst as float,
 // dst[head][key - begin][d], p.chunk keys per head.
-template <typename T>
+template <typename Kv>
 void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* dst) {
-  const auto* pool = static_cast<const typename T::Storage*>(p.pool);
+  const auto* pool = static_cast<const typename Kv::Storage*>(p.pool);
   const int64_t d = p.shape.head_dim;
   const int64_t ps = p.shape.page_size;
   for (int64_t pos = begin; pos < end;) {
@@ -331,11 +192,11 @@ void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* ds
       const auto* src = pool + p.shape.Offset(p.layer, page, kv, slot, p.kv_begin + h);
       float* out = dst + (h * p.chunk + (pos - begin)) * d;
       if (p.shape.layout == KvLayout::kHND) {
-        LoadRow<T>(src, run * d, out);  // the run is contiguous
+        LoadRow<Kv>(src, run * d, out);  // the run is contiguous
         continue;
       }
       const int64_t token_stride = p.shape.num_kv_heads * d;
-      for (int64_t j = 0; j < run; ++j) LoadRow<T>(src + j * token_stride, d, out + j * d);
+      for (int64_t j = 0; j < run; ++j) LoadRow<Kv>(src + j * token_stride, d, out + j * d);
     }
     pos += run;
   }
@@ -375,8 +236,8 @@ int64_t RowIndex(const Problem& p, int64_t h, int64_t qt, int64_t gh) {
 }
 
 // Computes the output rows of queries [q_begin, q_end) for every query head of the heads.
-// s.q holds the queries scaled by sm_scale.
-template <typename T>
+// s.q holds the queries scaled by q_scale; the accumulators are left unnormalised.
+template <typename Kv>
 void AttendTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s) {
   const int64_t d = p.shape.head_dim;
   std::fill(s.acc.begin(), s.acc.end(), 0.0f);
@@ -389,8 +250,8 @@ void AttendTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s) {
 
   for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
     const int64_t c1 = std::min(hi, c0 + p.chunk);
-    GatherChunk<T>(p, 0, c0, c1, s.k.data());
-    GatherChunk<T>(p, 1, c0, c1, s.v.data());
+    GatherChunk<Kv>(p, 0, c0, c1, s.k.data());
+    GatherChunk<Kv>(p, 1, c0, c1, s.v.data());
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
       int64_t vlo, vhi;
       VisibleRange(p, p.first_pos + qi, &vlo, &vhi);
@@ -409,7 +270,7 @@ void AttendTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s) {
   }
 }
 
-// Copies queries [q_begin, q_end) of the heads' query heads into the scratch, scaled by sm_scale.
+// Copies queries [q_begin, q_end) of the heads' query heads into the scratch, scaled by q_scale.
 // A kv head's group of query heads is adjacent in q ([query][qo_head][d]): one run of g * d.
 template <typename T>
 void LoadTileQueries(const Problem& p, const void* q, int64_t q_begin, int64_t q_end, Scratch& s) {
@@ -420,7 +281,7 @@ void LoadTileQueries(const Problem& p, const void* q, int64_t q_begin, int64_t q
     for (int64_t h = 0; h < p.heads; ++h) {
       float* dst = s.q.data() + RowIndex(p, h, qi - q_begin, 0) * d;
       LoadRow<T>(qs + (qi * p.opts.num_qo_heads + (p.kv_begin + h) * p.group) * d, run, dst);
-      ScaleRow(p.opts.sm_scale, run, dst);
+      ScaleRow(p.q_scale, run, dst);
     }
   }
 }
@@ -440,7 +301,7 @@ void StoreTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s, voi
         const int64_t qo_head = (p.kv_begin + h) * p.group + gh;
         const RowState& st = s.state[row];
         float* arow = s.acc.data() + row * d;
-        ScaleRow(st.denom > 0.0f ? 1.0f / st.denom : 0.0f, d, arow);
+        ScaleRow(st.denom > 0.0f ? p.out_scale / st.denom : 0.0f, d, arow);
         StoreRow<T>(arow, d, o + (qi * qo + qo_head) * d);
         if (lse != nullptr) {
           lse[qi * qo + qo_head] = st.denom > 0.0f ? st.max + std::log(st.denom)
@@ -451,15 +312,26 @@ void StoreTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s, voi
   }
 }
 
-template <typename T>
+// Kv: what the pool holds; Io: the model dtype of q and out.
+template <typename Kv, typename Io>
 void Attend(const Problem& p, const void* q, void* out, float* lse) {
   thread_local Scratch s;
   s.Reserve(p);
   for (int64_t q0 = 0; q0 < p.seq.num_queries; q0 += p.tile_queries) {
     const int64_t q1 = std::min(p.seq.num_queries, q0 + p.tile_queries);
-    LoadTileQueries<T>(p, q, q0, q1, s);
-    AttendTile<T>(p, q0, q1, s);
-    StoreTile<T>(p, q0, q1, s, out, lse);
+    LoadTileQueries<Io>(p, q, q0, q1, s);
+    AttendTile<Kv>(p, q0, q1, s);
+    StoreTile<Io>(p, q0, q1, s, out, lse);
+  }
+}
+
+// A model-dtype pool is read as the model dtype; an fp8 pool as fp8 whatever the model's.
+template <typename Io>
+void AttendPool(const Problem& p, const void* q, void* out, float* lse) {
+  if (p.shape.storage == KvStorage::kFp8E4M3) {
+    Attend<Fp8, Io>(p, q, out, lse);
+  } else {
+    Attend<Io, Io>(p, q, out, lse);
   }
 }
 
@@ -490,13 +362,62 @@ void AppendRows(void* pool, const KvCacheShape& shape, int64_t layer, const int3
   }
 }
 
+// The append into an fp8 pool: each row of the model dtype Io quantized with its tensor's scale.
+template <typename Io>
+void AppendQuantized(void* pool, const KvCacheShape& shape, int64_t layer,
+                     const int32_t* page_table, int64_t start, int64_t n, const void* k,
+                     const void* v, KvScales scales) {
+  auto* dst = static_cast<uint8_t*>(pool);
+  const typename Io::Storage* const src[2] = {static_cast<const typename Io::Storage*>(k),
+                                              static_cast<const typename Io::Storage*>(v)};
+  const float scale[2] = {scales.k, scales.v};
+  const int64_t d = shape.head_dim;
+  const int64_t heads = shape.num_kv_heads;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = start + t;
+    const int64_t page = page_table[pos / shape.page_size];
+    const int64_t slot = pos % shape.page_size;
+    for (int kv = 0; kv < 2; ++kv) {
+      for (int64_t h = 0; h < heads; ++h) {
+        cpu_convert::QuantizeRow<Io>(src[kv] + (t * heads + h) * d, d, scale[kv],
+                                     dst + shape.Offset(layer, page, kv, slot, h));
+      }
+    }
+  }
+}
+
+// Calls fn(traits) with the traits of a model dtype. fp8 is never a model dtype (only a pool's):
+// no call.
+template <typename Fn>
+void WithModelDType(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32:
+      fn(F32{});
+      return;
+    case DType::kFloat16:
+      fn(F16{});
+      return;
+    case DType::kBFloat16:
+      fn(BF16{});
+      return;
+    case DType::kFloat8E4M3:
+      return;
+  }
+}
+
 }  // namespace
 
 void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
-                 int64_t start, int64_t n, const void* k, const void* v, KvScales) {
+                 int64_t start, int64_t n, const void* k, const void* v, KvScales scales) {
   if (n <= 0) return;
-  // Only the element size matters for a copy.
-  if (DTypeSize(shape.dtype) == 4) {
+  if (shape.storage == KvStorage::kFp8E4M3) {
+    WithModelDType(shape.dtype, [&](auto io) {
+      AppendQuantized<decltype(io)>(pool, shape, layer, page_table, start, n, k, v, scales);
+    });
+    return;
+  }
+  // A model-dtype pool: only the element size matters for a copy.
+  if (shape.ElemBytes() == 4) {
     AppendRows<F32>(pool, shape, layer, page_table, start, n, k, v);
   } else {
     AppendRows<F16>(pool, shape, layer, page_table, start, n, k, v);
@@ -506,7 +427,7 @@ void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int
 void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64_t layer,
                               const SequenceView& seq, const AttentionOptions& opts, const void* q,
                               void* out, float* lse, int64_t kv_head_begin, int64_t kv_head_end,
-                              KvScales) {
+                              KvScales scales) {
   if (seq.num_queries <= 0 || kv_head_begin >= kv_head_end) return;
   Problem p;
   p.pool = pool;
@@ -521,17 +442,11 @@ void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64
   const int64_t row_floats = 2 * p.heads * shape.head_dim;  // K and V of one key, all the heads
   p.chunk = std::clamp<int64_t>(kChunkBytes / (row_floats * 4), kMinChunk, kMaxChunk);
   p.tile_queries = std::max<int64_t>(1, kRowsPerKvHead / p.group);
-  switch (shape.dtype) {
-    case DType::kFloat32:
-      Attend<F32>(p, q, out, lse);
-      break;
-    case DType::kFloat16:
-      Attend<F16>(p, q, out, lse);
-      break;
-    case DType::kBFloat16:
-      Attend<BF16>(p, q, out, lse);
-      break;
-  }
+  // A model-dtype pool ignores the scales (sm_scale * 1 and 1 / denom: the same bits as ever).
+  const bool fp8 = shape.storage == KvStorage::kFp8E4M3;
+  p.q_scale = opts.sm_scale * (fp8 ? scales.k : 1.0f);
+  p.out_scale = fp8 ? scales.v : 1.0f;
+  WithModelDType(shape.dtype, [&](auto io) { AttendPool<decltype(io)>(p, q, out, lse); });
 }
 
 void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
@@ -539,60 +454,6 @@ void CpuPagedAttention(const void* pool, const KvCacheShape& shape, int64_t laye
                        void* out, float* lse, KvScales scales) {
   CpuPagedAttentionKvHeads(pool, shape, layer, seq, opts, q, out, lse, 0, shape.num_kv_heads,
                            scales);
-}
-
-float LoadAsFloat(const void* base, int64_t index, DType dtype) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return LoadF32(base, index);
-    case DType::kFloat16:
-      return HalfToFloat(static_cast<const uint16_t*>(base)[index]);
-    case DType::kBFloat16:
-      return Bf16ToFloat(static_cast<const uint16_t*>(base)[index]);
-  }
-  return std::numeric_limits<float>::quiet_NaN();
-}
-
-void StoreFromFloat(void* base, int64_t index, DType dtype, float value) {
-  switch (dtype) {
-    case DType::kFloat32:
-      StoreF32(base, index, value);
-      return;
-    case DType::kFloat16:
-      static_cast<uint16_t*>(base)[index] = FloatToHalf(value);
-      return;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(base)[index] = FloatToBf16(value);
-      return;
-  }
-}
-
-void LoadRowAsFloat(const void* base, int64_t index, int64_t n, DType dtype, float* dst) {
-  switch (dtype) {
-    case DType::kFloat32:
-      LoadRow<F32>(static_cast<const float*>(base) + index, n, dst);
-      return;
-    case DType::kFloat16:
-      LoadRow<F16>(static_cast<const uint16_t*>(base) + index, n, dst);
-      return;
-    case DType::kBFloat16:
-      LoadRow<BF16>(static_cast<const uint16_t*>(base) + index, n, dst);
-      return;
-  }
-}
-
-void StoreRowFromFloat(const float* src, int64_t n, DType dtype, void* base, int64_t index) {
-  switch (dtype) {
-    case DType::kFloat32:
-      StoreRow<F32>(src, n, static_cast<float*>(base) + index);
-      return;
-    case DType::kFloat16:
-      StoreRow<F16>(src, n, static_cast<uint16_t*>(base) + index);
-      return;
-    case DType::kBFloat16:
-      StoreRow<BF16>(src, n, static_cast<uint16_t*>(base) + index);
-      return;
-  }
 }
 
 }  // namespace attnd::kernels

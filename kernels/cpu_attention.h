@@ -12,12 +12,13 @@ namespace attnd::kernels {
 
 // Writes n tokens' K and V, each [n][num_kv_heads][head_dim] of shape.dtype contiguous, into
 // positions [start, start + n) of `layer`, following seq.page_table.
-// An fp8 pool (shape.storage) stores fp8(K / scales.k) and fp8(V / scales.v), saturating.
+// An fp8 pool (shape.storage) stores fp8(K / scales.k) and fp8(V / scales.v), saturating, the
+// division in fp32; a model-dtype pool copies K and V and ignores the scales.
 void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
                  int64_t start, int64_t n, const void* k, const void* v, KvScales scales = {});
 
 // The attention functions read an fp8 pool's K and V as scales.k * fp8 and scales.v * fp8 (the
-// dequantized truth the GPU kernels are compared against).
+// dequantized truth the GPU kernels are compared against); model-dtype pools ignore the scales.
 // Causal attention of one sequence's num_queries new queries over its kv_len positions.
 // q and out are [num_queries][num_qo_heads][head_dim] of shape.dtype; lse (may be null) is
 // [num_queries][num_qo_heads] float32, natural log of the softmax denominator. Computes in fp32
@@ -44,7 +45,8 @@ void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_
                              KvScales scales = {});
 
 // Conversions between the storage dtypes and float (round-to-nearest-even on the way down;
-// fp8 e4m3 saturates at +-448 and maps NaN to NaN, like CUDA's __NV_SATFINITE conversion).
+// fp8 e4m3 saturates at +-448, infinities included, and maps NaN to 0x7f, like CUDA's
+// __NV_SATFINITE conversion).
 float LoadAsFloat(const void* base, int64_t index, DType dtype);
 void StoreFromFloat(void* base, int64_t index, DType dtype, float value);
 

@@ -11,14 +11,19 @@
 namespace attnd::kernels {
 namespace {
 
-// Dense copy of one layer of one sequence: [kv_len][num_kv_heads][head_dim] for K and for V.
+// Dense copy of one layer of one sequence: [kv_len][num_kv_heads][head_dim] for K and for V, the
+// values the pool stands for (an fp8 pool's codes times the layer's scales, exact in double).
 struct DenseKv {
   std::vector<double> k;
   std::vector<double> v;
 };
 
-DenseKv Gather(const void* pool, const KvCacheShape& shape, int64_t layer,
-               const SequenceView& seq) {
+DenseKv Gather(const void* pool, const KvCacheShape& shape, int64_t layer, const SequenceView& seq,
+               KvScales scales) {
+  const DType stored = shape.StorageDType();
+  const bool fp8 = shape.storage == KvStorage::kFp8E4M3;
+  const double k_scale = fp8 ? scales.k : 1.0;
+  const double v_scale = fp8 ? scales.v : 1.0;
   const int64_t heads = shape.num_kv_heads;
   const int64_t d = shape.head_dim;
   DenseKv kv;
@@ -31,8 +36,8 @@ DenseKv Gather(const void* pool, const KvCacheShape& shape, int64_t layer,
       const int64_t k_at = shape.Offset(layer, page, 0, slot, h);
       const int64_t v_at = shape.Offset(layer, page, 1, slot, h);
       for (int64_t i = 0; i < d; ++i) {
-        kv.k[(pos * heads + h) * d + i] = LoadAsFloat(pool, k_at + i, shape.dtype);
-        kv.v[(pos * heads + h) * d + i] = LoadAsFloat(pool, v_at + i, shape.dtype);
+        kv.k[(pos * heads + h) * d + i] = k_scale * LoadAsFloat(pool, k_at + i, stored);
+        kv.v[(pos * heads + h) * d + i] = v_scale * LoadAsFloat(pool, v_at + i, stored);
       }
     }
   }
@@ -48,7 +53,7 @@ bool Visible(const AttentionOptions& opts, int64_t query_pos, int64_t key_pos) {
 
 void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_t layer,
                              const SequenceView& seq, const AttentionOptions& opts, const void* q,
-                             std::vector<double>* out, std::vector<double>* lse, KvScales) {
+                             std::vector<double>* out, std::vector<double>* lse, KvScales scales) {
   const int64_t qo = opts.num_qo_heads;
   const int64_t kv_heads = shape.num_kv_heads;
   const int64_t group = qo / kv_heads;
@@ -60,7 +65,7 @@ void ReferencePagedAttention(const void* pool, const KvCacheShape& shape, int64_
   out->assign(n * qo * d, 0.0);
   if (lse != nullptr) lse->assign(n * qo, 0.0);
   if (n <= 0) return;
-  const DenseKv kv = Gather(pool, shape, layer, seq);
+  const DenseKv kv = Gather(pool, shape, layer, seq, scales);
 
   std::vector<double> logits(seq.kv_len);
   std::vector<double> query(d);

@@ -15,6 +15,7 @@
 
 #include "kernels/cuda/append/append.h"
 #include "kernels/cuda/common/paged_kv_args.h"
+#include "kernels/cuda/convert/convert.h"
 #include "kernels/cuda/copy/copy.h"
 #include "kernels/cuda/decode/decode.h"
 #include "kernels/cuda/fault/fault.h"

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -37,6 +38,14 @@ class HostPool {
   const size_t bytes_;
 };
 
+// Every layer's scales as configured; layers the config does not cover start at 1 and 1.
+std::vector<kernels::KvScales> InitialScales(const ModelShape& model) {
+  std::vector<kernels::KvScales> scales(static_cast<size_t>(model.num_layers));
+  const size_t given = std::min(scales.size(), model.kv_scales.size());
+  std::copy_n(model.kv_scales.begin(), given, scales.begin());
+  return scales;
+}
+
 class CpuDeviceBackend final : public DeviceBackend {
  public:
   CpuDeviceBackend(const ServerConfig& config, int64_t num_pages, std::unique_ptr<HostPool> pool)
@@ -44,6 +53,7 @@ class CpuDeviceBackend final : public DeviceBackend {
         options_(config.model.Options()),
         num_qo_heads_(config.model.num_qo_heads),
         pool_(std::move(pool)),
+        scales_(InitialScales(config.model)),
         threads_(std::max(0, config.cpu_threads - 1)) {}
 
   std::string name() const override { return "cpu"; }
@@ -52,8 +62,7 @@ class CpuDeviceBackend final : public DeviceBackend {
   KvPoolMemory pool_memory() const override { return {pool_->data(), pool_bytes(), false}; }
 
   absl::Status CopyPages(absl::Span<const PageCopy> copies) override {
-    const size_t page_bytes =
-        static_cast<size_t>(shape_.PageElems()) * kernels::DTypeSize(shape_.dtype);
+    const size_t page_bytes = static_cast<size_t>(shape_.PageElems() * shape_.ElemBytes());
     for (const PageCopy& c : copies) {
       for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
         std::memcpy(ElementPtr(shape_.Offset(layer, c.dst, 0, 0, 0)),
@@ -69,7 +78,8 @@ class CpuDeviceBackend final : public DeviceBackend {
     for (const BatchEntry& e : work.entries) {
       kernels::CpuAppendKv(pool_->data(), shape_, work.layer, e.page_table.data(), e.start,
                            e.num_new, static_cast<const uint8_t*>(work.k_new) + row * row_bytes,
-                           static_cast<const uint8_t*>(work.v_new) + row * row_bytes);
+                           static_cast<const uint8_t*>(work.v_new) + row * row_bytes,
+                           LayerScales(work.layer));
       row += e.num_new;
     }
     return LaunchResult{std::chrono::steady_clock::now()};
@@ -91,6 +101,7 @@ class CpuDeviceBackend final : public DeviceBackend {
     for (size_t i = 1; i < entries.size(); ++i)
       first_row[i] = first_row[i - 1] + entries[i - 1].num_new;
     const int64_t heads = shape_.num_kv_heads;
+    const kernels::KvScales scales = LayerScales(work.append.layer);
     threads_.ParallelFor(static_cast<int64_t>(entries.size()) * heads, [&](int64_t task) {
       const BatchEntry& e = entries[static_cast<size_t>(task / heads)];
       const int64_t head = task % heads;
@@ -100,31 +111,62 @@ class CpuDeviceBackend final : public DeviceBackend {
           pool_->data(), shape_, work.append.layer, view, options_,
           static_cast<const uint8_t*>(work.q) + row * q_row_bytes,
           static_cast<uint8_t*>(work.out) + row * q_row_bytes,
-          work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_, head, head + 1);
+          work.lse == nullptr ? nullptr : work.lse + row * num_qo_heads_, head, head + 1, scales);
     });
     return LaunchResult{std::chrono::steady_clock::now()};
   }
 
-  absl::Status SetKvScales(int64_t, absl::Span<const kernels::KvScales>) override {
-    return absl::UnimplementedError("SetKvScales: not yet");  // TODO(fp8): scales
+  // Every check before any write, so a refused call changes nothing.
+  absl::Status SetKvScales(int64_t layer_begin,
+                           absl::Span<const kernels::KvScales> scales) override {
+    if (shape_.storage != kernels::KvStorage::kFp8E4M3) {
+      return absl::FailedPreconditionError(
+          "SetKvScales: the pool is not fp8 (it stores K and V in the model's dtype, unscaled)");
+    }
+    const int64_t n = static_cast<int64_t>(scales.size());
+    if (layer_begin < 0 || n > shape_.num_layers - layer_begin) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SetKvScales: layer_begin ", layer_begin, " with ", n,
+          " layers of scales is outside the ", shape_.num_layers, " layers of the model"));
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const kernels::KvScales& s = scales[static_cast<size_t>(i)];
+      // A zero, negative or non-finite scale would turn every value of the layer into 0 or NaN.
+      if (!(s.k > 0.0f && s.v > 0.0f && std::isfinite(s.k) && std::isfinite(s.v))) {
+        return absl::InvalidArgumentError(absl::StrCat("SetKvScales: the scales of layer ",
+                                                       layer_begin + i, " (k ", s.k, ", v ", s.v,
+                                                       ") are not positive and finite"));
+      }
+    }
+    std::copy(scales.begin(), scales.end(), scales_.begin() + layer_begin);
+    return absl::OkStatus();
   }
+
+  // The buffer holds the model's dtype. A model-dtype pool copies bytes; an fp8 pool exports
+  // scale * fp8 (the float product rounded to the model's dtype) and imports fp8(value / scale),
+  // as the append quantizes: a sequence exported and imported again gets back the same codes.
   absl::Status TransferKv(const KvTransferWork& w) override {
     const int64_t heads = w.head_end - w.head_begin;
-    const size_t run_bytes =
-        static_cast<size_t>(shape_.head_dim) * kernels::DTypeSize(shape_.dtype);
+    const int64_t d = shape_.head_dim;
+    const size_t run_bytes = static_cast<size_t>(RowBytes(1));
+    const bool fp8 = shape_.storage == kernels::KvStorage::kFp8E4M3;
+    std::vector<float> run(fp8 ? static_cast<size_t>(d) : 0);
     auto* buffer = static_cast<uint8_t*>(w.buffer);
     size_t cursor = 0;
     for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
       for (int kv = 0; kv < 2; ++kv) {
+        const float scale = kv == 0 ? LayerScales(layer).k : LayerScales(layer).v;
         for (int64_t t = 0; t < w.num_tokens; ++t) {
           const int32_t page = w.page_table[static_cast<size_t>(t / shape_.page_size)];
           for (int64_t h = 0; h < heads; ++h, cursor += run_bytes) {
-            uint8_t* slot =
-                ElementPtr(shape_.Offset(layer, page, kv, t % shape_.page_size, w.head_begin + h));
-            if (w.to_pool) {
-              std::memcpy(slot, buffer + cursor, run_bytes);
+            const int64_t element =
+                shape_.Offset(layer, page, kv, t % shape_.page_size, w.head_begin + h);
+            if (fp8) {
+              ConvertRun(element, buffer + cursor, w.to_pool, scale, run.data());
+            } else if (w.to_pool) {
+              std::memcpy(ElementPtr(element), buffer + cursor, run_bytes);
             } else {
-              std::memcpy(buffer + cursor, slot, run_bytes);
+              std::memcpy(buffer + cursor, ElementPtr(element), run_bytes);
             }
           }
         }
@@ -135,16 +177,37 @@ class CpuDeviceBackend final : public DeviceBackend {
 
  private:
   uint8_t* ElementPtr(int64_t element) const {
-    return pool_->data() + element * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+    return pool_->data() + element * shape_.ElemBytes();
   }
+  // Bytes of `heads` rows of the model's dtype (k_new, q, out, transfer buffers).
   int64_t RowBytes(int64_t heads) const {
     return heads * shape_.head_dim * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  }
+  kernels::KvScales LayerScales(int64_t layer) const { return scales_[static_cast<size_t>(layer)]; }
+
+  // One head's row between the fp8 pool at `element` and `model_row` (head_dim values of the
+  // model's dtype), through `scratch` (head_dim floats).
+  void ConvertRun(int64_t element, uint8_t* model_row, bool to_pool, float scale,
+                  float* scratch) const {
+    const int64_t d = shape_.head_dim;
+    if (to_pool) {
+      kernels::LoadRowAsFloat(model_row, 0, d, shape_.dtype, scratch);
+      for (int64_t x = 0; x < d; ++x) scratch[x] /= scale;
+      kernels::StoreRowFromFloat(scratch, d, kernels::DType::kFloat8E4M3, pool_->data(), element);
+    } else {
+      kernels::LoadRowAsFloat(pool_->data(), element, d, kernels::DType::kFloat8E4M3, scratch);
+      for (int64_t x = 0; x < d; ++x) scratch[x] *= scale;
+      kernels::StoreRowFromFloat(scratch, d, shape_.dtype, model_row, 0);
+    }
   }
 
   const kernels::KvCacheShape shape_;
   const kernels::AttentionOptions options_;
   const int64_t num_qo_heads_;
   const std::unique_ptr<HostPool> pool_;
+  // Per layer; ignored by a model-dtype pool. Changed only by SetKvScales, on the worker thread
+  // that makes every other call.
+  std::vector<kernels::KvScales> scales_;
   ThreadPool threads_;  // its own lock: ParallelFor callers take turns
 };
 

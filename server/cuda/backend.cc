@@ -14,6 +14,7 @@
 #include "server/cuda/completions.h"
 #include "server/cuda/cuda_check.h"
 #include "server/cuda/decode_graphs.h"
+#include "server/cuda/kv_staging.h"
 #include "server/cuda/workspaces.h"
 #include "server/platform/gpu_batch.h"
 #include "spdlog/spdlog.h"
@@ -36,8 +37,11 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::StatusOr<AttentionPlan> PlanAttention(const AttentionBatch& batch) override;
   absl::StatusOr<LaunchResult> Attention(const AttentionWork& work,
                                          const AttentionPlan& plan) override;
-  absl::Status SetKvScales(int64_t, absl::Span<const kernels::KvScales>) override {
-    return absl::UnimplementedError("SetKvScales: not yet");  // TODO(fp8): scales
+  absl::Status SetKvScales(int64_t layer_begin,
+                           absl::Span<const kernels::KvScales> scales) override {
+    if (shape_.storage != kernels::KvStorage::kFp8E4M3)
+      return absl::FailedPreconditionError("kv scales: the pool is not fp8");
+    return staging_->SetScales(layer_begin, scales);
   }
   absl::Status TransferKv(const KvTransferWork& work) override;
   absl::StatusOr<std::string> PoolIpcHandle() override;
@@ -55,10 +59,11 @@ class CudaDeviceBackend final : public DeviceBackend {
   // Returns the device's free bytes before the pool took its share.
   absl::StatusOr<size_t> CreatePool(const ServerConfig& config, int device);
   uint8_t* PoolAt(int64_t element) const {
-    return static_cast<uint8_t*>(pool_.get()) +
-           element * static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+    return static_cast<uint8_t*>(pool_.get()) + element * shape_.ElemBytes();
   }
-  kernels::cuda::PagedKv Kv(int64_t layer) const { return {pool_.get(), shape_, layer}; }
+  kernels::cuda::PagedKv Kv(int64_t layer) const {
+    return {pool_.get(), shape_, layer, nullptr, staging_->device_scales()};
+  }
 
   absl::StatusOr<LaunchResult> Fault();
   absl::Status CheckPlanned(const AttentionWork& work, const AttentionPlan& plan) const;
@@ -68,6 +73,9 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::Status WaitForInputs(const EventSyncWork& sync);
   absl::Status Upload(bool with_indices);
   absl::Status LaunchAppend(const AppendWork& work);
+  absl::Status CopyKvBlock(int64_t layer, int kv, const KvTransferWork& w, uint8_t* dense,
+                           size_t elem_bytes);
+  absl::Status TransferFp8Kv(const KvTransferWork& w);
   absl::Status UploadPlan(size_t offset, int64_t ints, absl::string_view what);
   absl::StatusOr<LaunchResult> Finish(const EventSyncWork& sync, absl::string_view what,
                                       LaunchResult result);
@@ -84,6 +92,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   std::vector<int32_t> pull_pages_host_;
   std::unique_ptr<CudaCompletions> completions_;  // after stream_: destroyed before it
   DeviceBuffer pool_;
+  std::unique_ptr<KvStaging> staging_;  // fp8 scales, prefill staging, transfer scratch
   std::unique_ptr<Workspaces> workspaces_;
   std::unique_ptr<DecodeGraphs> graphs_;  // after workspaces_, whose buffers they use
 
@@ -114,11 +123,14 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CudaDeviceBackend::Create(const S
   b->plan_host_.assign(static_cast<size_t>(b->workspaces_->plan_ints()), 0);
   auto free_bytes = b->CreatePool(config, device);
   if (!free_bytes.ok()) return free_bytes.status();
+  auto staging = KvStaging::Create(b->shape_, config.model.kv_scales, stream);
+  if (!staging.ok()) return staging.status();
+  b->staging_ = *std::move(staging);
   ATTND_CUDA_RETURN(cudaStreamSynchronize(stream), "backend set-up");
   if (config.cuda_graphs && !config.graph_buckets.empty()) {
     const auto start = std::chrono::steady_clock::now();
-    auto graphs = DecodeGraphs::Capture(config.graph_buckets, b->pool_.get(), b->shape_,
-                                        b->options_, *b->workspaces_, stream);
+    auto graphs = DecodeGraphs::Capture(config.graph_buckets, b->Kv(0), b->options_,
+                                        *b->workspaces_, stream);
     if (!graphs.ok()) return graphs.status();
     b->graphs_ = *std::move(graphs);
     spdlog::info("device={} graphs={} buckets={}..{} capture_s={:.3f} graph_buffer_bytes={}",
@@ -156,7 +168,7 @@ absl::StatusOr<size_t> CudaDeviceBackend::CreatePool(const ServerConfig& config,
 }
 
 absl::Status CudaDeviceBackend::CopyPages(absl::Span<const PageCopy> copies) {
-  const size_t block = static_cast<size_t>(shape_.PageElems()) * kernels::DTypeSize(shape_.dtype);
+  const size_t block = static_cast<size_t>(shape_.PageElems() * shape_.ElemBytes());
   for (const PageCopy& c : copies) {
     for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
       ATTND_CUDA_RETURN(cudaMemcpyAsync(PoolAt(shape_.Offset(layer, c.dst, 0, 0, 0)),
@@ -307,9 +319,17 @@ absl::Status CudaDeviceBackend::LaunchPrefill(const AttentionWork& work,
         !s.ok())
       return s;
   }
-  const kernels::cuda::PrefillArgs a =
+  kernels::cuda::PrefillArgs a =
       workspaces_->PrefillArgs(Kv(work.append.layer), options_, work.q, work.out, work.lse,
                                plan.num_items, plan.num_merges);
+  if (shape_.storage == kernels::KvStorage::kFp8E4M3) {
+    // The prefill kernels read 16-bit K/V: the batch's pages, dequantized after the append.
+    auto staged = staging_->StagePages(a.kv, a.kv_indices,
+                                       static_cast<int64_t>(batch_.kv_indices.size()));
+    if (!staged.ok()) return Annotate(staged.status(), "fp8 prefill staging");
+    a.kv = *staged;
+    a.kv_indices = staging_->identity();
+  }
   return Annotate(kernels::cuda::LaunchBatchPrefill(a, stream_.get()), "prefill kernel");
 }
 
@@ -372,11 +392,13 @@ absl::StatusOr<LaunchResult> CudaDeviceBackend::Finish(const EventSyncWork& sync
   return result;
 }
 
-absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
-  const size_t es = kernels::DTypeSize(shape_.dtype);
+// One (layer, K or V) of a transfer between the pool and `dense` ([tokens][heads][head_dim] of
+// the pool's elements, device memory or mapped host memory), one 2D copy per page (NHD) or
+// per page and head (HND).
+absl::Status CudaDeviceBackend::CopyKvBlock(int64_t layer, int kv, const KvTransferWork& w,
+                                            uint8_t* dense, size_t es) {
   const int64_t heads = w.head_end - w.head_begin;
   const size_t buffer_row = static_cast<size_t>(heads * shape_.head_dim) * es;
-  auto* buffer = static_cast<uint8_t*>(w.buffer);
   const cudaMemcpyKind kind = cudaMemcpyDefault;  // UVA: the buffer may be host or device
   const auto copy = [&](uint8_t* pool, size_t pool_row, uint8_t* buf, size_t width,
                         int64_t rows) {
@@ -386,33 +408,78 @@ absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
                                                kind, stream_.get()),
                  "KV transfer");
   };
-  size_t cursor = 0;
+  for (int64_t t0 = 0; t0 < w.num_tokens; t0 += shape_.page_size) {
+    const int32_t page = w.page_table[static_cast<size_t>(t0 / shape_.page_size)];
+    const int64_t rows = std::min(shape_.page_size, w.num_tokens - t0);
+    uint8_t* buf = dense + static_cast<size_t>(t0) * buffer_row;
+    if (shape_.layout == kernels::KvLayout::kNHD) {
+      // Rows of the page are tokens; the head range of a row is contiguous.
+      const size_t pool_row = static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
+      if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin)),
+                                pool_row, buf, buffer_row, rows);
+          !s.ok())
+        return s;
+      continue;
+    }
+    // HND: each head's slots are contiguous rows of head_dim.
+    const size_t head_row = static_cast<size_t>(shape_.head_dim) * es;
+    for (int64_t h = 0; h < heads; ++h) {
+      if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin + h)),
+                                head_row, buf + static_cast<size_t>(h) * head_row, head_row,
+                                rows);
+          !s.ok())
+        return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
+  if (shape_.storage == kernels::KvStorage::kFp8E4M3) return TransferFp8Kv(w);
+  const size_t es = static_cast<size_t>(shape_.ElemBytes());
+  const size_t block =
+      static_cast<size_t>(w.num_tokens * (w.head_end - w.head_begin) * shape_.head_dim) * es;
+  auto* cursor = static_cast<uint8_t*>(w.buffer);
   for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
-    for (int kv = 0; kv < 2; ++kv) {
-      for (int64_t t0 = 0; t0 < w.num_tokens; t0 += shape_.page_size) {
-        const int32_t page = w.page_table[static_cast<size_t>(t0 / shape_.page_size)];
-        const int64_t rows = std::min(shape_.page_size, w.num_tokens - t0);
-        uint8_t* buf = buffer + cursor + static_cast<size_t>(t0) * buffer_row;
-        if (shape_.layout == kernels::KvLayout::kNHD) {
-          // Rows of the page are tokens; the head range of a row is contiguous.
-          const size_t pool_row = static_cast<size_t>(shape_.num_kv_heads * shape_.head_dim) * es;
-          if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin)),
-                                    pool_row, buf, buffer_row, rows);
-              !s.ok())
-            return s;
-          continue;
-        }
-        // HND: each head's slots are contiguous rows of head_dim.
-        const size_t head_row = static_cast<size_t>(shape_.head_dim) * es;
-        for (int64_t h = 0; h < heads; ++h) {
-          if (absl::Status s = copy(PoolAt(shape_.Offset(layer, page, kv, 0, w.head_begin + h)),
-                                    head_row, buf + static_cast<size_t>(h) * head_row, head_row,
-                                    rows);
-              !s.ok())
-            return s;
-        }
+    for (int kv = 0; kv < 2; ++kv, cursor += block) {
+      if (absl::Status s = CopyKvBlock(layer, kv, w, cursor, es); !s.ok()) return s;
+    }
+  }
+  return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");
+}
+
+// The buffer is in the model dtype: each (layer, K or V) block goes through fp8 scratch and is
+// converted with the layer's scale (export: scale * fp8; import: fp8(x / scale)).
+absl::Status CudaDeviceBackend::TransferFp8Kv(const KvTransferWork& w) {
+  const int64_t elems = w.num_tokens * (w.head_end - w.head_begin) * shape_.head_dim;
+  const size_t model_bytes = kernels::DTypeSize(shape_.dtype);
+  auto scratch = staging_->Scratch(static_cast<size_t>(std::max<int64_t>(elems, 16)));
+  if (!scratch.ok()) return scratch.status();
+  auto* dense = static_cast<uint8_t*>(*scratch);
+  auto* cursor = static_cast<uint8_t*>(w.buffer);
+  for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
+    const kernels::KvScales sc = staging_->scales(layer);
+    for (int kv = 0; kv < 2; ++kv, cursor += static_cast<size_t>(elems) * model_bytes) {
+      kernels::cuda::ConvertKvArgs c;
+      c.n = elems;
+      c.dtype = shape_.dtype;
+      c.to_fp8 = w.to_pool;
+      c.scale = kv == 0 ? sc.k : sc.v;
+      c.src = w.to_pool ? static_cast<const void*>(cursor) : dense;
+      c.dst = w.to_pool ? static_cast<void*>(dense) : cursor;
+      if (w.to_pool) {
+        if (absl::Status s = Annotate(kernels::cuda::LaunchConvertKv(c, stream_.get()),
+                                      "KV import conversion");
+            !s.ok())
+          return s;
       }
-      cursor += static_cast<size_t>(w.num_tokens) * buffer_row;
+      if (absl::Status s = CopyKvBlock(layer, kv, w, dense, 1); !s.ok()) return s;
+      if (!w.to_pool) {
+        if (absl::Status s = Annotate(kernels::cuda::LaunchConvertKv(c, stream_.get()),
+                                      "KV export conversion");
+            !s.ok())
+          return s;
+      }
     }
   }
   return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");
@@ -477,7 +544,7 @@ absl::Status CudaDeviceBackend::PullFromPeerPool(const PeerPoolPull& pull) {
   p.num_tokens = pull.num_tokens;
   p.page_size = shape_.page_size;
   p.head_dim = shape_.head_dim;
-  p.elem_bytes = static_cast<int64_t>(kernels::DTypeSize(shape_.dtype));
+  p.elem_bytes = shape_.ElemBytes();
   p.hnd = shape_.layout == kernels::KvLayout::kHND;
   return kernels::cuda::LaunchPagedPull(p, stream_.get());
 }

@@ -11,10 +11,11 @@
 namespace attnd {
 
 absl::StatusOr<std::unique_ptr<DecodeGraphs>> DecodeGraphs::Capture(
-    absl::Span<const int64_t> buckets, void* pool, const kernels::KvCacheShape& shape,
+    absl::Span<const int64_t> buckets, const kernels::cuda::PagedKv& kv,
     const kernels::AttentionOptions& options, const Workspaces& workspaces,
     cudaStream_t stream) {
-  std::unique_ptr<DecodeGraphs> graphs(new DecodeGraphs(pool, shape, options, stream));
+  std::unique_ptr<DecodeGraphs> graphs(
+      new DecodeGraphs(kv.pool, kv.shape, kv.scales, options, stream));
   if (buckets.empty()) return graphs;
   if (absl::Status s = graphs->AllocateArgs(buckets.back(), workspaces); !s.ok()) return s;
   for (bool deterministic : {false, true}) {
@@ -110,14 +111,15 @@ absl::Status DecodeGraphs::CaptureOne(int bucket, bool deterministic,
 absl::Status DecodeGraphs::RecordLaunches(const Graph& g, const Workspaces& workspaces) {
   namespace kc = kernels::cuda;
   kc::AppendArgs append;
-  append.kv = {pool_, shape_, 0, DeviceArg<int32_t>(kLayerOffset)};
+  append.kv = {pool_, shape_, 0, DeviceArg<int32_t>(kLayerOffset), scales_};
   append.k = g.k.get();
   append.v = g.v.get();
   append.k_token_stride = append.v_token_stride = shape_.num_kv_heads * shape_.head_dim;
   append.slot_mapping = DeviceArg<int64_t>(args_.slots);
   append.num_tokens = g.bucket;
   kc::DecodeArgs decode = workspaces.DecodeArgs(
-      {pool_, shape_, 0, DeviceArg<int32_t>(kLayerOffset)}, options_, g.bucket, g.deterministic,
+      {pool_, shape_, 0, DeviceArg<int32_t>(kLayerOffset), scales_}, options_, g.bucket,
+      g.deterministic,
       g.q.get(), g.out.get(), static_cast<float*>(g.lse.get()));
   decode.ws.plan = DeviceArg<int32_t>(args_.plan);
   decode.kv_indices = DeviceArg<int32_t>(args_.indices);

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "kernels/cuda/common/paged_kv_args.h"
 #include "kernels/paged_kv.h"
 #include "server/cuda/cuda_check.h"
 #include "server/cuda/workspaces.h"
@@ -29,10 +30,11 @@ namespace attnd {
 class DecodeGraphs {
  public:
   // Captures every bucket's graph (ascending buckets) in both modes on `stream`, on the
-  // device's worker at start-up. `pool` is the base of the KV pool of `shape`; the graphs use
+  // device's worker at start-up. `kv` is the KV pool (its layer is ignored: the graphs read it
+  // from their argument block; fp8 pools' scales from kv.scales); the graphs use
   // `workspaces`' decode partials and counters, so it must outlive them.
   static absl::StatusOr<std::unique_ptr<DecodeGraphs>> Capture(
-      absl::Span<const int64_t> buckets, void* pool, const kernels::KvCacheShape& shape,
+      absl::Span<const int64_t> buckets, const kernels::cuda::PagedKv& kv,
       const kernels::AttentionOptions& options, const Workspaces& workspaces,
       cudaStream_t stream);
   DecodeGraphs(const DecodeGraphs&) = delete;
@@ -69,9 +71,9 @@ class DecodeGraphs {
     size_t slots = 0, plan = 0, indices = 0, bytes = 0;
   };
 
-  DecodeGraphs(void* pool, const kernels::KvCacheShape& shape,
+  DecodeGraphs(void* pool, const kernels::KvCacheShape& shape, const float* scales,
                const kernels::AttentionOptions& options, cudaStream_t stream)
-      : pool_(pool), shape_(shape), options_(options), stream_(stream) {}
+      : pool_(pool), shape_(shape), scales_(scales), options_(options), stream_(stream) {}
 
   absl::Status AllocateArgs(int64_t max_bucket, const Workspaces& workspaces);
   absl::Status CaptureOne(int bucket, bool deterministic, const Workspaces& workspaces);
@@ -93,6 +95,7 @@ class DecodeGraphs {
   // Constant after construction.
   void* const pool_;
   const kernels::KvCacheShape shape_;
+  const float* const scales_;  // fp8 pools: the device scales the kernels read
   const kernels::AttentionOptions options_;
   const cudaStream_t stream_;
   ArgsLayout args_;

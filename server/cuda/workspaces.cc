@@ -14,8 +14,8 @@ absl::StatusOr<std::unique_ptr<Workspaces>> Workspaces::Create(const ServerConfi
 
 absl::Status Workspaces::MakeConfigs(const ServerConfig& config, int device) {
   const ModelShape& m = config.model;
-  auto decode = kernels::cuda::MakeDecodePlanConfig(device, m.dtype, m.head_dim, m.num_qo_heads,
-                                                    m.num_kv_heads, m.window_left);
+  auto decode = kernels::cuda::MakeDecodePlanConfig(device, m.CacheShape(0), m.num_qo_heads,
+                                                    m.window_left);
   if (!decode.ok()) return Annotate(decode.status(), "decode plan config");
   decode_config_[0] = decode_config_[1] = *decode;
   decode_config_[1].deterministic = true;

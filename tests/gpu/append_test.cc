@@ -2,6 +2,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
 #include <ostream>
 #include <string>
@@ -85,6 +86,139 @@ TEST_P(AppendVsHost, Bitwise) {
     }
   }
   EXPECT_TRUE(dpool.Download() == pool);
+}
+
+// An fp8 pool stores fp8(x / scale) of the layer's K and V scales, the bytes the CPU backend's
+// encoder gives (fp16 and bf16 inputs; random scales, random slots, padding skipped).
+TEST_P(AppendVsHost, Fp8QuantizesLikeTheHostEncoder) {
+  SKIP_WITHOUT_GPU();
+  const AppendCase c = GetParam();
+  std::mt19937_64 rng(std::random_device{}());
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    KvCacheShape sh;
+    sh.num_layers = 2;
+    sh.page_size = c.page_size;
+    sh.num_kv_heads = c.kv_heads;
+    sh.head_dim = c.head_dim;
+    sh.layout = c.layout;
+    sh.dtype = dtype;
+    sh.storage = KvStorage::kFp8E4M3;
+    sh.num_pages = (c.num_tokens + 50 + c.page_size - 1) / c.page_size + 2;
+    const int64_t layer = 1;
+    std::uniform_real_distribution<float> scale(0.01f, 0.5f);
+    const std::vector<float> scales = {scale(rng), scale(rng), scale(rng), scale(rng)};
+    std::vector<uint8_t> pool(sh.TotalBytes());
+    RandomFillFp8(pool.data(), pool.size(), 10.f, rng());
+    const int64_t row = c.kv_heads * c.head_dim + c.pad;
+    std::vector<uint16_t> k(c.num_tokens * row), v(c.num_tokens * row);
+    RandomFill16(&k, dtype, 3.f, rng());  // some beyond 448 * scale: saturation
+    RandomFill16(&v, dtype, 3.f, rng());
+    std::vector<int64_t> slots(sh.num_pages * sh.page_size);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng);
+    slots.resize(c.num_tokens);
+    for (int64_t t = 0; t < c.num_tokens; t += 7) slots[t] = -1;
+
+    DeviceBuffer<uint8_t> dpool(pool.size());
+    DeviceBuffer<uint16_t> dk(k.size()), dv(v.size());
+    DeviceBuffer<int64_t> dslots(slots.size());
+    DeviceBuffer<float> dscales(scales.size());
+    dpool.Upload(pool);
+    dk.Upload(k);
+    dv.Upload(v);
+    dslots.Upload(slots);
+    dscales.Upload(scales);
+    cuda::AppendArgs a;
+    a.kv = {dpool.get(), sh, layer, nullptr, dscales.get()};
+    a.k = dk.get();
+    a.v = dv.get();
+    a.k_token_stride = a.v_token_stride = row;
+    a.slot_mapping = dslots.get();
+    a.num_tokens = c.num_tokens;
+    ATTND_STATUS_OK(cuda::LaunchAppendKv(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+
+    for (int64_t t = 0; t < c.num_tokens; ++t) {
+      if (slots[t] < 0) continue;
+      const int64_t page = slots[t] / c.page_size, slot = slots[t] % c.page_size;
+      for (int64_t h = 0; h < c.kv_heads; ++h) {
+        for (int kv = 0; kv < 2; ++kv) {
+          const auto& src = kv == 0 ? k : v;
+          const float sc = scales[2 * layer + kv];
+          for (int64_t d = 0; d < c.head_dim; ++d) {
+            StoreFromFloat(pool.data(), sh.Offset(layer, page, kv, slot, h) + d,
+                           DType::kFloat8E4M3,
+                           LoadAsFloat(src.data(), t * row + h * c.head_dim + d, dtype) / sc);
+          }
+        }
+      }
+    }
+    EXPECT_TRUE(dpool.Download() == pool) << (dtype == DType::kBFloat16 ? "bf16" : "fp16");
+  }
+}
+
+// Export and prefill read an fp8 pool through these: dequantized pages equal the model-dtype
+// rounding of scale * fp8, and a dense round trip through fp8 gives back the same codes.
+TEST(Fp8Convert, DequantizePagesAndRoundTripMatchTheHost) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(std::random_device{}());
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    KvCacheShape sh;
+    sh.num_layers = 3;
+    sh.num_pages = 40;
+    sh.page_size = 5;
+    sh.num_kv_heads = 2;
+    sh.head_dim = 64;
+    sh.dtype = dtype;
+    sh.storage = KvStorage::kFp8E4M3;
+    std::vector<uint8_t> pool(sh.TotalBytes());
+    RandomFillFp8(pool.data(), pool.size(), 40.f, rng());
+    std::uniform_real_distribution<float> scale(0.01f, 2.f);
+    std::vector<float> scales(2 * sh.num_layers);
+    for (float& x : scales) x = scale(rng);
+    std::vector<int32_t> pages = {7, 3, 39, 0, 12, 12, 25};
+    DeviceBuffer<uint8_t> dpool(pool.size());
+    DeviceBuffer<float> dscales(scales.size());
+    DeviceBuffer<int32_t> dpages(pages.size());
+    DeviceBuffer<uint16_t> staged(pages.size() * sh.PageElems());
+    dpool.Upload(pool);
+    dscales.Upload(scales);
+    dpages.Upload(pages);
+    staged.Fill(0xff);
+    cuda::DequantizePagesArgs a;
+    a.kv = {dpool.get(), sh, 2, nullptr, dscales.get()};
+    a.pages = dpages.get();
+    a.num_pages = static_cast<int64_t>(pages.size());
+    a.dst = staged.get();
+    ATTND_STATUS_OK(cuda::LaunchDequantizePages(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<uint16_t> got = staged.Download();
+    std::vector<uint16_t> want(got.size());
+    for (size_t i = 0; i < pages.size(); ++i) {
+      for (int64_t e = 0; e < sh.PageElems(); ++e) {
+        const float sc = scales[2 * 2 + (e < sh.BlockElems() ? 0 : 1)];
+        const float x = LoadAsFloat(pool.data(), sh.Offset(2, pages[i], 0, 0, 0) + e,
+                                    DType::kFloat8E4M3);
+        StoreFromFloat(want.data(), static_cast<int64_t>(i) * sh.PageElems() + e, dtype, sc * x);
+      }
+    }
+    EXPECT_TRUE(got == want);
+    // Dense: the staged values back to fp8 with the same scale give the pool's codes.
+    const int64_t n = sh.BlockElems();
+    DeviceBuffer<uint8_t> codes(n);
+    cuda::ConvertKvArgs c;
+    c.src = staged.get();
+    c.dst = codes.get();
+    c.n = n;
+    c.dtype = dtype;
+    c.to_fp8 = true;
+    c.scale = scales[2 * 2];
+    ATTND_STATUS_OK(cuda::LaunchConvertKv(c, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<uint8_t> back = codes.Download();
+    const uint8_t* first = pool.data() + sh.Offset(2, pages[0], 0, 0, 0);
+    EXPECT_TRUE(std::equal(back.begin(), back.end(), first));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

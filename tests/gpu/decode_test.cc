@@ -100,6 +100,16 @@ std::vector<Case> Cases() {
   add("bf16_strided_q", [](DecodeProblemSpec& s) { s.q_pad = 8; });
   add("bf16_det", [](DecodeProblemSpec&) {}, true);
   add("fp16_d64_det_window", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.window_left = 300; }, true);
+  // fp8 e4m3 pools: against the reference on the dequantized pool (scale * fp8).
+  add("fp8_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = true; });
+  add("fp8_fp16_d128_hnd", [](DecodeProblemSpec& s) { s.fp8 = true; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("fp8_bf16_d64", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; });
+  add("fp8_fp16_d64_hnd_page3", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; s.page_size = 3; });
+  add("fp8_bf16_d256", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 256; s.qo_heads = 8; s.kv_heads = 2; });
+  add("fp8_bf16_group8_softcap", [](DecodeProblemSpec& s) { s.fp8 = true; s.qo_heads = 64; s.soft_cap = 5.0f; });
+  add("fp8_bf16_page1_window", [](DecodeProblemSpec& s) { s.fp8 = true; s.page_size = 1; s.window_left = 300; });
+  add("fp8_bf16_group5_strided", [](DecodeProblemSpec& s) { s.fp8 = true; s.qo_heads = 10; s.kv_heads = 2; s.q_pad = 8; });
+  add("fp8_bf16_det", [](DecodeProblemSpec& s) { s.fp8 = true; }, true);
   return cs;
 }
 
@@ -215,6 +225,7 @@ TEST(DecodeDeterminism, AloneVsBatchOf256AndGraphVsEager) {
   for (int64_t ps : {16, 5}) {
     DecodeProblemSpec s;
     s.page_size = ps;
+    s.fp8 = ps == 5;  // the fp8 kernel: page 5
     s.kv_heads = 2;
     s.qo_heads = 8;
     std::vector<int32_t> lens(256);
@@ -255,13 +266,16 @@ TEST(DecodeDeterminism, AloneVsBatchOf256AndGraphVsEager) {
 }
 
 // A graph captured while every sequence is 16 tokens long, replayed after they grew to 32k:
-// only device buffers (lengths, page tables, plan) change between capture and replay.
+// only device buffers (lengths, page tables, plan; an fp8 pool's scales) change between
+// capture and replay.
 TEST(DecodeGraph, CapturedShortReplaysLong) {
   SKIP_WITHOUT_GPU();
-  for (int det = 0; det < 2; ++det) {
+  for (int mode = 0; mode < 4; ++mode) {
+    const int det = mode & 1;
     DecodeProblemSpec s;
     s.kv_heads = 2;
     s.qo_heads = 8;
+    s.fp8 = mode >= 2;
     const int bucket = 4;
     const int64_t max_len = 32768 + 7;
     DecodeProblem longp;
@@ -290,7 +304,13 @@ TEST(DecodeGraph, CapturedShortReplaysLong) {
     ErrorStats st = Check(shortp, d.out.Download(), d.lse.Download());
     EXPECT_TRUE(st.finite);
     EXPECT_LT(st.rel, 1e-2);
-    // Grow: new lengths and plan in the same device buffers, replay.
+    // Grow: new lengths and plan in the same device buffers (fp8: new scales too), replay.
+    if (s.fp8) {
+      for (KvScales& sc : longp.scales) sc = {sc.k * 1.5f, sc.v * 0.75f};
+      std::vector<float> flat;
+      for (const KvScales& sc : longp.scales) flat.insert(flat.end(), {sc.k, sc.v});
+      d.scales.Upload(flat);
+    }
     d.lens.Upload(longp.lens);
     r.Plan(longp.lens, longp.indptr);
     d.Poison();

@@ -107,7 +107,19 @@ struct DecodeProblemSpec {
   int64_t num_layers = 2;
   int64_t layer = 1;
   int64_t q_pad = 0;  // extra elements per q/out head row (strided q and out)
+  bool fp8 = false;   // an fp8 e4m3 pool with random per-layer scales
 };
+
+// Random e4m3 bytes of roughly normal values times `scale` (no NaN codes: the encoder
+// saturates), as the CPU backend would store them.
+inline void RandomFillFp8(uint8_t* v, size_t n, float scale, uint64_t seed) {
+  std::vector<uint16_t> tmp(n);
+  RandomFill16(&tmp, DType::kFloat16, scale, seed);
+  for (size_t i = 0; i < n; ++i) {
+    StoreFromFloat(v, static_cast<int64_t>(i), DType::kFloat8E4M3,
+                   LoadAsFloat(tmp.data(), static_cast<int64_t>(i), DType::kFloat16));
+  }
+}
 
 // A random pool for requests of `kv_lens` keys (plus `extra_pages` no request owns), their page
 // tables drawn from a shuffled page list (CSR: indptr, indices), and the model options.
@@ -116,7 +128,8 @@ struct RandomPagedKv {
   AttentionOptions opts;
   std::vector<int32_t> indptr;
   std::vector<int32_t> indices;
-  std::vector<uint16_t> pool;  // host copy
+  std::vector<uint16_t> pool;  // host copy (fp8 pools: two bytes per element)
+  std::vector<KvScales> scales;  // per layer; 1 and 1 unless fp8
 
   void Build(const DecodeProblemSpec& s, const std::vector<int32_t>& kv_lens, int64_t extra_pages,
              std::mt19937_64& rng) {
@@ -141,8 +154,19 @@ struct RandomPagedKv {
       indptr.push_back(static_cast<int32_t>(indices.size()));
     }
     if (indices.empty()) indices.push_back(0);
-    pool.resize(shape.TotalElems());
-    RandomFill16(&pool, s.dtype, 1.0f, rng());
+    scales.assign(static_cast<size_t>(s.num_layers), KvScales{});
+    if (s.fp8) {
+      // Codes spread over e4m3's range (up to ~60 of 448), scales that bring K and V back to
+      // about unit size: both the codes and the scale factors matter.
+      shape.storage = KvStorage::kFp8E4M3;
+      std::uniform_real_distribution<float> scale(0.03f, 0.15f);
+      for (KvScales& sc : scales) sc = {scale(rng), scale(rng)};
+      pool.resize(static_cast<size_t>(shape.TotalBytes() + 1) / 2);
+      RandomFillFp8(reinterpret_cast<uint8_t*>(pool.data()), shape.TotalBytes(), 12.0f, rng());
+    } else {
+      pool.resize(shape.TotalElems());
+      RandomFill16(&pool, s.dtype, 1.0f, rng());
+    }
     opts.num_qo_heads = s.qo_heads;
     opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
     opts.logits_soft_cap = s.soft_cap;
@@ -159,6 +183,7 @@ struct DecodeProblem {
   std::vector<int32_t> indptr;
   std::vector<int32_t> indices;
   std::vector<uint16_t> pool;  // host copy
+  std::vector<KvScales> scales;
   std::vector<uint16_t> q;     // [batch][qo_heads][head_dim + q_pad]
   int64_t q_sh = 0, q_sb = 0;
 
@@ -174,6 +199,7 @@ struct DecodeProblem {
     indptr = std::move(kv.indptr);
     indices = std::move(kv.indices);
     pool = std::move(kv.pool);
+    scales = std::move(kv.scales);
     q_sh = s.head_dim + s.q_pad;
     q_sb = s.qo_heads * q_sh;
     q.resize(lens.size() * q_sb);
@@ -192,7 +218,8 @@ struct DecodeProblem {
     seq.page_table = indices.data() + indptr[b];
     seq.kv_len = lens[b];
     seq.num_queries = 1;
-    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse);
+    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse,
+                            scales[spec.layer]);
   }
 };
 
@@ -218,8 +245,13 @@ struct DecodeRunner {
             int fixed_chunk = 1024) {
     int dev = 0;
     cudaGetDevice(&dev);
-    absl::StatusOr<DecodePlanConfig> made = cuda::MakeDecodePlanConfig(
-        dev, s.dtype, s.head_dim, s.qo_heads, s.kv_heads, s.window_left);
+    KvCacheShape shape;
+    shape.dtype = s.dtype;
+    shape.storage = s.fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
+    shape.head_dim = s.head_dim;
+    shape.num_kv_heads = s.kv_heads;
+    absl::StatusOr<DecodePlanConfig> made =
+        cuda::MakeDecodePlanConfig(dev, shape, s.qo_heads, s.window_left);
     ASSERT_TRUE(made.ok()) << made.status();
     cfg = *made;
     cfg.deterministic = deterministic;
@@ -261,10 +293,13 @@ struct DecodeRunner {
 // Device copies of a problem's tensors.
 struct DeviceProblem {
   DeviceBuffer<uint16_t> pool, q, out;
-  DeviceBuffer<float> lse;
+  DeviceBuffer<float> lse, scales;
   DeviceBuffer<int32_t> indptr, indices, lens;
 
   void Upload(const DecodeProblem& p) {
+    std::vector<float> flat;
+    for (const KvScales& sc : p.scales) flat.insert(flat.end(), {sc.k, sc.v});
+    scales.Upload(flat);
     pool.Resize(p.pool.size());
     pool.Upload(p.pool);
     q.Resize(p.q.size());
@@ -284,6 +319,7 @@ struct DeviceProblem {
     a.kv.pool = pool.get();
     a.kv.shape = p.shape;
     a.kv.layer = p.spec.layer;
+    a.kv.scales = scales.get();
     a.opts = p.opts;
     a.batch = p.batch();
     a.q = q.get();

@@ -33,6 +33,7 @@ struct PrefillProblem {
   std::vector<Req> reqs;
   std::vector<int32_t> qo_indptr, kv_len, kv_indptr, indices;
   std::vector<uint16_t> pool, q;
+  std::vector<KvScales> scales;
   int64_t q_sh = 0, q_sn = 0;
 
   void Build(const DecodeProblemSpec& s, const std::vector<Req>& r, uint64_t seed) {
@@ -52,6 +53,7 @@ struct PrefillProblem {
     kv_indptr = std::move(kv.indptr);
     indices = std::move(kv.indices);
     pool = std::move(kv.pool);
+    scales = std::move(kv.scales);
     q_sh = s.head_dim + s.q_pad;
     q_sn = s.qo_heads * q_sh;
     q.resize(std::max<int64_t>(1, qo_indptr.back()) * q_sn);
@@ -74,7 +76,8 @@ struct PrefillProblem {
     seq.page_table = indices.data() + kv_indptr[b];
     seq.kv_len = reqs[b].kv_len;
     seq.num_queries = n;
-    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse);
+    ReferencePagedAttention(pool.data(), shape, spec.layer, seq, opts, qb.data(), out, lse,
+                            scales[spec.layer]);
   }
 };
 
@@ -85,6 +88,12 @@ struct PrefillRunner {
   DeviceBuffer<int32_t> plan, indices;
   DeviceBuffer<uint16_t> pool, q, out;
   DeviceBuffer<float> lse, partial_out, partial_lse;
+  // fp8 pools, as the CUDA backend serves them: the batch's pages dequantized into a staging
+  // pool of one layer, read through identity page ids.
+  DeviceBuffer<float> scales;
+  DeviceBuffer<uint16_t> staged;
+  DeviceBuffer<int32_t> identity;
+  KvCacheShape staged_shape;
   int grid_y = 0;
   cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto;
 
@@ -118,6 +127,28 @@ struct PrefillRunner {
     lse.Resize(std::max<int64_t>(1, p.total_q()) * p.spec.qo_heads);
     indices.Resize(p.indices.size());
     indices.Upload(p.indices);
+    if (p.spec.fp8) Stage(p);
+  }
+  void Stage(const PrefillProblem& p) {
+    std::vector<float> flat;
+    for (const KvScales& sc : p.scales) flat.insert(flat.end(), {sc.k, sc.v});
+    scales.Upload(flat);
+    const int64_t n = static_cast<int64_t>(p.indices.size());
+    staged.Resize(n * p.shape.PageElems());
+    std::vector<int32_t> ids(n);
+    std::iota(ids.begin(), ids.end(), 0);
+    identity.Upload(ids);
+    cuda::DequantizePagesArgs a;
+    a.kv = {pool.get(), p.shape, p.spec.layer, nullptr, scales.get()};
+    a.pages = indices.get();
+    a.num_pages = n;
+    a.dst = staged.get();
+    ATTND_STATUS_OK(cuda::LaunchDequantizePages(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    staged_shape = p.shape;
+    staged_shape.num_layers = 1;
+    staged_shape.num_pages = n;
+    staged_shape.storage = KvStorage::kModelDType;
   }
   void Plan(const PrefillProblem& p) {
     std::string err;
@@ -148,6 +179,10 @@ struct PrefillRunner {
     a.out_stride_h = p.q_sh;
     a.lse = lse.get();
     a.kv_indices = indices.get();
+    if (p.spec.fp8) {
+      a.kv = {staged.get(), staged_shape, 0};
+      a.kv_indices = identity.get();
+    }
     a.ws.plan = plan.get();
     a.ws.layout = layout;
     a.ws.grid_y = grid_y;
@@ -238,6 +273,10 @@ std::vector<Case> Cases() {
   add("bf16_window0", [](DecodeProblemSpec& s) { s.window_left = 0; });
   add("bf16_window700_hnd", [](DecodeProblemSpec& s) { s.window_left = 700; s.layout = KvLayout::kHND; });
   add("bf16_strided_q", [](DecodeProblemSpec& s) { s.q_pad = 8; });
+  // fp8 pools through the staging the backend does, against the dequantized reference.
+  add("fp8_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = true; });
+  add("fp8_fp16_d64_hnd", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("fp8_bf16_d256_page3", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 256; s.page_size = 3; });
   add("bf16_det", [](DecodeProblemSpec&) {}, true);
   add("fp16_d64_det_window", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.window_left = 300; }, true);
   return cs;

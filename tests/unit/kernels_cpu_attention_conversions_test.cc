@@ -1,8 +1,9 @@
-// Tests of kernels/cpu_attention.h: the fp16/bf16/fp32 conversions, scalar and row-wise, against
-// independent decoders (the value of a bit pattern by the format's definition) and a brute-force
-// round-to-nearest-even search.
+// Tests of kernels/cpu_attention.h: the fp16/bf16/fp32/fp8 conversions, scalar and row-wise,
+// against independent decoders (the value of a bit pattern by the format's definition) and a
+// brute-force round-to-nearest-even search.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -209,7 +210,7 @@ TEST(Conversions, RowStoresMatchScalarStores) {
     const uint32_t bits = rng();
     std::memcpy(&v, &bits, 4);
   }
-  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat8E4M3}) {
     const size_t es = DTypeSize(t);
     std::vector<uint8_t> row((values.size() + 2) * es), scalar((values.size() + 2) * es);
     StoreRowFromFloat(values.data(), static_cast<int64_t>(values.size()), t, row.data(), 2);
@@ -237,6 +238,120 @@ TEST(Conversions, Fp32PassesThroughBitExact) {
     uint32_t loaded_bits;
     std::memcpy(&loaded_bits, &loaded, 4);
     EXPECT_EQ(loaded_bits, p) << std::hex << p;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp8 e4m3 (a pool storage dtype): Fp8Value and NearestFp8 are the definitions, in the util.
+
+uint8_t StoreFp8(float v) {
+  uint8_t code;
+  StoreFromFloat(&code, 0, DType::kFloat8E4M3, v);
+  return code;
+}
+
+TEST(Conversions, Fp8DecodesEveryCodeToItsDefinedValue) {
+  for (uint32_t c = 0; c < 256; ++c) {
+    const uint8_t code = static_cast<uint8_t>(c);
+    const double want = Fp8Value(code);
+    const float got = LoadAsFloat(&code, 0, DType::kFloat8E4M3);
+    if (std::isnan(want)) {
+      EXPECT_TRUE(std::isnan(got)) << std::hex << c;
+      continue;
+    }
+    EXPECT_EQ(static_cast<double>(got), want) << std::hex << c;
+    EXPECT_EQ(std::signbit(got), static_cast<bool>(c & 0x80)) << std::hex << c;
+  }
+}
+
+TEST(Conversions, EveryFiniteFp8CodeRoundTripsThroughFloat) {
+  for (uint32_t c = 0; c < 256; ++c) {
+    const uint8_t code = static_cast<uint8_t>(c);
+    if (std::isnan(Fp8Value(code))) continue;
+    EXPECT_EQ(StoreFp8(LoadAsFloat(&code, 0, DType::kFloat8E4M3)), code) << std::hex << c;
+  }
+}
+
+// Floats that probe fp8 rounding: every midpoint between adjacent finite magnitudes and its float
+// neighbours, the region past 448, and random values over every binade the format reaches and
+// beyond (both signs).
+std::vector<float> Fp8Probes(std::mt19937& rng) {
+  std::vector<float> probes;
+  for (uint32_t m = 0; m + 1 < 0x7f; ++m) {
+    const float mid = static_cast<float>(
+        (Fp8Value(static_cast<uint8_t>(m)) + Fp8Value(static_cast<uint8_t>(m + 1))) / 2);
+    for (float f : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, INFINITY)}) {
+      probes.push_back(f);
+      probes.push_back(-f);
+    }
+  }
+  std::uniform_real_distribution<float> unit(1.0f, 2.0f);
+  for (int e = -20; e <= 12; ++e) {
+    for (int i = 0; i < 200; ++i) {
+      const float f = std::ldexp(unit(rng), e);
+      probes.push_back(f);
+      probes.push_back(-f);
+    }
+  }
+  for (float f : {0.0f, -0.0f, std::numeric_limits<float>::denorm_min(), 448.0f, 464.0f,
+                  std::nextafter(464.0f, 0.0f), std::numeric_limits<float>::max()}) {
+    probes.push_back(f);
+    probes.push_back(-f);
+  }
+  return probes;
+}
+
+TEST(Conversions, Fp8RoundsToNearestEvenLikeBruteForceSearch) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  for (float v : Fp8Probes(rng)) {
+    ASSERT_EQ(StoreFp8(v), NearestFp8(v)) << std::hexfloat << v;
+  }
+}
+
+// Past the largest finite value the conversion saturates (CUDA's __NV_SATFINITE), infinities
+// included, rather than producing NaN.
+TEST(Conversions, Fp8SaturatesBeyondTheLargestFiniteValue) {
+  double largest = 0;
+  for (uint32_t c = 0; c < 256; ++c) {
+    const double v = Fp8Value(static_cast<uint8_t>(c));
+    if (!std::isnan(v)) largest = std::max(largest, v);
+  }
+  for (float v : {465.0f, 480.0f, 1e6f, std::numeric_limits<float>::max(), INFINITY}) {
+    for (float signed_v : {v, -v}) {
+      const uint8_t code = StoreFp8(signed_v);
+      EXPECT_EQ(static_cast<double>(LoadAsFloat(&code, 0, DType::kFloat8E4M3)),
+                std::copysign(largest, signed_v))
+          << signed_v;
+    }
+  }
+}
+
+TEST(Conversions, Fp8NanBecomesTheCanonicalNanCode) {
+  for (float v :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::signaling_NaN(),
+        -std::numeric_limits<float>::quiet_NaN()}) {
+    const uint8_t code = StoreFp8(v);
+    EXPECT_EQ(code, 0x7f);
+    EXPECT_TRUE(std::isnan(LoadAsFloat(&code, 0, DType::kFloat8E4M3)));
+  }
+}
+
+TEST(Conversions, Fp8RowLoadsMatchScalarLoadsForEveryCode) {
+  std::vector<uint8_t> all(256 * 3 + 7);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<uint8_t>(i * 167u);
+  for (int64_t start : {0, 1, 3}) {
+    const int64_t n = static_cast<int64_t>(all.size()) - start - (start == 1 ? 2 : 0);
+    std::vector<float> row(n);
+    LoadRowAsFloat(all.data(), start, n, DType::kFloat8E4M3, row.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float want = LoadAsFloat(all.data(), start + i, DType::kFloat8E4M3);
+      uint32_t got_bits, want_bits;
+      std::memcpy(&got_bits, &row[i], 4);
+      std::memcpy(&want_bits, &want, 4);
+      ASSERT_EQ(got_bits, want_bits) << "code " << std::hex << int{all[start + i]};
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 // Tests of kernels/cpu_attention.h: the fp64 reference attention itself, against dense math
-// written out here (a hand-written softmax, and uniform keys whose output is a plain mean).
+// written out here (a hand-written softmax, and uniform keys whose output is a plain mean), and
+// its reading of an fp8 pool against an fp32 pool of the dequantized values.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -142,6 +143,64 @@ TEST(Reference, UniformKeysGiveTheMeanOfVisibleValuesOfTheGroupsKvHead) {
       }
     }
   }
+}
+
+// An fp8 pool stands for scale * code. With scales of at most 11 significant bits every such
+// product is exact in float, so an fp32 pool can hold exactly those values, written here from
+// the codes by Fp8Value, and the reference must give the same doubles from either pool.
+TEST(Reference, ReadsAnFp8PoolAsTheLayersScalesTimesTheCodes) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  KvCacheShape fp8;
+  fp8.num_layers = 2;
+  fp8.num_pages = 8;
+  fp8.page_size = 5;
+  fp8.num_kv_heads = 2;
+  fp8.head_dim = 12;
+  fp8.layout = rng() % 2 ? KvLayout::kHND : KvLayout::kNHD;
+  fp8.dtype = DType::kFloat32;
+  fp8.storage = KvStorage::kFp8E4M3;
+  KvCacheShape f32 = fp8;
+  f32.storage = KvStorage::kModelDType;
+  std::uniform_int_distribution<int> odd(0, 1023), octave(-8, 2), code(0, 255);
+  const auto few_bit_scale = [&] { return std::ldexp(2.0f * odd(rng) + 1, octave(rng) - 10); };
+  const KvScales scales{few_bit_scale(), few_bit_scale()};
+  const int64_t layer = 1;
+
+  std::vector<uint8_t> fp8_pool(fp8.TotalBytes());
+  std::vector<float> f32_pool(f32.TotalElems());
+  for (int64_t page = 0; page < fp8.num_pages; ++page) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const double scale = kv == 0 ? scales.k : scales.v;
+      for (int64_t slot = 0; slot < fp8.page_size; ++slot) {
+        for (int64_t h = 0; h < fp8.num_kv_heads; ++h) {
+          for (int64_t x = 0; x < fp8.head_dim; ++x) {
+            uint8_t c = static_cast<uint8_t>(code(rng));
+            if ((c & 0x7f) == 0x7f) c = 0;  // no NaN: the values must be comparable
+            const int64_t at = fp8.Offset(layer, page, kv, slot, h) + x;
+            fp8_pool[at] = c;
+            f32_pool[at] = static_cast<float>(scale * Fp8Value(c));
+            ASSERT_EQ(f32_pool[at], scale * Fp8Value(c)) << "not exact in float";
+          }
+        }
+      }
+    }
+  }
+  const auto table = ShuffledPageTable(6, fp8.num_pages, rng);
+  const SequenceView seq{table.data(), 27, 4};
+  AttentionOptions opts;
+  opts.num_qo_heads = 4;
+  opts.sm_scale = 0.3f;
+  const auto q =
+      RandomTensor(seq.num_queries * opts.num_qo_heads * fp8.head_dim, DType::kFloat32, 1.0f, rng);
+
+  std::vector<double> from_fp8, from_f32, lse_fp8, lse_f32;
+  ReferencePagedAttention(fp8_pool.data(), fp8, layer, seq, opts, q.data(), &from_fp8, &lse_fp8,
+                          scales);
+  ReferencePagedAttention(f32_pool.data(), f32, layer, seq, opts, q.data(), &from_f32, &lse_f32);
+  EXPECT_EQ(from_fp8, from_f32);
+  EXPECT_EQ(lse_fp8, lse_f32);
 }
 
 }  // namespace

@@ -34,7 +34,8 @@ namespace {
 // CPU attention against the fp64 reference.
 
 struct Case {
-  DType dtype = DType::kBFloat16;
+  DType dtype = DType::kBFloat16;  // the model's: q, k, v, out
+  bool fp8 = false;                // the pool stores fp8 with random per-call scales
   KvLayout layout = KvLayout::kNHD;
   int64_t page_size = 16;
   int64_t head_dim = 128;
@@ -49,9 +50,9 @@ struct Case {
 
   std::string Name() const {
     std::ostringstream s;
-    s << DTypeName(dtype) << "_" << (layout == KvLayout::kNHD ? "NHD" : "HND") << "_ps" << page_size
-      << "_d" << head_dim << "_kv" << kv_heads << "_g" << group << "_len" << kv_len << "_q"
-      << num_queries;
+    s << (fp8 ? "fp8kv_" : "") << DTypeName(dtype) << "_"
+      << (layout == KvLayout::kNHD ? "NHD" : "HND") << "_ps" << page_size << "_d" << head_dim
+      << "_kv" << kv_heads << "_g" << group << "_len" << kv_len << "_q" << num_queries;
     if (soft_cap > 0) s << "_cap" << static_cast<int>(soft_cap);
     if (window >= 0) s << "_win" << window;
     return s.str();
@@ -66,19 +67,24 @@ double Tolerance(DType t) {
       return 2e-3;
     case DType::kBFloat16:
       return 1e-2;
+    case DType::kFloat8E4M3:  // never an output dtype
+      break;
   }
   return 0;
 }
 
 // A pool holding one random sequence in layer 1 of 2, surrounded by NaN everywhere else (other
 // pages, the unused tail of the last page, the other layer), so reading anything outside the
-// sequence shows up as NaN in the output.
+// sequence shows up as NaN in the output. An fp8 pool gets scales drawn from 2^-5 .. 2: with
+// stddev-1 inputs nothing saturates, and a kernel that ignores a scale is off by a factor.
 struct Fixture {
   KvCacheShape shape;
   AttentionOptions opts;
   SequenceView seq;
+  KvScales scales;
   std::vector<int32_t> table;
   std::vector<uint8_t> pool, q;
+  std::vector<uint8_t> k, v;  // what was appended, [kv_len][kv_heads][head_dim] of c.dtype
   int64_t layer = 1;
 
   Fixture(const Case& c, std::mt19937& rng) {
@@ -88,6 +94,11 @@ struct Fixture {
     shape.head_dim = c.head_dim;
     shape.layout = c.layout;
     shape.dtype = c.dtype;
+    shape.storage = c.fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
+    if (c.fp8) {
+      std::uniform_real_distribution<float> octave(-5.0f, 1.0f);
+      scales = {std::exp2(octave(rng)), std::exp2(octave(rng))};
+    }
     const int64_t pages = (c.kv_len + c.page_size - 1) / c.page_size;
     shape.num_pages = pages + 3;
     opts.num_qo_heads = c.kv_heads * c.group;
@@ -96,17 +107,17 @@ struct Fixture {
     opts.window_left = c.window;
     table = ShuffledPageTable(pages, shape.num_pages, rng);
     pool.resize(shape.TotalBytes());
-    PoisonWithNan(pool.data(), shape.TotalElems(), shape.dtype);
+    PoisonWithNan(pool.data(), shape.TotalElems(), shape.StorageDType());
 
     const int64_t row = c.kv_heads * c.head_dim;
-    const auto k = RandomTensor(c.kv_len * row, c.dtype, c.stddev, rng);
-    const auto v = RandomTensor(c.kv_len * row, c.dtype, 1.0f, rng);
+    k = RandomTensor(c.kv_len * row, c.dtype, c.stddev, rng);
+    v = RandomTensor(c.kv_len * row, c.dtype, 1.0f, rng);
     // The cached prefix, then the new tokens, as a Prefill or Decode call appends them.
     const int64_t cached = std::max<int64_t>(0, c.kv_len - c.num_queries);
     const int64_t es = DTypeSize(c.dtype);
-    CpuAppendKv(pool.data(), shape, layer, table.data(), 0, cached, k.data(), v.data());
+    CpuAppendKv(pool.data(), shape, layer, table.data(), 0, cached, k.data(), v.data(), scales);
     CpuAppendKv(pool.data(), shape, layer, table.data(), cached, c.kv_len - cached,
-                k.data() + cached * row * es, v.data() + cached * row * es);
+                k.data() + cached * row * es, v.data() + cached * row * es, scales);
     q = RandomTensor(c.num_queries * opts.num_qo_heads * c.head_dim, c.dtype, c.stddev, rng);
     seq.page_table = table.data();
     seq.kv_len = c.kv_len;
@@ -149,11 +160,11 @@ void ExpectMatchesReference(const Case& c) {
   std::vector<float> lse(c.num_queries * f.opts.num_qo_heads,
                          std::numeric_limits<float>::quiet_NaN());
   CpuPagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), out.data(),
-                    lse.data());
+                    lse.data(), f.scales);
 
   std::vector<double> ref_out, ref_lse;
   ReferencePagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), &ref_out,
-                          &ref_lse);
+                          &ref_lse, f.scales);
   EXPECT_LT(RelativeError(out.data(), c.dtype, ref_out), Tolerance(c.dtype));
   ExpectLseMatches(lse, ref_lse);
 }
@@ -355,6 +366,60 @@ std::vector<Case> PeakedCases() {
 INSTANTIATE_TEST_SUITE_P(PeakedSoftmax, CpuVsReference, ::testing::ValuesIn(PeakedCases()),
                          CaseName);
 
+// fp8 pools (random scales) under every model dtype: both layouts, GQA groups, page sizes around
+// the lengths, decode and prefill, long sequences, and the soft cap and window.
+std::vector<Case> Fp8Cases() {
+  std::vector<Case> cases;
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+    for (KvLayout l : {KvLayout::kNHD, KvLayout::kHND}) {
+      Case decode;
+      decode.fp8 = true;
+      decode.dtype = t;
+      decode.layout = l;
+      cases.push_back(decode);
+      Case chunk = decode;
+      chunk.page_size = 3;
+      chunk.head_dim = 72;
+      chunk.group = 1;
+      chunk.kv_len = 37;
+      chunk.num_queries = 5;
+      cases.push_back(chunk);
+    }
+  }
+  for (int64_t ps : {1, 16, 64}) {
+    for (int64_t len : {ps, ps + 1, 2 * ps + 1}) {
+      Case c;
+      c.fp8 = true;
+      c.dtype = DType::kFloat32;
+      c.layout = len % 2 ? KvLayout::kHND : KvLayout::kNHD;
+      c.page_size = ps;
+      c.head_dim = 64;
+      c.group = 8;
+      c.kv_len = len;
+      c.num_queries = std::min<int64_t>(len, 3);
+      cases.push_back(c);
+    }
+  }
+  Case long_decode;
+  long_decode.fp8 = true;
+  long_decode.group = 8;
+  long_decode.kv_len = 1037;
+  long_decode.layout = KvLayout::kHND;
+  cases.push_back(long_decode);
+  Case prefill;
+  prefill.fp8 = true;
+  prefill.dtype = DType::kFloat16;
+  prefill.kv_len = 200;
+  prefill.num_queries = 64;
+  prefill.soft_cap = 10.0f;
+  prefill.sm_scale = 1.0f;
+  prefill.head_dim = 64;
+  prefill.window = 50;
+  cases.push_back(prefill);
+  return cases;
+}
+INSTANTIATE_TEST_SUITE_P(Fp8Pool, CpuVsReference, ::testing::ValuesIn(Fp8Cases()), CaseName);
+
 // ---------------------------------------------------------------------------------------------
 // CPU attention edge behaviour.
 
@@ -390,6 +455,71 @@ TEST(CpuPagedAttention, ZeroQueriesIsANoOp) {
   CpuPagedAttention(nullptr, shape, 0, seq, opts, nullptr, out.data(), &lse);
   EXPECT_EQ(out, std::vector<uint8_t>(16, 0x5A));
   EXPECT_EQ(lse, 7.0f);
+}
+
+// A model-dtype pool stores K and V unscaled: the scales are ignored, to the bit, by both paths.
+TEST(CpuPagedAttention, ModelDTypePoolIgnoresTheScales) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  Case c;
+  c.num_queries = 3;
+  Fixture f(c, rng);
+  const KvScales scales{3.0f, 0.25f};
+  std::vector<uint8_t> plain(f.OutElems() * 2), scaled(f.OutElems() * 2);
+  std::vector<float> plain_lse(c.num_queries * f.opts.num_qo_heads), scaled_lse(plain_lse.size());
+  CpuPagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), plain.data(),
+                    plain_lse.data());
+  CpuPagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), scaled.data(),
+                    scaled_lse.data(), scales);
+  EXPECT_EQ(plain, scaled);
+  EXPECT_EQ(plain_lse, scaled_lse);
+  std::vector<double> ref_plain, ref_scaled;
+  ReferencePagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), &ref_plain,
+                          nullptr);
+  ReferencePagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), &ref_scaled,
+                          nullptr, scales);
+  EXPECT_EQ(ref_plain, ref_scaled);
+}
+
+// Sanity of the quantization as a whole: the same K and V in an fp8 pool and in a bf16 pool give
+// outputs apart by no more than fp8's rounding allows. One fp8 value is off by at most 2^-4 of
+// itself (3 mantissa bits, nothing saturates or goes subnormal much at these scales); allow that
+// once for K's effect on the weights and once for V.
+TEST(CpuPagedAttention, Fp8PoolStaysWithinQuantizationErrorOfABf16Pool) {
+  const uint32_t seed = FreshSeed();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  Case c;
+  c.dtype = DType::kBFloat16;
+  c.kv_len = 300;
+  c.num_queries = 4;
+  Fixture f(c, rng);  // the bf16 pool
+  KvCacheShape fp8_shape = f.shape;
+  fp8_shape.storage = KvStorage::kFp8E4M3;
+  std::uniform_real_distribution<float> octave(-5.0f, 1.0f);
+  const KvScales scales{std::exp2(octave(rng)), std::exp2(octave(rng))};
+  std::vector<uint8_t> fp8_pool(fp8_shape.TotalBytes());
+  CpuAppendKv(fp8_pool.data(), fp8_shape, f.layer, f.table.data(), 0, c.kv_len, f.k.data(),
+              f.v.data(), scales);
+
+  const int64_t rows = c.num_queries * f.opts.num_qo_heads;
+  std::vector<uint8_t> out_bf16(f.OutElems() * 2), out_fp8(f.OutElems() * 2);
+  std::vector<float> lse_bf16(rows), lse_fp8(rows);
+  CpuPagedAttention(f.pool.data(), f.shape, f.layer, f.seq, f.opts, f.q.data(), out_bf16.data(),
+                    lse_bf16.data());
+  CpuPagedAttention(fp8_pool.data(), fp8_shape, f.layer, f.seq, f.opts, f.q.data(), out_fp8.data(),
+                    lse_fp8.data(), scales);
+  std::vector<double> bf16_values(f.OutElems());
+  for (int64_t i = 0; i < f.OutElems(); ++i) {
+    bf16_values[i] = LoadAsFloat(out_bf16.data(), i, DType::kBFloat16);
+  }
+  const double error = RelativeError(out_fp8.data(), DType::kBFloat16, bf16_values);
+  EXPECT_LT(error, 2 * std::ldexp(1.0, -4));
+  EXPECT_GT(error, 0.0) << "an fp8 pool that matches bf16 exactly did not quantize";
+  for (int64_t i = 0; i < rows; ++i) {
+    EXPECT_NEAR(lse_fp8[i], lse_bf16[i], 2 * std::ldexp(1.0, -4) * (1 + std::fabs(lse_bf16[i])));
+  }
 }
 
 // Queries beyond the sequence's start (num_queries > kv_len) see no key: their rows are zero and

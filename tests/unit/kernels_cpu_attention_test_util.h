@@ -5,6 +5,7 @@
 #define ATTND_TESTS_UNIT_KERNELS_CPU_ATTENTION_TEST_UTIL_H_
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -25,11 +26,46 @@ inline const char* DTypeName(DType t) {
       return "bf16";
     case DType::kFloat32:
       return "f32";
+    case DType::kFloat8E4M3:
+      return "fp8";
   }
   return "?";
 }
 
 inline uint32_t FreshSeed() { return std::random_device{}(); }
+
+// ---------------------------------------------------------------------------------------------
+// fp8 e4m3 by its definition, independent of the code under test.
+
+// The value of an e4m3fn code: sign * 2^(e-7) * (1 + m/8), subnormals (e = 0) sign * 2^-6 * m/8,
+// NaN for 0x7f and 0xff (no infinities).
+inline double Fp8Value(uint8_t code) {
+  const double sign = (code & 0x80) ? -1.0 : 1.0;
+  const int e = (code >> 3) & 0xf;
+  const int m = code & 0x7;
+  if (e == 15 && m == 7) return std::nan("");
+  if (e == 0) return sign * std::ldexp(m / 8.0, -6);
+  return sign * std::ldexp(1.0 + m / 8.0, e - 7);
+}
+
+// The saturating round-to-nearest-even encoding by brute force: the finite magnitude code
+// nearest to |v| (ties to the even code, which is the even mantissa), with v's sign. Searching
+// the finite codes only is what saturation means: past 448 the nearest finite value is 448.
+// v must not be NaN.
+inline uint8_t NearestFp8(float v) {
+  const double target = std::fabs(static_cast<double>(v));
+  uint8_t best = 0;
+  double best_dist = std::numeric_limits<double>::infinity();
+  for (uint32_t m = 0; m < 0x7f; ++m) {
+    const double dist = std::fabs(Fp8Value(static_cast<uint8_t>(m)) - target);
+    if (dist < best_dist || (dist == best_dist && (m & 1) == 0)) {
+      best = static_cast<uint8_t>(m);
+      best_dist = dist;
+    }
+  }
+  if (std::isinf(target)) best = 0x7e;  // every distance is infinite; the largest is the nearest
+  return static_cast<uint8_t>(best | (std::signbit(v) ? 0x80 : 0));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Shared set-up for paged tests.

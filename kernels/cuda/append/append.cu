@@ -25,6 +25,8 @@ absl::Status ValidateAppendArgs(const AppendArgs& a) {
     return InvalidArg(kFamily, "kv.shape.page_size ", sh.page_size, " is not positive");
   }
   if (DTypeSize(sh.dtype) != 2) return InvalidArg(kFamily, "kv.shape.dtype is not fp16 or bf16");
+  const bool fp8 = sh.storage == KvStorage::kFp8E4M3;
+  if (fp8 && a.kv.scales == nullptr) return InvalidArg(kFamily, "kv.scales is null (fp8 pool)");
   if (d != 64 && d != 128 && d != 256) {
     return InvalidArg(kFamily, "kv.shape.head_dim ", d, " is not 64, 128 or 256");
   }
@@ -71,7 +73,7 @@ absl::Status LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
   p.layer_ptr = a.kv.layer_in_device;
   p.layer_elems = sh.LayerElems();
   p.kv_layer = static_cast<char*>(a.kv.pool) +
-               (p.layer_ptr != nullptr ? 0 : a.kv.layer * sh.LayerElems() * 2);
+               (p.layer_ptr != nullptr ? 0 : a.kv.layer * sh.LayerElems() * sh.ElemBytes());
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   p.slot_stride = sh.SlotStride();
@@ -86,10 +88,19 @@ absl::Status LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
   p.num_rows = a.num_tokens * h;
   p.chunks_log2 = d == 64 ? 3 : d == 128 ? 4 : 5;
   p.head_dim = static_cast<int>(d);
+  p.layer = static_cast<int>(a.kv.layer);
+  p.scales = a.kv.scales;
   const int64_t threads =
       ((p.num_rows + detail::kRowsPerThread - 1) / detail::kRowsPerThread) << p.chunks_log2;
   const int64_t blocks = (threads + detail::kAppendThreads - 1) / detail::kAppendThreads;
-  detail::AppendKvKernel<<<static_cast<unsigned>(blocks), detail::kAppendThreads, 0, stream>>>(p);
+  const unsigned grid = static_cast<unsigned>(blocks);
+  if (sh.storage == KvStorage::kModelDType) {
+    detail::AppendKvKernel<<<grid, detail::kAppendThreads, 0, stream>>>(p);
+  } else if (sh.dtype == DType::kBFloat16) {
+    detail::AppendKvFp8Kernel<__nv_bfloat16><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+  } else {
+    detail::AppendKvFp8Kernel<__half><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+  }
   return detail::CudaStatus(cudaGetLastError(), "append kernel launch");
 }
 

@@ -9,6 +9,22 @@
 
 namespace attnd::kernels::cuda::detail {
 
+// Resolves row i of a thread's rows: loads its 16-byte chunk of K and V and returns where it
+// goes in the layer (elements of the pool), or -1 for a row past the end or a padded token.
+__device__ __forceinline__ int64_t LoadAppendRow(const AppendParams& p, int64_t row, int ch,
+                                                 uint4& kx, uint4& vx) {
+  if (row >= p.num_rows) return -1;
+  uint32_t tok, head;
+  p.heads_div.Divmod(static_cast<uint32_t>(row), tok, head);
+  const int64_t slot = __ldg(p.slot_mapping + tok);
+  if (slot < 0) return -1;
+  uint32_t pg, s;
+  p.page_div.Divmod(static_cast<uint32_t>(slot), pg, s);
+  kx = __ldcs(reinterpret_cast<const uint4*>(p.k + tok * p.k_ts + head * p.head_dim + ch * 8));
+  vx = __ldcs(reinterpret_cast<const uint4*>(p.v + tok * p.v_ts + head * p.head_dim + ch * 8));
+  return pg * p.page_stride + s * p.slot_stride + head * p.head_stride + ch * 8;
+}
+
 __global__ void __launch_bounds__(kAppendThreads)
     AppendKvKernel(const __grid_constant__ AppendParams p) {
   const int chunks = 1 << p.chunks_log2;
@@ -18,20 +34,7 @@ __global__ void __launch_bounds__(kAppendThreads)
   uint4 kx[kRowsPerThread], vx[kRowsPerThread];
   int64_t dst[kRowsPerThread];
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int64_t row = row_base + i;
-    dst[i] = -1;
-    if (row >= p.num_rows) continue;
-    uint32_t tok, head;
-    p.heads_div.Divmod(static_cast<uint32_t>(row), tok, head);
-    const int64_t slot = __ldg(p.slot_mapping + tok);
-    if (slot < 0) continue;
-    uint32_t pg, s;
-    p.page_div.Divmod(static_cast<uint32_t>(slot), pg, s);
-    dst[i] = pg * p.page_stride + s * p.slot_stride + head * p.head_stride + ch * 8;
-    kx[i] = __ldcs(reinterpret_cast<const uint4*>(p.k + tok * p.k_ts + head * p.head_dim + ch * 8));
-    vx[i] = __ldcs(reinterpret_cast<const uint4*>(p.v + tok * p.v_ts + head * p.head_dim + ch * 8));
-  }
+  for (int i = 0; i < kRowsPerThread; ++i) dst[i] = LoadAppendRow(p, row_base + i, ch, kx[i], vx[i]);
   uint16_t* base = static_cast<uint16_t*>(p.kv_layer) +
                    (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
 #pragma unroll
@@ -39,6 +42,44 @@ __global__ void __launch_bounds__(kAppendThreads)
     if (dst[i] < 0) continue;
     *reinterpret_cast<uint4*>(base + dst[i]) = kx[i];
     *reinterpret_cast<uint4*>(base + dst[i] + p.v_offset) = vx[i];
+  }
+}
+
+// Eight model values (a 16-byte chunk) as eight e4m3 bytes of value / scale: a true division,
+// as the CPU backend's, so that both store the same bytes.
+template <typename T>
+__device__ __forceinline__ uint2 QuantizeChunk(const uint4& x, float scale) {
+  const T* v = reinterpret_cast<const T*>(&x);
+  uint16_t q[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    q[i] = FloatsToFp8x2(__fdiv_rn(ToFloat(v[2 * i]), scale),
+                         __fdiv_rn(ToFloat(v[2 * i + 1]), scale));
+  }
+  return make_uint2(q[0] | (uint32_t{q[1]} << 16), q[2] | (uint32_t{q[3]} << 16));
+}
+
+// An fp8 pool: the same rows, quantized with the layer's K and V scales.
+template <typename T>
+__global__ void __launch_bounds__(kAppendThreads)
+    AppendKvFp8Kernel(const __grid_constant__ AppendParams p) {
+  const int chunks = 1 << p.chunks_log2;
+  const int64_t gid = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
+  const int ch = static_cast<int>(gid & (chunks - 1));
+  const int64_t row_base = (gid >> p.chunks_log2) * kRowsPerThread;
+  uint4 kx[kRowsPerThread], vx[kRowsPerThread];
+  int64_t dst[kRowsPerThread];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) dst[i] = LoadAppendRow(p, row_base + i, ch, kx[i], vx[i]);
+  const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
+  const float k_scale = __ldg(p.scales + 2 * layer), v_scale = __ldg(p.scales + 2 * layer + 1);
+  uint8_t* base = static_cast<uint8_t*>(p.kv_layer) +
+                  (p.layer_ptr != nullptr ? int64_t{layer} * p.layer_elems : 0);
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    if (dst[i] < 0) continue;
+    *reinterpret_cast<uint2*>(base + dst[i]) = QuantizeChunk<T>(kx[i], k_scale);
+    *reinterpret_cast<uint2*>(base + dst[i] + p.v_offset) = QuantizeChunk<T>(vx[i], v_scale);
   }
 }
 

@@ -22,6 +22,9 @@ struct AppendParams {
   int64_t num_rows;  // tokens * kv heads
   int chunks_log2;   // log2(head_dim / 8)
   int head_dim;
+  // fp8 pools: the layer (when layer_ptr is null) and the device [layers][2] K/V scales.
+  int layer;
+  const float* scales;
 };
 
 // A thread moves one 16-byte chunk of kRowsPerThread (token, head) rows, loads first, so that

@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -77,6 +78,53 @@ __device__ __forceinline__ T FromFloat(float x) {
     return __float2bfloat16_rn(x);
   } else {
     return __float2half_rn(x);
+  }
+}
+
+// ---- fp8 e4m3 KV (OCP e4m3fn, saturating) ------------------------------------------------------
+
+// Four e4m3 bytes to two half2: bytes 0,1 into lo, bytes 2,3 into hi (lower byte, lower half).
+// Every e4m3 value is exact in fp16.
+__device__ __forceinline__ void Fp8x4ToHalf2x2(uint32_t x, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{\n .reg .b16 a, b;\n mov.b32 {a, b}, %2;\n cvt.rn.f16x2.e4m3x2 %0, a;\n"
+      " cvt.rn.f16x2.e4m3x2 %1, b;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(x));
+#else
+  const __half2_raw l = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x), __NV_E4M3);
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(x >> 16), __NV_E4M3);
+  lo = uint32_t{l.x} | (uint32_t{l.y} << 16);
+  hi = uint32_t{h.x} | (uint32_t{h.y} << 16);
+#endif
+}
+
+// Two floats to two e4m3 bytes (x in the low byte), round to nearest even, saturating at
+// +-448 (NaN stays NaN), as the CPU backend's StoreFromFloat.
+__device__ __forceinline__ uint16_t FloatsToFp8x2(float x, float y) {
+  return static_cast<uint16_t>(__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3));
+}
+
+// A pair of 16-bit model values as fp16 (the fp8 kernels' mma type); bf16 values round to
+// nearest (exact for |x| in [2^-14, 65504], the range attention inputs live in).
+template <typename T>
+__device__ __forceinline__ uint32_t PairToHalf2(uint32_t x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+    const __half2 h = __float22half2_rn(f);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    return x;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float ToFloat(T x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(x);
+  } else {
+    return __half2float(x);
   }
 }
 

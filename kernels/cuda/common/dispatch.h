@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -19,6 +20,7 @@ inline const char* DTypeName(DType dtype) {
     case DType::kFloat16: return "fp16";
     case DType::kBFloat16: return "bf16";
     case DType::kFloat32: return "fp32";
+    case DType::kFloat8E4M3: return "fp8_e4m3";
   }
   return "unknown";
 }
@@ -44,6 +46,28 @@ absl::Status DispatchDTypeHeadDim(absl::string_view family, DType dtype, int64_t
   return absl::InvalidArgumentError(absl::StrCat(family, ": no kernel for dtype ",
                                                  DTypeName(dtype), " and head_dim ", head_dim,
                                                  " (fp16 or bf16; head_dim 64, 128 or 256)"));
+}
+
+// Returns F<T, KV, D>::Run(args...) for a pool's model dtype T, storage KV (T itself, or
+// __nv_fp8_e4m3) and head_dim.
+template <template <typename, typename, int> class F>
+struct WithKvStorage {
+  template <typename T, int D>
+  struct Model {
+    template <typename Arg0, typename... Args>
+    static absl::Status Run(KvStorage storage, Arg0&& arg0, Args&&... args) {
+      if (storage == KvStorage::kFp8E4M3) return F<T, __nv_fp8_e4m3, D>::Run(arg0, args...);
+      return F<T, T, D>::Run(arg0, args...);
+    }
+  };
+};
+
+template <template <typename, typename, int> class F, typename... Args>
+absl::Status DispatchKvHeadDim(absl::string_view family, const KvCacheShape& shape,
+                               Args&&... args) {
+  return DispatchDTypeHeadDim<WithKvStorage<F>::template Model>(family, shape.dtype,
+                                                                shape.head_dim, shape.storage,
+                                                                args...);
 }
 
 }  // namespace attnd::kernels::cuda::detail

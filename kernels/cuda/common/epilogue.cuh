@@ -60,6 +60,22 @@ __device__ __forceinline__ void StoreWarpAccRow(float* acc_smem, int warp, int r
   }
 }
 
+// StoreWarpAccRow for the fp8 decode's accumulators, times `scale`: tiles 2b and 2b + 1 hold
+// the even and the odd dims of dims [16b, 16b + 16), so a thread's four columns of block b
+// are dims 16b + 4c .. 16b + 4c + 3 (c = lane % 4), one 16-byte store.
+template <int kRowStride, int D, int kN>
+__device__ __forceinline__ void StoreWarpAccRowInterleaved(float* acc_smem, int warp, int r,
+                                                           int lane, const float (&acc)[kN][4],
+                                                           int i, float scale) {
+  float* dst = acc_smem + (warp * kRowStride + r) * D + ((lane & 3) << 2);
+#pragma unroll
+  for (int b = 0; b < kN / 2; ++b) {
+    *reinterpret_cast<float4*>(dst + 16 * b) =
+        make_float4(scale * acc[2 * b][2 * i], scale * acc[2 * b + 1][2 * i],
+                    scale * acc[2 * b][2 * i + 1], scale * acc[2 * b + 1][2 * i + 1]);
+  }
+}
+
 // Merges the kWarps states of row r, in warp order (so the bits do not depend on timing), into
 // chunk ch of the normalised output row, o; returns the row's lse in log2 units (-inf, with a
 // zero row, when no warp saw a visible key). mw is scratch. Both arrays are the caller's, declared

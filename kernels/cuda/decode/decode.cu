@@ -20,38 +20,40 @@ namespace {
 
 constexpr char kFamily[] = "decode";
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 cudaError_t PrepareDecodeKernel(int device) {
   static detail::OncePerDevice once;
-  return detail::AllowDynamicSmem(once, device,
-                                  reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, D>),
-                                  detail::DecodeTraits<D>::kSmemBytes);
+  return detail::AllowDynamicSmem(
+      once, device, reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D>),
+      detail::DecodeTraits<D, sizeof(KV)>::kSmemBytes);
 }
 
-template <typename T, int D>
+template <typename T, typename KV, int D>
 struct LaunchDecodeFn {
   static absl::Status Run(const detail::DecodeParams& p, dim3 grid, bool overlap,
                           cudaStream_t stream) {
-    using Tr = detail::DecodeTraits<D>;
+    using Tr = detail::DecodeTraits<D, sizeof(KV)>;
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = PrepareDecodeKernel<T, D>(device);
+    if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D>(device);
     if (e == cudaSuccess) {
-      e = detail::LaunchKernel(detail::BatchDecodeKernel<T, D>, grid, dim3(Tr::kThreads),
+      e = detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D>, grid, dim3(Tr::kThreads),
                                Tr::kSmemBytes, stream, overlap, p);
     }
     return detail::CudaStatus(e, "decode kernel launch");
   }
 };
 
-template <typename T, int D>
+// The kernel's resident CTAs per SM and its tile of tokens.
+template <typename T, typename KV, int D>
 struct DecodeOccupancyFn {
-  static absl::Status Run(int device, int* blocks) {
-    using Tr = detail::DecodeTraits<D>;
-    cudaError_t e = PrepareDecodeKernel<T, D>(device);
+  static absl::Status Run(int device, int* blocks, int* tile_tokens) {
+    using Tr = detail::DecodeTraits<D, sizeof(KV)>;
+    *tile_tokens = Tr::kTileTokens;
+    cudaError_t e = PrepareDecodeKernel<T, KV, D>(device);
     if (e == cudaSuccess) {
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, &detail::BatchDecodeKernel<T, D>,
-                                                        Tr::kThreads, Tr::kSmemBytes);
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          blocks, &detail::BatchDecodeKernel<T, KV, D>, Tr::kThreads, Tr::kSmemBytes);
     }
     return detail::CudaStatus(e, "decode kernel occupancy");
   }
@@ -59,6 +61,8 @@ struct DecodeOccupancyFn {
 
 absl::Status ValidateShape(const DecodeArgs& a) {
   if (a.batch < 0) return detail::InvalidArg(kFamily, "batch ", a.batch, " is negative");
+  if (a.kv.shape.storage == KvStorage::kFp8E4M3 && a.kv.scales == nullptr)
+    return detail::InvalidArg(kFamily, "kv.scales is null (fp8 pool)");
   return detail::CheckHeadsAndPages(kFamily, a.opts.num_qo_heads, a.kv.shape);
 }
 
@@ -101,7 +105,9 @@ detail::DecodeParams MakeDecodeParams(const DecodeArgs& a) {
   p.kv_layer = static_cast<const char*>(a.kv.pool) +
                (p.layer_ptr != nullptr
                     ? 0
-                    : a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype)));
+                    : a.kv.layer * sh.LayerElems() * sh.ElemBytes());
+  p.layer = static_cast<int>(a.kv.layer);
+  p.scales = a.kv.scales;
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   p.slot_stride = sh.SlotStride();
@@ -153,21 +159,24 @@ absl::Status LaunchDeterministicMerge(const DecodeArgs& a, cudaStream_t stream) 
 
 // The device's SM count and the decode kernel's resident CTAs per SM, with `device` current for
 // the queries.
-absl::Status QueryDevice(int device, DType dtype, int64_t head_dim, int* sms, int* blocks) {
+absl::Status QueryDevice(int device, const KvCacheShape& shape, int* sms, int* blocks,
+                         int* tile_tokens) {
   const detail::ScopedDevice scoped(device);
   if (scoped.error() != cudaSuccess) {
     return detail::CudaStatus(scoped.error(), "decode plan config: set device");
   }
   const cudaError_t e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return detail::CudaStatus(e, "decode plan config: SM count");
-  return detail::DispatchDTypeHeadDim<DecodeOccupancyFn>(kFamily, dtype, head_dim, device, blocks);
+  return detail::DispatchKvHeadDim<DecodeOccupancyFn>(kFamily, shape, device, blocks,
+                                                      tile_tokens);
 }
 
 }  // namespace
 
-absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, DType dtype, int64_t head_dim,
-                                                      int64_t num_qo_heads, int64_t num_kv_heads,
+absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheShape& shape,
+                                                      int64_t num_qo_heads,
                                                       int64_t window_left) {
+  const int64_t num_kv_heads = shape.num_kv_heads;
   if (num_kv_heads <= 0) {
     return detail::InvalidArg(kFamily, "num_kv_heads ", num_kv_heads, " is not positive");
   }
@@ -175,16 +184,14 @@ absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, DType dtype, i
     return detail::InvalidArg(kFamily, "num_qo_heads ", num_qo_heads,
                               " is not a multiple of num_kv_heads ", num_kv_heads);
   }
-  int sms = 0, blocks = 0;
-  if (absl::Status s = QueryDevice(device, dtype, head_dim, &sms, &blocks); !s.ok()) return s;
+  int sms = 0, blocks = 0, tile_tokens = 0;
+  if (absl::Status s = QueryDevice(device, shape, &sms, &blocks, &tile_tokens); !s.ok()) return s;
   const int64_t group = num_qo_heads / num_kv_heads;
   DecodePlanConfig cfg;
   cfg.num_sms = sms;
   cfg.ctas_per_sm = std::max(blocks, 1);
   cfg.kv_head_blocks = static_cast<int>(num_kv_heads * ((group + 15) / 16));
-  cfg.tile_tokens = head_dim == 64    ? detail::DecodeTraits<64>::kTileTokens
-                    : head_dim == 128 ? detail::DecodeTraits<128>::kTileTokens
-                                      : detail::DecodeTraits<256>::kTileTokens;
+  cfg.tile_tokens = tile_tokens;
   cfg.window_left = window_left;
   return cfg;
 }
@@ -196,8 +203,8 @@ absl::Status LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
   if (a.batch == 0) return absl::OkStatus();
   const detail::DecodeParams p = MakeDecodeParams(a);
   const dim3 grid(static_cast<unsigned>(a.kv.shape.num_kv_heads * p.m_blocks), a.ws.grid_x);
-  absl::Status s = detail::DispatchDTypeHeadDim<LaunchDecodeFn>(
-      kFamily, a.kv.shape.dtype, a.kv.shape.head_dim, p, grid, a.overlap_previous, stream);
+  absl::Status s = detail::DispatchKvHeadDim<LaunchDecodeFn>(kFamily, a.kv.shape, p, grid,
+                                                             a.overlap_previous, stream);
   if (!s.ok() || !a.deterministic) return s;
   return LaunchDeterministicMerge(a, stream);
 }

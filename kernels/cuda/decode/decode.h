@@ -72,8 +72,9 @@ absl::Status LaunchBatchDecode(const DecodeArgs& args, cudaStream_t stream);
 // Planner config for a device and model: SM count and the decode kernel's occupancy. Call once
 // at start-up (it queries the device, which it makes current for the call and then restores),
 // then set deterministic / fixed_chunk_tokens as wanted.
-absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, DType dtype, int64_t head_dim,
-                                                      int64_t num_qo_heads, int64_t num_kv_heads,
+// The pool's shape gives the dtype, storage, head_dim and kv heads (num_pages is not read).
+absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheShape& shape,
+                                                      int64_t num_qo_heads,
                                                       int64_t window_left);
 
 }  // namespace attnd::kernels::cuda

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/common/constants.h"
 #include "kernels/cuda/common/device_utils.cuh"
@@ -32,7 +33,8 @@ __device__ __forceinline__ void StoreOut(const DecodeParams& p, int b, int h, in
 template <typename T, int D>
 __device__ __forceinline__ void MergeRequest(const DecodeParams& p, int b, int first, int n,
                                              int qo_head0, int nrows, int warp, int lane) {
-  for (int r = warp; r < nrows; r += DecodeTraits<D>::kWarps) {
+  constexpr int kWarps = DecodeTraits<D>::kWarps;
+  for (int r = warp; r < nrows; r += kWarps) {
     const int h = qo_head0 + r;
     MergeRowWarp<T, D>(p.partial_out, p.partial_lse, p.num_qo_heads, first, n, h, lane,
                        static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh,
@@ -41,17 +43,91 @@ __device__ __forceinline__ void MergeRequest(const DecodeParams& p, int b, int f
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kMinBlocks)
+// fp8: s = q . k over the warp's stage, two k-steps (fp8 chunks) per ldmatrix: kb[0] / kb[1] are tokens 0-7 / 8-15 of chunk kk, kb[2] / kb[3] of
+// chunk kk + 1; each register widens to the fragment pair (b0, b1) of one n8 tile.
+template <typename Tr, typename KV, typename LoadQ, int kJ, int kQ>
+__device__ __forceinline__ void QkFp8(float (&s)[kJ][4], const uint32_t (&qfrag)[kQ][4],
+                                      const LoadQ& load_q, const KV* ks, int lane) {
+  constexpr int D = Tr::kHeadDim;
+  const int mi = lane >> 3;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk += 2) {
+    uint32_t a[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[h][e] = qfrag[kk + h][e];
+      } else {
+        load_q(a[h], kk + h);
+      }
+    }
+#pragma unroll
+    for (int sub = 0; sub < Tr::kSubTiles; ++sub) {
+      uint32_t kb[4];
+      LdMatrixX4(kb, SmemAddr(ks + SwzFp8<Tr::kRowBytes>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                          kk + (mi >> 1))));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t b0, b1;
+        Fp8x4ToHalf2x2(kb[j], b0, b1);
+        Mma16816<__half>(s[2 * sub + (j & 1)], a[j >> 1], b0, b1);
+      }
+    }
+  }
+}
+
+// fp8: acc += p . v for 16-token block `sub`. A transposed ldmatrix of the bytes gives a
+// thread tokens 2c, 2c + 1 of dims 2g, 2g + 1 of a 16-dim block; the byte permute splits them
+// into the even-dim tile (acc[2 blk]) and the odd-dim tile (acc[2 blk + 1]).
+template <typename Tr, typename KV, int kN>
+__device__ __forceinline__ void PvFp8(float (&acc)[kN][4], const uint32_t (&a)[4], const KV* vs,
+                                      int sub, int lane) {
+  constexpr int D = Tr::kHeadDim;
+  const int mi = lane >> 3;
+#pragma unroll
+  for (int dd = 0; dd < D / 32; ++dd) {
+    uint32_t vb[4];
+    LdMatrixX4Trans(vb, SmemAddr(vs + SwzFp8<Tr::kRowBytes>(
+                                          sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                          2 * dd + (mi >> 1))));
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      uint32_t e0, o0, e1, o1;
+      Fp8x4ToHalf2x2(__byte_perm(vb[2 * j], 0, 0x3120), e0, o0);
+      Fp8x4ToHalf2x2(__byte_perm(vb[2 * j + 1], 0, 0x3120), e1, o1);
+      const int blk = 2 * dd + j;
+      Mma16816<__half>(acc[2 * blk], a, e0, e1);
+      Mma16816<__half>(acc[2 * blk + 1], a, o0, o1);
+    }
+  }
+}
+
+// Element offset of chunk `chunk` of row `row` in a warp's K or V stage.
+template <typename Tr>
+__device__ __forceinline__ int SwzKv(int row, int chunk) {
+  if constexpr (Tr::kFp8) {
+    return SwzFp8<Tr::kRowBytes>(row, chunk);
+  } else {
+    return Swz<Tr::kHeadDim>(row, chunk);
+  }
+}
+
+// T: the model dtype (q, out); KV: the pool's (T, or __nv_fp8_e4m3 read through fp16 mma).
+template <typename T, typename KV, int D>
+__global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
+                                  DecodeTraits<D, sizeof(KV)>::kMinBlocks)
     BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
-  using Tr = DecodeTraits<D>;
+  using Tr = DecodeTraits<D, sizeof(KV)>;
+  constexpr bool kFp8 = Tr::kFp8;
+  using M = std::conditional_t<kFp8, __half, T>;  // the mma operands' type
   constexpr int S = Tr::kStages;
   constexpr int kKSteps = D / 16;  // k-steps of q.k and 16-wide column pairs of p.v
   constexpr int kNTiles = D / 8;   // n8 tiles of the output
   constexpr int kSub = Tr::kSubTiles;
   constexpr int kWT = Tr::kWarpTokens;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* pipe = reinterpret_cast<T*>(smem);
+  KV* pipe = reinterpret_cast<KV*>(smem);
   T* q_smem = reinterpret_cast<T*>(smem + Tr::kPipeBytes);
   float* m_smem = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes);
   float* l_smem = m_smem + Tr::kWarps * Tr::kRows;
@@ -66,9 +142,16 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
   const int row0 = (blockIdx.x - kvh * p.m_blocks) * Tr::kRows;
   const int nrows = min(Tr::kRows, p.group - row0);
   const int qo_head0 = kvh * p.group + row0;
-  const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride +
-                (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
-  T* my_pipe = pipe + warp * S * Tr::kStageElems;
+  const KV* kv = static_cast<const KV*>(p.kv_layer) + kvh * p.head_stride +
+                 (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
+  KV* my_pipe = pipe + warp * S * Tr::kStageElems;
+  // fp8: the K scale joins the logit scale, the V scale multiplies the accumulators.
+  float scale_pre = p.scale_pre, v_scale = 1.f;
+  if constexpr (kFp8) {
+    const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
+    scale_pre *= __ldg(p.scales + 2 * layer);
+    v_scale = __ldg(p.scales + 2 * layer + 1);
+  }
 
   const int32_t* item_indptr = p.plan + p.item_indptr_offset;
   const int4* items = reinterpret_cast<const int4*>(p.plan + p.items_offset);
@@ -99,17 +182,17 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
       }
     };
     auto issue = [&](int stage, int64_t off, bool valid) {
-      T* ks = my_pipe + stage * Tr::kStageElems;
+      KV* ks = my_pipe + stage * Tr::kStageElems;
 #pragma unroll
       for (int i = 0; i < Tr::kLoadsPerLane; ++i) {
         const int idx = lane + 32 * i;
         const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
         const int64_t off_r = __shfl_sync(0xffffffffu, off, r);
         const bool valid_r = __shfl_sync(0xffffffffu, static_cast<int>(valid), r) != 0;
-        const T* src = kv + off_r + ch * 8;
-        const uint32_t dst = SmemAddr(ks + Swz<D>(r, ch));
+        const KV* src = kv + off_r + ch * Tr::kChunkElems;
+        const uint32_t dst = SmemAddr(ks + SwzKv<Tr>(r, ch));
         CpAsync16(dst, src, valid_r);
-        CpAsync16(dst + kWT * D * 2, src + p.v_offset, valid_r);
+        CpAsync16(dst + kWT * D * sizeof(KV), src + p.v_offset, valid_r);
       }
     };
 
@@ -143,9 +226,22 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
 
     uint32_t qfrag[Tr::kQInRegs ? kKSteps : 1][4];
     auto load_q = [&](uint32_t (&a)[4], int kk) {
-      const int mi = lane >> 3;
-      const int r = ((mi & 1) << 3) + (lane & 7);
-      LdMatrixX4(a, SmemAddr(q_smem + Swz<D>(r, kk * 2 + (mi >> 1))));
+      if constexpr (kFp8) {
+        // k-step kk pairs with fp8 chunk kk: the thread's k columns 2c, 2c + 1 | 2c + 8, 2c + 9
+        // are head dims 16 kk + 4c + 0, 1 | 2, 3 (the K fragments' order), widened to fp16.
+        const int g = lane >> 2, c = lane & 3;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const uint2 x = *reinterpret_cast<const uint2*>(
+              q_smem + Swz<D>(g + 8 * i, 2 * kk + (c >> 1)) + 4 * (c & 1));
+          a[i] = PairToHalf2<T>(x.x);
+          a[2 + i] = PairToHalf2<T>(x.y);
+        }
+      } else {
+        const int mi = lane >> 3;
+        const int r = ((mi & 1) << 3) + (lane & 7);
+        LdMatrixX4(a, SmemAddr(q_smem + Swz<D>(r, kk * 2 + (mi >> 1))));
+      }
     };
     if constexpr (Tr::kQInRegs) {
 #pragma unroll
@@ -168,30 +264,34 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
 
       const int tok_base = t0 + k * Tr::kTileTokens + warp * kWT;
       if (tok_base >= t1) continue;  // this warp's slice is past the chunk (warp-uniform)
-      const T* ks = my_pipe + (k % S) * Tr::kStageElems;
-      const T* vs = ks + kWT * D;
+      const KV* ks = my_pipe + (k % S) * Tr::kStageElems;
+      const KV* vs = ks + kWT * D;
 
       // s = q . k for 16 rows x kWT tokens.
       float s[2 * kSub][4];
 #pragma unroll
       for (int j = 0; j < 2 * kSub; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        uint32_t a[4];
-        if constexpr (Tr::kQInRegs) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
-        } else {
-          load_q(a, kk);
-        }
-#pragma unroll
-        for (int sub = 0; sub < kSub; ++sub) {
-          uint32_t kb[4];
-          const int mi = lane >> 3;
-          LdMatrixX4(kb, SmemAddr(ks + Swz<D>(sub * 16 + ((mi >> 1) << 3) + (lane & 7),
-                                              kk * 2 + (mi & 1))));
-          Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
-          Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
+      if constexpr (kFp8) {
+        QkFp8<Tr>(s, qfrag, load_q, ks, lane);
+      } else {
+  #pragma unroll
+        for (int kk = 0; kk < kKSteps; ++kk) {
+          uint32_t a[4];
+          if constexpr (Tr::kQInRegs) {
+  #pragma unroll
+            for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
+          } else {
+            load_q(a, kk);
+          }
+  #pragma unroll
+          for (int sub = 0; sub < kSub; ++sub) {
+            uint32_t kb[4];
+            const int mi = lane >> 3;
+            LdMatrixX4(kb, SmemAddr(ks + Swz<D>(sub * 16 + ((mi >> 1) << 3) + (lane & 7),
+                                                kk * 2 + (mi & 1))));
+            Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
+            Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
+          }
         }
       }
 
@@ -203,7 +303,7 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
         for (int e = 0; e < 4; ++e) {
           const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
           float x = s[j][e];
-          x = p.soft_cap ? p.scale_post * tanhf(p.scale_pre * x) : p.scale_pre * x;
+          x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
           x = tok < t1 ? x : -INFINITY;
           s[j][e] = x;
           mx[e >> 1] = fmaxf(mx[e >> 1], x);
@@ -215,18 +315,22 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
 #pragma unroll
       for (int sub = 0; sub < kSub; ++sub) {
         uint32_t a[4];
-        a[0] = PackPair<T>(s[2 * sub][0], s[2 * sub][1]);
-        a[1] = PackPair<T>(s[2 * sub][2], s[2 * sub][3]);
-        a[2] = PackPair<T>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
-        a[3] = PackPair<T>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
+        a[0] = PackPair<M>(s[2 * sub][0], s[2 * sub][1]);
+        a[1] = PackPair<M>(s[2 * sub][2], s[2 * sub][3]);
+        a[2] = PackPair<M>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
+        a[3] = PackPair<M>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
+        if constexpr (kFp8) {
+          PvFp8<Tr>(acc, a, vs, sub, lane);
+        } else {
 #pragma unroll
-        for (int dd = 0; dd < kKSteps; ++dd) {
-          uint32_t vb[4];
-          const int mi = lane >> 3;
-          LdMatrixX4Trans(vb, SmemAddr(vs + Swz<D>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
-                                                   dd * 2 + (mi >> 1))));
-          Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
-          Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
+          for (int dd = 0; dd < kKSteps; ++dd) {
+            uint32_t vb[4];
+            const int mi = lane >> 3;
+            LdMatrixX4Trans(vb, SmemAddr(vs + Swz<D>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                     dd * 2 + (mi >> 1))));
+            Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
+            Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
+          }
         }
       }
     }
@@ -243,7 +347,12 @@ __global__ void __launch_bounds__(DecodeTraits<D>::kThreads, DecodeTraits<D>::kM
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = (lane >> 2) + 8 * i;
-      if (r < nrows) StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+      if (r >= nrows) continue;
+      if constexpr (kFp8) {
+        StoreWarpAccRowInterleaved<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i, v_scale);
+      } else {
+        StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+      }
     }
     __syncthreads();
     const bool direct = n_items == 1;

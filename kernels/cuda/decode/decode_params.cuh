@@ -36,6 +36,9 @@ struct DecodeParams {
   float* partial_lse;
   int* counters;     // [batch][gridDim.x], zero between launches
   int fused_merge;   // 1: the CTA finishing a request's last item merges it; 0: merge kernel
+  // fp8 pools: the layer (when layer_ptr is null) and the device [layers][2] K/V scales.
+  int layer;
+  const float* scales;
 };
 
 // A CTA owns one (work item, kv head, block of up to 16 query heads of the GQA group). Its 4
@@ -43,29 +46,50 @@ struct DecodeParams {
 // every tile and keep their own online-softmax state; the query rows (the group's heads, padded
 // to 16) are the M dimension of mma.m16n8k16. Warps merge in shared memory at the end, in a
 // fixed order. head_dim 64 takes 32-token slices so that a stage moves as many bytes as at 128.
-template <int D>
+//
+// An fp8 pool (kKvBytes 1) stages e4m3 bytes and widens them to fp16 as the fragments are
+// loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
+// dims (the query fragment is permuted to match) and a transposed V fragment two tokens of two
+// dims (split into an even- and an odd-dim tile: the output columns are interleaved, undone
+// when the accumulators are stored). Its slices are 32 tokens, as many as a lane resolves.
+template <int D, int kKvBytes = 2>
 struct DecodeTraits {
   static constexpr int kHeadDim = D;
+  static constexpr bool kFp8 = kKvBytes == 1;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;        // query rows per CTA (mma M)
-  static constexpr int kWarpTokens = D == 64 ? 32 : 16;  // tokens per warp per stage
+  static constexpr int kWarpTokens = D == 64 || kFp8 ? 32 : 16;  // tokens per warp per stage
   static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
   static constexpr int kTileTokens = kWarps * kWarpTokens;
   static constexpr int kStages = 3;
-  static constexpr int kChunks = D / 8;                      // 16-byte chunks per row
+  static constexpr int kRowBytes = D * kKvBytes;
+  static constexpr int kChunks = kRowBytes / 16;             // 16-byte chunks per K/V row
+  static constexpr int kChunkElems = 16 / kKvBytes;
   static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
   static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
   static constexpr bool kQInRegs = D <= 128;
   static constexpr int kMinBlocks = D == 256 ? 1 : 2;
-  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * 2;
+  static constexpr int kPipeBytes = kWarps * kStages * kStageElems * kKvBytes;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
   static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes;
   // The fp32 per-warp accumulators reuse the pipeline buffers at the end.
   static_assert(kWarps * kRows * D * 4 <= kPipeBytes, "merge scratch must fit the pipeline");
-  static_assert(kChunks >= 8, "the swizzle needs 8 chunks per row");
+  static_assert(kChunks >= 4, "the swizzle needs 4 chunks per row");
 };
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kRowBytes] fp8 tile:
+// rows of 8 or more chunks XOR by row & 7; rows of 4 (head_dim 64) pair up into 128-byte
+// lines and XOR by (row / 2) & 3. Either way the 8 rows an ldmatrix reads hit 8 bank groups.
+template <int kRowBytes>
+__device__ __forceinline__ int SwzFp8(int row, int chunk) {
+  if constexpr (kRowBytes >= 128) {
+    return row * kRowBytes + ((chunk ^ (row & 7)) << 4);
+  } else {
+    return row * kRowBytes + ((chunk ^ ((row >> 1) & 3)) << 4);
+  }
+}
 
 }  // namespace attnd::kernels::cuda::detail
 

@@ -90,6 +90,11 @@ absl::Status ValidateShape(const PrefillArgs& a) {
   const int64_t kvh = a.kv.shape.num_kv_heads;
   // The grid's x dimension is one CTA row per KV head.
   if (kvh > 65535) return InvalidArg(kFamily, "kv.shape.num_kv_heads ", kvh, " exceeds 65535");
+  if (a.kv.shape.storage != KvStorage::kModelDType) {
+    return InvalidArg(kFamily,
+                      "kv.shape.storage is fp8: dequantize the batch's pages into a "
+                      "model-dtype staging pool first (LaunchDequantizePages)");
+  }
   if (absl::Status s = detail::CheckHeadsAndPages(kFamily, a.opts.num_qo_heads, a.kv.shape);
       !s.ok())
     return s;
@@ -129,7 +134,7 @@ detail::PrefillParams MakePrefillParams(const PrefillArgs& a) {
   const int64_t qo = a.opts.num_qo_heads, kvh = sh.num_kv_heads;
   detail::PrefillParams p{};
   p.kv_layer = static_cast<const char*>(a.kv.pool) +
-               a.kv.layer * sh.LayerElems() * static_cast<int64_t>(DTypeSize(sh.dtype));
+               a.kv.layer * sh.LayerElems() * sh.ElemBytes();
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   p.slot_stride = sh.SlotStride();
