@@ -287,6 +287,17 @@ absl::StatusOr<v1::PullKvResponse> Client::PullKv(const v1::PullKvRequest& reque
   return Unary(&v1::Attention::Stub::PullKv, request, call);
 }
 
+absl::Status Client::SetKvScales(uint32_t device, uint32_t layer_begin,
+                                 absl::Span<const float> k_scales,
+                                 absl::Span<const float> v_scales, const CallOptions& call) {
+  v1::SetKvScalesRequest request;
+  request.set_device(device);
+  request.set_layer_begin(layer_begin);
+  request.mutable_k_scales()->Add(k_scales.begin(), k_scales.end());
+  request.mutable_v_scales()->Add(v_scales.begin(), v_scales.end());
+  return Unary(&v1::Attention::Stub::SetKvScales, request, call).status();
+}
+
 absl::StatusOr<std::unique_ptr<DataStream>> Client::OpenStream(const CallOptions& call) {
   auto context = std::make_unique<grpc::ClientContext>();
   Prepare(context.get(), call);

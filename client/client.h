@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "attnd/v1/attention.grpc.pb.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -139,6 +140,14 @@ class Client {
                                             const CallOptions& call = {});
   absl::StatusOr<v1::ImportKvResponse> ImportKv(const v1::ImportKvRequest& request,
                                                 const CallOptions& call = {});
+
+  // ---- fp8 KV scales ----
+  // Sets the dequantization scales of layers [layer_begin, layer_begin + k_scales.size()) of
+  // an fp8 pool (k_scales and v_scales of equal length). Refused with FAILED_PRECONDITION while
+  // any sequence on the device holds KV at one of those layers: set scales before traffic.
+  absl::Status SetKvScales(uint32_t device, uint32_t layer_begin,
+                           absl::Span<const float> k_scales, absl::Span<const float> v_scales,
+                           const CallOptions& call = {});
 
   // Opens a Stream. The deadline, if any, bounds the stream's whole life.
   absl::StatusOr<std::unique_ptr<DataStream>> OpenStream(const CallOptions& call = {});

@@ -30,6 +30,8 @@ std::string DescribeModel(const v1::ModelConfig& model) {
   absl::StrAppend(
       &out, " window_left=",
       model.window_left() >= 0 ? absl::StrCat(model.window_left()) : std::string("none"));
+  absl::StrAppend(&out, " kv_cache=",
+                  model.kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3 ? "fp8_e4m3" : "model");
   return out;
 }
 

@@ -11,7 +11,8 @@ namespace attnd::client {
 // "NHD", "HND" or "unspecified".
 std::string KvLayoutName(v1::KvLayout layout);
 
-// One line: "layers=2 qo_heads=8 kv_heads=2 head_dim=64 dtype=bfloat16 page_size=16 ...".
+// One line: "layers=2 qo_heads=8 kv_heads=2 head_dim=64 dtype=bfloat16 page_size=16 ...
+// kv_cache=model" (kv_cache=fp8_e4m3 for an fp8 pool).
 std::string DescribeModel(const v1::ModelConfig& model);
 
 }  // namespace attnd::client

@@ -63,4 +63,39 @@ float BFloat16BitsToFloat(uint16_t bits) {
   return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
 }
 
+uint8_t FloatToFp8E4M3Bits(float value) {
+  const uint32_t x = std::bit_cast<uint32_t>(value);
+  const uint8_t sign = static_cast<uint8_t>((x >> 24) & 0x80u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return sign | 0x7fu;
+  // 448 is the largest finite e4m3fn; everything from 464 (half-way to 480, which would be the
+  // NaN pattern) up, infinities included, saturates, and [448, 464) rounds to 448 anyway.
+  if (ax >= std::bit_cast<uint32_t>(448.0f)) return sign | 0x7eu;
+  if (ax < std::bit_cast<uint32_t>(0x1p-6f)) {  // below the smallest normal: units of 2^-9
+    // 2^14's ulp is 2^-9: the FPU's round-to-nearest-even does the rounding, and the low bits
+    // count the units (8 units, reached by rounding up, is 2^-6, encoded the same way).
+    constexpr float kShift = 0x1p14f;
+    const float shifted = std::bit_cast<float>(ax) + kShift;
+    return sign |
+           static_cast<uint8_t>(std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(kShift));
+  }
+  // Normal: rebias the exponent (127 -> 7) and round the 20 dropped mantissa bits to nearest
+  // even; a carry out of the mantissa bumps the exponent (never past 448, checked above).
+  const uint32_t odd = (ax >> 20) & 1u;
+  const uint32_t rounded = ax - ((127u - 7u) << 23) + 0x7ffffu + odd;
+  return sign | static_cast<uint8_t>(rounded >> 20);
+}
+
+float Fp8E4M3BitsToFloat(uint8_t bits) {
+  const uint32_t sign = static_cast<uint32_t>(bits & 0x80u) << 24;
+  const uint32_t exponent = (bits >> 3) & 0xfu;
+  const uint32_t mantissa = bits & 0x7u;
+  if (exponent == 0xf && mantissa == 0x7) return std::bit_cast<float>(sign | 0x7fc00000u);
+  // Zero or subnormal: mantissa * 2^-9, exact in float; else rebias the exponent (7 -> 127).
+  const uint32_t magnitude = exponent == 0
+                                 ? std::bit_cast<uint32_t>(static_cast<float>(mantissa) * 0x1p-9f)
+                                 : ((exponent + (127u - 7u)) << 23) | (mantissa << 20);
+  return std::bit_cast<float>(sign | magnitude);
+}
+
 }  // namespace attnd::client

@@ -140,9 +140,10 @@ int CheckConfig(const ServerConfig& config) {
 }
 
 int Run(ServerConfig config) {
-  spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={}",
+  spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={} kv_cache={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
-               config.model.head_dim, config.model.page_size);
+               config.model.head_dim, config.model.page_size,
+               config.model.kv_storage == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "model");
   std::shared_ptr<grpc::ServerCredentials> tcp_credentials;
   if (!config.tcp_address.empty()) {
     auto credentials = TcpServerCredentials(config);

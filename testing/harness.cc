@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "client/half.h"
 #include "client/reference.h"
 #include "client/tensor.h"
 
@@ -71,6 +72,35 @@ absl::Status Harness::CreateSequence(uint64_t seq_id) {
   h.k.assign(info_.model().num_layers(), {});
   h.v.assign(info_.model().num_layers(), {});
   return absl::OkStatus();
+}
+
+absl::Status Harness::SetKvScales(uint32_t layer_begin, const std::vector<float>& k_scales,
+                                  const std::vector<float>& v_scales) {
+  if (absl::Status s = client_->SetKvScales(device_, layer_begin, k_scales, v_scales); !s.ok())
+    return s;
+  auto info = client_->GetServerInfo();
+  if (!info.ok()) return info.status();
+  info_ = *std::move(info);
+  return absl::OkStatus();
+}
+
+float Harness::Held(float value, uint32_t layer, int kv) const {
+  if (info_.model().kv_cache_dtype() != v1::KV_CACHE_DTYPE_FP8_E4M3) return value;
+  for (const v1::DeviceInfo& d : info_.devices()) {
+    if (d.device() != device_) continue;
+    const float scale = kv == 0 ? d.k_scales(static_cast<int>(layer))
+                                : d.v_scales(static_cast<int>(layer));
+    return scale * client::Fp8E4M3BitsToFloat(client::FloatToFp8E4M3Bits(value / scale));
+  }
+  return value;
+}
+
+void Harness::Record(uint64_t seq_id, uint32_t layer, uint64_t offset, uint64_t n) {
+  History& h = history_[seq_id];
+  for (uint64_t i = offset; i < offset + n; ++i) {
+    h.k[layer].push_back(Held(last_k_[i], layer, 0));
+    h.v[layer].push_back(Held(last_v_[i], layer, 1));
+  }
 }
 
 std::vector<float> Harness::RandomRows(uint64_t rows, uint64_t heads) {
@@ -148,12 +178,8 @@ absl::Status Harness::RunAppend(const v1::AppendRequest& request) {
   const uint64_t row = info_.model().num_kv_heads() * info_.model().head_dim();
   uint64_t offset = 0;
   for (const v1::BatchItem& item : request.items()) {
-    History& h = history_[item.seq_id()];
     const uint64_t n = item.num_new_tokens() * row;
-    auto& k = h.k[request.layer()];
-    auto& v = h.v[request.layer()];
-    k.insert(k.end(), last_k_.begin() + offset, last_k_.begin() + offset + n);
-    v.insert(v.end(), last_v_.begin() + offset, last_v_.begin() + offset + n);
+    Record(item.seq_id(), request.layer(), offset, n);
     offset += n;
   }
   return absl::OkStatus();
@@ -172,16 +198,13 @@ absl::Status Harness::RunAttention(const v1::AttentionRequest& request, bool dec
   uint64_t offset = 0;
   for (int i = 0; i < request.items_size(); ++i) {
     const v1::BatchItem& item = request.items(i);
-    History& h = history_[item.seq_id()];
     const uint64_t n = item.num_new_tokens() * row;
-    auto& k = h.k[request.layer()];
-    auto& v = h.v[request.layer()];
-    k.insert(k.end(), last_k_.begin() + offset, last_k_.begin() + offset + n);
-    v.insert(v.end(), last_v_.begin() + offset, last_v_.begin() + offset + n);
+    Record(item.seq_id(), request.layer(), offset, n);
     offset += n;
-    if (resp->lengths(i) != k.size() / row)
+    const uint64_t held = history_[item.seq_id()].k[request.layer()].size() / row;
+    if (resp->lengths(i) != held)
       return absl::InternalError(absl::StrCat("items[", i, "]: server length ", resp->lengths(i),
-                                              ", client history ", k.size() / row));
+                                              ", client history ", held));
   }
   return Check(request, last_q_);
 }

@@ -1,6 +1,7 @@
 // A client-side workload for e2e tests: one shared-memory region laid out for q/k/v/out/lse,
 // a copy of every sequence's K/V history, and checks of each output against the client's
-// dense fp64 reference.
+// dense fp64 reference. For an fp8 pool the history holds what the pool holds: each value
+// quantized with its layer's scale and dequantized, scale * fp8(x / scale).
 #ifndef ATTND_TESTING_HARNESS_H_
 #define ATTND_TESTING_HARNESS_H_
 
@@ -44,6 +45,9 @@ class Harness {
   uint32_t device() const { return device_; }
 
   absl::Status CreateSequence(uint64_t seq_id);
+  // SetKvScales of the harness's device, then the server's info again (the history's scales).
+  absl::Status SetKvScales(uint32_t layer_begin, const std::vector<float>& k_scales,
+                           const std::vector<float>& v_scales);
   // Fills fresh random inputs, poisons outputs and returns a valid request for `items`.
   v1::AttentionRequest BuildAttention(uint32_t layer, const std::vector<Item>& items,
                                       bool with_lse);
@@ -96,6 +100,11 @@ class Harness {
   void Write(uint64_t offset, const std::vector<float>& values);
   std::vector<float> Read(uint64_t offset, uint64_t count, v1::DType dtype) const;
   absl::Status Check(const v1::AttentionRequest& request, const std::vector<float>& q);
+  // Appends rows [offset, offset + n) of the last built K/V to a sequence's history at `layer`,
+  // as the pool holds them.
+  void Record(uint64_t seq_id, uint32_t layer, uint64_t offset, uint64_t n);
+  // What the pool holds for `value` at `layer` as K (kv 0) or V (kv 1).
+  float Held(float value, uint32_t layer, int kv) const;
 
   client::Client* client_;
   v1::ServerInfo info_;

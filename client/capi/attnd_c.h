@@ -97,6 +97,13 @@ int attnd_get_sequence(attnd_client* client, uint32_t device, uint64_t seq_id,
                        uint64_t* lengths, size_t cap, size_t* num_layers, char* err,
                        size_t err_len);
 
+/* ---- fp8 KV pools: the scales of layers [layer_begin, layer_begin + n), k_scales[i] and
+ * v_scales[i] for layer layer_begin + i. Refused (9 FAILED_PRECONDITION) while a sequence on
+ * the device holds KV at one of those layers, and for a model-dtype pool. ---- */
+int attnd_set_kv_scales(attnd_client* client, uint32_t device, uint32_t layer_begin,
+                        const float* k_scales, const float* v_scales, size_t n, char* err,
+                        size_t err_len);
+
 /* ---- Unary data calls: wait for the answer; `lengths` (may be NULL) receives each item's
  * length after the call (cap entries at most). ---- */
 int attnd_call_unary(attnd_client* client, const attnd_call* call, uint64_t* lengths, size_t cap,

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "client/capi/internal.h"
 
 using attnd::capi::Guard;
@@ -155,6 +156,18 @@ int attnd_truncate_sequence(attnd_client* client, uint32_t device, uint64_t seq_
   return Guard(err, err_len, [&]() -> absl::Status {
     if (client == nullptr) return NullError("client");
     return client->client->TruncateSequence(device, seq_id, length).status();
+  });
+}
+
+int attnd_set_kv_scales(attnd_client* client, uint32_t device, uint32_t layer_begin,
+                        const float* k_scales, const float* v_scales, size_t n, char* err,
+                        size_t err_len) {
+  return Guard(err, err_len, [&]() -> absl::Status {
+    if (client == nullptr) return NullError("client");
+    if (n > 0 && k_scales == nullptr) return NullError("k_scales");
+    if (n > 0 && v_scales == nullptr) return NullError("v_scales");
+    return client->client->SetKvScales(device, layer_begin, absl::MakeConstSpan(k_scales, n),
+                                       absl::MakeConstSpan(v_scales, n));
   });
 }
 

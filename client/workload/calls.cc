@@ -69,8 +69,14 @@ absl::StatusOr<v1::AttentionResponse> CallAttention(Session& s, Op op, Transport
 absl::Status AdvanceCopies(Session& s, const std::string& label, uint32_t layer, const Items& items,
                            const google::protobuf::RepeatedField<uint64_t>& lengths, const float* k,
                            const float* v) {
-  return Advance(label, layer, items, absl::MakeConstSpan(lengths.data(), lengths.size()), k, v,
-                 s.model.kv_row());
+  const auto span = absl::MakeConstSpan(lengths.data(), lengths.size());
+  if (k == nullptr || s.model.k_scales.empty())
+    return Advance(label, layer, items, span, k, v, s.model.kv_row());
+  // fp8 pool: the copies keep what the pool holds.
+  const int64_t n = TotalTokens(items) * s.model.kv_row();
+  const std::vector<float> held_k = s.model.Held(k, n, layer, false);
+  const std::vector<float> held_v = s.model.Held(v, n, layer, true);
+  return Advance(label, layer, items, span, held_k.data(), held_v.data(), s.model.kv_row());
 }
 
 void VerifySlot(Session& s, const std::string& label, Op op, uint32_t layer, const Items& items,

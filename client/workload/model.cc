@@ -2,6 +2,7 @@
 
 #include "absl/status/status.h"
 #include "client/describe.h"
+#include "client/half.h"
 #include "client/tensor.h"
 
 namespace attnd::workload {
@@ -31,6 +32,16 @@ void SetTolerances(Model& model) {
 }  // namespace
 
 int64_t Model::element_size() const { return client::DTypeSize(dtype); }
+
+std::vector<float> Model::Held(const float* values, int64_t n, int64_t layer, bool is_v) const {
+  std::vector<float> held(values, values + n);
+  const std::vector<float>& scales = is_v ? v_scales : k_scales;
+  if (scales.empty()) return held;
+  const float scale = scales[static_cast<size_t>(layer)];
+  for (float& x : held)
+    x = scale * client::Fp8E4M3BitsToFloat(client::FloatToFp8E4M3Bits(x / scale));
+  return held;
+}
 
 absl::StatusOr<Model> ModelFromServerInfo(const v1::ServerInfo& info) {
   Model model;

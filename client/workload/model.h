@@ -4,6 +4,7 @@
 #define ATTND_CLIENT_WORKLOAD_MODEL_H_
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "attnd/v1/attention.pb.h"
@@ -21,8 +22,13 @@ struct Model {
   uint64_t max_seq_len = 0;  // most tokens per sequence and layer; 0: no limit
   double tolerance = 0;      // relative L2 error of out
   double lse_tolerance = 0;  // absolute error of lse
+  // fp8 pools: the device's scales per layer (empty for a model-dtype pool). The reference
+  // reads what the pool holds, scale * fp8(x / scale), not what was sent.
+  std::vector<float> k_scales, v_scales;
 
   int64_t element_size() const;
+  // What the pool holds of `n` values of K (or V, `is_v`) sent for `layer`.
+  std::vector<float> Held(const float* values, int64_t n, int64_t layer, bool is_v) const;
   int64_t q_row() const { return qo_heads * head_dim; }   // elements per query/output token
   int64_t kv_row() const { return kv_heads * head_dim; }  // elements per K or V token
 };

@@ -21,7 +21,6 @@ absl::Status LearnServer(Session& s) {
   absl::StatusOr<Model> model = ModelFromServerInfo(s.info);
   if (!model.ok()) return model.status();
   s.model = *std::move(model);
-  s.verifier.SetModel(s.model);
 
   const uint32_t want = s.options.device;
   const auto device = std::find_if(s.info.devices().begin(), s.info.devices().end(),
@@ -32,6 +31,14 @@ absl::Status LearnServer(Session& s) {
   if (!device->serving()) {
     return absl::FailedPreconditionError(absl::StrCat("device ", want, " is not serving"));
   }
+  if (s.info.model().kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3) {
+    if (device->k_scales_size() != s.model.layers || device->v_scales_size() != s.model.layers)
+      return absl::FailedPreconditionError(
+          absl::StrCat("device ", want, " has an fp8 pool but not one scale per layer"));
+    s.model.k_scales.assign(device->k_scales().begin(), device->k_scales().end());
+    s.model.v_scales.assign(device->v_scales().begin(), device->v_scales().end());
+  }
+  s.verifier.SetModel(s.model);
   s.pages_free_at_start = device->free_pages();
   s.live_at_start = device->live_sequences();
   const auto& features = s.info.features();

@@ -4,9 +4,12 @@
 #include <cmath>
 #include <thread>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace attnd {
 
@@ -49,7 +52,68 @@ absl::Status OutOfRange(absl::string_view flag, int64_t value, absl::string_view
       absl::StrCat("--", flag, "=", value, " is out of range: ", limit));
 }
 
+bool GoodScale(float s) { return std::isfinite(s) && s > 0.0f; }
+
+// The KV pool's storage and its scales: an fp8 pool is for 16-bit models, scales are only for
+// fp8 pools, and every layer ends up with a finite, positive pair.
+absl::Status ValidateKvCache(const std::string& scales_file, ModelShape& m) {
+  using kernels::KvStorage;
+  if (m.kv_storage == KvStorage::kFp8E4M3 && m.dtype == kernels::DType::kFloat32)
+    return absl::InvalidArgumentError(
+        "--kv_cache_dtype=fp8 needs --dtype=bf16 or fp16: fp8 KV halves the pool of a 16-bit "
+        "model; an fp32 model would lose 20 mantissa bits for a quarter of the memory");
+  const bool all_ones = std::all_of(m.kv_scales.begin(), m.kv_scales.end(),
+                                    [](kernels::KvScales s) { return s.k == 1.0f && s.v == 1.0f; });
+  if (m.kv_storage == KvStorage::kModelDType && (!scales_file.empty() || !all_ones))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv_scales_file=", scales_file,
+        ": scales apply only to --kv_cache_dtype=fp8; this pool stores the model dtype and "
+        "would ignore them"));
+  const size_t layers = static_cast<size_t>(m.num_layers);
+  if (m.kv_scales.empty()) m.kv_scales.assign(layers, kernels::KvScales{});
+  if (m.kv_scales.size() == 1) m.kv_scales.assign(layers, m.kv_scales.front());
+  if (m.kv_scales.size() != layers)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv_scales_file=", scales_file, ": ", m.kv_scales.size(), " scale lines for --num_layers=",
+        m.num_layers, "; give one line (every layer) or one per layer"));
+  for (size_t l = 0; l < layers; ++l) {
+    const kernels::KvScales s = m.kv_scales[l];
+    if (!GoodScale(s.k) || !GoodScale(s.v))
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--kv_scales_file=", scales_file, ": layer ", l, ": ", GoodScale(s.k) ? "v" : "k",
+          "_scale=", GoodScale(s.k) ? s.v : s.k, " must be finite and > 0"));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<std::vector<kernels::KvScales>> ParseKvScales(absl::string_view text) {
+  std::vector<kernels::KvScales> scales;
+  int line_number = 0;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    ++line_number;
+    line = line.substr(0, line.find('#'));
+    const std::vector<absl::string_view> words =
+        absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
+    if (words.empty()) continue;
+    if (words.size() != 2)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "line ", line_number, ": ", words.size(), " values; expected \"k_scale v_scale\""));
+    kernels::KvScales s;
+    if (!absl::SimpleAtof(words[0], &s.k) || !absl::SimpleAtof(words[1], &s.v))
+      return absl::InvalidArgumentError(absl::StrCat(
+          "line ", line_number, ": '", absl::StripAsciiWhitespace(line), "' is not two numbers"));
+    if (!GoodScale(s.k) || !GoodScale(s.v))
+      return absl::InvalidArgumentError(absl::StrCat(
+          "line ", line_number, ": ", GoodScale(s.k) ? "v" : "k", "_scale=",
+          GoodScale(s.k) ? words[1] : words[0], " must be finite and > 0"));
+    scales.push_back(s);
+  }
+  if (scales.empty())
+    return absl::InvalidArgumentError("no \"k_scale v_scale\" line in it");
+  return scales;
+}
 
 absl::Status ServerConfig::Validate() {
   ModelShape& m = model;
@@ -68,6 +132,7 @@ absl::Status ServerConfig::Validate() {
   if (!std::isfinite(m.sm_scale) || m.sm_scale < 0.0f)
     return absl::InvalidArgumentError("--sm_scale must be finite and >= 0 (0 = 1/sqrt(head_dim))");
   if (m.sm_scale == 0.0f) m.sm_scale = 1.0f / std::sqrt(static_cast<float>(m.head_dim));
+  if (absl::Status s = ValidateKvCache(kv_scales_file, m); !s.ok()) return s;
 
   if (!devices.empty()) {  // empty: --devices=all, resolved by the platform
     std::vector<int> sorted = devices;
@@ -151,6 +216,8 @@ std::string Describe(const ServerConfig& c) {
       "\n--num_layers=", m.num_layers, "\n--num_qo_heads=", m.num_qo_heads,
       "\n--num_kv_heads=", m.num_kv_heads, "\n--head_dim=", m.head_dim, "\n--dtype=", dtype,
       "\n--page_size=", m.page_size,
+      "\n--kv_cache_dtype=", m.kv_storage == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "auto",
+      "\n--kv_scales_file=", c.kv_scales_file,
       "\n--kv_layout=", m.layout == kernels::KvLayout::kNHD ? "NHD" : "HND",
       "\n--sm_scale=", m.sm_scale, "\n--logits_soft_cap=", m.logits_soft_cap,
       "\n--window_left=", m.window_left, "\n--pages_per_device=", c.pages_per_device,

@@ -8,6 +8,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "kernels/paged_kv.h"
 
 namespace attnd {
@@ -48,6 +50,9 @@ struct ServerConfig {
   int64_t max_batch_size = 256;
   int64_t max_seq_len = 131072;
   int64_t max_tokens_per_request = 65536;
+  // Where model.kv_scales came from (--kv_scales_file; empty: every scale 1). Kept so that
+  // Validate() can refuse a scales file an fp16/bf16 pool would silently ignore.
+  std::string kv_scales_file;
   std::vector<int64_t> graph_buckets;  // empty: vLLM-like default up to max_batch_size
   std::string unix_socket = "/tmp/attnd.sock";  // empty: no Unix socket
   int unix_socket_mode = 0660;                  // permission bits of the socket file
@@ -107,6 +112,11 @@ struct ServerConfig {
 // prints it), so that an operator sees the defaults a flagfile left out, resolved (sm_scale,
 // graph buckets, CPU threads).
 std::string Describe(const ServerConfig& config);
+
+// The text of a --kv_scales_file: one "k_scale v_scale" pair per line, '#' starting a comment,
+// blank lines skipped. Returns the pairs in order (one: every layer's; else one per layer, which
+// Validate() checks against num_layers). Messages name the line ("line 3: ...").
+absl::StatusOr<std::vector<kernels::KvScales>> ParseKvScales(absl::string_view text);
 
 // 1, 2, 4, 8, 16, 24, 32, 40, ... (steps of 8) up to max_batch_size, like vLLM's capture sizes.
 std::vector<int64_t> DefaultGraphBuckets(int64_t max_batch_size);

@@ -2,6 +2,8 @@
 
 #include <cstdlib>
 
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,12 @@ ABSL_FLAG(int64_t, num_kv_heads, 2, "K/V heads; divides num_qo_heads");
 ABSL_FLAG(int64_t, head_dim, 64, "Elements per head (64, 128 or 256 on CUDA)");
 ABSL_FLAG(std::string, dtype, "bf16", "Element type of q/k/v/out and the pool: bf16, fp16, fp32");
 ABSL_FLAG(int64_t, page_size, 16, "Tokens per KV page, 1..64");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "How the pool stores K and V: auto (the model dtype) or fp8 (= fp8_e4m3: e4m3 with "
+          "per-layer scales, half the bytes of a bf16/fp16 pool)");
+ABSL_FLAG(std::string, kv_scales_file, "",
+          "fp8 KV: a file of 'k_scale v_scale' lines, one for every layer or one per layer in "
+          "layer order ('#' comments); K = k_scale * fp8. Empty: every scale 1");
 ABSL_FLAG(std::string, kv_layout, "NHD", "Page layout: NHD or HND");
 ABSL_FLAG(double, sm_scale, 0.0, "Logits scale; 0 = 1/sqrt(head_dim)");
 ABSL_FLAG(double, logits_soft_cap, 0.0, "Soft-cap of the logits (cap*tanh(x/cap)); 0 = off");
@@ -113,6 +121,32 @@ absl::StatusOr<std::vector<T>> ParseList(const std::string& flag, const std::str
   return out;
 }
 
+// --kv_cache_dtype and --kv_scales_file into the model shape (Validate() checks the pair).
+absl::Status KvCacheFromFlags(ServerConfig* c) {
+  const std::string kv = absl::AsciiStrToLower(absl::GetFlag(FLAGS_kv_cache_dtype));
+  if (kv == "auto") c->model.kv_storage = kernels::KvStorage::kModelDType;
+  else if (kv == "fp8" || kv == "fp8_e4m3") c->model.kv_storage = kernels::KvStorage::kFp8E4M3;
+  else return absl::InvalidArgumentError(
+      absl::StrCat("--kv_cache_dtype=", kv, ": expected auto, fp8 or fp8_e4m3"));
+  c->kv_scales_file = absl::GetFlag(FLAGS_kv_scales_file);
+  if (c->kv_scales_file.empty()) return absl::OkStatus();
+  std::ifstream file(c->kv_scales_file);
+  if (!file.is_open())
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv_scales_file=", c->kv_scales_file, ": cannot be opened"));
+  std::stringstream text;
+  text << file.rdbuf();
+  if (file.bad())
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv_scales_file=", c->kv_scales_file, ": cannot be read"));
+  auto scales = ParseKvScales(text.str());
+  if (!scales.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--kv_scales_file=", c->kv_scales_file, ": ",
+                                                   scales.status().message()));
+  c->model.kv_scales = *std::move(scales);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<ServerConfig> ConfigFromFlags() {
@@ -143,6 +177,7 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   else if (dtype == "fp32" || dtype == "float32") m.dtype = kernels::DType::kFloat32;
   else return absl::InvalidArgumentError(absl::StrCat("--dtype=", dtype, ": expected bf16, fp16 or fp32"));
   m.page_size = absl::GetFlag(FLAGS_page_size);
+  if (absl::Status s = KvCacheFromFlags(&c); !s.ok()) return s;
   const std::string layout = absl::AsciiStrToUpper(absl::GetFlag(FLAGS_kv_layout));
   if (layout == "NHD") m.layout = kernels::KvLayout::kNHD;
   else if (layout == "HND") m.layout = kernels::KvLayout::kHND;

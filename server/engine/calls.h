@@ -99,6 +99,8 @@ struct KvPullSource {
   int64_t num_tokens = 0;
   std::vector<int32_t> pages;  // of positions [0, num_tokens)
   kernels::KvCacheShape shape;  // the source pool's
+  // fp8 pools: the source device's scales of every layer (empty for a model-dtype pool).
+  std::vector<kernels::KvScales> scales;
 };
 
 // A destination's pull into sequence seq_id: pages reserved, then filled, then adopted.
@@ -108,6 +110,10 @@ struct KvPullTarget {
   uint64_t seq_id = 0;
   int64_t num_tokens = 0;
   int64_t layer_begin = 0, layer_end = 0;  // this server's layers the pull fills
+  // fp8 pools: the source's scales of the layers it sends (source layers src_layer_begin on),
+  // which this server's scales at [layer_begin, layer_end) must equal (the bytes move raw).
+  int64_t src_layer_begin = 0;
+  std::vector<kernels::KvScales> src_scales;
 };
 
 struct HostRegionSpec {
@@ -146,6 +152,7 @@ struct DeviceState {
   int64_t live_sequences = 0;
   bool serving = true;
   int64_t pool_bytes = 0;
+  std::vector<kernels::KvScales> kv_scales;  // fp8 pools: every layer's; else empty
 };
 
 // GetLease: what a client holds and may hold.

@@ -49,6 +49,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ServerConfig& confi
                  device->backend->name(), device->backend->num_pages(),
                  config.model.PageBytes(), device->backend->pool_bytes());
     engine->devices_.push_back(std::move(device));
+    // Once in devices_: a failure here tears the backend down on its worker, with the engine.
+    if (absl::Status s = engine->InitKvScales(*engine->devices_.back()); !s.ok()) return s;
   }
   if (config.lease_timeout_s > 0)
     engine->lease_thread_ = std::thread([e = engine.get()] { e->RunLeaseThread(); });
@@ -200,6 +202,7 @@ EngineInfo Engine::Info() const {
     d.live_sequences = device->live_sequences.load();
     d.serving = device->serving.load();
     d.pool_bytes = device->backend->pool_bytes();
+    d.kv_scales = ScalesOf(*device);
     info.devices.push_back(std::move(d));
   }
   if (cuda() && config_.cuda_graphs) info.graph_buckets = config_.graph_buckets;
@@ -207,7 +210,8 @@ EngineInfo Engine::Info() const {
   info.max_seq_len = config_.max_seq_len;
   info.max_tokens_per_request = config_.max_tokens_per_request;
   info.features = {"host_regions", "stream", "fork", "truncate", "kv_export", "kv_import",
-                   "lse", "deterministic"};
+                   "lse", "deterministic", "kv_scales"};
+  if (fp8_pool()) info.features.push_back("fp8_kv");
   if (platform_->SupportsIpc()) {
     info.features.push_back("cuda_regions");
     info.features.push_back("ipc_events");

@@ -101,6 +101,14 @@ class Engine {
   void ExportKv(KvTransferCall call, Done done);
   void ImportKv(KvTransferCall call, Reply<std::vector<int64_t>> reply);
 
+  // ---- fp8 KV scales (engine_kv_scales.cc) ----
+  // Sets layers [layer_begin, layer_begin + scales.size()) of a device's fp8 pool, on its
+  // worker, so the check that no sequence (of any client) and no grant holds KV there is atomic
+  // with the appends around it: KV already stored was quantized with the old scales.
+  // FAILED_PRECONDITION for a model-dtype pool; the wire has checked the request's form.
+  void SetKvScales(uint32_t device, int64_t layer_begin, std::vector<kernels::KvScales> scales,
+                   Done done);
+
   // ---- KV transfer between attnd processes (engine_transfer.cc) ----
   // The source. A grant holds the sequence's pages as they are once the device has finished
   // the work enqueued so far; the reply comes then.
@@ -140,6 +148,13 @@ class Engine {
     std::atomic<bool> serving{true};
     std::atomic<int64_t> used_pages{0};
     std::atomic<int64_t> live_sequences{0};
+    // fp8 pools: every layer's scales, as the backend has them; set on the worker, read
+    // anywhere (Info, OpenKvPull).
+    mutable absl::Mutex scales_mu;
+    std::vector<kernels::KvScales> kv_scales ABSL_GUARDED_BY(scales_mu);
+    // Grants whose pages are held but that are not in grants_ yet (GrantKv waits for the
+    // device first); SetKvScales counts them as holding KV.
+    std::atomic<int64_t> grants_in_making{0};
     std::unique_ptr<DeviceWorker> worker;  // last: destroyed (drained) first
   };
 
@@ -181,6 +196,15 @@ class Engine {
   // A backend error is sticky: the device takes no more work. Returns the error the caller
   // answers with.
   absl::Status MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
+  bool fp8_pool() const { return config_.model.kv_storage == kernels::KvStorage::kFp8E4M3; }
+  std::vector<kernels::KvScales> ScalesOf(const Device& device) const;
+  // Gives a new device's backend the configured scales (fp8 pools), on its worker.
+  absl::Status InitKvScales(Device& device);
+  // Refuses (FAILED_PRECONDITION, naming the layer and the holder) while a sequence holds KV
+  // at a layer of [layer_begin, layer_end) or a grant holds pages of the device. Worker only.
+  absl::Status CheckNoKvAt(const Device& device, int64_t layer_begin, int64_t layer_end) const;
+  // fp8 pools: the target's source scales equal this device's at the layers it fills. Worker.
+  absl::Status CheckPullScalesOn(const Device& device, const KvPullTarget& target) const;
   void PublishPoolState(Device& device);
   SequenceState StateOf(const Device& device, const Sequence& seq) const;
   absl::StatusOr<ResolvedEvents> ResolveEvents(const EventNames& sync, const Device& device,

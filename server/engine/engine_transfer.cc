@@ -43,17 +43,19 @@ void Engine::GrantKv(KvGrantCall call, Reply<KvGrantInfo> reply) {
           "num_tokens: sequence ", call.seq_id, " holds no token at every layer to grant")));
     auto pages = d->pool->Hold(call.seq_id, n, call.client.id);
     if (!pages.ok()) return std::move(reply)(pages.status());
+    d->grants_in_making.fetch_add(1);  // until grants_ has it: SetKvScales must see the hold
     auto pending = std::make_shared<PendingGrant>();
     pending->reply = std::move(reply);
     pending->spec = KvGrantSpec{call.client.id, d->index, call.seq_id, n, *pages,
                                 absl::Now() + call.ttl, call.max_pulls};
     // Published once the device has finished writing those pages: a peer reads them directly.
-    absl::Status s = d->backend->WhenDone([this, pending]() {
+    absl::Status s = d->backend->WhenDone([this, d, pending]() {
       const absl::Time expires = pending->spec.expires;
       const uint64_t tokens = static_cast<uint64_t>(pending->spec.num_tokens);
       const int index = pending->spec.device_index;
       std::vector<int32_t> pages = pending->spec.pages;
       absl::StatusOr<std::string> id = grants_.Add(std::move(pending->spec));
+      d->grants_in_making.fetch_sub(1);
       if (!id.ok()) {
         DropHolds({{index, std::move(pages)}});
         return std::move(pending->reply)(id.status());
@@ -61,6 +63,7 @@ void Engine::GrantKv(KvGrantCall call, Reply<KvGrantInfo> reply) {
       std::move(pending->reply)(KvGrantInfo{*std::move(id), tokens, expires});
     });
     if (!s.ok()) {
+      d->grants_in_making.fetch_sub(1);
       d->pool->DropPages(*pages);
       std::move(pending->reply)(MarkFaulted(*d, s, "GrantKv"));
     }
@@ -92,6 +95,7 @@ absl::StatusOr<KvPullSource> Engine::OpenKvPull(const std::string& grant, uint64
   source.num_tokens = opened->num_tokens;
   source.pages = std::move(opened->pages);
   source.shape = config_.model.CacheShape(d.backend->num_pages());
+  if (fp8_pool()) source.scales = ScalesOf(d);
   return source;
 }
 
@@ -123,6 +127,7 @@ absl::StatusOr<std::vector<int32_t>> Engine::ReserveKvPull(const KvPullTarget& t
     const ClientRef& c = target.client;
     if (absl::Status a = d.pool->CheckAdoptable(target.seq_id, c.id, c.principal); !a.ok())
       return a;
+    if (absl::Status a = CheckPullScalesOn(d, target); !a.ok()) return a;
     auto reserved = d.pool->AllocateDetached((target.num_tokens + ps - 1) / ps, c.principal);
     if (!reserved.ok()) return reserved.status();
     pages = *std::move(reserved);
@@ -153,10 +158,14 @@ absl::StatusOr<std::vector<int64_t>> Engine::CommitKvPull(const KvPullTarget& ta
   std::vector<int64_t> lengths;
   absl::Status s = RunOnWorker(d, [&]() -> absl::Status {
     const ClientRef& c = target.client;
-    absl::Status a = d.pool->Adopt(target.seq_id, c.id, c.principal, pages, target.layer_begin,
-                                   target.layer_end, target.num_tokens);
+    // Checked again here, atomic with the adoption: a SetKvScales since the reserve would leave
+    // the copied bytes under scales they were not quantized with.
+    absl::Status a = CheckPullScalesOn(d, target);
+    if (a.ok())
+      a = d.pool->Adopt(target.seq_id, c.id, c.principal, pages, target.layer_begin,
+                        target.layer_end, target.num_tokens);
     if (!a.ok()) {
-      d.pool->DropPages(pages);  // a sequence made meanwhile took the id
+      d.pool->DropPages(pages);  // a sequence made meanwhile took the id, or scales changed
     } else {
       lengths = d.pool->Find(target.seq_id, c.id)->lengths;
       metrics_->AddTokens(d.index, target.num_tokens * (target.layer_end - target.layer_begin), 0);

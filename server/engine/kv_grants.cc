@@ -130,6 +130,13 @@ int64_t KvGrants::num_grants() const {
   return static_cast<int64_t>(grants_.size());
 }
 
+std::optional<uint64_t> KvGrants::HeldSequenceOn(int device_index) const {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, g] : grants_)
+    if (g.spec.device_index == device_index && !g.spec.pages.empty()) return g.spec.seq_id;
+  return std::nullopt;
+}
+
 int64_t KvGrants::num_open_pulls() const {
   absl::MutexLock lock(&mu_);
   return static_cast<int64_t>(pulls_.size());

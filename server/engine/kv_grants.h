@@ -8,6 +8,7 @@
 #define ATTND_SERVER_ENGINE_KV_GRANTS_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -62,6 +63,8 @@ class KvGrants {
 
   int64_t num_grants() const;
   int64_t num_open_pulls() const;
+  // The sequence of a grant (ended or not) that still holds pages of the device, if any.
+  std::optional<uint64_t> HeldSequenceOn(int device_index) const;
 
  private:
   struct Grant {

@@ -1,9 +1,11 @@
 #include "server/engine/kv_runs.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace attnd {
 namespace {
@@ -12,6 +14,11 @@ using kernels::KvCacheShape;
 using kernels::KvLayout;
 
 const char* LayoutName(KvLayout l) { return l == KvLayout::kNHD ? "NHD" : "HND"; }
+const char* StorageName(kernels::KvStorage s) {
+  return s == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "the model dtype";
+}
+
+bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
 class RunList {
  public:
@@ -59,6 +66,10 @@ absl::Status CheckPullCompatible(const KvCacheShape& src, const KvCacheShape& ds
   if (src.dtype != dst.dtype)
     return absl::FailedPreconditionError(
         "dtype: the source's KV dtype differs from this server's; pulls do not convert dtypes");
+  if (src.storage != dst.storage)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "kv_cache_dtype: the source's pool stores ", StorageName(src.storage), ", this server's ",
+        StorageName(dst.storage), "; pulls do not convert"));
   if (src.layout != dst.layout)
     return absl::FailedPreconditionError(absl::StrCat(
         "kv_layout: the source's pool is ", LayoutName(src.layout), ", this server's ",
@@ -87,6 +98,27 @@ absl::Status CheckPullCompatible(const KvCacheShape& src, const KvCacheShape& ds
   return absl::OkStatus();
 }
 
+absl::Status CheckPullScales(absl::Span<const kernels::KvScales> src, int64_t src_layer_begin,
+                             absl::Span<const kernels::KvScales> dst, int64_t dst_layer_begin) {
+  if (dst_layer_begin < 0 || dst_layer_begin + static_cast<int64_t>(src.size()) >
+                                 static_cast<int64_t>(dst.size()))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "dst_layer_begin: ", dst_layer_begin, " + ", src.size(), " layers exceeds this server's ",
+        dst.size(), " layers"));
+  for (size_t i = 0; i < src.size(); ++i) {
+    const kernels::KvScales s = src[i];
+    const kernels::KvScales d = dst[dst_layer_begin + static_cast<int64_t>(i)];
+    const bool k_differs = !SameBits(s.k, d.k);
+    if (!k_differs && SameBits(s.v, d.v)) continue;
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%s: the source's layer %d has %.9g, this server's layer %d has %.9g; fp8 KV moves raw, "
+        "so set this server's scales to the source's (SetKvScales) before pulling",
+        k_differs ? "k_scale" : "v_scale", src_layer_begin + static_cast<int64_t>(i),
+        k_differs ? s.k : s.v, dst_layer_begin + static_cast<int64_t>(i), k_differs ? d.k : d.v));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<PageRun>> PlanPullRuns(const KvCacheShape& src,
                                                   const KvCacheShape& dst,
                                                   const KvPullShape& pull,
@@ -100,7 +132,7 @@ absl::StatusOr<std::vector<PageRun>> PlanPullRuns(const KvCacheShape& src,
   if (absl::Status s = CheckPages(dst_pages, num_pages, dst.num_pages, "destination"); !s.ok())
     return s;
 
-  const uint64_t es = kernels::DTypeSize(src.dtype);
+  const uint64_t es = static_cast<uint64_t>(src.ElemBytes());
   const int64_t dim = src.head_dim;
   const int64_t heads = pull.head_end - pull.head_begin;
   const bool all_heads = heads == src.num_kv_heads;

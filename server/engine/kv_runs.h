@@ -24,11 +24,19 @@ struct KvPullShape {
   int64_t num_tokens = 0;
 };
 
-// Checks that the two pools can exchange pages byte for byte (same page size, head dim, dtype
-// and layout; the destination holds exactly the pulled heads) and that the shape fits both.
-// Messages name the field and both sides' values.
+// Checks that the two pools can exchange pages byte for byte (same page size, head dim, dtype,
+// storage and layout; the destination holds exactly the pulled heads) and that the shape fits
+// both. Messages name the field and both sides' values.
 absl::Status CheckPullCompatible(const kernels::KvCacheShape& src,
                                  const kernels::KvCacheShape& dst, const KvPullShape& pull);
+
+// fp8 pools: the bytes of a pull move raw, so they mean the same on both sides only where the
+// destination's scales equal the source's, bitwise. src holds the source's scales of layers
+// [src_layer_begin, src_layer_begin + src.size()), which land at dst_layer_begin on; dst holds
+// every layer's of the destination's device. FAILED_PRECONDITION naming "k_scale" or "v_scale",
+// both layers and both values.
+absl::Status CheckPullScales(absl::Span<const kernels::KvScales> src, int64_t src_layer_begin,
+                             absl::Span<const kernels::KvScales> dst, int64_t dst_layer_begin);
 
 // The runs, in (layer, page, K/V) order, each contiguous on both sides; a run never crosses a
 // token the pull does not copy (the last page's slots past num_tokens stay behind). src_pages

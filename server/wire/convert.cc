@@ -1,8 +1,12 @@
 #include "server/wire/convert.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
 
 namespace attnd::wire {
 namespace {
@@ -61,8 +65,60 @@ v1::DType ToWire(kernels::DType dtype) {
       return v1::DTYPE_BFLOAT16;
     case kernels::DType::kFloat32:
       return v1::DTYPE_FLOAT32;
+    case kernels::DType::kFloat8E4M3:  // pool storage only, never a tensor's dtype on the wire
+      return v1::DTYPE_UNSPECIFIED;
   }
   return v1::DTYPE_UNSPECIFIED;
+}
+
+v1::KvCacheDType ToWire(kernels::KvStorage storage) {
+  return storage == kernels::KvStorage::kFp8E4M3 ? v1::KV_CACHE_DTYPE_FP8_E4M3
+                                                 : v1::KV_CACHE_DTYPE_MODEL;
+}
+
+std::optional<std::vector<kernels::KvScales>> ScalesFromWire(
+    const google::protobuf::RepeatedField<float>& k, const google::protobuf::RepeatedField<float>& v,
+    int64_t layers) {
+  if (k.size() != layers || v.size() != layers) return std::nullopt;
+  std::vector<kernels::KvScales> scales(static_cast<size_t>(layers));
+  for (int i = 0; i < k.size(); ++i) scales[i] = kernels::KvScales{k[i], v[i]};
+  return scales;
+}
+
+void ScalesToWire(absl::Span<const kernels::KvScales> scales,
+                  google::protobuf::RepeatedField<float>* k,
+                  google::protobuf::RepeatedField<float>* v) {
+  for (const kernels::KvScales& s : scales) {
+    k->Add(s.k);
+    v->Add(s.v);
+  }
+}
+
+absl::StatusOr<KvScalesCall> ToKvScalesCall(const v1::SetKvScalesRequest& req,
+                                            const ModelShape& model) {
+  const int n = req.k_scales_size();
+  if (n < 1 || req.v_scales_size() != n)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "k_scales, v_scales: ", n, " and ", req.v_scales_size(),
+        " entries; give one k and one v scale per layer, at least one layer"));
+  if (static_cast<int64_t>(req.layer_begin()) + n > model.num_layers)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "layer_begin: layers [", req.layer_begin(), ", ", req.layer_begin() + int64_t{n},
+        ") exceed the model's ", model.num_layers));
+  KvScalesCall call;
+  call.device = req.device();
+  call.layer_begin = req.layer_begin();
+  for (int i = 0; i < n; ++i) {
+    const float k = req.k_scales(i), v = req.v_scales(i);
+    for (const auto& [name, value] : {std::pair<const char*, float>{"k_scales", k}, {"v_scales", v}}) {
+      if (!std::isfinite(value) || value <= 0.0f)
+        return absl::InvalidArgumentError(absl::StrCat(name, "[", i, "] (layer ",
+                                                       req.layer_begin() + int64_t{i}, "): ",
+                                                       value, " must be finite and > 0"));
+    }
+    call.scales.push_back(kernels::KvScales{k, v});
+  }
+  return call;
 }
 
 std::optional<kernels::DType> FromWire(v1::DType dtype) {
@@ -143,6 +199,7 @@ void FillServerInfo(const EngineInfo& info, v1::ServerInfo* out) {
   model->set_sm_scale(m.sm_scale);
   model->set_logits_soft_cap(m.logits_soft_cap);
   model->set_window_left(static_cast<int32_t>(m.window_left));
+  model->set_kv_cache_dtype(ToWire(m.kv_storage));
   for (const DeviceState& device : info.devices) {
     v1::DeviceInfo* d = out->add_devices();
     d->set_device(static_cast<uint32_t>(device.device));
@@ -152,6 +209,7 @@ void FillServerInfo(const EngineInfo& info, v1::ServerInfo* out) {
     d->set_live_sequences(static_cast<uint64_t>(device.live_sequences));
     d->set_serving(device.serving);
     d->set_pool_bytes(static_cast<uint64_t>(device.pool_bytes));
+    ScalesToWire(device.kv_scales, d->mutable_k_scales(), d->mutable_v_scales());
   }
   for (int64_t b : info.graph_buckets) out->add_graph_buckets(static_cast<uint32_t>(b));
   out->set_max_batch_size(static_cast<uint32_t>(info.max_batch_size));

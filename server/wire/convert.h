@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "attnd/v1/attention.pb.h"
 #include "grpcpp/support/status.h"
 #include "kernels/paged_kv.h"
@@ -30,6 +32,28 @@ KvTransferCall ToTransferCall(const v1::ImportKvRequest& req);
 HostRegionSpec ToHostRegionSpec(const v1::RegisterHostRegionRequest& req);
 IpcRegionSpec ToIpcRegionSpec(const v1::RegisterCudaRegionRequest& req);
 IpcEventSpec ToIpcEventSpec(const v1::RegisterCudaEventRequest& req);
+
+// SetKvScales's layers and scales. Unlike the other conversions it checks the request's form
+// here (counts equal and >= 1, layers inside the model, scales finite and > 0: INVALID_ARGUMENT
+// naming the field and index), so the engine sees only well-formed scales; the engine checks
+// them against the device's state (fp8 pool, no KV at those layers).
+struct KvScalesCall {
+  uint32_t device = 0;
+  int64_t layer_begin = 0;
+  std::vector<kernels::KvScales> scales;
+};
+absl::StatusOr<KvScalesCall> ToKvScalesCall(const v1::SetKvScalesRequest& req,
+                                            const ModelShape& model);
+
+v1::KvCacheDType ToWire(kernels::KvStorage storage);
+// The scales of `layers` layers from parallel k/v lists (an OpenKvPullResponse's): nullopt
+// unless both lists have exactly `layers` entries.
+std::optional<std::vector<kernels::KvScales>> ScalesFromWire(
+    const google::protobuf::RepeatedField<float>& k, const google::protobuf::RepeatedField<float>& v,
+    int64_t layers);
+void ScalesToWire(absl::Span<const kernels::KvScales> scales,
+                  google::protobuf::RepeatedField<float>* k,
+                  google::protobuf::RepeatedField<float>* v);
 
 void FillServerInfo(const EngineInfo& info, v1::ServerInfo* out);
 void FillSequenceInfo(const SequenceState& state, v1::SequenceInfo* out);

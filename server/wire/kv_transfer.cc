@@ -35,9 +35,11 @@ absl::Status FromSource(const std::string& source, const char* rpc, const grpc::
 absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& open) {
   const v1::ModelConfig& m = open.model();
   std::optional<kernels::DType> dtype = FromWire(m.dtype());
-  if (!dtype || (m.kv_layout() != v1::KV_LAYOUT_NHD && m.kv_layout() != v1::KV_LAYOUT_HND))
+  if (!dtype || (m.kv_layout() != v1::KV_LAYOUT_NHD && m.kv_layout() != v1::KV_LAYOUT_HND) ||
+      (m.kv_cache_dtype() != v1::KV_CACHE_DTYPE_MODEL &&
+       m.kv_cache_dtype() != v1::KV_CACHE_DTYPE_FP8_E4M3))
     return absl::FailedPreconditionError(
-        "source: its pool's dtype or layout is unknown to this server");
+        "source: its pool's dtype, kv_cache_dtype or layout is unknown to this server");
   kernels::KvCacheShape s;
   s.num_layers = m.num_layers();
   s.num_pages = static_cast<int64_t>(open.pool_pages());
@@ -46,7 +48,26 @@ absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& 
   s.head_dim = m.head_dim();
   s.layout = m.kv_layout() == v1::KV_LAYOUT_NHD ? kernels::KvLayout::kNHD : kernels::KvLayout::kHND;
   s.dtype = *dtype;
+  s.storage = m.kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3 ? kernels::KvStorage::kFp8E4M3
+                                                               : kernels::KvStorage::kModelDType;
   return s;
+}
+
+// fp8 pools: the source's scales of the pulled layers, which the engine compares with this
+// server's (at reserve and again at commit) before it takes the bytes.
+absl::Status TakeSourceScales(const v1::OpenKvPullResponse& open,
+                              const kernels::KvCacheShape& src, const KvPullShape& shape,
+                              KvPullTarget* target) {
+  if (src.storage != kernels::KvStorage::kFp8E4M3) return absl::OkStatus();
+  auto scales = ScalesFromWire(open.k_scales(), open.v_scales(), src.num_layers);
+  if (!scales)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "source: k_scales, v_scales: ", open.k_scales_size(), " and ", open.v_scales_size(),
+        " entries for its fp8 pool of ", src.num_layers, " layers"));
+  target->src_layer_begin = shape.layer_begin;
+  target->src_scales.assign(scales->begin() + shape.layer_begin,
+                            scales->begin() + shape.layer_end);
+  return absl::OkStatus();
 }
 
 // This boot of this host: two attnd processes with the same id share the machine (and, with
@@ -175,6 +196,7 @@ absl::Status KvTransfer::OpenPull(const v1::OpenKvPullRequest& req,
   FillServerInfo(engine_->Info(), &info);
   *resp->mutable_model() = info.model();
   resp->set_pool_pages(static_cast<uint64_t>(source->shape.num_pages));
+  ScalesToWire(source->scales, resp->mutable_k_scales(), resp->mutable_v_scales());
   if (transport.ok()) {
     resp->set_worker_address((*transport)->worker_address());
     resp->set_rkey((*transport)->pool_rkey());
@@ -246,8 +268,7 @@ absl::Status KvTransfer::CopyPages(const v1::PullKvRequest& req,
     resp->set_path("cuda_ipc");
     resp->set_requests(static_cast<uint64_t>(layers * pages * 2));  // (layer, page, K/V) blocks
     resp->set_bytes(static_cast<uint64_t>(layers * 2 * shape.num_tokens * dst.num_kv_heads *
-                                          dst.head_dim) *
-                    kernels::DTypeSize(dst.dtype));
+                                          dst.head_dim * dst.ElemBytes()));
     PeerPoolPull pull;
     pull.src = peer->base();
     pull.src_shape = src;
@@ -414,9 +435,14 @@ absl::StatusOr<v1::PullKvResponse> KvTransfer::ReadPull(const ClientRef& client,
   shape.num_tokens = static_cast<int64_t>(open.num_tokens());
   if (absl::Status s = CheckPullCompatible(*src, *dst, shape); !s.ok()) return s;
 
-  KvPullTarget target{client, req.device(), req.seq_id(), shape.num_tokens,
-                      shape.dst_layer_begin,
-                      shape.dst_layer_begin + (shape.layer_end - shape.layer_begin)};
+  KvPullTarget target;
+  target.client = client;
+  target.device = req.device();
+  target.seq_id = req.seq_id();
+  target.num_tokens = shape.num_tokens;
+  target.layer_begin = shape.dst_layer_begin;
+  target.layer_end = shape.dst_layer_begin + (shape.layer_end - shape.layer_begin);
+  if (absl::Status s = TakeSourceScales(open, *src, shape, &target); !s.ok()) return s;
   if (engine_->config().debug_pull_pause_ms > 0)  // tests: the source changes or dies here
     absl::SleepFor(absl::Milliseconds(engine_->config().debug_pull_pause_ms));
   auto pages = engine_->ReserveKvPull(target);

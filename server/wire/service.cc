@@ -461,4 +461,19 @@ grpc::ServerUnaryReactor* AttentionService::CloseKvPull(grpc::CallbackServerCont
   return Answer(call, kv_transfer_->ClosePull(*req));
 }
 
+// ---- fp8 KV scales ----
+
+grpc::ServerUnaryReactor* AttentionService::SetKvScales(grpc::CallbackServerContext* ctx,
+                                                        const v1::SetKvScalesRequest* req,
+                                                        v1::SetKvScalesResponse*) {
+  UnaryCall call = StartUnary(ctx, metrics_, "SetKvScales");
+  auto client = ClientOf(ctx);
+  if (!client.ok()) return Answer(call, client.status());
+  auto scales = wire::ToKvScalesCall(*req, engine_->config().model);
+  if (!scales.ok()) return Answer(call, scales.status());
+  engine_->SetKvScales(scales->device, scales->layer_begin, std::move(scales->scales),
+                       FinishWith(call));
+  return call.reactor;
+}
+
 }  // namespace attnd

@@ -29,7 +29,7 @@ using AttentionServiceBase = A::WithCallbackMethod_GetServerInfo<A::WithCallback
     A::WithCallbackMethod_GetLease<A::WithCallbackMethod_ReleaseAll<
     A::WithCallbackMethod_GrantKv<A::WithCallbackMethod_RevokeKv<A::WithCallbackMethod_PullKv<
     A::WithCallbackMethod_OpenKvPull<A::WithCallbackMethod_CloseKvPull<
-    A::Service>>>>>>>>>>>>>>>>>>>>>>>>>>>;
+    A::WithCallbackMethod_SetKvScales<A::Service>>>>>>>>>>>>>>>>>>>>>>>>>>>>;
 
 class AttentionService final : public AttentionServiceBase {
  public:
@@ -116,6 +116,9 @@ class AttentionService final : public AttentionServiceBase {
   grpc::ServerUnaryReactor* CloseKvPull(grpc::CallbackServerContext* ctx,
                                         const v1::CloseKvPullRequest* req,
                                         v1::CloseKvPullResponse* resp) override;
+  grpc::ServerUnaryReactor* SetKvScales(grpc::CallbackServerContext* ctx,
+                                        const v1::SetKvScalesRequest* req,
+                                        v1::SetKvScalesResponse* resp) override;
 
  private:
   // OpenKvPull and CloseKvPull: the caller must be in --kv_peers.

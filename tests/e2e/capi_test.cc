@@ -248,6 +248,15 @@ TEST_F(CApi, ReleaseFreesThePagesAndForgetsTheSequence) {
   EXPECT_EQ(rc, 5) << err_;
 }
 
+// The model-dtype server refuses scales: the call reached it, its code and message came back.
+TEST_F(CApi, SetKvScalesReachesTheServer) {
+  const float k[2] = {0.5f, 0.25f}, v[2] = {0.125f, 1.0f};
+  EXPECT_EQ(attnd_set_kv_scales(client_, 0, 0, k, v, 2, err_, kErrLen), 9);
+  EXPECT_NE(std::string(err_).find("kv_cache_dtype"), std::string::npos) << err_;
+  EXPECT_EQ(attnd_set_kv_scales(client_, 0, 0, nullptr, v, 2, err_, kErrLen), 3);
+  EXPECT_NE(std::string(err_).find("k_scales is NULL"), std::string::npos) << err_;
+}
+
 TEST_F(CApi, RefusedCallIsNotFoundNamingSeqIdAndLeavesTheStreamUsable) {
   Create({1});
   OpenStream();

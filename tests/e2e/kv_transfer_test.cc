@@ -1,13 +1,15 @@
 // KV transfer between two (or three) real attnd processes over UCX on loopback (ctest runs this
 // suite twice: UCX_TLS=tcp and UCX_TLS=sm,self): a source grants a sequence, destinations pull
 // all of it or a head range, and what arrives is compared byte for byte with the source's pages
-// (ExportKv on both sides) and by decoding on both sides with the same inputs.
+// (ExportKv on both sides) and by decoding on both sides with the same inputs. fp8 pools move
+// their bytes raw too, so a pull needs the same storage and, for fp8, the same scales.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -380,6 +382,75 @@ TEST(KvTransfer, OnlyListedPeersOpenPullsAndOnlyListedSourcesArePulledFrom) {
   auto s2 = Pull(*closed_dst, *src, grant->grant(), 1).status();
   EXPECT_EQ(s2.code(), absl::StatusCode::kPermissionDenied) << s2;
   EXPECT_NE(s2.message().find("--kv_sources"), std::string::npos) << s2;
+}
+
+// ---- fp8 pools ----
+
+std::vector<std::string> Fp8NodeFlags(bool destination) {
+  std::vector<std::string> flags = NodeFlags(4, "NHD", 1024, destination);
+  flags.push_back("--kv_cache_dtype=fp8");
+  return flags;
+}
+
+// Random scales of every layer, log-uniform in [1/64, 1/2].
+std::vector<float> RandomScales(std::mt19937_64& rng) {
+  std::uniform_real_distribution<float> exponent(-6.0f, -1.0f);
+  std::vector<float> out(kLayers);
+  for (float& s : out) s = std::exp2(exponent(rng));
+  return out;
+}
+
+TEST(KvTransfer, AnFp8SequenceWithEqualScalesArrivesByteForByteAndDecodesLikeTheSource) {
+  auto src = StartNode(Fp8NodeFlags(false));
+  auto dst = StartNode(Fp8NodeFlags(true));
+  ASSERT_TRUE(src && dst);
+  std::mt19937_64 rng(Seed());
+  const std::vector<float> k = RandomScales(rng), v = RandomScales(rng);
+  ASSERT_TRUE(src->h().SetKvScales(0, k, v).ok());
+  ASSERT_TRUE(dst->h().SetKvScales(0, k, v).ok());
+  Prefill(*src, 1, 37);  // checked against the reference over the pool's fp8 values
+  auto grant = Grant(*src, 1);
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  auto pulled = Pull(*dst, *src, grant->grant(), 9);
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_EQ(pulled->bytes(), uint64_t{kLayers} * 2 * 37 * 4 * kHeadDim * 1);  // a byte each
+  EXPECT_EQ(Export(*src, 1, 37, 0, 4), Export(*dst, 9, 37, 0, 4));
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    dst->h().SetHistory(9, layer, src->h().HistoryK(1, layer), src->h().HistoryV(1, layer));
+    ASSERT_TRUE(dst->h().Attend(layer, {{9, 1}}, /*decode=*/true).ok());
+  }
+}
+
+TEST(KvTransfer, Fp8PullsRefuseAnotherStorageOrOtherScalesNamingThemAndChangeNothing) {
+  auto src = StartNode(Fp8NodeFlags(false));
+  auto model = StartNode(NodeFlags(4, "NHD", 1024, true));  // bf16 pool
+  auto other = StartNode(Fp8NodeFlags(true));
+  ASSERT_TRUE(src && model && other);
+  std::mt19937_64 rng(Seed() + 1);
+  const std::vector<float> k = RandomScales(rng), v = RandomScales(rng);
+  std::vector<float> v_other = v;
+  v_other[1] = std::nextafter(v[1], 1.0f);  // one ulp: scales are compared bit for bit
+  ASSERT_TRUE(src->h().SetKvScales(0, k, v).ok());
+  ASSERT_TRUE(other->h().SetKvScales(0, k, v_other).ok());
+  Prefill(*src, 1, 21);
+  auto grant = Grant(*src, 1);
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  const auto expect_refused = [&](Node& dst, const std::vector<std::string>& fragments) {
+    const uint64_t free_before = FreePages(dst);
+    const absl::Status s = Pull(dst, *src, grant->grant(), 2).status();
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    for (const std::string& f : fragments)
+      EXPECT_NE(s.message().find(f), std::string::npos) << "'" << f << "' not in: " << s;
+    EXPECT_EQ(FreePages(dst), free_before);
+    EXPECT_EQ(dst.c().GetSequence(dst.device, 2).status().code(), absl::StatusCode::kNotFound);
+  };
+  expect_refused(*model, {"kv_cache_dtype"});
+  expect_refused(*other, {"v_scale", "layer 1"});
+  // Its pool empty, the destination takes the source's scales, and the same grant pulls.
+  ASSERT_TRUE(other->h().SetKvScales(1, {k[1]}, {v[1]}).ok());
+  auto pulled = Pull(*other, *src, grant->grant(), 2);
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_EQ(Export(*src, 1, 21, 0, 4), Export(*other, 2, 21, 0, 4));
 }
 
 TEST(KvTransfer, AGrantHoldsItsPagesUntilItEndsThenGivesThemBack) {

@@ -1,9 +1,11 @@
 // The workload library (client/workload/) against a real attnd: the prefill + decode schedule
 // that `attnctl demo` runs passes every check of its fp64 verifier over the Unix socket and
 // over TCP, uses every kind of data call, leaves nothing behind on the server, times its
-// benchmark over every transport, and stops with a clear status when it cannot run.
+// benchmark over every transport, and stops with a clear status when it cannot run. On an fp8
+// pool it checks against what the pool holds (scale * fp8(x / scale)).
 #include "client/workload/workload.h"
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <random>
@@ -34,8 +36,9 @@ struct Served {
   std::unique_ptr<client::Client> client;
 };
 
-// A small CPU model on one device; `tcp` connects over TCP instead of the Unix socket.
-Served Serve(bool tcp = false) {
+// A small CPU model on one device; `tcp` connects over TCP instead of the Unix socket; `extra`
+// flags follow the model's.
+Served Serve(bool tcp = false, const std::vector<std::string>& extra = {}) {
   Served s;
   // Over TCP the client has no uid of its own: a token that names one lets it share memory.
   const UidToken uid_token = MakeUidToken();
@@ -43,6 +46,7 @@ Served Serve(bool tcp = false) {
                                     "--num_kv_heads=2", "--head_dim=64", "--dtype=bf16",
                                     "--page_size=16", "--pages_per_device=2048"};
   if (tcp) flags.push_back(uid_token.flag);
+  flags.insert(flags.end(), extra.begin(), extra.end());
   auto server = ServerProcess::Start(flags);
   if (!server.ok()) {
     ADD_FAILURE() << server.status();
@@ -152,6 +156,25 @@ TEST(Workload, TheDecodeBenchmarkTimesAndChecksEveryTransport) {
   EXPECT_EQ(result.checks.outputs, static_cast<int64_t>(a.prefill.count() + a.decode_unary.count() +
                                                         a.decode_stream.count()) +
                                        4);
+}
+
+TEST(Workload, AWorkloadOnAnFp8PoolPassesEveryCheckAgainstWhatThePoolHolds) {
+  Served s = Serve(false, {"--kv_cache_dtype=fp8"});
+  ASSERT_NE(s.client, nullptr);
+  // Scales other than 1, set before any KV is stored (the workload reads them from the server).
+  std::mt19937_64 rng(Seed());
+  std::uniform_real_distribution<float> exponent(-6.0f, -1.0f);
+  std::vector<float> k(2), v(2);
+  for (float& x : k) x = std::exp2(exponent(rng));
+  for (float& x : v) x = std::exp2(exponent(rng));
+  ASSERT_TRUE(s.client->SetKvScales(0, 0, k, v).ok());
+  WorkloadOptions options = ShortWorkload();
+  options.bench_batch = 4;
+  options.bench_context = 40;
+  options.bench_calls = 6;
+  const WorkloadResult result = RunWorkload(*s.client, options);
+  EXPECT_TRUE(result.passed()) << Why(result);
+  EXPECT_GT(result.checks.outputs, 0);
 }
 
 TEST(Workload, ADeviceTheServerDoesNotHaveStopsTheRunWithFailedPrecondition) {

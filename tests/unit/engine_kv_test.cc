@@ -142,7 +142,8 @@ TEST_P(EngineTest, ImportIntoAForkRewritesOnlyTheForksHeadsAndLeavesTheParentInt
     std::vector<double>& dst = kv == 0 ? child.k[0] : child.v[0];
     for (uint64_t t = 0; t < kTokens; ++t) {
       for (int64_t x = 0; x < kHeadDim; ++x)
-        dst[(t * kKvHeads + 1) * kHeadDim + x] = fresh[(kv * kTokens + t) * kHeadDim + x];
+        dst[(t * kKvHeads + 1) * kHeadDim + x] =
+            Held(fresh[(kv * kTokens + t) * kHeadDim + x], 0, kv);
     }
   }
   DecodeAll({1, 2});

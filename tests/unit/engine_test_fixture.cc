@@ -71,6 +71,7 @@ void EngineTest::SetUp() {
   seed_ = testing_util::TestSeed();
   rng_.seed(seed_);
   shm_ = std::make_unique<ShmObject>(kShmBytes);
+  if (fp8()) kv_scales_ = StartingScales();
   StartEngine(/*pages=*/512);
 }
 
@@ -94,6 +95,8 @@ void EngineTest::StartEngine(int64_t pages) {
   config_.model.page_size = c.page_size;
   config_.model.logits_soft_cap = c.soft_cap;
   config_.model.window_left = c.window_left;
+  config_.model.kv_storage = c.storage;
+  if (fp8()) config_.model.kv_scales = kv_scales_;
   config_.pages_per_device = pages;
   config_.max_batch_size = 16;
   config_.metrics_port = 0;
@@ -108,6 +111,43 @@ void EngineTest::StartEngine(int64_t pages) {
   reg.set_shm_key(shm_->key());
   reg.set_byte_size(shm_->size());
   ASSERT_TRUE(wire_->RegisterHostRegion(reg).ok());
+}
+
+std::vector<kernels::KvScales> EngineTest::StartingScales() {
+  std::uniform_int_distribution<int> exponent(-4, 0);
+  std::vector<kernels::KvScales> scales(kLayers);
+  for (kernels::KvScales& s : scales)
+    s = {std::ldexp(1.0f, exponent(rng_)), std::ldexp(1.0f, exponent(rng_))};
+  return scales;
+}
+
+double EngineTest::Held(double value, int64_t layer, int kv) const {
+  if (!fp8()) return value;
+  const float scale = kv == 0 ? kv_scales_[layer].k : kv_scales_[layer].v;
+  uint8_t byte = 0;
+  kernels::StoreFromFloat(&byte, 0, DType::kFloat8E4M3, static_cast<float>(value) / scale);
+  return static_cast<double>(scale * kernels::LoadAsFloat(&byte, 0, DType::kFloat8E4M3));
+}
+
+std::vector<double> EngineTest::Held(const std::vector<double>& values, int64_t layer,
+                                     int kv) const {
+  std::vector<double> held(values.size());
+  for (size_t i = 0; i < values.size(); ++i) held[i] = Held(values[i], layer, kv);
+  return held;
+}
+
+absl::Status EngineTest::SetKvScales(uint32_t layer_begin,
+                                     const std::vector<kernels::KvScales>& scales) {
+  v1::SetKvScalesRequest req;
+  req.set_layer_begin(layer_begin);
+  for (const kernels::KvScales& s : scales) {
+    req.add_k_scales(s.k);
+    req.add_v_scales(s.v);
+  }
+  absl::Status status = Await([&](Engine::Done d) { wire_->SetKvScales(req, std::move(d)); });
+  if (status.ok())
+    std::copy(scales.begin(), scales.end(), kv_scales_.begin() + layer_begin);
+  return status;
 }
 
 uint64_t EngineTest::Alloc(uint64_t bytes) {
@@ -222,8 +262,10 @@ void EngineTest::Append(uint32_t layer, const std::vector<Item>& items) {
   const size_t kv_elems = rows * kKvHeads * kHeadDim;
   const uint64_t k_off = Alloc(kv_elems * ElemSize());
   const uint64_t v_off = Alloc(kv_elems * ElemSize());
-  const std::vector<double> k = Store(k_off, Random(kv_elems, 1.0f), model().dtype);
-  const std::vector<double> v = Store(v_off, Random(kv_elems, 1.0f), model().dtype);
+  const std::vector<double> k =
+      Held(Store(k_off, Random(kv_elems, 1.0f), model().dtype), layer, 0);
+  const std::vector<double> v =
+      Held(Store(v_off, Random(kv_elems, 1.0f), model().dtype), layer, 1);
   v1::AppendRequest req;
   req.set_layer(layer);
   for (const Item& it : items) {
@@ -268,8 +310,8 @@ Outputs EngineTest::Attend(bool decode, uint32_t layer, const std::vector<Item>&
   const uint64_t out_off = Alloc(q_elems * ElemSize());
   const uint64_t lse_off = Alloc(rows * kQoHeads * sizeof(float));
   const std::vector<double> q = Store(q_off, inputs.q, dtype);
-  const std::vector<double> k = Store(k_off, inputs.k, dtype);
-  const std::vector<double> v = Store(v_off, inputs.v, dtype);
+  const std::vector<double> k = Held(Store(k_off, inputs.k, dtype), layer, 0);
+  const std::vector<double> v = Held(Store(v_off, inputs.v, dtype), layer, 1);
   Poison(out_off, q_elems, dtype);
   Poison(lse_off, rows * kQoHeads, DType::kFloat32);
 
@@ -394,7 +436,12 @@ INSTANTIATE_TEST_SUITE_P(
         ModelCase{"Fp16Hnd", DType::kFloat16, KvLayout::kHND, 5, 0.0f, -1, 2e-3},
         ModelCase{"Fp32NhdPageSize1", DType::kFloat32, KvLayout::kNHD, 1, 0.0f, -1, 1e-5},
         ModelCase{"Bf16HndSoftCapWindow", DType::kBFloat16, KvLayout::kHND, 8, 1.5f, 6, 1e-2},
-        ModelCase{"Fp32HndSoftCapWindow", DType::kFloat32, KvLayout::kHND, 3, 2.0f, 10, 1e-5}),
+        ModelCase{"Fp32HndSoftCapWindow", DType::kFloat32, KvLayout::kHND, 3, 2.0f, 10, 1e-5},
+        // fp8 pools, scales powers of two (StartingScales) so exported KV is exact.
+        ModelCase{"Bf16NhdFp8Kv", DType::kBFloat16, KvLayout::kNHD, 16, 0.0f, -1, 1e-2,
+                  kernels::KvStorage::kFp8E4M3},
+        ModelCase{"Fp16HndFp8KvSoftCapWindow", DType::kFloat16, KvLayout::kHND, 5, 1.5f, 6, 2e-3,
+                  kernels::KvStorage::kFp8E4M3}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return std::string(info.param.name); });
 
 }  // namespace attnd::engine_test

@@ -4,6 +4,9 @@
 // paging, copy-on-write, fork, truncate and import bugs all show up as wrong numbers), by
 // ||out - ref|| / ||ref||.
 //
+// fp8 pools (ModelCase.storage) are compared the same way: the history holds what the pool
+// holds, each value quantized with its layer's scales and dequantized (scale * fp8(x / scale)).
+//
 // Inputs are fresh random values each run (the seed is printed; ATTND_TEST_SEED replays it);
 // outputs are poisoned with NaN before each call; the pool is fragmented first so page tables
 // are not contiguous by accident; lengths are not multiples of the page size, and include 1.
@@ -127,6 +130,13 @@ class WireEngine {
     call.client = client_;
     engine_->ExportKv(std::move(call), std::move(done));
   }
+  // Checked by the wire's conversion first, as the handler does.
+  void SetKvScales(const v1::SetKvScalesRequest& req, Done done) {
+    auto call = wire::ToKvScalesCall(req, engine_->config().model);
+    if (!call.ok()) return std::move(done)(call.status());
+    engine_->SetKvScales(call->device, call->layer_begin, std::move(call->scales),
+                         std::move(done));
+  }
   void ImportKv(const v1::ImportKvRequest& req, v1::ImportKvResponse* resp, Done done) {
     KvTransferCall call = wire::ToTransferCall(req);
     call.client = client_;
@@ -170,6 +180,7 @@ struct ModelCase {
   float soft_cap;
   int64_t window_left;
   double tolerance;  // on ||out - ref|| / ||ref||
+  kernels::KvStorage storage = kernels::KvStorage::kModelDType;
 };
 
 // Prints a model case by its name in test failures.
@@ -226,8 +237,20 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
   void SetUp() override;
   void TearDown() override;
 
-  // (Re)starts the engine with a pool of `pages` pages and registers the shared region.
+  // (Re)starts the engine with a pool of `pages` pages and registers the shared region; an fp8
+  // pool starts with kv_scales_.
   void StartEngine(int64_t pages);
+  // fp8 pools: the scales each layer starts with, drawn once per test. Powers of two here, so
+  // that export (scale * fp8 in the model dtype) and import (back to fp8) are exact and the
+  // tests comparing transferred KV bitwise hold for fp8 pools too.
+  virtual std::vector<kernels::KvScales> StartingScales();
+  bool fp8() const { return GetParam().storage == kernels::KvStorage::kFp8E4M3; }
+  // What the pool holds for `value` written at `layer` as K (kv 0) or V (kv 1): the value, or
+  // for fp8 pools the layer's scale times fp8(value / scale).
+  double Held(double value, int64_t layer, int kv) const;
+  std::vector<double> Held(const std::vector<double>& values, int64_t layer, int kv) const;
+  // SetKvScales through the wire's conversion; on success the history's scales follow.
+  absl::Status SetKvScales(uint32_t layer_begin, const std::vector<kernels::KvScales>& scales);
 
   const ModelShape& model() const { return config_.model; }
   size_t ElemSize() const { return kernels::DTypeSize(model().dtype); }
@@ -282,6 +305,7 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<WireEngine> wire_;  // over engine_
   std::map<uint64_t, History> history_;
+  std::vector<kernels::KvScales> kv_scales_;  // fp8 pools: every layer's, as the engine's
   uint64_t cursor_ = 0;
   RequestTrace* trace_ = nullptr;  // passed with every Prefill and Decode when set
 };

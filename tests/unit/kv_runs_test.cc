@@ -1,14 +1,19 @@
 // The runs a KV pull copies: applied to random pools with shuffled page tables, they must move
 // exactly the pulled (layer, token, head) elements to their places and nothing else; and they
-// must be few (merged wherever both sides are contiguous).
+// must be few (merged wherever both sides are contiguous). Pools must match to exchange pages,
+// fp8 pools in their scales too.
 #include "server/engine/kv_runs.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 
 namespace attnd {
@@ -17,6 +22,8 @@ namespace {
 using kernels::DType;
 using kernels::KvCacheShape;
 using kernels::KvLayout;
+using kernels::KvScales;
+using kernels::KvStorage;
 
 KvCacheShape Shape(int64_t layers, int64_t pages, int64_t heads, KvLayout layout,
                    int64_t page_size = 4, int64_t dim = 8) {
@@ -39,25 +46,28 @@ std::vector<int32_t> ShuffledPages(int64_t pool_pages, int64_t n, std::mt19937& 
   return all;
 }
 
-// Applies the runs to random 16-bit pools and checks every destination element.
+// Applies the runs to random pools of Elem (the pools' element size) and checks every
+// destination element.
+template <typename Elem>
 void CheckAgainstElementwiseCopy(const KvCacheShape& src, const KvCacheShape& dst,
                                  const KvPullShape& pull, std::mt19937& rng) {
+  ASSERT_EQ(src.ElemBytes(), static_cast<int64_t>(sizeof(Elem)));
   const int64_t pages = (pull.num_tokens + src.page_size - 1) / src.page_size;
   const std::vector<int32_t> sp = ShuffledPages(src.num_pages, pages, rng);
   const std::vector<int32_t> dp = ShuffledPages(dst.num_pages, pages, rng);
   auto runs = PlanPullRuns(src, dst, pull, sp, dp);
   ASSERT_TRUE(runs.ok()) << runs.status();
-  std::vector<uint16_t> a(static_cast<size_t>(src.TotalElems()));
-  for (auto& x : a) x = static_cast<uint16_t>(rng());
-  const uint16_t kPoison = 0xdead;
-  std::vector<uint16_t> b(static_cast<size_t>(dst.TotalElems()), kPoison);
+  std::vector<Elem> a(static_cast<size_t>(src.TotalElems()));
+  for (auto& x : a) x = static_cast<Elem>(rng());
+  const Elem kPoison = static_cast<Elem>(0xdead);
+  std::vector<Elem> b(static_cast<size_t>(dst.TotalElems()), kPoison);
   for (const PageRun& r : *runs) {
-    ASSERT_LE(r.src_offset + r.bytes, a.size() * 2);
-    ASSERT_LE(r.dst_offset + r.bytes, b.size() * 2);
+    ASSERT_LE(r.src_offset + r.bytes, a.size() * sizeof(Elem));
+    ASSERT_LE(r.dst_offset + r.bytes, b.size() * sizeof(Elem));
     std::memcpy(reinterpret_cast<char*>(b.data()) + r.dst_offset,
                 reinterpret_cast<const char*>(a.data()) + r.src_offset, r.bytes);
   }
-  std::vector<uint16_t> want(b.size(), kPoison);
+  std::vector<Elem> want(b.size(), kPoison);
   for (int64_t l = pull.layer_begin; l < pull.layer_end; ++l)
     for (int64_t t = 0; t < pull.num_tokens; ++t)
       for (int kv = 0; kv < 2; ++kv)
@@ -71,7 +81,8 @@ void CheckAgainstElementwiseCopy(const KvCacheShape& src, const KvCacheShape& ds
   ASSERT_EQ(b, want);
 }
 
-TEST(KvRunsTest, RunsMoveExactlyThePulledElementsForRandomShapes) {
+// Random shapes, layers and head ranges; fp8 pools (one byte an element) when `fp8`.
+void CheckRandomShapes(bool fp8) {
   std::mt19937 rng(20261129);
   for (int trial = 0; trial < 200; ++trial) {
     const KvLayout layout = trial % 2 ? KvLayout::kHND : KvLayout::kNHD;
@@ -87,13 +98,26 @@ TEST(KvRunsTest, RunsMoveExactlyThePulledElementsForRandomShapes) {
     pull.head_begin = h0;
     pull.head_end = h1;
     pull.num_tokens = 1 + rng() % 30;
-    const KvCacheShape src = Shape(layers, 16, src_heads, layout, ps, 4);
-    const KvCacheShape dst =
+    KvCacheShape src = Shape(layers, 16, src_heads, layout, ps, 4);
+    KvCacheShape dst =
         Shape(pull.dst_layer_begin + pull.layer_end - pull.layer_begin + rng() % 2, 12, h1 - h0,
               layout, ps, 4);
     SCOPED_TRACE(testing::Message() << "trial " << trial);
-    CheckAgainstElementwiseCopy(src, dst, pull, rng);
+    if (fp8) {
+      src.storage = dst.storage = KvStorage::kFp8E4M3;
+      CheckAgainstElementwiseCopy<uint8_t>(src, dst, pull, rng);
+    } else {
+      CheckAgainstElementwiseCopy<uint16_t>(src, dst, pull, rng);
+    }
   }
+}
+
+TEST(KvRunsTest, RunsMoveExactlyThePulledElementsForRandomShapes) { CheckRandomShapes(false); }
+
+// Offsets count pool elements: an fp8 pool's runs are in bytes of one-byte elements, though
+// the model (and so shape.dtype) is bf16.
+TEST(KvRunsTest, RunsOfFp8PoolsMoveExactlyThePulledBytesForRandomShapes) {
+  CheckRandomShapes(true);
 }
 
 TEST(KvRunsTest, AWholeSequenceIsOneRunPerLayerAndPageWhenPagesAreScattered) {
@@ -146,6 +170,72 @@ TEST(KvRunsTest, PoolsThatDifferInPageSizeHeadDimDtypeOrLayoutAreRefusedNamingIt
   other.num_kv_heads = 2;
   EXPECT_NE(CheckPullCompatible(base, other, pull).message().find("head_begin"), std::string::npos);
   EXPECT_TRUE(CheckPullCompatible(base, base, pull).ok());
+}
+
+TEST(KvRunsTest, PoolsThatDifferInStorageAreRefusedNamingKvCacheDtype) {
+  KvCacheShape model = Shape(2, 8, 4, KvLayout::kNHD);
+  KvCacheShape fp8 = model;
+  fp8.storage = KvStorage::kFp8E4M3;
+  const KvPullShape pull{0, 2, 0, 0, 4, 5};
+  for (const auto& [src, dst] : {std::pair{model, fp8}, std::pair{fp8, model}}) {
+    const absl::Status s = CheckPullCompatible(src, dst, pull);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+  }
+  EXPECT_TRUE(CheckPullCompatible(fp8, fp8, pull).ok());
+}
+
+// ---- fp8 scales ----
+
+std::vector<KvScales> RandomScales(std::mt19937& rng, size_t n) {
+  std::uniform_real_distribution<float> exponent(-6.0f, 3.0f);
+  std::vector<KvScales> scales(n);
+  for (KvScales& s : scales) s = {std::exp2(exponent(rng)), std::exp2(exponent(rng))};
+  return scales;
+}
+
+TEST(KvRunsTest, EqualScalesAtTheLayersAPullFillsAreAccepted) {
+  std::mt19937 rng(20261130);
+  for (int trial = 0; trial < 50; ++trial) {
+    const std::vector<KvScales> src_all = RandomScales(rng, 6);
+    const int64_t begin = rng() % 6, count = 1 + rng() % (6 - begin);
+    const int64_t dst_begin = rng() % 3;
+    // The destination's other layers differ: only the filled ones count.
+    std::vector<KvScales> dst = RandomScales(rng, static_cast<size_t>(dst_begin + count + 2));
+    std::copy(src_all.begin() + begin, src_all.begin() + begin + count, dst.begin() + dst_begin);
+    const std::vector<KvScales> src(src_all.begin() + begin, src_all.begin() + begin + count);
+    EXPECT_TRUE(CheckPullScales(src, begin, dst, dst_begin).ok()) << "trial " << trial;
+  }
+}
+
+TEST(KvRunsTest, AScaleThatDiffersAtAFilledLayerIsRefusedNamingBothLayersAndValues) {
+  std::mt19937 rng(20261131);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t count = 1 + rng() % 4, src_begin = rng() % 3, dst_begin = rng() % 3;
+    const std::vector<KvScales> src = RandomScales(rng, static_cast<size_t>(count));
+    std::vector<KvScales> dst = RandomScales(rng, static_cast<size_t>(dst_begin + count));
+    std::copy(src.begin(), src.end(), dst.begin() + dst_begin);
+    const int64_t at = rng() % count;
+    const bool k = trial % 2 == 0;
+    float& changed = k ? dst[dst_begin + at].k : dst[dst_begin + at].v;
+    // One ulp apart: equal scales are equal bits; printing rounds, comparing must not.
+    changed = trial % 4 < 2 ? std::nextafter(changed, 1e9f) : changed * 2.0f;
+    const absl::Status s = CheckPullScales(src, src_begin, dst, dst_begin);
+    SCOPED_TRACE(testing::Message() << "trial " << trial << ": " << s);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(absl::StartsWith(s.message(), k ? "k_scale: " : "v_scale: "));
+    const float want = k ? src[at].k : src[at].v;
+    EXPECT_TRUE(absl::StrContains(
+        s.message(), absl::StrFormat("the source's layer %d has %.9g", src_begin + at, want)));
+    EXPECT_TRUE(absl::StrContains(
+        s.message(), absl::StrFormat("this server's layer %d has %.9g", dst_begin + at, changed)));
+  }
+}
+
+TEST(KvRunsTest, ScalesForLayersPastTheDestinationsAreRefused) {
+  const std::vector<KvScales> src(3), dst(4);
+  EXPECT_EQ(CheckPullScales(src, 0, dst, 2).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(CheckPullScales(src, 0, dst, 1).ok());
 }
 
 TEST(KvRunsTest, RangesOutsideEitherModelAreRefusedNamingTheField) {

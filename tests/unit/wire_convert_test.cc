@@ -4,8 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
 #include <random>
 #include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
 
 namespace attnd {
 namespace {
@@ -129,6 +134,101 @@ TEST_F(WireConvertTest, ASequenceStateFillsEveryFieldOfSequenceInfo) {
   EXPECT_EQ(info.layer_lengths(1), static_cast<uint64_t>(state.layer_lengths[1]));
   EXPECT_EQ(info.num_pages(), state.num_pages);
   EXPECT_EQ(info.shared_pages(), state.shared_pages);
+}
+
+// ---- fp8 KV scales ----
+
+ModelShape FourLayers() {
+  ModelShape m;
+  m.num_layers = 4;
+  return m;
+}
+
+TEST_F(WireConvertTest, EveryFieldOfASetKvScalesRequestReachesTheCall) {
+  std::uniform_real_distribution<float> scale(0.001f, 10.0f);
+  v1::SetKvScalesRequest req;
+  req.set_device(static_cast<uint32_t>(Next()));
+  req.set_layer_begin(1);
+  for (int i = 0; i < 3; ++i) {
+    req.add_k_scales(scale(rng_));
+    req.add_v_scales(scale(rng_));
+  }
+  absl::StatusOr<wire::KvScalesCall> call = wire::ToKvScalesCall(req, FourLayers());
+  ASSERT_TRUE(call.ok()) << call.status();
+  EXPECT_EQ(call->device, req.device());
+  EXPECT_EQ(call->layer_begin, 1);
+  ASSERT_EQ(call->scales.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(call->scales[i].k, req.k_scales(i));
+    EXPECT_EQ(call->scales[i].v, req.v_scales(i));
+  }
+}
+
+TEST_F(WireConvertTest, SetKvScalesRequestsOfTheWrongFormAreRefusedNamingTheField) {
+  struct Bad {
+    uint32_t layer_begin;
+    std::vector<float> k, v;
+    const char* field;
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const Bad& bad : std::vector<Bad>{
+           {0, {}, {}, "k_scales, v_scales"},
+           {0, {1, 1}, {1}, "k_scales, v_scales"},
+           {0, {1}, {1, 1}, "k_scales, v_scales"},
+           {3, {1, 1}, {1, 1}, "layer_begin"},
+           {4, {1}, {1}, "layer_begin"},
+           {std::numeric_limits<uint32_t>::max(), {1}, {1}, "layer_begin"},
+           {0, {1, 0}, {1, 1}, "k_scales[1] (layer 1)"},
+           {1, {1, 1}, {1, -2}, "v_scales[1] (layer 2)"},
+           {0, {nan}, {1}, "k_scales[0]"},
+           {2, {1}, {inf}, "v_scales[0] (layer 2)"}}) {
+    v1::SetKvScalesRequest req;
+    req.set_layer_begin(bad.layer_begin);
+    for (float k : bad.k) req.add_k_scales(k);
+    for (float v : bad.v) req.add_v_scales(v);
+    absl::StatusOr<wire::KvScalesCall> call = wire::ToKvScalesCall(req, FourLayers());
+    ASSERT_FALSE(call.ok()) << bad.field;
+    EXPECT_EQ(call.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StartsWith(call.status().message(), bad.field)) << call.status();
+  }
+}
+
+TEST_F(WireConvertTest, ServerInfoCarriesTheKvCacheDtypeAndEachDevicesScales) {
+  std::uniform_real_distribution<float> scale(0.001f, 10.0f);
+  EngineInfo info;
+  info.model = FourLayers();
+  info.model.kv_storage = kernels::KvStorage::kFp8E4M3;
+  for (int d = 0; d < 2; ++d) {
+    DeviceState device;
+    device.device = d;
+    for (int l = 0; l < 4; ++l) device.kv_scales.push_back({scale(rng_), scale(rng_)});
+    info.devices.push_back(device);
+  }
+  v1::ServerInfo out;
+  wire::FillServerInfo(info, &out);
+  EXPECT_EQ(out.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_FP8_E4M3);
+  ASSERT_EQ(out.devices_size(), 2);
+  for (int d = 0; d < 2; ++d) {
+    ASSERT_EQ(out.devices(d).k_scales_size(), 4);
+    ASSERT_EQ(out.devices(d).v_scales_size(), 4);
+    for (int l = 0; l < 4; ++l) {
+      EXPECT_EQ(out.devices(d).k_scales(l), info.devices[d].kv_scales[l].k);
+      EXPECT_EQ(out.devices(d).v_scales(l), info.devices[d].kv_scales[l].v);
+    }
+  }
+  // The scales come back from the wire in layer order; a count other than the layers' is none.
+  auto back = wire::ScalesFromWire(out.devices(1).k_scales(), out.devices(1).v_scales(), 4);
+  ASSERT_TRUE(back.has_value());
+  for (int l = 0; l < 4; ++l) EXPECT_EQ((*back)[l].v, info.devices[1].kv_scales[l].v);
+  EXPECT_FALSE(wire::ScalesFromWire(out.devices(1).k_scales(), out.devices(1).v_scales(), 3));
+
+  info.model.kv_storage = kernels::KvStorage::kModelDType;
+  for (DeviceState& device : info.devices) device.kv_scales.clear();
+  out.Clear();
+  wire::FillServerInfo(info, &out);
+  EXPECT_EQ(out.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_MODEL);
+  EXPECT_EQ(out.devices(0).k_scales_size(), 0);
 }
 
 TEST_F(WireConvertTest, AnErrorKeepsItsCodeAndMessageOnTheWire) {

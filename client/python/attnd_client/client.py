@@ -251,6 +251,17 @@ class Client:
                                            head_end=head_end, num_tokens=num_tokens,
                                            dst_layer_begin=dst_layer_begin), timeout)
 
+    # ---- fp8 KV pools ----
+    def set_kv_scales(self, device, layer_begin, k_scales, v_scales, timeout=None):
+        """Sets the dequantization scales of layers [layer_begin, layer_begin + len(k_scales))
+        of an fp8 pool (model.kv_cache_dtype == KV_CACHE_DTYPE_FP8_E4M3); k_scales[i] and
+        v_scales[i] are layer layer_begin + i's. Refused (FAILED_PRECONDITION) while any
+        sequence on the device holds KV at one of those layers: set scales before traffic."""
+        self._call(self._stub.SetKvScales,
+                   pb.SetKvScalesRequest(device=device, layer_begin=layer_begin,
+                                         k_scales=[float(k) for k in k_scales],
+                                         v_scales=[float(v) for v in v_scales]), timeout)
+
     def open_stream(self, timeout=None):
         """A DataStream; `timeout` (seconds) bounds the stream's whole life."""
         return DataStream(self._stub.Stream, timeout, self._metadata)

@@ -1,0 +1,194 @@
+// fp8 KV pools end to end: a real attnd with --kv_cache_dtype=fp8 and a --kv_scales_file, a
+// real client. Every output is checked against the client's fp64 reference over what the pool
+// holds (scale * fp8(x / scale), the harness's history); SetKvScales over gRPC is accepted on
+// layers without KV and refused, changing nothing, where a sequence holds some; a scales file
+// that is wrong keeps attnd from starting, naming the flag.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "testing/harness.h"
+#include "testing/server_process.h"
+
+namespace attnd::testing {
+namespace {
+
+constexpr uint32_t kLayers = 3;
+
+uint64_t Seed() {
+  static const uint64_t seed = [] {
+    const uint64_t s = std::random_device{}();
+    std::printf("[   SEED   ] %llu\n", static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
+
+// Scales as calibration would give them: any positive float, here log-uniform in [1/64, 1/2]
+// (the harness's inputs, N(0, 1), then stay inside e4m3's +-448).
+std::vector<float> RandomScales(std::mt19937_64& rng, size_t n) {
+  std::uniform_real_distribution<float> exponent(-6.0f, -1.0f);
+  std::vector<float> out(n);
+  for (float& s : out) s = std::exp2(exponent(rng));
+  return out;
+}
+
+// A scales file of one "k_scale v_scale" line per layer, in a folder of its own.
+class ScalesFile {
+ public:
+  ScalesFile(const std::vector<float>& k, const std::vector<float>& v) {
+    char dir[] = "/tmp/attnd-fp8-XXXXXX";
+    dir_ = mkdtemp(dir);
+    path_ = dir_ + "/kv_scales.txt";
+    std::ofstream f(path_);
+    f << "# k_scale v_scale, one line per layer\n";
+    for (size_t l = 0; l < k.size(); ++l) f << absl::StrFormat("%.9g %.9g\n", k[l], v[l]);
+  }
+  ~ScalesFile() {
+    unlink(path_.c_str());
+    rmdir(dir_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string dir_, path_;
+};
+
+std::vector<std::string> Fp8Flags(const std::string& scales_file) {
+  std::vector<std::string> flags = {"--backend=" + E2eBackend(), "--devices=0",
+                                    absl::StrCat("--num_layers=", kLayers), "--num_qo_heads=8",
+                                    "--num_kv_heads=2", "--head_dim=64", "--dtype=bf16",
+                                    "--page_size=16", "--pages_per_device=256",
+                                    "--kv_cache_dtype=fp8"};
+  if (!scales_file.empty()) flags.push_back("--kv_scales_file=" + scales_file);
+  return flags;
+}
+
+class Fp8KvTest : public ::testing::Test {
+ protected:
+  void Start(const std::vector<std::string>& flags) {
+    auto server = ServerProcess::Start(flags);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    auto c = client::Client::Connect(server_->unix_target());
+    ASSERT_TRUE(c.ok()) << c.status();
+    client_ = *std::move(c);
+    auto h = Harness::Create(client_.get(), "fp8", 0, 256, Seed());
+    ASSERT_TRUE(h.ok()) << h.status();
+    harness_ = *std::move(h);
+  }
+
+  // The scales GetServerInfo reports equal k and v, bitwise.
+  void ExpectScales(const std::vector<float>& k, const std::vector<float>& v) {
+    auto info = client_->GetServerInfo();
+    ASSERT_TRUE(info.ok()) << info.status();
+    const v1::DeviceInfo& d = info->devices(0);
+    ASSERT_EQ(d.k_scales_size(), static_cast<int>(k.size()));
+    ASSERT_EQ(d.v_scales_size(), static_cast<int>(v.size()));
+    for (int l = 0; l < d.k_scales_size(); ++l) {
+      EXPECT_TRUE(SameBits(d.k_scales(l), k[l])) << "layer " << l;
+      EXPECT_TRUE(SameBits(d.v_scales(l), v[l])) << "layer " << l;
+    }
+  }
+
+  std::mt19937_64 rng_{Seed()};
+  std::unique_ptr<ServerProcess> server_;
+  std::unique_ptr<client::Client> client_;
+  std::unique_ptr<Harness> harness_;  // destroyed first: it unregisters through client_
+};
+
+TEST_F(Fp8KvTest, PrefillAndDecodeMatchTheReferenceOverThePoolsFp8Values) {
+  const std::vector<float> k = RandomScales(rng_, kLayers), v = RandomScales(rng_, kLayers);
+  ScalesFile file(k, v);
+  ASSERT_NO_FATAL_FAILURE(Start(Fp8Flags(file.path())));
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+  const v1::ServerInfo& info = harness_->info();
+  EXPECT_EQ(info.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_FP8_E4M3);
+  EXPECT_EQ(info.model().dtype(), v1::DTYPE_BFLOAT16);
+  for (uint64_t seq : {1, 2, 3}) ASSERT_TRUE(harness_->CreateSequence(seq).ok());
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    ASSERT_TRUE(harness_->RunAppend(harness_->BuildAppend(layer, {{3, 7}})).ok());
+    const absl::Status s = harness_->Attend(layer, {{1, 37}, {2, 5}, {3, 2}}, false, true);
+    ASSERT_TRUE(s.ok()) << "prefill, layer " << layer << ": " << s;
+  }
+  for (int step = 0; step < 4; ++step) {
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      const absl::Status s = harness_->Attend(layer, {{1, 1}, {2, 1}, {3, 1}}, true);
+      ASSERT_TRUE(s.ok()) << "decode step " << step << ", layer " << layer << ": " << s;
+    }
+  }
+}
+
+TEST_F(Fp8KvTest, SetKvScalesTakesEffectOnEmptyLayersAndIsRefusedWhereKvIsHeld) {
+  ASSERT_NO_FATAL_FAILURE(Start(Fp8Flags("")));  // every scale 1
+  std::vector<float> k(kLayers, 1.0f), v(kLayers, 1.0f);
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+  ASSERT_TRUE(harness_->CreateSequence(5).ok());
+  ASSERT_TRUE(harness_->Attend(0, {{5, 20}}, false).ok());
+
+  // Layers 1 and 2 hold no KV: their scales change, and later calls use them.
+  const std::vector<float> k12 = RandomScales(rng_, 2), v12 = RandomScales(rng_, 2);
+  const absl::Status set = harness_->SetKvScales(1, k12, v12);
+  ASSERT_TRUE(set.ok()) << set;
+  k[1] = k12[0], k[2] = k12[1], v[1] = v12[0], v[2] = v12[1];
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+  for (uint32_t layer = 1; layer < kLayers; ++layer)
+    ASSERT_TRUE(harness_->Attend(layer, {{5, 20}}, false).ok()) << "layer " << layer;
+
+  // Layer 0 holds sequence 5's KV: refused, naming both, and nothing changes.
+  const absl::Status refused = client_->SetKvScales(0, 0, RandomScales(rng_, 1), {0.5f});
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+  EXPECT_TRUE(absl::StrContains(refused.message(), "layer 0")) << refused;
+  EXPECT_TRUE(absl::StrContains(refused.message(), "sequence 5")) << refused;
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    ASSERT_TRUE(harness_->Attend(layer, {{5, 1}}, true).ok()) << "layer " << layer;
+
+  // The request's form is checked too, naming the field.
+  const absl::Status uneven = client_->SetKvScales(0, 1, {1.0f, 1.0f}, {1.0f});
+  EXPECT_EQ(uneven.code(), absl::StatusCode::kInvalidArgument) << uneven;
+  EXPECT_TRUE(absl::StrContains(uneven.message(), "v_scales")) << uneven;
+  const absl::Status zero = client_->SetKvScales(0, 2, {0.0f}, {1.0f});
+  EXPECT_EQ(zero.code(), absl::StatusCode::kInvalidArgument) << zero;
+  EXPECT_TRUE(absl::StrContains(zero.message(), "k_scales[0]")) << zero;
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+}
+
+TEST_F(Fp8KvTest, AModelDtypeServerRefusesScales) {
+  std::vector<std::string> flags = Fp8Flags("");
+  flags.pop_back();  // --kv_cache_dtype=fp8
+  ASSERT_NO_FATAL_FAILURE(Start(flags));
+  EXPECT_EQ(harness_->info().model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_MODEL);
+  EXPECT_EQ(harness_->info().devices(0).k_scales_size(), 0);
+  const absl::Status s = client_->SetKvScales(0, 0, {0.5f}, {0.5f});
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+}
+
+TEST_F(Fp8KvTest, ABadScalesFileKeepsAttndFromStartingNamingTheFlag) {
+  std::vector<float> k = RandomScales(rng_, kLayers), v = RandomScales(rng_, kLayers);
+  v[1] = -v[1];
+  ScalesFile file(k, v);
+  auto server = ServerProcess::Start(Fp8Flags(file.path()));
+  ASSERT_FALSE(server.ok()) << "attnd started with a negative v_scale";
+  EXPECT_TRUE(absl::StrContains(server.status().message(), "--kv_scales_file"))
+      << server.status();
+  ScalesFile two(RandomScales(rng_, 2), RandomScales(rng_, 2));  // for 3 layers
+  server = ServerProcess::Start(Fp8Flags(two.path()));
+  ASSERT_FALSE(server.ok()) << "attnd started with 2 scale lines for 3 layers";
+  EXPECT_TRUE(absl::StrContains(server.status().message(), "--num_layers=3")) << server.status();
+}
+
+}  // namespace
+}  // namespace attnd::testing
