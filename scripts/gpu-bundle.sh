@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export ATTND_BUILD_DIR=${ATTND_BUILD_DIR:-build-cuda} ATTND_CUDA=ON
 scripts/build.sh attnd attnctl e2e_test bad_input_test workload_test tenancy_test client_probe \
   region_abuse_test transport_test hardening_test deadline_test cuda_kernels_test cuda_region_e2e_test cuda_server_test decode_bench prefill_bench server_bench \
-  kv_transfer_test kv_transfer_bench
+  kv_transfer_test kv_transfer_bench fp8_kv_test
 b=$ATTND_BUILD_DIR
 rm -rf .device/gpu
 ../shared/tools/device-bundle .device/gpu "$b/server/attnd" "$b/client/attnctl" \
@@ -18,7 +18,7 @@ rm -rf .device/gpu
   "$b/tests/gpu/cuda_kernels_test" \
   "$b/tests/gpu/cuda_region_e2e_test" "$b/tests/gpu/cuda_server_test" "$b/bench/server_bench" \
   "$b/bench/decode_bench" "$b/bench/prefill_bench" "$b/tests/e2e/kv_transfer_test" \
-  "$b/bench/kv_transfer_bench"
+  "$b/bench/kv_transfer_bench" "$b/tests/e2e/fp8_kv_test"
 cat > .device/gpu/run-all.sh <<'RUN'
 #!/usr/bin/env bash
 set -u
@@ -27,7 +27,7 @@ nvidia-smi -L
 "$d/run" cuda_kernels_test 2>&1 | tail -3
 export ATTND_BINARY=$d/bin/attnd ATTND_E2E_BACKEND=cuda ATTND_CLIENT_PROBE=$d/bin/client_probe
 export ATTND_E2E_CUDA_DEVICES=$(nvidia-smi -L | wc -l)
-for t in e2e_test bad_input_test workload_test tenancy_test region_abuse_test transport_test \
+for t in e2e_test bad_input_test workload_test tenancy_test region_abuse_test transport_test fp8_kv_test \
          hardening_test deadline_test; do
   "$d/run" $t 2>&1 | tail -3
 done
