@@ -4,7 +4,8 @@
 // larger than L2 (several page sets, cycled), median of many replays.
 // Prints a table; with --csv FILE also writes machine-readable rows (bench/peers.py reads them).
 //
-//   decode_bench [--csv FILE] [--quick]
+//   decode_bench [--csv FILE] [--quick] [--only B,L,D]   (--only: the cases of that batch,
+//   length and head_dim, e.g. for a profiler)
 #include <cuda_runtime.h>
 
 #include <cuda_bf16.h>
@@ -358,7 +359,11 @@ int main(int argc, char** argv) {
   bool quick = false;
   bool append_only = false;
   bool sweep = false;
+  int only[3] = {0, 0, 0};
   for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+      std::sscanf(argv[++i], "%d,%d,%d", &only[0], &only[1], &only[2]);
+    }
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--append-only")) append_only = true;
@@ -383,10 +388,11 @@ int main(int argc, char** argv) {
   const std::vector<DecodeCase> cases = Cases(quick, sweep, append_only);
   std::mt19937 rng(5);
   for (const DecodeCase& c : cases) {
+    if (only[0] > 0 && (c.batch != only[0] || c.len != only[1] || c.d != only[2])) continue;
     DecodeInputs in;
     in.Init(c, s, rng);
     for (int det = 0; det < (sweep ? 1 : 2); ++det) {
-      const bool warm_up = &c == &cases.front() && det == 0;
+      const bool warm_up = (&c == &cases.front() || only[0] > 0) && det == 0;
       if (!TimeDecode(c, in, dev, det != 0, warm_up, s, ceilings.read_gbs, csv)) return 1;
     }
     in.Free();

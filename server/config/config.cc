@@ -243,6 +243,7 @@ std::string Describe(const ServerConfig& c) {
                    "\n--debug_fault_layer=", c.debug_fault_layer,
                    "\n--debug_pull_pause_ms=", c.debug_pull_pause_ms),
       absl::StrCat("\n--kv_peers=", absl::StrJoin(c.kv_peers, ","),
+                   "\n--kv_scale_setters=", absl::StrJoin(c.kv_scale_setters, ","),
                    "\n--kv_sources=", absl::StrJoin(c.kv_sources, ","),
                    "\n--kv_peer_token_file=", c.kv_peer_token_file,
                    "\n--kv_peer_tls_ca_file=", c.kv_peer_tls_ca_file,

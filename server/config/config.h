@@ -78,6 +78,10 @@ struct ServerConfig {
   // Callers (principals: "uid:N", "token:NAME") allowed to open pulls of this server's grants:
   // they learn the UCX key of a whole pool, so only other attnd processes belong here.
   std::vector<std::string> kv_peers;
+  // Callers ("uid:N", "token:NAME"; "*": any) that may change an fp8 pool's scales with
+  // SetKvScales. Scales are every client's: one that set them badly would degrade the others'
+  // KV, so by default nobody may (--kv_scales_file sets them at start).
+  std::vector<std::string> kv_scale_setters;
   // gRPC targets this server may pull from ("*": any). A pull names its source, and this
   // server presents its token there: without a list, a client could send it anywhere.
   std::vector<std::string> kv_sources;

@@ -64,6 +64,9 @@ ABSL_FLAG(int64_t, max_events_per_client, 1024, "Most registered CUDA events per
 ABSL_FLAG(std::string, kv_peers, "",
           "KV transfer: comma-separated callers (uid:N, token:NAME) that may pull this server's "
           "grants (other attnd processes; each learns the UCX key of a whole pool)");
+ABSL_FLAG(std::string, kv_scale_setters, "",
+          "fp8 pools: comma-separated callers (uid:N, token:NAME, or * for any) that may change "
+          "the KV scales with SetKvScales; empty: nobody (scales come from --kv_scales_file)");
 ABSL_FLAG(std::string, kv_sources, "",
           "KV transfer: comma-separated gRPC targets (host:port, unix:///path) this server may "
           "pull from, or * for any; empty: PullKv is refused");
@@ -210,6 +213,9 @@ absl::StatusOr<ServerConfig> ConfigFromFlags() {
   for (absl::string_view peer : absl::StrSplit(absl::GetFlag(FLAGS_kv_peers), ',',
                                                absl::SkipWhitespace()))
     c.kv_peers.emplace_back(absl::StripAsciiWhitespace(peer));
+  for (absl::string_view setter : absl::StrSplit(absl::GetFlag(FLAGS_kv_scale_setters), ',',
+                                                 absl::SkipWhitespace()))
+    c.kv_scale_setters.emplace_back(absl::StripAsciiWhitespace(setter));
   for (absl::string_view source : absl::StrSplit(absl::GetFlag(FLAGS_kv_sources), ',',
                                                  absl::SkipWhitespace()))
     c.kv_sources.emplace_back(absl::StripAsciiWhitespace(source));

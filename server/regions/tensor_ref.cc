@@ -46,6 +46,8 @@ const char* DTypeName(std::optional<kernels::DType> dtype) {
       return "bfloat16";
     case kernels::DType::kFloat32:
       return "float32";
+    case kernels::DType::kFloat8E4M3:  // pool storage only; no tensor is of it
+      return "float8_e4m3";
   }
   return "unspecified";
 }

@@ -1,5 +1,6 @@
 #include "server/wire/service.h"
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -463,12 +464,25 @@ grpc::ServerUnaryReactor* AttentionService::CloseKvPull(grpc::CallbackServerCont
 
 // ---- fp8 KV scales ----
 
+absl::Status AttentionService::CheckScaleSetter(const grpc::CallbackServerContext* ctx) const {
+  auto caller = auth_->Identify(*ctx);
+  if (!caller.ok()) return caller.status();
+  const std::vector<std::string>& setters = engine_->config().kv_scale_setters;
+  const bool listed = std::find(setters.begin(), setters.end(), "*") != setters.end() ||
+                      std::find(setters.begin(), setters.end(), caller->principal) != setters.end();
+  if (listed) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "caller ", absl::CHexEscape(caller->principal),
+      " may not change KV scales (--kv_scale_setters); they are every client's"));
+}
+
 grpc::ServerUnaryReactor* AttentionService::SetKvScales(grpc::CallbackServerContext* ctx,
                                                         const v1::SetKvScalesRequest* req,
                                                         v1::SetKvScalesResponse*) {
   UnaryCall call = StartUnary(ctx, metrics_, "SetKvScales");
   auto client = ClientOf(ctx);
   if (!client.ok()) return Answer(call, client.status());
+  if (absl::Status s = CheckScaleSetter(ctx); !s.ok()) return Answer(call, s);
   auto scales = wire::ToKvScalesCall(*req, engine_->config().model);
   if (!scales.ok()) return Answer(call, scales.status());
   engine_->SetKvScales(scales->device, scales->layer_begin, std::move(scales->scales),

@@ -123,6 +123,8 @@ class AttentionService final : public AttentionServiceBase {
  private:
   // OpenKvPull and CloseKvPull: the caller must be in --kv_peers.
   absl::Status CheckPeer(const grpc::CallbackServerContext* ctx) const;
+  // PERMISSION_DENIED unless the caller is in --kv_scale_setters.
+  absl::Status CheckScaleSetter(const grpc::CallbackServerContext* ctx) const;
   grpc::ServerUnaryReactor* Attention(grpc::CallbackServerContext* ctx,
                                       const v1::AttentionRequest* req,
                                       v1::AttentionResponse* resp, bool decode);

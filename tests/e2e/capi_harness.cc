@@ -115,6 +115,7 @@ CApiServer::CApiServer() {
       Env("ATTND_BINARY", ATTND_BINARY), "--backend=" + Env("ATTND_E2E_BACKEND", "cpu"),
       "--num_layers=2", "--num_qo_heads=8", "--num_kv_heads=2", "--head_dim=64",
       "--dtype=bf16", "--page_size=16", "--pages_per_device=2048", "--metrics_port=0",
+      "--kv_scale_setters=*",
       "--unix_socket=" + stem + ".sock"};
   std::vector<char*> argv;
   for (std::string& a : args) argv.push_back(a.data());

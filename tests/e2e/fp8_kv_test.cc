@@ -5,6 +5,7 @@
 // that is wrong keeps attnd from starting, naming the flag.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -67,6 +68,7 @@ class ScalesFile {
 
 std::vector<std::string> Fp8Flags(const std::string& scales_file) {
   std::vector<std::string> flags = {"--backend=" + E2eBackend(), "--devices=0",
+                                    "--kv_scale_setters=*",
                                     absl::StrCat("--num_layers=", kLayers), "--num_qo_heads=8",
                                     "--num_kv_heads=2", "--head_dim=64", "--dtype=bf16",
                                     "--page_size=16", "--pages_per_device=256",
@@ -174,6 +176,20 @@ TEST_F(Fp8KvTest, AModelDtypeServerRefusesScales) {
   const absl::Status s = client_->SetKvScales(0, 0, {0.5f}, {0.5f});
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+}
+
+// Scales are every client's: a caller outside --kv_scale_setters is refused and nothing changes.
+TEST_F(Fp8KvTest, ACallerNotListedAsAScaleSetterIsRefusedAndNothingChanges) {
+  std::vector<float> k = RandomScales(rng_, kLayers), v = RandomScales(rng_, kLayers);
+  ScalesFile file(k, v);
+  std::vector<std::string> flags = Fp8Flags(file.path());
+  flags.erase(std::find(flags.begin(), flags.end(), "--kv_scale_setters=*"));
+  flags.push_back("--kv_scale_setters=uid:4242,token:admin");
+  ASSERT_NO_FATAL_FAILURE(Start(flags));
+  const absl::Status s = client_->SetKvScales(0, 0, {0.5f}, {0.5f});
+  EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "--kv_scale_setters")) << s;
+  ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
 }
 
 TEST_F(Fp8KvTest, ABadScalesFileKeepsAttndFromStartingNamingTheFlag) {

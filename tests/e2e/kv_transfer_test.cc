@@ -389,6 +389,7 @@ TEST(KvTransfer, OnlyListedPeersOpenPullsAndOnlyListedSourcesArePulledFrom) {
 std::vector<std::string> Fp8NodeFlags(bool destination) {
   std::vector<std::string> flags = NodeFlags(4, "NHD", 1024, destination);
   flags.push_back("--kv_cache_dtype=fp8");
+  flags.push_back("--kv_scale_setters=*");
   return flags;
 }
 

@@ -159,7 +159,7 @@ TEST(Workload, TheDecodeBenchmarkTimesAndChecksEveryTransport) {
 }
 
 TEST(Workload, AWorkloadOnAnFp8PoolPassesEveryCheckAgainstWhatThePoolHolds) {
-  Served s = Serve(false, {"--kv_cache_dtype=fp8"});
+  Served s = Serve(false, {"--kv_cache_dtype=fp8", "--kv_scale_setters=*"});
   ASSERT_NE(s.client, nullptr);
   // Scales other than 1, set before any KV is stored (the workload reads them from the server).
   std::mt19937_64 rng(Seed());

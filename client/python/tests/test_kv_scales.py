@@ -23,7 +23,7 @@ def start(request, *flags):
 
 @pytest.fixture(scope="module")
 def fp8_target(request):
-    return start(request, "--kv_cache_dtype=fp8")
+    return start(request, "--kv_cache_dtype=fp8", "--kv_scale_setters=*")
 
 
 def scales(client):
@@ -73,7 +73,7 @@ def test_scales_are_refused_where_a_sequence_holds_kv_and_nothing_changes(fp8_ta
 
 
 def test_a_model_dtype_server_refuses_scales(request):
-    with ac.Client(start(request)) as client:
+    with ac.Client(start(request, "--kv_scale_setters=*")) as client:
         assert client.get_server_info().model.kv_cache_dtype == ac.pb.KV_CACHE_DTYPE_MODEL
         with pytest.raises(ac.AttndError) as refused:
             client.set_kv_scales(0, 0, [0.5], [0.5])

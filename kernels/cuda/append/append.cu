@@ -94,12 +94,12 @@ absl::Status LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
       ((p.num_rows + detail::kRowsPerThread - 1) / detail::kRowsPerThread) << p.chunks_log2;
   const int64_t blocks = (threads + detail::kAppendThreads - 1) / detail::kAppendThreads;
   const unsigned grid = static_cast<unsigned>(blocks);
-  if (sh.storage == KvStorage::kModelDType) {
-    detail::AppendKvKernel<<<grid, detail::kAppendThreads, 0, stream>>>(p);
+  if (sh.storage == KvStorage::kModelDType) {  // bytes move as they are: one instance
+    detail::AppendKvKernel<__half, false><<<grid, detail::kAppendThreads, 0, stream>>>(p);
   } else if (sh.dtype == DType::kBFloat16) {
-    detail::AppendKvFp8Kernel<__nv_bfloat16><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+    detail::AppendKvKernel<__nv_bfloat16, true><<<grid, detail::kAppendThreads, 0, stream>>>(p);
   } else {
-    detail::AppendKvFp8Kernel<__half><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+    detail::AppendKvKernel<__half, true><<<grid, detail::kAppendThreads, 0, stream>>>(p);
   }
   return detail::CudaStatus(cudaGetLastError(), "append kernel launch");
 }

@@ -1,4 +1,5 @@
-// The append kernel: scatters new tokens' K and V into their page slots, 16-byte chunks.
+// The append kernel: scatters new tokens' K and V into their page slots, 16-byte chunks (an fp8
+// pool: quantized with the layer's scales on the way).
 #ifndef ATTND_KERNELS_CUDA_APPEND_APPEND_KERNEL_CUH_
 #define ATTND_KERNELS_CUDA_APPEND_APPEND_KERNEL_CUH_
 
@@ -25,26 +26,6 @@ __device__ __forceinline__ int64_t LoadAppendRow(const AppendParams& p, int64_t 
   return pg * p.page_stride + s * p.slot_stride + head * p.head_stride + ch * 8;
 }
 
-__global__ void __launch_bounds__(kAppendThreads)
-    AppendKvKernel(const __grid_constant__ AppendParams p) {
-  const int chunks = 1 << p.chunks_log2;
-  const int64_t gid = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
-  const int ch = static_cast<int>(gid & (chunks - 1));
-  const int64_t row_base = (gid >> p.chunks_log2) * kRowsPerThread;
-  uint4 kx[kRowsPerThread], vx[kRowsPerThread];
-  int64_t dst[kRowsPerThread];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) dst[i] = LoadAppendRow(p, row_base + i, ch, kx[i], vx[i]);
-  uint16_t* base = static_cast<uint16_t*>(p.kv_layer) +
-                   (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    if (dst[i] < 0) continue;
-    *reinterpret_cast<uint4*>(base + dst[i]) = kx[i];
-    *reinterpret_cast<uint4*>(base + dst[i] + p.v_offset) = vx[i];
-  }
-}
-
 // Eight model values (a 16-byte chunk) as eight e4m3 bytes of value / scale: a true division,
 // as the CPU backend's, so that both store the same bytes.
 template <typename T>
@@ -59,10 +40,10 @@ __device__ __forceinline__ uint2 QuantizeChunk(const uint4& x, float scale) {
   return make_uint2(q[0] | (uint32_t{q[1]} << 16), q[2] | (uint32_t{q[3]} << 16));
 }
 
-// An fp8 pool: the same rows, quantized with the layer's K and V scales.
-template <typename T>
+// T: the model dtype (read only by an fp8 pool's quantization, kFp8).
+template <typename T, bool kFp8>
 __global__ void __launch_bounds__(kAppendThreads)
-    AppendKvFp8Kernel(const __grid_constant__ AppendParams p) {
+    AppendKvKernel(const __grid_constant__ AppendParams p) {
   const int chunks = 1 << p.chunks_log2;
   const int64_t gid = static_cast<int64_t>(blockIdx.x) * kAppendThreads + threadIdx.x;
   const int ch = static_cast<int>(gid & (chunks - 1));
@@ -71,15 +52,26 @@ __global__ void __launch_bounds__(kAppendThreads)
   int64_t dst[kRowsPerThread];
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) dst[i] = LoadAppendRow(p, row_base + i, ch, kx[i], vx[i]);
-  const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
-  const float k_scale = __ldg(p.scales + 2 * layer), v_scale = __ldg(p.scales + 2 * layer + 1);
-  uint8_t* base = static_cast<uint8_t*>(p.kv_layer) +
-                  (p.layer_ptr != nullptr ? int64_t{layer} * p.layer_elems : 0);
+  if constexpr (kFp8) {
+    const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
+    const float k_scale = __ldg(p.scales + 2 * layer), v_scale = __ldg(p.scales + 2 * layer + 1);
+    uint8_t* base = static_cast<uint8_t*>(p.kv_layer) +
+                    (p.layer_ptr != nullptr ? int64_t{layer} * p.layer_elems : 0);
 #pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    if (dst[i] < 0) continue;
-    *reinterpret_cast<uint2*>(base + dst[i]) = QuantizeChunk<T>(kx[i], k_scale);
-    *reinterpret_cast<uint2*>(base + dst[i] + p.v_offset) = QuantizeChunk<T>(vx[i], v_scale);
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (dst[i] < 0) continue;
+      *reinterpret_cast<uint2*>(base + dst[i]) = QuantizeChunk<T>(kx[i], k_scale);
+      *reinterpret_cast<uint2*>(base + dst[i] + p.v_offset) = QuantizeChunk<T>(vx[i], v_scale);
+    }
+  } else {
+    uint16_t* base = static_cast<uint16_t*>(p.kv_layer) +
+                     (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (dst[i] < 0) continue;
+      *reinterpret_cast<uint4*>(base + dst[i]) = kx[i];
+      *reinterpret_cast<uint4*>(base + dst[i] + p.v_offset) = vx[i];
+    }
   }
 }
 
