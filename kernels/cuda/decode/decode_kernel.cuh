@@ -103,6 +103,14 @@ __device__ __forceinline__ void PvFp8(float (&acc)[kN][4], const uint32_t (&a)[4
   }
 }
 
+// The rows of a warp slice one lane resolves: their element offsets in the layer and whether
+// they are visible.
+template <int kR>
+struct SliceRows {
+  int64_t off[kR];
+  bool valid[kR];
+};
+
 // Element offset of chunk `chunk` of row `row` in a warp's K or V stage.
 template <typename Tr>
 __device__ __forceinline__ int SwzKv(int row, int chunk) {
@@ -173,25 +181,36 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
     const int n_items = __ldg(item_indptr + b + 1) - first_item;
     const int num_tiles = t1 > t0 ? (t1 - t0 + Tr::kTileTokens - 1) / Tr::kTileTokens : 0;
 
-    // Lane l (mod kWT) resolves row l of a warp slice: its K offset and whether it is visible.
-    auto resolve = [&](int tile, int64_t& off, bool& valid) {
-      const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + (lane & (kWT - 1));
-      valid = tok < t1;
-      off = 0;
-      if (valid) {
-        uint32_t pg, slot;
-        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
-        off = static_cast<int64_t>(__ldg(pages + pg)) * p.page_stride + slot * p.slot_stride;
+    // Lane l resolves rows l, l + 32, ... (mod kWT) of a warp slice: their K offsets and
+    // whether they are visible.
+    using Refs = SliceRows<Tr::kRowsPerLane>;
+    auto resolve = [&](int tile, Refs& refs) {
+#pragma unroll
+      for (int h = 0; h < Tr::kRowsPerLane; ++h) {
+        const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + ((lane + 32 * h) & (kWT - 1));
+        refs.valid[h] = tok < t1;
+        refs.off[h] = 0;
+        if (refs.valid[h]) {
+          uint32_t pg, slot;
+          p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
+          refs.off[h] =
+              static_cast<int64_t>(__ldg(pages + pg)) * p.page_stride + slot * p.slot_stride;
+        }
       }
     };
-    auto issue = [&](int stage, int64_t off, bool valid) {
+    auto issue = [&](int stage, const Refs& refs) {
       KV* ks = my_pipe + stage * Tr::kStageElems;
 #pragma unroll
       for (int i = 0; i < Tr::kLoadsPerLane; ++i) {
         const int idx = lane + 32 * i;
         const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
-        const int64_t off_r = __shfl_sync(0xffffffffu, off, r);
-        const bool valid_r = __shfl_sync(0xffffffffu, static_cast<int>(valid), r) != 0;
+        // Row r is lane r % 32's row h = r / 32, the same for every lane at this i (kChunks
+        // divides 32), so known when unrolled.
+        constexpr int kRowsPerI = 32 / Tr::kChunks;
+        const int h = (i * kRowsPerI) >> 5;
+        const int64_t off_r = __shfl_sync(0xffffffffu, refs.off[h], r & 31);
+        const bool valid_r =
+            __shfl_sync(0xffffffffu, static_cast<int>(refs.valid[h]), r & 31) != 0;
         const KV* src = kv + off_r + ch * Tr::kChunkElems;
         const uint32_t dst = SmemAddr(ks + SwzKv<Tr>(r, ch));
         CpAsync16(dst, src, valid_r);
@@ -203,10 +222,9 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
     // the stream), then, once that kernel's results are visible (a no-op unless launched as a
     // programmatic dependent), the query rows (rows past the group zero-filled) and the
     // pipeline prologue, all in flight together.
-    int64_t offs[S];
-    bool valids[S];
+    Refs refs[S];
 #pragma unroll
-    for (int s = 0; s < S; ++s) resolve(s, offs[s], valids[s]);
+    for (int s = 0; s < S; ++s) resolve(s, refs[s]);
     GridDependencyWait();
     {
       const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + qo_head0 * p.q_sh;
@@ -219,11 +237,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
     }
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-      if (s < num_tiles) issue(s, offs[s], valids[s]);
+      if (s < num_tiles) issue(s, refs[s]);
       CpAsyncCommit();
     }
-    int64_t off = offs[S - 1];
-    bool valid = valids[S - 1];
+    Refs next_refs = refs[S - 1];
     CpAsyncWait<S - 1>();  // the query group
     __syncthreads();
 
@@ -259,9 +276,9 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
 
     for (int k = 0; k < num_tiles; ++k) {
       __syncwarp();
-      if (k + S - 1 < num_tiles) issue((k + S - 1) % S, off, valid);
+      if (k + S - 1 < num_tiles) issue((k + S - 1) % S, next_refs);
       CpAsyncCommit();
-      resolve(k + S, off, valid);  // its page-table load overlaps this tile's math
+      resolve(k + S, next_refs);  // its page-table load overlaps this tile's math
       CpAsyncWait<S - 1>();
       __syncwarp();
 

@@ -51,11 +51,16 @@ struct DecodeParams {
 // loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
 // dims (the query fragment is permuted to match) and a transposed V fragment two tokens of two
 // dims (split into an even- and an odd-dim tile: the output columns are interleaved, undone
-// when the accumulators are stored). Its stages hold half the bytes of bf16's (more of them
-// in flight): the widening doubles the work per byte, and smaller steps overlap it better.
-// ATTND_DECODE_FP8_TOKENS / _STAGES override the head_dim 128 choice (benchmark experiments).
+// when the accumulators are stored). Its warp slices hold twice bf16's tokens in the same
+// bytes (64 at head_dim 64, two per lane): the work per token, not the bytes in flight, bounds
+// it (16-token slices with deeper rings measured slower).
+// ATTND_DECODE_FP8_TOKENS / _STAGES (head_dim 128, 256) and _D64_TOKENS override the choices
+// (benchmark experiments).
 #ifndef ATTND_DECODE_FP8_TOKENS
 #define ATTND_DECODE_FP8_TOKENS 32
+#endif
+#ifndef ATTND_DECODE_FP8_D64_TOKENS
+#define ATTND_DECODE_FP8_D64_TOKENS 64
 #endif
 #ifndef ATTND_DECODE_FP8_STAGES
 #define ATTND_DECODE_FP8_STAGES 3
@@ -68,12 +73,15 @@ struct DecodeTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;        // query rows per CTA (mma M)
-  // Tokens per warp per stage (a lane resolves one: at most 32).
-  static constexpr int kWarpTokens = kFp8 ? (D == 64 ? 32 : ATTND_DECODE_FP8_TOKENS)
+  // Tokens per warp per stage; a lane resolves kRowsPerLane of them.
+  static constexpr int kWarpTokens = kFp8 ? (D == 64 ? ATTND_DECODE_FP8_D64_TOKENS
+                                                     : ATTND_DECODE_FP8_TOKENS)
                                           : (D == 64 ? 32 : 16);
+  static constexpr int kRowsPerLane = (kWarpTokens + 31) / 32;
   static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
   static constexpr int kTileTokens = kWarps * kWarpTokens;
-  static constexpr int kStages = kFp8 ? (D == 64 ? 6 : ATTND_DECODE_FP8_STAGES) : 3;
+  static constexpr int kStages =
+      kFp8 ? (D == 64 ? (kWarpTokens == 64 ? 3 : 6) : ATTND_DECODE_FP8_STAGES) : 3;
   static constexpr int kRowBytes = D * kKvBytes;
   static constexpr int kChunks = kRowBytes / 16;             // 16-byte chunks per K/V row
   static constexpr int kChunkElems = 16 / kKvBytes;
