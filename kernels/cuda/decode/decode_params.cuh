@@ -54,10 +54,16 @@ struct DecodeParams {
 // when the accumulators are stored). Its warp slices hold twice bf16's tokens in the same
 // bytes (64 at head_dim 64, two per lane): the work per token, not the bytes in flight, bounds
 // it (16-token slices with deeper rings measured slower).
-// ATTND_DECODE_FP8_TOKENS / _STAGES (head_dim 128, 256) and _D64_TOKENS override the choices
-// (benchmark experiments).
+// ATTND_DECODE_FP8_TOKENS / _STAGES (head_dim 128, 256), _FP8_D64_TOKENS, _BF16_STAGES and
+// _MIN_BLOCKS override the choices (benchmark experiments).
 #ifndef ATTND_DECODE_FP8_TOKENS
 #define ATTND_DECODE_FP8_TOKENS 32
+#endif
+#ifndef ATTND_DECODE_BF16_STAGES
+#define ATTND_DECODE_BF16_STAGES 3
+#endif
+#ifndef ATTND_DECODE_MIN_BLOCKS
+#define ATTND_DECODE_MIN_BLOCKS 2
 #endif
 #ifndef ATTND_DECODE_FP8_D64_TOKENS
 #define ATTND_DECODE_FP8_D64_TOKENS 64
@@ -81,7 +87,8 @@ struct DecodeTraits {
   static constexpr int kSubTiles = kWarpTokens / 16;     // 16-token mma blocks per slice
   static constexpr int kTileTokens = kWarps * kWarpTokens;
   static constexpr int kStages =
-      kFp8 ? (D == 64 ? (kWarpTokens == 64 ? 3 : 6) : ATTND_DECODE_FP8_STAGES) : 3;
+      kFp8 ? (D == 64 ? (kWarpTokens == 64 ? 3 : 6) : ATTND_DECODE_FP8_STAGES)
+           : ATTND_DECODE_BF16_STAGES;
   static constexpr int kRowBytes = D * kKvBytes;
   static constexpr int kChunks = kRowBytes / 16;             // 16-byte chunks per K/V row
   static constexpr int kChunkElems = 16 / kKvBytes;
@@ -89,7 +96,7 @@ struct DecodeTraits {
   static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
   static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
   static constexpr bool kQInRegs = D <= 128;
-  static constexpr int kMinBlocks = D == 256 ? 1 : 2;
+  static constexpr int kMinBlocks = D == 256 ? 1 : ATTND_DECODE_MIN_BLOCKS;
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * kKvBytes;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
