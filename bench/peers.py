@@ -184,7 +184,7 @@ def fmt(x, nd=1):
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def fp8_table(ours, read_gbs, fi):
+def fp8_table(ours, fi):
     """Our fp8 decode rows next to our bf16 ones and FlashInfer's, same run."""
     lines = ["| case (q bf16, KV e4m3, page 16) | ours bf16 µs | ours fp8 µs | fp8 tokens/s ÷ bf16 |"
              " fp8 % read ceiling | FI tc bf16 µs | FI tc fp8 µs | FI cuda-core fp8 µs |"
@@ -244,7 +244,7 @@ def main():
             f"read ceiling {read_gbs:.0f} GB/s, copy {copy_gbs:.0f} GB/s (read+write), "
             "measured by decode_bench in this run", ""]
     if args.fp8:
-        text = "\n".join(head + fp8_table(ours, read_gbs, fi)) + "\n"
+        text = "\n".join(head + fp8_table(ours, fi)) + "\n"
         print("\n" + text)
         if args.md:
             with open(args.md, "w") as f:

@@ -448,38 +448,40 @@ absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
   return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");
 }
 
-// The buffer is in the model dtype: each (layer, K or V) block goes through fp8 scratch and is
-// converted with the layer's scale (export: scale * fp8; import: fp8(x / scale)).
+// The buffer is in the model dtype: each (layer, K or V) block goes through device scratch,
+// an fp8 part the page copies use and a model-dtype part the conversion kernel uses (the
+// client's buffer is only element-aligned and may be host memory: plain copies reach it), and
+// is converted with the layer's scale (export: scale * fp8; import: fp8(x / scale)).
 absl::Status CudaDeviceBackend::TransferFp8Kv(const KvTransferWork& w) {
   const int64_t elems = w.num_tokens * (w.head_end - w.head_begin) * shape_.head_dim;
-  const size_t model_bytes = kernels::DTypeSize(shape_.dtype);
-  auto scratch = staging_->Scratch(static_cast<size_t>(std::max<int64_t>(elems, 16)));
+  const size_t model_block = static_cast<size_t>(elems) * kernels::DTypeSize(shape_.dtype);
+  const size_t fp8_part = (static_cast<size_t>(elems) + 255) / 256 * 256;
+  auto scratch = staging_->Scratch(std::max<size_t>(fp8_part + model_block, 16));
   if (!scratch.ok()) return scratch.status();
   auto* dense = static_cast<uint8_t*>(*scratch);
+  uint8_t* model = dense + fp8_part;
   auto* cursor = static_cast<uint8_t*>(w.buffer);
   for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
     const kernels::KvScales sc = staging_->scales(layer);
-    for (int kv = 0; kv < 2; ++kv, cursor += static_cast<size_t>(elems) * model_bytes) {
+    for (int kv = 0; kv < 2; ++kv, cursor += model_block) {
       kernels::cuda::ConvertKvArgs c;
       c.n = elems;
       c.dtype = shape_.dtype;
       c.to_fp8 = w.to_pool;
       c.scale = kv == 0 ? sc.k : sc.v;
-      c.src = w.to_pool ? static_cast<const void*>(cursor) : dense;
-      c.dst = w.to_pool ? static_cast<void*>(dense) : cursor;
-      if (w.to_pool) {
-        if (absl::Status s = Annotate(kernels::cuda::LaunchConvertKv(c, stream_.get()),
-                                      "KV import conversion");
-            !s.ok())
-          return s;
-      }
-      if (absl::Status s = CopyKvBlock(layer, kv, w, dense, 1); !s.ok()) return s;
-      if (!w.to_pool) {
-        if (absl::Status s = Annotate(kernels::cuda::LaunchConvertKv(c, stream_.get()),
-                                      "KV export conversion");
-            !s.ok())
-          return s;
-      }
+      c.src = w.to_pool ? static_cast<const void*>(model) : dense;
+      c.dst = w.to_pool ? static_cast<void*>(dense) : model;
+      const auto convert = [&] {
+        return Annotate(kernels::cuda::LaunchConvertKv(c, stream_.get()), "KV conversion");
+      };
+      const auto copy = [&](void* dst, const void* src) {
+        return Check(cudaMemcpyAsync(dst, src, model_block, cudaMemcpyDefault, stream_.get()),
+                     "KV transfer");
+      };
+      absl::Status s = w.to_pool ? copy(model, cursor) : CopyKvBlock(layer, kv, w, dense, 1);
+      if (s.ok()) s = convert();
+      if (s.ok()) s = w.to_pool ? CopyKvBlock(layer, kv, w, dense, 1) : copy(cursor, model);
+      if (!s.ok()) return s;
     }
   }
   return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");

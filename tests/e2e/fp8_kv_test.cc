@@ -16,6 +16,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/shm_buffer.h"
+#include "client/tensor.h"
 #include "gtest/gtest.h"
 #include "testing/harness.h"
 #include "testing/server_process.h"
@@ -176,6 +178,54 @@ TEST_F(Fp8KvTest, AModelDtypeServerRefusesScales) {
   const absl::Status s = client_->SetKvScales(0, 0, {0.5f}, {0.5f});
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+}
+
+// Export and import of an fp8 pool convert through the server's own scratch: a buffer that is
+// only element-aligned (a region offset of 2 bytes) gets the same bytes as an aligned one, and
+// an import of them into an empty sequence gives back the same KV.
+TEST_F(Fp8KvTest, ExportAndImportAtAnOffsetOfTwoBytesRoundTripTheKv) {
+  const std::vector<float> k = RandomScales(rng_, kLayers), v = RandomScales(rng_, kLayers);
+  ScalesFile file(k, v);
+  ASSERT_NO_FATAL_FAILURE(Start(Fp8Flags(file.path())));
+  constexpr uint64_t kTokens = 21;
+  ASSERT_TRUE(harness_->CreateSequence(1).ok());
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    ASSERT_TRUE(harness_->RunAppend(harness_->BuildAppend(layer, {{1, kTokens}})).ok());
+  ASSERT_TRUE(client_->CreateSequence(0, 2).ok());
+  const uint64_t bytes = uint64_t{kLayers} * 2 * kTokens * 2 * 64 * 2;  // 2 kv heads x 64, bf16
+  auto buf = client::SharedMemoryBuffer::Create(client::SharedMemoryBuffer::UniqueKey("f8x"),
+                                                3 * bytes + 2);
+  ASSERT_TRUE(buf.ok()) << buf.status();
+  ASSERT_TRUE(client_->RegisterHostRegion("x", (*buf)->key(), 0, 3 * bytes + 2).ok());
+  std::memset((*buf)->data(), 0xa5, 3 * bytes + 2);
+  const auto ref = [&](uint64_t offset) {
+    return client::MakeTensorRef("x", offset, v1::DTYPE_BFLOAT16, {kLayers, 2, kTokens, 2, 64});
+  };
+  const auto do_export = [&](uint64_t seq, uint64_t offset) {
+    v1::ExportKvRequest r;
+    r.set_seq_id(seq);
+    r.set_layer_end(kLayers);
+    r.set_head_end(2);
+    r.set_num_tokens(kTokens);
+    *r.mutable_dst() = ref(offset);
+    return client_->ExportKv(r).status();
+  };
+  const uint8_t* p = static_cast<const uint8_t*>((*buf)->data());
+  ASSERT_TRUE(do_export(1, 0).ok());
+  const absl::Status unaligned = do_export(1, bytes + 2);
+  ASSERT_TRUE(unaligned.ok()) << unaligned;
+  EXPECT_EQ(0, std::memcmp(p, p + bytes + 2, bytes));
+  v1::ImportKvRequest im;
+  im.set_seq_id(2);
+  im.set_layer_end(kLayers);
+  im.set_head_end(2);
+  im.set_num_tokens(kTokens);
+  *im.mutable_src() = ref(bytes + 2);
+  const auto imported = client_->ImportKv(im);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  ASSERT_TRUE(do_export(2, 2 * bytes + 2).ok());
+  EXPECT_EQ(0, std::memcmp(p, p + 2 * bytes + 2, bytes));
+  ASSERT_TRUE(client_->UnregisterRegion("x").ok());
 }
 
 // Scales are every client's: a caller outside --kv_scale_setters is refused and nothing changes.

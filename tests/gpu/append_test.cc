@@ -26,6 +26,16 @@ void PrintTo(const AppendCase& c, std::ostream* os) {
   *os << "d" << c.head_dim << " h" << c.kv_heads << " p" << c.page_size << " n" << c.num_tokens;
 }
 
+// Distinct random slots of the pool for n tokens; every 7th token is padding (-1).
+std::vector<int64_t> RandomSlots(const KvCacheShape& sh, int64_t n, std::mt19937_64& rng) {
+  std::vector<int64_t> slots(sh.num_pages * sh.page_size);
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), rng);
+  slots.resize(n);
+  for (int64_t t = 0; t < n; t += 7) slots[t] = -1;
+  return slots;
+}
+
 class AppendVsHost : public ::testing::TestWithParam<AppendCase> {};
 
 TEST_P(AppendVsHost, Bitwise) {
@@ -48,12 +58,7 @@ TEST_P(AppendVsHost, Bitwise) {
   std::vector<uint16_t> k(c.num_tokens * row), v(c.num_tokens * row);
   RandomFill16(&k, sh.dtype, 1.f, rng());
   RandomFill16(&v, sh.dtype, 1.f, rng());
-  // Distinct random slots; every 7th token is padding (-1).
-  std::vector<int64_t> slots(sh.num_pages * sh.page_size);
-  std::iota(slots.begin(), slots.end(), 0);
-  std::shuffle(slots.begin(), slots.end(), rng);
-  slots.resize(c.num_tokens);
-  for (int64_t t = 0; t < c.num_tokens; t += 7) slots[t] = -1;
+  const std::vector<int64_t> slots = RandomSlots(sh, c.num_tokens, rng);
 
   DeviceBuffer<uint16_t> dpool(pool.size()), dk(k.size()), dv(v.size());
   DeviceBuffer<int64_t> dslots(slots.size());
@@ -113,11 +118,7 @@ TEST_P(AppendVsHost, Fp8QuantizesLikeTheHostEncoder) {
     std::vector<uint16_t> k(c.num_tokens * row), v(c.num_tokens * row);
     RandomFill16(&k, dtype, 3.f, rng());  // some beyond 448 * scale: saturation
     RandomFill16(&v, dtype, 3.f, rng());
-    std::vector<int64_t> slots(sh.num_pages * sh.page_size);
-    std::iota(slots.begin(), slots.end(), 0);
-    std::shuffle(slots.begin(), slots.end(), rng);
-    slots.resize(c.num_tokens);
-    for (int64_t t = 0; t < c.num_tokens; t += 7) slots[t] = -1;
+    const std::vector<int64_t> slots = RandomSlots(sh, c.num_tokens, rng);
 
     DeviceBuffer<uint8_t> dpool(pool.size());
     DeviceBuffer<uint16_t> dk(k.size()), dv(v.size());
