@@ -4,7 +4,9 @@
 // sets and query buffers, > L2 together), median of 30 replays. FLOPs count 4 * d * heads per
 // visible (query, key) pair. Writes CSV rows with --csv (bench/peers.py --prefill reads them).
 //
-//   prefill_bench [--csv FILE]
+//   prefill_bench [--csv FILE] [--quick] [--only TEXT]
+// --quick: the prompts through the default kernel only (no portable, fp8 or mixed rows);
+// --only: the prompt cases whose name contains TEXT (experiments and ncu).
 #include <cuda_runtime.h>
 
 #include <cuda_bf16.h>
@@ -160,6 +162,10 @@ struct PrefillRun {
     a.ws.plan = d_plan;
     a.ws.layout = layout;
     a.ws.grid_y = std::max(1, std::min(plan[0], 65535));
+    // Experiments: fewer CTA columns, each looping over items y, y + grid_y, ...
+    if (const char* gy = std::getenv("ATTND_BENCH_PREFILL_GRID_Y")) {
+      a.ws.grid_y = std::max(1, std::min(a.ws.grid_y, std::atoi(gy)));
+    }
     a.ws.partial_out = po;
     a.ws.partial_lse = pl;
     a.may_merge = plan[1] > 0;
@@ -315,7 +321,13 @@ float TimeFp8Prefill(int dev, const Batch& b, bool det, cudaStream_t s) {
 
 // Long prompts, each through the kernel attnd picks (Hopper's where it can: "prefill") and the
 // portable mma.sync kernel ("portable").
-void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
+struct PromptOptions {
+  bool quick = false;
+  const char* only = nullptr;
+};
+
+void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit,
+                  const PromptOptions& opt) {
   struct Case {
     std::string name;
     std::vector<Req> reqs;
@@ -334,12 +346,14 @@ void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
               cuda::HopperPrefillAvailable(dev, 128) ? "yes" : "no",
               cuda::HopperPrefillAvailable(dev, 64) ? "yes" : "no");
   for (Case& c : cases) {
+    if (opt.only != nullptr && c.name.find(opt.only) == std::string::npos) continue;
     Batch b;
     b.reqs = c.reqs;
     b.d = c.d;
     b.causal = c.causal;
     b.Build(s, rng);
     for (cuda::PrefillKernel k : {cuda::PrefillKernel::kAuto, cuda::PrefillKernel::kPortable}) {
+      if (opt.quick && k != cuda::PrefillKernel::kAuto) continue;
       PrefillRun r;
       r.Init(dev, b, c.det, k);
       const int per = std::max(b.copies, 4);
@@ -348,7 +362,7 @@ void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
       });
       emit(k == cuda::PrefillKernel::kAuto ? "prefill" : "portable", c.name, ms * 1e3,
            b.flops / ms / 1e9, r.plan[0], r.plan[1]);
-      if (k == cuda::PrefillKernel::kAuto) {
+      if (k == cuda::PrefillKernel::kAuto && !opt.quick) {
         const float fp8_ms = TimeFp8Prefill(dev, b, c.det, s);
         emit("fp8_kv", c.name, fp8_ms * 1e3, b.flops / fp8_ms / 1e9, r.plan[0], r.plan[1]);
         std::printf("         fp8 KV (staged): %.3fx the bf16 prefill's time\n", fp8_ms / ms);
@@ -420,8 +434,11 @@ void BenchMixed(int dev, bool det, cudaStream_t s, std::mt19937& rng, Emitter& e
 
 int main(int argc, char** argv) {
   const char* csv_path = nullptr;
+  PromptOptions opt;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
+    if (!std::strcmp(argv[i], "--quick")) opt.quick = true;
+    if (!std::strcmp(argv[i], "--only") && i + 1 < argc) opt.only = argv[++i];
   }
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -440,7 +457,8 @@ int main(int argc, char** argv) {
   emit("ceiling", "mma.sync bf16", mma_ms * 1e3, mma_tf, 0, 0);
 
   std::mt19937 rng(5);
-  BenchPrompts(dev, s, rng, emit);
+  BenchPrompts(dev, s, rng, emit, opt);
+  if (opt.quick || opt.only != nullptr) return 0;
   for (int det = 0; det < 2; ++det) BenchMixed(dev, det != 0, s, rng, emit);
   CK(cudaGetLastError());
   return 0;

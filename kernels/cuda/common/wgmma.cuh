@@ -74,6 +74,21 @@ __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
 __device__ __forceinline__ void MbarArrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// MbarArrive where `pred` holds, as one predicated instruction: a branch between a wgmma's
+// issue and its wait makes ptxas wait for the wgmma before the branch.
+__device__ __forceinline__ void MbarArriveIf(uint32_t bar, bool pred) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"
+      "@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+      "r"(static_cast<int>(pred))
+      : "memory");
+}
+// Arrives on `bar` once every cp.async this thread issued so far has landed, without waiting:
+// the copy engine performs the arrival, which counts as one of the arrivals the barrier expects
+// (.noinc). A reader still needs FenceProxyAsync after its wait before wgmma reads the data.
+__device__ __forceinline__ void CpAsyncMbarArrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
 // Returns once the phase with this parity has completed (a fresh barrier counts parity 1 as
 // completed, so a producer's first wait on an "empty" barrier passes).
 __device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {

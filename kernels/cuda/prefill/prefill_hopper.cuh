@@ -9,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/common/constants.h"
 #include "kernels/cuda/common/device_utils.cuh"
@@ -41,9 +42,16 @@ __device__ __forceinline__ void WarpgroupSync(int wg) {
 }
 
 // The producer warpgroup: K(t) and V(t) of every tile of a wide item into ring slot g & 1, g
-// counting the CTA's wide tiles. A slot's "full" barrier is signalled one load group late (after
-// the next group is issued) so that the producer never waits for its own loads with nothing
-// else in flight.
+// counting the CTA's wide tiles. Each thread's copies arrive on the slot's "full" barrier when
+// they land (CpAsyncMbarArrive), so the producer never waits for its own loads, only for the
+// consumers to free a slot (it used to wait for K(t) with cp.async.wait_group after issuing V(t),
+// which itself waited for V(t - 2)'s slot).
+//
+// Thread tid resolves key tid of each tile to the address of its row, one tile early, and
+// publishes it in shared memory for the threads that copy that row. A copy is then a 16-byte
+// load of an address, an add and a cp.async: issuing a tile took about 23 instructions per
+// cp.async when each copy recomputed its row's address from a page offset, and the consumers
+// waited for the late copies.
 template <typename T, int D>
 __device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDesc& it, int kvh,
                                             unsigned char* smem, const HopperSmem<D>& sm,
@@ -51,72 +59,75 @@ __device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDe
   using Tr = HopperPrefillTraits<D>;
   constexpr int kKeys = Tr::kKeys;
   constexpr int kRowStep = Tr::kProducerThreads / Tr::kChunks;
+  constexpr int kLoads = Tr::kLoadsPerThread;  // rows r0 + kRowStep i, i < kLoads
+  static_assert(kLoads % 2 == 0, "row addresses are read two at a time");
   const int tid = threadIdx.x;  // 0 .. 127
   const int ch = tid % Tr::kChunks, r0 = tid / Tr::kChunks;
   const int num_tiles = (it.t1 - it.t0 + kKeys - 1) / kKeys;
-  const T* kv = static_cast<const T*>(p.kv_layer) + kvh * p.head_stride;
+  const char* kv = reinterpret_cast<const char*>(static_cast<const T*>(p.kv_layer) +
+                                                 kvh * p.head_stride);
   const int32_t* pages = p.kv_indices + it.page_off;
-  int64_t* offs = reinterpret_cast<int64_t*>(smem + Tr::kOffOffset);
+  // Row r's address at (r % kRowStep) * kLoads + r / kRowStep: a copying thread's rows are
+  // consecutive. A key past the item's end has its address with the top bit set: its copy
+  // reads nothing and fills zeros (src-size 0) but still names memory of the pool.
+  uint64_t* rows = reinterpret_cast<uint64_t*>(smem + Tr::kOffOffset);
+  constexpr uint64_t kSkip = uint64_t{1} << 63;
+  const int my_slot = (tid % kRowStep) * kLoads + tid / kRowStep;
+  const uint64_t k_add = static_cast<uint64_t>(ch) * 16;
+  const uint64_t v_add = k_add + static_cast<uint64_t>(p.v_offset) * sizeof(T);
 
-  // Thread tid resolves key tid of each tile, one tile early.
-  int pf_page = -1;
-  uint32_t pf_slot = 0;
+  uint64_t pf_row = 0;
   auto fetch = [&](int t) {
     const int tok = it.t0 + t * kKeys + tid;
-    pf_page = -1;
+    pf_row = reinterpret_cast<uint64_t>(kv) | kSkip;
     if (t < num_tiles && tok < it.t1) {
-      uint32_t pg;
-      p.page_div.Divmod(static_cast<uint32_t>(tok), pg, pf_slot);
-      pf_page = __ldg(pages + pg);
+      uint32_t pg, slot;
+      p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
+      const int64_t page = __ldg(pages + pg);
+      pf_row = reinterpret_cast<uint64_t>(
+          kv + (page * p.page_stride + static_cast<int64_t>(slot) * p.slot_stride) * sizeof(T));
     }
   };
-  auto issue = [&](int t, uint32_t dst_base, int64_t src_offset) {
-    const int64_t* o = offs + (t & 1) * kKeys;
+  auto issue = [&](const uint64_t* addrs, uint32_t dst_base, uint64_t add) {
+    const uint32_t dst0 = dst_base + SwizzledOffset(kKeys, r0, ch);
 #pragma unroll
-    for (int i = 0; i < Tr::kLoadsPerThread; ++i) {
-      const int r = r0 + kRowStep * i;
-      const int64_t off = o[r];
-      const bool valid = off >= 0;
-      const T* src = kv + (valid ? off + src_offset : 0) + ch * 8;
-      CpAsync16(dst_base + SwizzledOffset(kKeys, r, ch), src, valid);
+    for (int i = 0; i < kLoads; i += 2) {
+      const ulonglong2 a2 = *reinterpret_cast<const ulonglong2*>(addrs + r0 * kLoads + i);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const uint64_t a = e == 0 ? a2.x : a2.y;
+        // Row r0 + kRowStep (i + e): same swizzle phase as r0 (kRowStep is a multiple of 8).
+        CpAsync16(dst0 + (i + e) * kRowStep * 128,
+                  reinterpret_cast<const void*>((a & ~kSkip) + add), (a & kSkip) == 0);
+      }
     }
-    CpAsyncCommit();
   };
+  static_assert(kRowStep % 8 == 0, "a thread's rows share the swizzle phase of row r0");
 
   fetch(0);
   for (int t = 0; t < num_tiles; ++t, ++g) {
-    offs[(t & 1) * kKeys + tid] =
-        pf_page < 0 ? int64_t{-1}
-                    : static_cast<int64_t>(pf_page) * p.page_stride + pf_slot * p.slot_stride;
+    uint64_t* addrs = rows + (g & 1) * kKeys;
+    addrs[my_slot] = pf_row;
     fetch(t + 1);
-    ProducerSync();  // offsets of tile t written; everyone's loads of tile t - 2 issued
+    ProducerSync();  // tile g's addresses written; everyone's reads of tile g - 2's done
     const int slot = g & 1;
     const uint32_t free_parity = ((g >> 1) & 1) ^ 1;
     MbarWait(sm.empty_k(slot), free_parity);
-    issue(t, sm.k_slot(slot), 0);
-    if (t > 0) {
-      CpAsyncWait<1>();  // V(t - 1)
-      FenceProxyAsync();
-      MbarArrive(sm.full_v(slot ^ 1));
-    }
+    issue(addrs, sm.k_slot(slot), k_add);
+    CpAsyncMbarArrive(sm.full_k(slot));
     MbarWait(sm.empty_v(slot), free_parity);
-    issue(t, sm.v_slot(slot), p.v_offset);
-    CpAsyncWait<1>();  // K(t)
-    FenceProxyAsync();
-    MbarArrive(sm.full_k(slot));
-  }
-  if (num_tiles > 0) {
-    CpAsyncWait<0>();  // V(last)
-    FenceProxyAsync();
-    MbarArrive(sm.full_v((g - 1) & 1));
+    issue(addrs, sm.v_slot(slot), v_add);
+    CpAsyncMbarArrive(sm.full_v(slot));
   }
 }
 
 // A consumer warpgroup (wg 0 or 1): its 64 rows of a wide item over every tile. Step t computes
 // S = Q K(t)^T while P(t-1) V(t-1) is in flight (FlashAttention-3's intra-warpgroup overlap).
 // The warpgroup runs every tile, also tiles none of its rows sees (they come out as zeros): a
-// branch around wgmma makes the compiler serialize them.
-template <typename T, int D>
+// branch around wgmma makes the compiler serialize them. For the same reason nothing between a
+// step's issue and its last wait branches: the soft cap is a template argument, and the tiles
+// that need a mask (the diagonal, the end of the keys, a window's start) run their own loops.
+template <typename T, int D, bool kSoftCap>
 __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDesc& it, int kvh,
                                             unsigned char* smem, const HopperSmem<D>& sm,
                                             uint32_t& g) {
@@ -174,7 +185,7 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     }
   }
 
-  const float sc = p.soft_cap ? 1.f : p.scale_pre;
+  const float sc = kSoftCap ? 1.f : p.scale_pre;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float o[kON];
 #pragma unroll
@@ -186,11 +197,18 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
   float alpha[2];
   const uint32_t q_wg_addr = sm.q() + wg * 64 * 128;
 
-  auto wait_k = [&](int t) { MbarWait(sm.full_k((g + t) & 1), ((g + t) >> 1) & 1); };
-  auto wait_v = [&](int t) { MbarWait(sm.full_v((g + t) & 1), ((g + t) >> 1) & 1); };
+  // The producer's cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+  auto wait_k = [&](int t) {
+    MbarWait(sm.full_k((g + t) & 1), ((g + t) >> 1) & 1);
+    FenceProxyAsync();
+  };
+  auto wait_v = [&](int t) {
+    MbarWait(sm.full_v((g + t) & 1), ((g + t) >> 1) & 1);
+    FenceProxyAsync();
+  };
   auto release = [&](uint32_t bar) {
     __syncwarp();
-    if (lane == 0) MbarArrive(bar);
+    MbarArriveIf(bar, lane == 0);
   };
   auto qk = [&](int t) {  // s = Q K(t)^T
     const uint32_t k_addr = sm.k_slot((g + t) & 1);
@@ -213,19 +231,16 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     }
     WgmmaCommit();
   };
-  // Online softmax of tile t's scores: masks, sets alpha (the rescale of what came before),
-  // leaves the probabilities in s.
-  auto softmax = [&](int t) {
+  // Online softmax of tile t's scores: masks (when `mask` is std::true_type), sets alpha (the
+  // rescale of what came before), leaves the probabilities in s.
+  auto softmax = [&](int t, auto mask) {
     const int key_first = it.t0 + t * kKeys;
-    const int key_last = key_first + kKeys - 1;
-    const bool need_mask = !wg_has_rows || key_last >= it.t1 || key_last > wg_min_pos ||
-                           (p.window_left >= 0 && wg_max_pos - key_first > p.window_left);
     // s[4 j + e]: row r_lo + 8 (e >> 1), key key_first + 8 j + 2 (lane & 3) + (e & 1).
-    if (p.soft_cap) {
+    if constexpr (kSoftCap) {
 #pragma unroll
       for (int i = 0; i < kSN; ++i) s[i] = p.scale_post * tanhf(p.scale_pre * s[i]);
     }
-    if (need_mask) {
+    if constexpr (decltype(mask)::value) {
 #pragma unroll
       for (int j = 0; j < kSN / 4; ++j) {
 #pragma unroll
@@ -272,6 +287,50 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     }
   };
 
+  // One step of the loop: Q K(t)^T and P(t-1) V(t-1) issued together, the softmax of tile t
+  // while the second runs.
+  auto step = [&](int t, auto mask) {
+    wait_k(t);
+    FenceRegisters(s);
+    FenceRegisters(o);
+    WgmmaFence();
+    qk(t);
+    wait_v(t - 1);  // after Q K(t) is issued: a late V does not hold it back
+    pv(t - 1);
+    WgmmaWait<1>();  // S(t); P(t-1) V(t-1) may still run
+    FenceRegisters(s);
+    release(sm.empty_k((g + t) & 1));
+    softmax(t, mask);
+    WgmmaWait<0>();
+    FenceRegisters(o);
+    release(sm.empty_v((g + t - 1) & 1));
+    // O was in the scale of the old maximum.
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[4 * n + 0] *= alpha[0];
+      o[4 * n + 1] *= alpha[0];
+      o[4 * n + 2] *= alpha[1];
+      o[4 * n + 3] *= alpha[1];
+    }
+    pack_p();
+  };
+
+  // Tiles [plain_lo, plain_hi) need no mask for any row of this warpgroup: past a window's
+  // start, and before the diagonal and the item's last key.
+  int plain_lo = 0, plain_hi = 0;
+  if (wg_has_rows) {
+    const int lim = min(it.t1 - 1, wg_min_pos);  // a tile whose last key passes this is masked
+    plain_hi = lim < it.t0 + kKeys - 1 ? 0 : (lim - it.t0 - kKeys + 1) / kKeys + 1;
+    if (p.window_left >= 0) {
+      const int first_free = wg_max_pos - p.window_left - it.t0;  // keys before it are cut
+      plain_lo = first_free <= 0 ? 0 : (first_free + kKeys - 1) / kKeys;
+    }
+  }
+  plain_lo = min(plain_lo, num_tiles);
+  plain_hi = max(plain_lo, min(plain_hi, num_tiles));
+  constexpr std::true_type kMasked{};
+  constexpr std::false_type kPlain{};
+
   CpAsyncWait<0>();
   FenceProxyAsync();
   WarpgroupSync(wg);  // the query rows are in
@@ -283,33 +342,15 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     WgmmaWait<0>();
     FenceRegisters(s);
     release(sm.empty_k(g & 1));
-    softmax(0);
-    pack_p();
-    for (int t = 1; t < num_tiles; ++t) {
-      wait_k(t);
-      wait_v(t - 1);
-      FenceRegisters(s);
-      FenceRegisters(o);
-      WgmmaFence();
-      qk(t);
-      pv(t - 1);
-      WgmmaWait<1>();  // S(t); P(t-1) V(t-1) may still run
-      FenceRegisters(s);
-      release(sm.empty_k((g + t) & 1));
-      softmax(t);
-      WgmmaWait<0>();
-      FenceRegisters(o);
-      release(sm.empty_v((g + t - 1) & 1));
-      // O was in the scale of the old maximum.
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[4 * n + 0] *= alpha[0];
-        o[4 * n + 1] *= alpha[0];
-        o[4 * n + 2] *= alpha[1];
-        o[4 * n + 3] *= alpha[1];
-      }
-      pack_p();
+    if (plain_lo <= 0 && 0 < plain_hi) {
+      softmax(0, kPlain);
+    } else {
+      softmax(0, kMasked);
     }
+    pack_p();
+    for (int t = 1; t < plain_lo; ++t) step(t, kMasked);
+    for (int t = max(1, plain_lo); t < plain_hi; ++t) step(t, kPlain);
+    for (int t = max(1, plain_hi); t < num_tiles; ++t) step(t, kMasked);
     wait_v(num_tiles - 1);
     FenceRegisters(o);
     WgmmaFence();
@@ -425,7 +466,11 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
         RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, kvh, 0, smem);
         __syncthreads();
       } else {
-        ConsumeItem<T, D>(p, it, kvh, smem, sm, g);
+        if (p.soft_cap) {
+          ConsumeItem<T, D, true>(p, it, kvh, smem, sm, g);
+        } else {
+          ConsumeItem<T, D, false>(p, it, kvh, smem, sm, g);
+        }
       }
     }
   }

@@ -123,7 +123,7 @@ struct HopperPrefillTraits {
   static constexpr int kTileBytes = kKeys * D * 2;  // K (or V) of one tile
   static constexpr int kKRingOffset = kQBytes;      // two K slots, then two V slots
   static constexpr int kVRingOffset = kQBytes + 2 * kTileBytes;
-  static constexpr int kOffOffset = kQBytes + 4 * kTileBytes;  // page offsets, two tiles
+  static constexpr int kOffOffset = kQBytes + 4 * kTileBytes;  // row addresses, two tiles
   static constexpr int kWideBytes = kOffOffset + 2 * kKeys * 8;
   static constexpr int kRegionBytes = kWideBytes > HopperNarrowTraits<D>::kSmemBytes
                                           ? kWideBytes
