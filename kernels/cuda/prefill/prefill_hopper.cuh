@@ -31,18 +31,37 @@ struct HopperSmem {
   __device__ uint32_t v_slot(int s) const { return base + Tr::kVRingOffset + s * Tr::kTileBytes; }
   // "full": the producer's loads of a slot landed; "empty": the consumers are done with it.
   __device__ uint32_t full_k(int s) const { return base + Tr::kBarrierOffset + 8 * s; }
-  __device__ uint32_t full_v(int s) const { return base + Tr::kBarrierOffset + 16 + 8 * s; }
-  __device__ uint32_t empty_k(int s) const { return base + Tr::kBarrierOffset + 32 + 8 * s; }
-  __device__ uint32_t empty_v(int s) const { return base + Tr::kBarrierOffset + 48 + 8 * s; }
+  __device__ uint32_t full_v(int s) const { return full_k(Tr::kKSlots) + 8 * s; }
+  __device__ uint32_t empty_k(int s) const { return full_v(Tr::kVSlots) + 8 * s; }
+  __device__ uint32_t empty_v(int s) const { return empty_k(Tr::kKSlots) + 8 * s; }
 };
 
+// Tile g (the CTA's g-th wide tile) in a ring of kSlots: its slot, and the parity of the phase
+// in which its barriers complete.
+template <int kSlots>
+__device__ __forceinline__ uint32_t RingSlot(uint32_t g) { return g % kSlots; }
+template <int kSlots>
+__device__ __forceinline__ uint32_t RingParity(uint32_t g) { return (g / kSlots) & 1; }
+
 __device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 2, 128;\n" ::: "memory"); }
+// Ping-pong between the consumer warpgroups (FlashAttention-3): a warpgroup issues its GEMMs
+// only after the other issued its own, so one's softmax runs under the other's GEMMs. Barrier
+// 5 + wg is warpgroup wg's turn.
+#ifndef ATTND_PREFILL_PINGPONG
+#define ATTND_PREFILL_PINGPONG 1
+#endif
+__device__ __forceinline__ void AwaitTurn(int wg) {
+  if (ATTND_PREFILL_PINGPONG) asm volatile("bar.sync %0, 256;\n" ::"r"(5 + wg) : "memory");
+}
+__device__ __forceinline__ void PassTurn(int wg) {
+  if (ATTND_PREFILL_PINGPONG) asm volatile("bar.arrive %0, 256;\n" ::"r"(6 - wg) : "memory");
+}
 __device__ __forceinline__ void WarpgroupSync(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(3 + wg) : "memory");
 }
 
-// The producer warpgroup: K(t) and V(t) of every tile of a wide item into ring slot g & 1, g
-// counting the CTA's wide tiles. Each thread's copies arrive on the slot's "full" barrier when
+// The producer warpgroup: K(t) and V(t) of every tile of a wide item into their rings' slots for
+// g, g counting the CTA's wide tiles. Each thread's copies arrive on the slot's "full" barrier when
 // they land (CpAsyncMbarArrive), so the producer never waits for its own loads, only for the
 // consumers to free a slot (it used to wait for K(t) with cp.async.wait_group after issuing V(t),
 // which itself waited for V(t - 2)'s slot).
@@ -110,14 +129,13 @@ __device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDe
     addrs[my_slot] = pf_row;
     fetch(t + 1);
     ProducerSync();  // tile g's addresses written; everyone's reads of tile g - 2's done
-    const int slot = g & 1;
-    const uint32_t free_parity = ((g >> 1) & 1) ^ 1;
-    MbarWait(sm.empty_k(slot), free_parity);
-    issue(addrs, sm.k_slot(slot), k_add);
-    CpAsyncMbarArrive(sm.full_k(slot));
-    MbarWait(sm.empty_v(slot), free_parity);
-    issue(addrs, sm.v_slot(slot), v_add);
-    CpAsyncMbarArrive(sm.full_v(slot));
+    const uint32_t ks = RingSlot<Tr::kKSlots>(g), vs = RingSlot<Tr::kVSlots>(g);
+    MbarWait(sm.empty_k(ks), RingParity<Tr::kKSlots>(g) ^ 1);
+    issue(addrs, sm.k_slot(ks), k_add);
+    CpAsyncMbarArrive(sm.full_k(ks));
+    MbarWait(sm.empty_v(vs), RingParity<Tr::kVSlots>(g) ^ 1);
+    issue(addrs, sm.v_slot(vs), v_add);
+    CpAsyncMbarArrive(sm.full_v(vs));
   }
 }
 
@@ -199,11 +217,11 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
 
   // The producer's cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
   auto wait_k = [&](int t) {
-    MbarWait(sm.full_k((g + t) & 1), ((g + t) >> 1) & 1);
+    MbarWait(sm.full_k(RingSlot<Tr::kKSlots>(g + t)), RingParity<Tr::kKSlots>(g + t));
     FenceProxyAsync();
   };
   auto wait_v = [&](int t) {
-    MbarWait(sm.full_v((g + t) & 1), ((g + t) >> 1) & 1);
+    MbarWait(sm.full_v(RingSlot<Tr::kVSlots>(g + t)), RingParity<Tr::kVSlots>(g + t));
     FenceProxyAsync();
   };
   auto release = [&](uint32_t bar) {
@@ -211,7 +229,7 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     MbarArriveIf(bar, lane == 0);
   };
   auto qk = [&](int t) {  // s = Q K(t)^T
-    const uint32_t k_addr = sm.k_slot((g + t) & 1);
+    const uint32_t k_addr = sm.k_slot(RingSlot<Tr::kKSlots>(g + t));
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t step = (kk & 3) * 32u;  // 16 columns into the atom's 128-byte rows
@@ -222,7 +240,7 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     WgmmaCommit();
   };
   auto pv = [&](int t) {  // o += P(t) V(t)
-    const uint32_t v_addr = sm.v_slot((g + t) & 1);
+    const uint32_t v_addr = sm.v_slot(RingSlot<Tr::kVSlots>(g + t));
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       // V is [keys][D], D contiguous: an N-major B; 16 keys = two 8-row groups.
@@ -291,19 +309,21 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
   // while the second runs.
   auto step = [&](int t, auto mask) {
     wait_k(t);
+    AwaitTurn(wg);
     FenceRegisters(s);
     FenceRegisters(o);
     WgmmaFence();
     qk(t);
     wait_v(t - 1);  // after Q K(t) is issued: a late V does not hold it back
     pv(t - 1);
+    PassTurn(wg);
     WgmmaWait<1>();  // S(t); P(t-1) V(t-1) may still run
     FenceRegisters(s);
-    release(sm.empty_k((g + t) & 1));
+    release(sm.empty_k(RingSlot<Tr::kKSlots>(g + t)));
     softmax(t, mask);
     WgmmaWait<0>();
     FenceRegisters(o);
-    release(sm.empty_v((g + t - 1) & 1));
+    release(sm.empty_v(RingSlot<Tr::kVSlots>(g + t - 1)));
     // O was in the scale of the old maximum.
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
@@ -336,12 +356,14 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
   WarpgroupSync(wg);  // the query rows are in
   if (num_tiles > 0) {
     wait_k(0);
+    AwaitTurn(wg);
     FenceRegisters(s);
     WgmmaFence();
     qk(0);
+    PassTurn(wg);
     WgmmaWait<0>();
     FenceRegisters(s);
-    release(sm.empty_k(g & 1));
+    release(sm.empty_k(RingSlot<Tr::kKSlots>(g)));
     if (plain_lo <= 0 && 0 < plain_hi) {
       softmax(0, kPlain);
     } else {
@@ -352,12 +374,14 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     for (int t = max(1, plain_lo); t < plain_hi; ++t) step(t, kPlain);
     for (int t = max(1, plain_hi); t < num_tiles; ++t) step(t, kMasked);
     wait_v(num_tiles - 1);
+    AwaitTurn(wg);
     FenceRegisters(o);
     WgmmaFence();
     pv(num_tiles - 1);
+    PassTurn(wg);
     WgmmaWait<0>();
     FenceRegisters(o);
-    release(sm.empty_v((g + num_tiles - 1) & 1));
+    release(sm.empty_v(RingSlot<Tr::kVSlots>(g + num_tiles - 1)));
   }
   g += num_tiles;
 
@@ -425,10 +449,12 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
   unsigned char* smem = smem_raw + (((raw + 1023u) & ~1023u) - raw);
   const HopperSmem<D> sm{SmemAddr(smem)};
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 2; ++s) {
+    for (int s = 0; s < Tr::kKSlots; ++s) {
       MbarInit(sm.full_k(s), Tr::kProducerThreads);
-      MbarInit(sm.full_v(s), Tr::kProducerThreads);
       MbarInit(sm.empty_k(s), Tr::kConsumerThreads / 32);
+    }
+    for (int s = 0; s < Tr::kVSlots; ++s) {
+      MbarInit(sm.full_v(s), Tr::kProducerThreads);
       MbarInit(sm.empty_v(s), Tr::kConsumerThreads / 32);
     }
   }
@@ -442,12 +468,12 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
     return ItemDesc{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
   };
   GridDependencyWait();
-  uint32_t g = 0;  // wide tiles so far: ring slot g & 1, barrier phase (g >> 1) & 1
-  // 128 x 56 + 256 x 224 registers: the loads need few, the GEMMs' accumulators many. Each
+  uint32_t g = 0;  // wide tiles so far (RingSlot, RingParity)
+  // Registers as HopperPrefillTraits budgets them (128 x 56 + 256 x 224). Each
   // role has its own loop so that the compiler can hold each to its budget. A narrow item
   // reuses the whole buffer, so nothing of a wide item may be in flight around it.
   if (threadIdx.x < Tr::kProducerThreads) {
-    ShrinkRegisters<56>();
+    ShrinkRegisters<Tr::kProducerRegs>();
     for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
       const ItemDesc it = item_at(item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
@@ -458,7 +484,9 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
       }
     }
   } else {
-    GrowRegisters<224>();
+    GrowRegisters<Tr::kConsumerRegs>();
+    const int wg = __shfl_sync(0xffffffffu, (threadIdx.x - Tr::kProducerThreads) >> 7, 0);
+    if (wg == 1) PassTurn(wg);  // warpgroup 0 goes first
     for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
       const ItemDesc it = item_at(item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
@@ -473,6 +501,7 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
         }
       }
     }
+    if (wg == 0) AwaitTurn(wg);  // takes warpgroup 1's last pass: no arrival left pending
   }
   LaunchDependents();
 #else

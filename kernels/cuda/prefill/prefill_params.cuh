@@ -105,8 +105,16 @@ struct HopperNarrowTraits : PrefillTraits<D> {
   static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
 };
 
+// Ring depths of the Hopper kernel (experiments override them).
+#ifndef ATTND_PREFILL_K_SLOTS
+#define ATTND_PREFILL_K_SLOTS 2
+#endif
+#ifndef ATTND_PREFILL_V_SLOTS
+#define ATTND_PREFILL_V_SLOTS 2
+#endif
+
 // Batch prefill on Hopper (wgmma), warp-specialized: a producer warpgroup loads K and V tiles
-// through cp.async into two-slot rings and signals them on mbarriers; two consumer warpgroups
+// through cp.async into rings of slots and signals them on mbarriers; two consumer warpgroups
 // each own 64 of the tile's 128 rows (the M of wgmma m64nNk16), load their own query rows, and
 // run every key: S = Q K^T from shared memory, then O += P V with P from registers. Q and the
 // K/V tiles sit in 128-byte-swizzled atoms (kernels/cuda/common/wgmma.cuh). Narrow tiles (decodes)
@@ -116,21 +124,37 @@ struct HopperPrefillTraits {
   static constexpr int kProducerThreads = 128;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
+#ifndef ATTND_PREFILL_PRODUCER_REGS
+#define ATTND_PREFILL_PRODUCER_REGS 56
+#define ATTND_PREFILL_CONSUMER_REGS 224
+#endif
+  // setmaxnreg budgets (multiples of 8): the loads need few registers, the GEMMs' accumulators
+  // many. setmaxnreg only moves registers within what the CTA got at launch (168 a thread for
+  // 384 threads); asking for more blocks the warpgroup for ever (64 + 224 hung on the H200).
+  static constexpr int kProducerRegs = ATTND_PREFILL_PRODUCER_REGS;
+  static constexpr int kConsumerRegs = ATTND_PREFILL_CONSUMER_REGS;
+  static constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
+  static_assert(kProducerThreads * kProducerRegs + kConsumerThreads * kConsumerRegs <=
+                    kThreads * kLaunchRegs,
+                "setmaxnreg budgets exceed the CTA's registers");
   static constexpr int kRows = 128;   // one wide tile
   static constexpr int kKeys = 128;   // keys per tile: the N of Q K^T
   static constexpr int kChunks = D / 8;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K (or V) of one tile
-  static constexpr int kKRingOffset = kQBytes;      // two K slots, then two V slots
-  static constexpr int kVRingOffset = kQBytes + 2 * kTileBytes;
-  static constexpr int kOffOffset = kQBytes + 4 * kTileBytes;  // row addresses, two tiles
+  static constexpr int kKSlots = ATTND_PREFILL_K_SLOTS;  // K ring, then V ring
+  static constexpr int kVSlots = ATTND_PREFILL_V_SLOTS;
+  static constexpr int kKRingOffset = kQBytes;
+  static constexpr int kVRingOffset = kQBytes + kKSlots * kTileBytes;
+  static constexpr int kOffOffset = kVRingOffset + kVSlots * kTileBytes;  // row addresses, 2 tiles
   static constexpr int kWideBytes = kOffOffset + 2 * kKeys * 8;
   static constexpr int kRegionBytes = kWideBytes > HopperNarrowTraits<D>::kSmemBytes
                                           ? kWideBytes
                                           : HopperNarrowTraits<D>::kSmemBytes;
-  static constexpr int kBarrierOffset = kRegionBytes;  // full K, full V, empty K, empty V: x2
+  // full K, full V, empty K, empty V: one barrier per slot each
+  static constexpr int kBarrierOffset = kRegionBytes;
   static constexpr int kAlignSlack = 1024;  // swizzle atoms start at 1024-byte boundaries
-  static constexpr int kSmemBytes = kAlignSlack + kBarrierOffset + 8 * 8;
+  static constexpr int kSmemBytes = kAlignSlack + kBarrierOffset + 16 * (kKSlots + kVSlots);
   static constexpr int kLoadsPerThread = kKeys * kChunks / kProducerThreads;  // per K or V tile
   static_assert(D == 64 || D == 128, "wgmma N of P V is head_dim");
   static_assert(kRows == 2 * 64, "two consumer warpgroups of 64 rows");
