@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds a variant of a benchmark for experiments: one kernel translation unit recompiled with
+# extra nvcc flags (the kernels' experiment macros, e.g. -DATTND_PREFILL_PINGPONG=0) and linked
+# ahead of the kernel library, whose copy of that unit the linker then skips. Run from the
+# repository root after the build directory has built the benchmark.
+#
+#   bench/gpu/kernel-variant.sh BUILD_DIR BENCH KERNEL_SOURCE NAME [NVCC_FLAG...]
+#   e.g. bench/gpu/kernel-variant.sh build prefill_bench kernels/cuda/prefill/prefill_hopper.cu \
+#          nopp -DATTND_PREFILL_PINGPONG=0        # -> build/bench/prefill_bench_nopp
+set -euo pipefail
+[ $# -ge 4 ] || { sed -n 2,10p "$0"; exit 2; }
+build=$1 bench=$2 src=$3 name=$4
+shift 4
+root=$PWD
+mkdir -p "$build/variants"
+obj=$root/$build/variants/$name.o
+# The unit's compile command as the build runs it, with the flags added and the output renamed.
+compile=$(ninja -C "$build" -t commands "$bench" | grep -F -- "-c $root/$src " | head -1)
+[ -n "$compile" ] || { echo "no compile command for $src in $bench's build" >&2; exit 1; }
+compile=$(sed -E "s# -MD -MT [^ ]+ -MF [^ ]+##; s# -o [^ ]+\.o\$# -o $obj#" <<<"$compile")
+(cd "$build" && eval "$compile $*")
+# The benchmark's link command with the variant object first.
+link=$(ninja -C "$build" -t commands "$bench" | tail -1 | sed 's/^: && //; s/ && :$//')
+main_obj=$(grep -oE "bench/CMakeFiles/$bench\.dir/[^ ]+\.o" <<<"$link" | head -1)
+link=${link/$main_obj/$main_obj $obj}
+link=${link/-o bench\/$bench /-o bench\/${bench}_$name }
+(cd "$build" && eval "$link")
+echo "$build/bench/${bench}_$name"
