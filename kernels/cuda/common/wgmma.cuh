@@ -71,11 +71,8 @@ __device__ __forceinline__ void FenceRegisters(float (&r)[N]) {
 __device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void MbarArrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// MbarArrive where `pred` holds, as one predicated instruction: a branch between a wgmma's
-// issue and its wait makes ptxas wait for the wgmma before the branch.
+// Arrives on `bar` where `pred` holds, as one predicated instruction: a branch between a
+// wgmma's issue and its wait makes ptxas wait for the wgmma before the branch.
 __device__ __forceinline__ void MbarArriveIf(uint32_t bar, bool pred) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n"

@@ -105,7 +105,13 @@ struct HopperNarrowTraits : PrefillTraits<D> {
   static_assert(kWarps * 16 * D * 4 <= kPipeBytes, "narrow merge scratch must fit the pipeline");
 };
 
-// Ring depths of the Hopper kernel (experiments override them).
+// Ring depths and register budgets of the Hopper kernel (experiments override them).
+#ifndef ATTND_PREFILL_PRODUCER_REGS
+#define ATTND_PREFILL_PRODUCER_REGS 56
+#endif
+#ifndef ATTND_PREFILL_CONSUMER_REGS
+#define ATTND_PREFILL_CONSUMER_REGS 224
+#endif
 #ifndef ATTND_PREFILL_K_SLOTS
 #define ATTND_PREFILL_K_SLOTS 2
 #endif
@@ -124,10 +130,6 @@ struct HopperPrefillTraits {
   static constexpr int kProducerThreads = 128;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = kProducerThreads + kConsumerThreads;
-#ifndef ATTND_PREFILL_PRODUCER_REGS
-#define ATTND_PREFILL_PRODUCER_REGS 56
-#define ATTND_PREFILL_CONSUMER_REGS 224
-#endif
   // setmaxnreg budgets (multiples of 8): the loads need few registers, the GEMMs' accumulators
   // many. setmaxnreg only moves registers within what the CTA got at launch (168 a thread for
   // 384 threads); asking for more blocks the warpgroup for ever (64 + 224 hung on the H200).
