@@ -34,9 +34,7 @@ struct ModelShape {
   int64_t window_left = -1;
 
   // Bytes of one page across all layers (K and V).
-  int64_t PageBytes() const {
-    return num_layers * 2 * page_size * num_kv_heads * head_dim * CacheShape(0).ElemBytes();
-  }
+  int64_t PageBytes() const { return CacheShape(0).PageBytes(); }
   kernels::KvCacheShape CacheShape(int64_t num_pages) const;
   kernels::AttentionOptions Options() const;
 };
