@@ -40,7 +40,10 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::Status SetKvScales(int64_t layer_begin,
                            absl::Span<const kernels::KvScales> scales) override {
     if (shape_.storage != kernels::KvStorage::kFp8E4M3)
-      return absl::FailedPreconditionError("kv scales: the pool is not fp8");
+      return absl::FailedPreconditionError(
+          shape_.TokenScales()
+              ? "kv scales: the pool's scales are per token, computed when KV is appended"
+              : "kv scales: the pool is not fp8");
     return staging_->SetScales(layer_begin, scales);
   }
   absl::Status TransferKv(const KvTransferWork& work) override;
@@ -61,6 +64,12 @@ class CudaDeviceBackend final : public DeviceBackend {
   uint8_t* PoolAt(int64_t element) const {
     return static_cast<uint8_t*>(pool_.get()) + element * shape_.ElemBytes();
   }
+  // Per-token scale pools: float `index` of the scales after the pages.
+  float* ScalesAt(int64_t index) const {
+    return reinterpret_cast<float*>(static_cast<uint8_t*>(pool_.get()) +
+                                    shape_.ScalesByteOffset()) +
+           index;
+  }
   kernels::cuda::PagedKv Kv(int64_t layer) const {
     return {pool_.get(), shape_, layer, nullptr, staging_->device_scales()};
   }
@@ -75,6 +84,7 @@ class CudaDeviceBackend final : public DeviceBackend {
   absl::Status LaunchAppend(const AppendWork& work);
   absl::Status CopyKvBlock(int64_t layer, int kv, const KvTransferWork& w, uint8_t* dense,
                            size_t elem_bytes);
+  absl::Status CopyScaleBlock(int64_t layer, int kv, const KvTransferWork& w, float* dense);
   absl::Status TransferFp8Kv(const KvTransferWork& w);
   absl::Status UploadPlan(size_t offset, int64_t ints, absl::string_view what);
   absl::StatusOr<LaunchResult> Finish(const EventSyncWork& sync, absl::string_view what,
@@ -169,12 +179,18 @@ absl::StatusOr<size_t> CudaDeviceBackend::CreatePool(const ServerConfig& config,
 
 absl::Status CudaDeviceBackend::CopyPages(absl::Span<const PageCopy> copies) {
   const size_t block = static_cast<size_t>(shape_.PageElems() * shape_.ElemBytes());
+  const size_t scales = static_cast<size_t>(shape_.PageScales()) * sizeof(float);
   for (const PageCopy& c : copies) {
     for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
       ATTND_CUDA_RETURN(cudaMemcpyAsync(PoolAt(shape_.Offset(layer, c.dst, 0, 0, 0)),
                                         PoolAt(shape_.Offset(layer, c.src, 0, 0, 0)), block,
                                         cudaMemcpyDeviceToDevice, stream_.get()),
                         "copy-on-write page copy");
+      if (scales == 0) continue;
+      ATTND_CUDA_RETURN(cudaMemcpyAsync(ScalesAt(shape_.ScaleOffset(layer, c.dst, 0, 0, 0)),
+                                        ScalesAt(shape_.ScaleOffset(layer, c.src, 0, 0, 0)),
+                                        scales, cudaMemcpyDeviceToDevice, stream_.get()),
+                        "copy-on-write page scales copy");
     }
   }
   return absl::OkStatus();
@@ -322,7 +338,7 @@ absl::Status CudaDeviceBackend::LaunchPrefill(const AttentionWork& work,
   kernels::cuda::PrefillArgs a =
       workspaces_->PrefillArgs(Kv(work.append.layer), options_, work.q, work.out, work.lse,
                                plan.num_items, plan.num_merges);
-  if (shape_.storage == kernels::KvStorage::kFp8E4M3) {
+  if (shape_.Fp8()) {
     // The prefill kernels read 16-bit K/V: the batch's pages, dequantized after the append.
     auto staged = staging_->StagePages(a.kv, a.kv_indices,
                                        static_cast<int64_t>(batch_.kv_indices.size()));
@@ -435,7 +451,7 @@ absl::Status CudaDeviceBackend::CopyKvBlock(int64_t layer, int kv, const KvTrans
 }
 
 absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
-  if (shape_.storage == kernels::KvStorage::kFp8E4M3) return TransferFp8Kv(w);
+  if (shape_.Fp8()) return TransferFp8Kv(w);
   const size_t es = static_cast<size_t>(shape_.ElemBytes());
   const size_t block =
       static_cast<size_t>(w.num_tokens * (w.head_end - w.head_begin) * shape_.head_dim) * es;
@@ -448,18 +464,49 @@ absl::Status CudaDeviceBackend::TransferKv(const KvTransferWork& w) {
   return Check(cudaStreamSynchronize(stream_.get()), "KV transfer");
 }
 
+// Per-token scale pools: the scales of one (layer, K or V) of a transfer between the pool and
+// `dense` ([heads][tokens] floats, device memory), one 2D copy per page (a page's head range
+// is [heads][page_size] there).
+absl::Status CudaDeviceBackend::CopyScaleBlock(int64_t layer, int kv, const KvTransferWork& w,
+                                               float* dense) {
+  const int64_t heads = w.head_end - w.head_begin;
+  const size_t pool_pitch = static_cast<size_t>(shape_.page_size) * sizeof(float);
+  const size_t dense_pitch = static_cast<size_t>(w.num_tokens) * sizeof(float);
+  for (int64_t t0 = 0; t0 < w.num_tokens; t0 += shape_.page_size) {
+    const int32_t page = w.page_table[static_cast<size_t>(t0 / shape_.page_size)];
+    const size_t width = static_cast<size_t>(std::min(shape_.page_size, w.num_tokens - t0)) *
+                         sizeof(float);
+    float* pool = ScalesAt(shape_.ScaleOffset(layer, page, kv, 0, w.head_begin));
+    float* buf = dense + t0;
+    const cudaError_t e =
+        w.to_pool ? cudaMemcpy2DAsync(pool, pool_pitch, buf, dense_pitch, width, heads,
+                                      cudaMemcpyDeviceToDevice, stream_.get())
+                  : cudaMemcpy2DAsync(buf, dense_pitch, pool, pool_pitch, width, heads,
+                                      cudaMemcpyDeviceToDevice, stream_.get());
+    if (absl::Status s = Check(e, "KV transfer scales"); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 // The buffer is in the model dtype: each (layer, K or V) block goes through device scratch,
 // an fp8 part the page copies use and a model-dtype part the conversion kernel uses (the
 // client's buffer is only element-aligned and may be host memory: plain copies reach it), and
-// is converted with the layer's scale (export: scale * fp8; import: fp8(x / scale)).
+// is converted with the layer's scale (export: scale * fp8; import: fp8(x / scale)) or, in a
+// per-token scale pool, with each row's scale, which import computes as append does (a third
+// part of the scratch holds the block's scales on their way to or from the pool).
 absl::Status CudaDeviceBackend::TransferFp8Kv(const KvTransferWork& w) {
-  const int64_t elems = w.num_tokens * (w.head_end - w.head_begin) * shape_.head_dim;
+  const int64_t heads = w.head_end - w.head_begin;
+  const int64_t elems = w.num_tokens * heads * shape_.head_dim;
   const size_t model_block = static_cast<size_t>(elems) * kernels::DTypeSize(shape_.dtype);
   const size_t fp8_part = (static_cast<size_t>(elems) + 255) / 256 * 256;
-  auto scratch = staging_->Scratch(std::max<size_t>(fp8_part + model_block, 16));
+  const size_t model_part = (model_block + 255) / 256 * 256;
+  const size_t scales_part =
+      shape_.TokenScales() ? static_cast<size_t>(w.num_tokens * heads) * sizeof(float) : 0;
+  auto scratch = staging_->Scratch(std::max<size_t>(fp8_part + model_part + scales_part, 16));
   if (!scratch.ok()) return scratch.status();
   auto* dense = static_cast<uint8_t*>(*scratch);
   uint8_t* model = dense + fp8_part;
+  float* row_scales = shape_.TokenScales() ? reinterpret_cast<float*>(model + model_part) : nullptr;
   auto* cursor = static_cast<uint8_t*>(w.buffer);
   for (int64_t layer = w.layer_begin; layer < w.layer_end; ++layer) {
     const kernels::KvScales sc = staging_->scales(layer);
@@ -469,6 +516,10 @@ absl::Status CudaDeviceBackend::TransferFp8Kv(const KvTransferWork& w) {
       c.dtype = shape_.dtype;
       c.to_fp8 = w.to_pool;
       c.scale = kv == 0 ? sc.k : sc.v;
+      c.row_scales = row_scales;
+      c.head_dim = shape_.head_dim;
+      c.heads = heads;
+      c.tokens = w.num_tokens;
       c.src = w.to_pool ? static_cast<const void*>(model) : dense;
       c.dst = w.to_pool ? static_cast<void*>(dense) : model;
       const auto convert = [&] {
@@ -478,9 +529,16 @@ absl::Status CudaDeviceBackend::TransferFp8Kv(const KvTransferWork& w) {
         return Check(cudaMemcpyAsync(dst, src, model_block, cudaMemcpyDefault, stream_.get()),
                      "KV transfer");
       };
-      absl::Status s = w.to_pool ? copy(model, cursor) : CopyKvBlock(layer, kv, w, dense, 1);
+      // To the pool: the buffer's block, converted, then its bytes and scales into the pages.
+      // From it: the pages' bytes and scales, converted, then into the buffer.
+      const auto pages = [&] {
+        absl::Status s = CopyKvBlock(layer, kv, w, dense, 1);
+        if (s.ok() && row_scales != nullptr) s = CopyScaleBlock(layer, kv, w, row_scales);
+        return s;
+      };
+      absl::Status s = w.to_pool ? copy(model, cursor) : pages();
       if (s.ok()) s = convert();
-      if (s.ok()) s = w.to_pool ? CopyKvBlock(layer, kv, w, dense, 1) : copy(cursor, model);
+      if (s.ok()) s = w.to_pool ? pages() : copy(cursor, model);
       if (!s.ok()) return s;
     }
   }
@@ -548,6 +606,10 @@ absl::Status CudaDeviceBackend::PullFromPeerPool(const PeerPoolPull& pull) {
   p.head_dim = shape_.head_dim;
   p.elem_bytes = shape_.ElemBytes();
   p.hnd = shape_.layout == kernels::KvLayout::kHND;
+  if (shape_.TokenScales() && src.TokenScales()) {
+    p.src_scales_offset = src.ScalesByteOffset();
+    p.dst_scales_offset = shape_.ScalesByteOffset();
+  }
   return kernels::cuda::LaunchPagedPull(p, stream_.get());
 }
 

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <ostream>
 #include <string>
@@ -155,6 +156,190 @@ TEST_P(AppendVsHost, Fp8QuantizesLikeTheHostEncoder) {
       }
     }
     EXPECT_TRUE(dpool.Download() == pool) << (dtype == DType::kBFloat16 ? "bf16" : "fp16");
+  }
+}
+
+// The rule of a per-token scale pool, written out: each (token, head) row of K and of V gets
+// scale = max |x| / 448 (1 for an all-zero row) and codes fp8(x / scale).
+float RuleScale(const std::vector<uint16_t>& src, int64_t at, int64_t n, DType dtype) {
+  float amax = 0.f;
+  for (int64_t d = 0; d < n; ++d) amax = std::max(amax, std::fabs(LoadAsFloat(src.data(), at + d, dtype)));
+  return amax > 0.f ? amax / kFp8E4M3Max : 1.f;
+}
+
+// Every appended row carries its own scale; rows that are all zero (scale 1) and rows with one
+// huge element (only their own scale grows) are among them. Nothing else in the pool (codes or
+// scales of other slots, layers) changes.
+TEST_P(AppendVsHost, Fp8PerTokenScalesEachRowByItsOwnMaximum) {
+  SKIP_WITHOUT_GPU();
+  const AppendCase c = GetParam();
+  std::mt19937_64 rng(std::random_device{}());
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    KvCacheShape sh;
+    sh.num_layers = 2;
+    sh.page_size = c.page_size;
+    sh.num_kv_heads = c.kv_heads;
+    sh.head_dim = c.head_dim;
+    sh.layout = c.layout;
+    sh.dtype = dtype;
+    sh.storage = KvStorage::kFp8E4M3PerToken;
+    sh.num_pages = (c.num_tokens + 50 + c.page_size - 1) / c.page_size + 2;
+    const int64_t layer = 1;
+    std::vector<uint8_t> pool(sh.TotalBytes());
+    for (auto& b : pool) b = static_cast<uint8_t>(rng());  // codes and scales: poison
+    const int64_t row = c.kv_heads * c.head_dim + c.pad;
+    std::vector<uint16_t> k(c.num_tokens * row), v(c.num_tokens * row);
+    RandomFill16(&k, dtype, 3.f, rng());
+    RandomFill16(&v, dtype, 0.5f, rng());
+    for (int64_t t = 0; t < c.num_tokens; t += 5) {  // zero rows and outliers
+      std::fill_n(&k[t * row], c.head_dim, uint16_t{0});
+      StoreFromFloat(v.data(), t * row + rng() % c.head_dim, dtype, 3000.f);
+    }
+    const std::vector<int64_t> slots = RandomSlots(sh, c.num_tokens, rng);
+
+    DeviceBuffer<uint8_t> dpool(pool.size());
+    DeviceBuffer<uint16_t> dk(k.size()), dv(v.size());
+    DeviceBuffer<int64_t> dslots(slots.size());
+    dpool.Upload(pool);
+    dk.Upload(k);
+    dv.Upload(v);
+    dslots.Upload(slots);
+    cuda::AppendArgs a;
+    a.kv = {dpool.get(), sh, layer, nullptr, nullptr};
+    a.k = dk.get();
+    a.v = dv.get();
+    a.k_token_stride = a.v_token_stride = row;
+    a.slot_mapping = dslots.get();
+    a.num_tokens = c.num_tokens;
+    ATTND_STATUS_OK(cuda::LaunchAppendKv(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+
+    auto* scales = reinterpret_cast<float*>(pool.data() + sh.ScalesByteOffset());
+    for (int64_t t = 0; t < c.num_tokens; ++t) {
+      if (slots[t] < 0) continue;
+      const int64_t page = slots[t] / c.page_size, slot = slots[t] % c.page_size;
+      for (int64_t h = 0; h < c.kv_heads; ++h) {
+        for (int kv = 0; kv < 2; ++kv) {
+          const auto& src = kv == 0 ? k : v;
+          const int64_t at = t * row + h * c.head_dim;
+          const float sc = RuleScale(src, at, c.head_dim, dtype);
+          scales[sh.ScaleOffset(layer, page, kv, slot, h)] = sc;
+          for (int64_t d = 0; d < c.head_dim; ++d) {
+            StoreFromFloat(pool.data(), sh.Offset(layer, page, kv, slot, h) + d,
+                           DType::kFloat8E4M3, LoadAsFloat(src.data(), at + d, dtype) / sc);
+          }
+        }
+      }
+    }
+    const std::vector<uint8_t> got = dpool.Download();
+    EXPECT_TRUE(std::equal(got.begin(), got.begin() + sh.KvBytes(), pool.begin()))
+        << "codes, " << (dtype == DType::kBFloat16 ? "bf16" : "fp16");
+    EXPECT_TRUE(std::equal(got.begin() + sh.KvBytes(), got.end(), pool.begin() + sh.KvBytes()))
+        << "scales, " << (dtype == DType::kBFloat16 ? "bf16" : "fp16");
+  }
+}
+
+// Prefill staging and export dequantize a per-token pool row by row; import (the dense
+// conversion with row scales) computes the same scales and codes append would, so an exported
+// block imports back to the pool's bytes.
+TEST(Fp8Convert, PerTokenPagesDequantizeByRowAndRowsRoundTrip) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(std::random_device{}());
+  for (KvLayout layout : {KvLayout::kNHD, KvLayout::kHND}) {
+    KvCacheShape sh;
+    sh.num_layers = 3;
+    sh.num_pages = 40;
+    sh.page_size = 5;
+    sh.num_kv_heads = 3;
+    sh.head_dim = 128;
+    sh.layout = layout;
+    sh.dtype = DType::kBFloat16;
+    sh.storage = KvStorage::kFp8E4M3PerToken;
+    std::vector<uint8_t> pool(sh.TotalBytes());
+    RandomFillFp8(pool.data(), sh.KvBytes(), 40.f, rng());
+    auto* scales = reinterpret_cast<float*>(pool.data() + sh.ScalesByteOffset());
+    std::uniform_real_distribution<float> scale(0.001f, 2.f);
+    for (int64_t i = 0; i < sh.num_layers * sh.LayerScales(); ++i) scales[i] = scale(rng);
+    std::vector<int32_t> pages = {7, 3, 39, 0, 12, 25};
+    DeviceBuffer<uint8_t> dpool(pool.size());
+    DeviceBuffer<int32_t> dpages(pages.size());
+    DeviceBuffer<uint16_t> staged(pages.size() * sh.PageElems());
+    dpool.Upload(pool);
+    dpages.Upload(pages);
+    staged.Fill(0xff);
+    cuda::DequantizePagesArgs a;
+    a.kv = {dpool.get(), sh, 2, nullptr, nullptr};
+    a.pages = dpages.get();
+    a.num_pages = static_cast<int64_t>(pages.size());
+    a.dst = staged.get();
+    ATTND_STATUS_OK(cuda::LaunchDequantizePages(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<uint16_t> got = staged.Download();
+    std::vector<uint16_t> want(got.size());
+    for (size_t i = 0; i < pages.size(); ++i)
+      for (int kv = 0; kv < 2; ++kv)
+        for (int64_t slot = 0; slot < sh.page_size; ++slot)
+          for (int64_t h = 0; h < sh.num_kv_heads; ++h) {
+            const float sc = scales[sh.ScaleOffset(2, pages[i], kv, slot, h)];
+            const int64_t at = sh.Offset(2, pages[i], kv, slot, h);
+            const int64_t to = at - sh.Offset(2, pages[i], 0, 0, 0) +
+                               static_cast<int64_t>(i) * sh.PageElems();
+            for (int64_t d = 0; d < sh.head_dim; ++d)
+              StoreFromFloat(want.data(), to + d, sh.dtype,
+                             sc * LoadAsFloat(pool.data(), at + d, DType::kFloat8E4M3));
+          }
+    EXPECT_TRUE(got == want);
+
+    // Rows [tokens][heads][dim] of one page's K block (NHD: the block itself) back to fp8 with
+    // row scales: codes and scales as the rule gives them from the staged values.
+    if (layout != KvLayout::kNHD) continue;
+    const int64_t tokens = sh.page_size, heads = sh.num_kv_heads, n = sh.BlockElems();
+    DeviceBuffer<uint8_t> codes(n);
+    DeviceBuffer<float> row_scales(tokens * heads);
+    row_scales.Fill(0xff);
+    cuda::ConvertKvArgs c;
+    c.src = staged.get();
+    c.dst = codes.get();
+    c.n = n;
+    c.dtype = sh.dtype;
+    c.to_fp8 = true;
+    c.row_scales = row_scales.get();
+    c.head_dim = sh.head_dim;
+    c.heads = heads;
+    c.tokens = tokens;
+    ATTND_STATUS_OK(cuda::LaunchConvertKv(c, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    const std::vector<uint8_t> back = codes.Download();
+    const std::vector<float> back_scales = row_scales.Download();
+    std::vector<uint8_t> want_codes(n);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t at = (t * heads + h) * sh.head_dim;
+        const float sc = RuleScale(want, at, sh.head_dim, sh.dtype);
+        EXPECT_EQ(back_scales[h * tokens + t], sc) << "token " << t << " head " << h;
+        for (int64_t d = 0; d < sh.head_dim; ++d)
+          StoreFromFloat(want_codes.data(), at + d, DType::kFloat8E4M3,
+                         LoadAsFloat(want.data(), at + d, sh.dtype) / sc);
+      }
+    EXPECT_TRUE(back == want_codes);
+    // And from fp8 with those scales: the staged values again.
+    DeviceBuffer<uint16_t> again(n);
+    again.Fill(0xff);
+    c.src = codes.get();
+    c.dst = again.get();
+    c.to_fp8 = false;
+    ATTND_STATUS_OK(cuda::LaunchConvertKv(c, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t> want_again(n);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t d = 0; d < sh.head_dim; ++d) {
+          const int64_t at = (t * heads + h) * sh.head_dim + d;
+          StoreFromFloat(want_again.data(), at, sh.dtype,
+                         back_scales[h * tokens + t] *
+                             LoadAsFloat(want_codes.data(), at, DType::kFloat8E4M3));
+        }
+    EXPECT_TRUE(again.Download() == want_again);
   }
 }
 

@@ -42,9 +42,17 @@ TEST(PagedPullTest, EveryPulledElementLandsInItsPlaceAndNothingElseChanges) {
     const std::vector<int32_t> dp = Scattered(dst_pool, pages, rng);
     const int64_t src_elems = layers * src_pool * 2 * ps * src_heads * dim;
     const int64_t dst_elems = dst_layers * dst_pool * 2 * ps * (h1 - h0) * dim;
-    std::vector<uint16_t> a(static_cast<size_t>(src_elems));
+    // Every third trial: per-token scale pools, the scales after the pages (256-byte aligned).
+    const bool token_scales = trial % 3 == 2;
+    const int64_t src_scales_at = (src_elems * 2 + 255) / 256 * 256;
+    const int64_t dst_scales_at = (dst_elems * 2 + 255) / 256 * 256;
+    const int64_t src_scales = token_scales ? layers * src_pool * 2 * src_heads * ps : 0;
+    const int64_t dst_scales = token_scales ? dst_layers * dst_pool * 2 * (h1 - h0) * ps : 0;
+    const int64_t src_total = token_scales ? (src_scales_at + 4 * src_scales) / 2 : src_elems;
+    const int64_t dst_total = token_scales ? (dst_scales_at + 4 * dst_scales) / 2 : dst_elems;
+    std::vector<uint16_t> a(static_cast<size_t>(src_total));
     for (auto& x : a) x = static_cast<uint16_t>(rng());
-    DeviceBuffer<uint16_t> d_src(a.size()), d_dst(static_cast<size_t>(dst_elems));
+    DeviceBuffer<uint16_t> d_src(a.size()), d_dst(static_cast<size_t>(dst_total));
     DeviceBuffer<int32_t> d_sp(sp.size()), d_dp(dp.size());
     d_src.Upload(a);
     d_sp.Upload(sp);
@@ -68,6 +76,10 @@ TEST(PagedPullTest, EveryPulledElementLandsInItsPlaceAndNothingElseChanges) {
     p.head_dim = dim;
     p.elem_bytes = 2;
     p.hnd = hnd;
+    if (token_scales) {
+      p.src_scales_offset = src_scales_at;
+      p.dst_scales_offset = dst_scales_at;
+    }
     ATTND_STATUS_OK(cuda::LaunchPagedPull(p, nullptr));
     ATTND_CUDA_OK(cudaDeviceSynchronize());
     // Element offset of (layer, page, kv, slot, head) in a pool of `heads` heads.
@@ -76,7 +88,7 @@ TEST(PagedPullTest, EveryPulledElementLandsInItsPlaceAndNothingElseChanges) {
       const int64_t block = ((l * pool + page) * 2 + kv) * ps * heads * dim;
       return block + (hnd ? (h * ps + slot) : (slot * heads + h)) * dim;
     };
-    std::vector<uint16_t> want(static_cast<size_t>(dst_elems), 0xEEEE);
+    std::vector<uint16_t> want(static_cast<size_t>(dst_total), 0xEEEE);
     for (int64_t l = l0; l < l1; ++l)
       for (int64_t t = 0; t < tokens; ++t)
         for (int kv = 0; kv < 2; ++kv)
@@ -84,6 +96,23 @@ TEST(PagedPullTest, EveryPulledElementLandsInItsPlaceAndNothingElseChanges) {
             for (int64_t e = 0; e < dim; ++e)
               want[at(dst_pool, h1 - h0, dl0 + l - l0, dp[t / ps], kv, t % ps, h - h0) + e] =
                   a[at(src_pool, src_heads, l, sp[t / ps], kv, t % ps, h) + e];
+    // A scale is two 16-bit words at float index ((layer * pool + page) * 2 + kv) * heads * ps
+    // + head * ps + slot after the pool's scales offset.
+    const auto scale_word = [&](int64_t at_bytes, int64_t pool, int64_t heads, int64_t l,
+                                int64_t page, int kv, int64_t slot, int64_t h) {
+      return at_bytes / 2 + 2 * ((((l * pool + page) * 2 + kv) * heads + h) * ps + slot);
+    };
+    if (token_scales) {
+      for (int64_t l = l0; l < l1; ++l)
+        for (int64_t t = 0; t < tokens; ++t)
+          for (int kv = 0; kv < 2; ++kv)
+            for (int64_t h = h0; h < h1; ++h)
+              for (int w = 0; w < 2; ++w)
+                want[scale_word(dst_scales_at, dst_pool, h1 - h0, dl0 + l - l0, dp[t / ps], kv,
+                                t % ps, h - h0) + w] =
+                    a[scale_word(src_scales_at, src_pool, src_heads, l, sp[t / ps], kv, t % ps,
+                                 h) + w];
+    }
     ASSERT_EQ(d_dst.Download(), want);
   }
 }

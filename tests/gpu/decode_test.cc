@@ -110,6 +110,14 @@ std::vector<Case> Cases() {
   add("fp8_bf16_page1_window", [](DecodeProblemSpec& s) { s.fp8 = true; s.page_size = 1; s.window_left = 300; });
   add("fp8_bf16_group5_strided", [](DecodeProblemSpec& s) { s.fp8 = true; s.qo_heads = 10; s.kv_heads = 2; s.q_pad = 8; });
   add("fp8_bf16_det", [](DecodeProblemSpec& s) { s.fp8 = true; }, true);
+  // Per-(token, head) scales: each key's K scale on its logit, its V scale on its weight.
+  add("fp8pt_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; });
+  add("fp8pt_fp16_d128_hnd", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
+  add("fp8pt_bf16_d64_page3", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.page_size = 3; });
+  add("fp8pt_bf16_d256", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 256; s.qo_heads = 8; s.kv_heads = 2; });
+  add("fp8pt_bf16_group8_softcap", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.qo_heads = 64; s.soft_cap = 5.0f; });
+  add("fp8pt_bf16_page1_window", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.page_size = 1; s.window_left = 300; });
+  add("fp8pt_bf16_det", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; }, true);
   return cs;
 }
 
@@ -222,10 +230,11 @@ void RunDecode(const DecodeProblem& p, bool det, bool graph, std::vector<uint16_
 TEST(DecodeDeterminism, AloneVsBatchOf256AndGraphVsEager) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(std::random_device{}());
-  for (int64_t ps : {16, 5}) {
+  for (int64_t ps : {16, 5, 7}) {
     DecodeProblemSpec s;
     s.page_size = ps;
-    s.fp8 = ps == 5;  // the fp8 kernel: page 5
+    s.fp8 = ps != 16;  // the fp8 kernels: page 5, and page 7 with per-token scales
+    s.token_scales = ps == 7;
     s.kv_heads = 2;
     s.qo_heads = 8;
     std::vector<int32_t> lens(256);
@@ -270,12 +279,13 @@ TEST(DecodeDeterminism, AloneVsBatchOf256AndGraphVsEager) {
 // capture and replay.
 TEST(DecodeGraph, CapturedShortReplaysLong) {
   SKIP_WITHOUT_GPU();
-  for (int mode = 0; mode < 4; ++mode) {
+  for (int mode = 0; mode < 6; ++mode) {
     const int det = mode & 1;
     DecodeProblemSpec s;
     s.kv_heads = 2;
     s.qo_heads = 8;
     s.fp8 = mode >= 2;
+    s.token_scales = mode >= 4;
     const int bucket = 4;
     const int64_t max_len = 32768 + 7;
     DecodeProblem longp;
@@ -305,7 +315,7 @@ TEST(DecodeGraph, CapturedShortReplaysLong) {
     EXPECT_TRUE(st.finite);
     EXPECT_LT(st.rel, 1e-2);
     // Grow: new lengths and plan in the same device buffers (fp8: new scales too), replay.
-    if (s.fp8) {
+    if (s.fp8 && !s.token_scales) {
       for (KvScales& sc : longp.scales) sc = {sc.k * 1.5f, sc.v * 0.75f};
       std::vector<float> flat;
       for (const KvScales& sc : longp.scales) flat.insert(flat.end(), {sc.k, sc.v});

@@ -108,6 +108,12 @@ struct DecodeProblemSpec {
   int64_t layer = 1;
   int64_t q_pad = 0;  // extra elements per q/out head row (strided q and out)
   bool fp8 = false;   // an fp8 e4m3 pool with random per-layer scales
+  bool token_scales = false;  // with fp8: random per-(token, head) scales instead
+
+  KvStorage Storage() const {
+    return !fp8 ? KvStorage::kModelDType
+                : token_scales ? KvStorage::kFp8E4M3PerToken : KvStorage::kFp8E4M3;
+  }
 };
 
 // Random e4m3 bytes of roughly normal values times `scale` (no NaN codes: the encoder
@@ -158,11 +164,20 @@ struct RandomPagedKv {
     if (s.fp8) {
       // Codes spread over e4m3's range (up to ~60 of 448), scales that bring K and V back to
       // about unit size: both the codes and the scale factors matter.
-      shape.storage = KvStorage::kFp8E4M3;
+      shape.storage = s.Storage();
       std::uniform_real_distribution<float> scale(0.03f, 0.15f);
-      for (KvScales& sc : scales) sc = {scale(rng), scale(rng)};
+      if (!s.token_scales) {
+        for (KvScales& sc : scales) sc = {scale(rng), scale(rng)};
+      }
       pool.resize(static_cast<size_t>(shape.TotalBytes() + 1) / 2);
-      RandomFillFp8(reinterpret_cast<uint8_t*>(pool.data()), shape.TotalBytes(), 12.0f, rng());
+      auto* bytes = reinterpret_cast<uint8_t*>(pool.data());
+      RandomFillFp8(bytes, shape.KvBytes(), 12.0f, rng());
+      if (s.token_scales) {
+        // Every (token, head) its own scale; one row in 16 ten times larger (an outlier token).
+        float* token = reinterpret_cast<float*>(bytes + shape.ScalesByteOffset());
+        for (int64_t i = 0; i < shape.num_layers * shape.LayerScales(); ++i)
+          token[i] = scale(rng) * (rng() % 16 == 0 ? 10.f : 1.f);
+      }
     } else {
       pool.resize(shape.TotalElems());
       RandomFill16(&pool, s.dtype, 1.0f, rng());
@@ -247,7 +262,7 @@ struct DecodeRunner {
     cudaGetDevice(&dev);
     KvCacheShape shape;
     shape.dtype = s.dtype;
-    shape.storage = s.fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
+    shape.storage = s.Storage();
     shape.head_dim = s.head_dim;
     shape.num_kv_heads = s.kv_heads;
     absl::StatusOr<DecodePlanConfig> made =

@@ -277,6 +277,8 @@ std::vector<Case> Cases() {
   add("fp8_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = true; });
   add("fp8_fp16_d64_hnd", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; });
   add("fp8_bf16_d256_page3", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 256; s.page_size = 3; });
+  add("fp8pt_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; });
+  add("fp8pt_fp16_d64_hnd_page3", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; s.page_size = 3; });
   add("bf16_det", [](DecodeProblemSpec&) {}, true);
   add("fp16_d64_det_window", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.window_left = 300; }, true);
   return cs;

@@ -25,8 +25,8 @@ absl::Status ValidateAppendArgs(const AppendArgs& a) {
     return InvalidArg(kFamily, "kv.shape.page_size ", sh.page_size, " is not positive");
   }
   if (DTypeSize(sh.dtype) != 2) return InvalidArg(kFamily, "kv.shape.dtype is not fp16 or bf16");
-  const bool fp8 = sh.storage == KvStorage::kFp8E4M3;
-  if (fp8 && a.kv.scales == nullptr) return InvalidArg(kFamily, "kv.scales is null (fp8 pool)");
+  if (sh.storage == KvStorage::kFp8E4M3 && a.kv.scales == nullptr)
+    return InvalidArg(kFamily, "kv.scales is null (fp8 pool with per-layer scales)");
   if (d != 64 && d != 128 && d != 256) {
     return InvalidArg(kFamily, "kv.shape.head_dim ", d, " is not 64, 128 or 256");
   }
@@ -90,16 +90,30 @@ absl::Status LaunchAppendKv(const AppendArgs& a, cudaStream_t stream) {
   p.head_dim = static_cast<int>(d);
   p.layer = static_cast<int>(a.kv.layer);
   p.scales = a.kv.scales;
+  if (sh.TokenScales()) {
+    p.token_scales =
+        reinterpret_cast<float*>(static_cast<char*>(a.kv.pool) + sh.ScalesByteOffset());
+    p.layer_scales = sh.LayerScales();
+    p.page_scales = sh.PageScales();
+    p.page_size = static_cast<int>(sh.page_size);
+    p.scale_v_offset = static_cast<int>(h * sh.page_size);
+  }
   const int64_t threads =
       ((p.num_rows + detail::kRowsPerThread - 1) / detail::kRowsPerThread) << p.chunks_log2;
   const int64_t blocks = (threads + detail::kAppendThreads - 1) / detail::kAppendThreads;
   const unsigned grid = static_cast<unsigned>(blocks);
+  constexpr unsigned kThreads = detail::kAppendThreads;
+  using detail::AppendKvKernel;
+  using detail::Fp8TokenScaledKv;
+  const bool bf16 = sh.dtype == DType::kBFloat16;
   if (sh.storage == KvStorage::kModelDType) {  // bytes move as they are: one instance
-    detail::AppendKvKernel<__half, false><<<grid, detail::kAppendThreads, 0, stream>>>(p);
-  } else if (sh.dtype == DType::kBFloat16) {
-    detail::AppendKvKernel<__nv_bfloat16, true><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+    AppendKvKernel<__half, __half><<<grid, kThreads, 0, stream>>>(p);
+  } else if (sh.storage == KvStorage::kFp8E4M3) {
+    if (bf16) AppendKvKernel<__nv_bfloat16, __nv_fp8_e4m3><<<grid, kThreads, 0, stream>>>(p);
+    else AppendKvKernel<__half, __nv_fp8_e4m3><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    detail::AppendKvKernel<__half, true><<<grid, detail::kAppendThreads, 0, stream>>>(p);
+    if (bf16) AppendKvKernel<__nv_bfloat16, Fp8TokenScaledKv><<<grid, kThreads, 0, stream>>>(p);
+    else AppendKvKernel<__half, Fp8TokenScaledKv><<<grid, kThreads, 0, stream>>>(p);
   }
   return detail::CudaStatus(cudaGetLastError(), "append kernel launch");
 }

@@ -25,6 +25,11 @@ struct AppendParams {
   // fp8 pools: the layer (when layer_ptr is null) and the device [layers][2] K/V scales.
   int layer;
   const float* scales;
+  // Per-token scales (kFp8E4M3PerToken): the pool's [layers][pages][2][kv_heads][page_size].
+  float* token_scales;
+  int64_t layer_scales, page_scales;  // floats per layer and per page
+  int page_size;
+  int scale_v_offset;                 // floats from a page's K scales to its V scales
 };
 
 // A thread moves one 16-byte chunk of kRowsPerThread (token, head) rows, loads first, so that

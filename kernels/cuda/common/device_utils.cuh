@@ -24,6 +24,12 @@ __device__ __forceinline__ void CpAsync16(uint32_t smem, const void* gmem, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(src_size));
 }
+// The same for 4 bytes (a per-token scale); .ca, the only cache mode of copies under 16 bytes.
+__device__ __forceinline__ void CpAsync4(uint32_t smem, const void* gmem, bool valid) {
+  const int src_size = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(src_size));
+}
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
@@ -98,6 +104,28 @@ __device__ __forceinline__ void Fp8x4ToHalf2x2(uint32_t x, uint32_t& lo, uint32_
   lo = uint32_t{l.x} | (uint32_t{l.y} << 16);
   hi = uint32_t{h.x} | (uint32_t{h.y} << 16);
 #endif
+}
+
+// The storage type of a pool with per-(token, head) scales (KvStorage::kFp8E4M3PerToken): an
+// e4m3 byte like __nv_fp8_e4m3, a type of its own so that kernels instantiate for it.
+struct Fp8TokenScaledKv {
+  __nv_fp8_e4m3 code;
+};
+template <typename KV>
+inline constexpr bool kTokenScaledKv = std::is_same_v<KV, Fp8TokenScaledKv>;
+
+// A per-token scale from the largest magnitude of the row it quantizes: amax / 448 (a true
+// division, as the CPU backend's), 1 for an all-zero row (any scale stores its zeros).
+__device__ __forceinline__ float TokenScaleFromAmax(float amax) {
+  return amax > 0.f ? __fdiv_rn(amax, 448.f) : 1.f;
+}
+
+// The largest |x| of a row spread over `lanes` consecutive lanes (a power of two, <= 32, the
+// group aligned to it), every lane of the warp taking part; NaNs are ignored (fmaxf).
+__device__ __forceinline__ float RowAmax(float amax, int lanes) {
+  for (int off = 1; off < lanes; off <<= 1)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  return amax;
 }
 
 // Two floats to two e4m3 bytes (x in the low byte), round to nearest even, saturating at

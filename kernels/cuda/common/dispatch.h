@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "kernels/cuda/common/device_utils.cuh"
 #include "kernels/paged_kv.h"
 
 namespace attnd::kernels::cuda::detail {
@@ -48,8 +49,8 @@ absl::Status DispatchDTypeHeadDim(absl::string_view family, DType dtype, int64_t
                                                  " (fp16 or bf16; head_dim 64, 128 or 256)"));
 }
 
-// Returns F<T, KV, D>::Run(args...) for a pool's model dtype T, storage KV (T itself, or
-// __nv_fp8_e4m3) and head_dim.
+// Returns F<T, KV, D>::Run(args...) for a pool's model dtype T, storage KV (T itself,
+// __nv_fp8_e4m3, or Fp8TokenScaledKv) and head_dim.
 template <template <typename, typename, int> class F>
 struct WithKvStorage {
   template <typename T, int D>
@@ -57,6 +58,8 @@ struct WithKvStorage {
     template <typename Arg0, typename... Args>
     static absl::Status Run(KvStorage storage, Arg0&& arg0, Args&&... args) {
       if (storage == KvStorage::kFp8E4M3) return F<T, __nv_fp8_e4m3, D>::Run(arg0, args...);
+      if (storage == KvStorage::kFp8E4M3PerToken)
+        return F<T, Fp8TokenScaledKv, D>::Run(arg0, args...);
       return F<T, T, D>::Run(arg0, args...);
     }
   };

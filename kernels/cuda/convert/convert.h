@@ -13,11 +13,11 @@
 
 namespace attnd::kernels::cuda {
 
-// Page pages[i] of layer kv.layer of an fp8 pool, dequantized with the layer's scales into
-// page i of `dst` ([num_pages][2][page block] of kv.shape.dtype, the pool's page layout):
-// dst = dtype(scale * fp8), the K block with the K scale and the V block with the V scale.
+// Page pages[i] of layer kv.layer of an fp8 pool, dequantized into page i of `dst`
+// ([num_pages][2][page block] of kv.shape.dtype, the pool's page layout): dst =
+// dtype(scale * fp8), the scale the layer's K or V scale, or (kFp8E4M3PerToken) the row's own.
 struct DequantizePagesArgs {
-  PagedKv kv;                      // storage kFp8E4M3, scales set; layer_in_device unused
+  PagedKv kv;                      // fp8 storage (per-layer: scales set); layer_in_device unused
   const int32_t* pages = nullptr;  // device [num_pages]
   int64_t num_pages = 0;
   void* dst = nullptr;             // 16-byte aligned
@@ -26,6 +26,9 @@ absl::Status LaunchDequantizePages(const DequantizePagesArgs& args, cudaStream_t
 
 // n elements (a multiple of 8) from `src` to `dst`, one side fp8 e4m3 and the other `dtype`
 // (fp16 or bf16): to fp8, dst = fp8(src / scale) (saturating); from fp8, dst = scale * src.
+// With row_scales, n is [tokens][heads][head_dim] and each (token, head) row has its own scale
+// at row_scales[head * tokens + token]: read from fp8; to fp8, computed from the row as append
+// does (max |x| / 448) and written there.
 struct ConvertKvArgs {
   const void* src = nullptr;  // device memory, 16-byte aligned
   void* dst = nullptr;        // device memory, 16-byte aligned
@@ -33,6 +36,8 @@ struct ConvertKvArgs {
   DType dtype = DType::kBFloat16;
   bool to_fp8 = false;
   float scale = 1.0f;
+  float* row_scales = nullptr;  // device memory
+  int64_t head_dim = 0, heads = 0, tokens = 0;
 };
 absl::Status LaunchConvertKv(const ConvertKvArgs& args, cudaStream_t stream);
 

@@ -22,6 +22,10 @@ absl::Status LaunchPagedPull(const PagedPullParams& p, cudaStream_t stream) {
   if (p.dst_heads <= 0 || p.head_begin < 0 || p.head_begin + p.dst_heads > p.src_heads ||
       p.page_size <= 0)
     return absl::InvalidArgumentError("head_begin, dst_heads: outside the source's heads");
+  if ((p.src_scales_offset < 0) != (p.dst_scales_offset < 0) ||
+      ((p.src_scales_offset | p.dst_scales_offset) & 3) != 0)
+    return absl::InvalidArgumentError(
+        "src_scales_offset, dst_scales_offset: both or neither, 4-byte aligned");
   const int64_t pages = (p.num_tokens + p.page_size - 1) / p.page_size;
   const int64_t items = (p.layer_end - p.layer_begin) * pages * 2;
   const int64_t blocks = std::min<int64_t>((items + 7) / 8, 132 * 16);  // 8 warps a block

@@ -45,6 +45,9 @@ struct PagedPullParams {
   int64_t layer_begin = 0, layer_end = 0, dst_layer_begin = 0;
   int64_t num_tokens = 0, page_size = 0, head_dim = 0, elem_bytes = 0;
   bool hnd = false;  // HND page blocks ([heads][page_size][dim]); else NHD
+  // Per-token scale pools (KvStorage::kFp8E4M3PerToken): the byte offsets of each pool's
+  // scales ([layers][pages][2][heads][page_size] floats), which move with their slots; -1: none.
+  int64_t src_scales_offset = -1, dst_scales_offset = -1;
 };
 absl::Status LaunchPagedPull(const PagedPullParams& params, cudaStream_t stream);
 

@@ -94,6 +94,17 @@ __global__ void PagedPullKernel(const PagedPullParams p) {
         WarpCopy(s + (slot * p.src_heads + p.head_begin) * row, d + slot * p.dst_heads * row,
                  p.dst_heads * row, lane);
     }
+    if (p.src_scales_offset >= 0) {  // per-token scales: the head range's first rows slots
+      const float* ss = reinterpret_cast<const float*>(p.src + p.src_scales_offset) +
+                        (((p.layer_begin + layer) * p.src_pool_pages + p.src_pages[page]) * 2 +
+                         kv) * p.src_heads * p.page_size;
+      float* ds = reinterpret_cast<float*>(p.dst + p.dst_scales_offset) +
+                  (((p.dst_layer_begin + layer) * p.dst_pool_pages + p.dst_pages[page]) * 2 +
+                   kv) * p.dst_heads * p.page_size;
+      for (int64_t h = 0; h < p.dst_heads; ++h)
+        for (int64_t i = lane; i < rows; i += 32)
+          ds[h * p.page_size + i] = ss[(p.head_begin + h) * p.page_size + i];
+    }
   }
 }
 

@@ -25,14 +25,14 @@ cudaError_t PrepareDecodeKernel(int device) {
   static detail::OncePerDevice once;
   return detail::AllowDynamicSmem(
       once, device, reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D>),
-      detail::DecodeTraits<D, sizeof(KV)>::kSmemBytes);
+      detail::DecodeTraitsFor<KV, D>::kSmemBytes);
 }
 
 template <typename T, typename KV, int D>
 struct LaunchDecodeFn {
   static absl::Status Run(const detail::DecodeParams& p, dim3 grid, bool overlap,
                           cudaStream_t stream) {
-    using Tr = detail::DecodeTraits<D, sizeof(KV)>;
+    using Tr = detail::DecodeTraitsFor<KV, D>;
     int device = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D>(device);
@@ -48,7 +48,7 @@ struct LaunchDecodeFn {
 template <typename T, typename KV, int D>
 struct DecodeOccupancyFn {
   static absl::Status Run(int device, int* blocks, int* tile_tokens) {
-    using Tr = detail::DecodeTraits<D, sizeof(KV)>;
+    using Tr = detail::DecodeTraitsFor<KV, D>;
     *tile_tokens = Tr::kTileTokens;
     cudaError_t e = PrepareDecodeKernel<T, KV, D>(device);
     if (e == cudaSuccess) {
@@ -108,6 +108,14 @@ detail::DecodeParams MakeDecodeParams(const DecodeArgs& a) {
                     : a.kv.layer * sh.LayerElems() * sh.ElemBytes());
   p.layer = static_cast<int>(a.kv.layer);
   p.scales = a.kv.scales;
+  if (sh.TokenScales()) {
+    p.token_scales = reinterpret_cast<const float*>(static_cast<const char*>(a.kv.pool) +
+                                                    sh.ScalesByteOffset());
+    p.layer_scales = sh.LayerScales();
+    p.page_scales = sh.PageScales();
+    p.page_size = static_cast<int>(sh.page_size);
+    p.scale_v_offset = static_cast<int>(sh.num_kv_heads * sh.page_size);
+  }
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();
   p.slot_stride = sh.SlotStride();

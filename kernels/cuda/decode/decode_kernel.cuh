@@ -108,6 +108,7 @@ __device__ __forceinline__ void PvFp8(float (&acc)[kN][4], const uint32_t (&a)[4
 template <int kR>
 struct SliceRows {
   int64_t off[kR];
+  int64_t scale_off[kR];  // per-token scales: the row's K scale, floats from the head's base
   bool valid[kR];
 };
 
@@ -121,12 +122,15 @@ __device__ __forceinline__ int SwzKv(int row, int chunk) {
   }
 }
 
-// T: the model dtype (q, out); KV: the pool's (T, or __nv_fp8_e4m3 read through fp16 mma).
+template <typename KV, int D>
+using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>>;
+
+// T: the model dtype (q, out); KV: the pool's (T, or an fp8 type read through fp16 mma).
 template <typename T, typename KV, int D>
-__global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
-                                  DecodeTraits<D, sizeof(KV)>::kMinBlocks)
+__global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
+                                  DecodeTraitsFor<KV, D>::kMinBlocks)
     BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
-  using Tr = DecodeTraits<D, sizeof(KV)>;
+  using Tr = DecodeTraitsFor<KV, D>;
   constexpr bool kFp8 = Tr::kFp8;
   using M = std::conditional_t<kFp8, __half, T>;  // the mma operands' type
   constexpr int S = Tr::kStages;
@@ -140,6 +144,10 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
   float* m_smem = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes);
   float* l_smem = m_smem + Tr::kWarps * Tr::kRows;
   float* acc_smem = reinterpret_cast<float*>(smem);  // aliases pipe, after the pipeline drains
+  // Per-token scales: [warp][stage][K | V][token of the slice].
+  float* my_scales = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes +
+                                              Tr::kMergeBytes) +
+                     (threadIdx.x >> 5) * S * 2 * kWT;
   __shared__ int last_flag;
 
   const int warp = threadIdx.x >> 5;
@@ -156,9 +164,15 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
   const KV* kv = static_cast<const KV*>(p.kv_layer) + kvh * p.head_stride +
                  (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
   KV* my_pipe = pipe + warp * S * Tr::kStageElems;
-  // fp8: the K scale joins the logit scale, the V scale multiplies the accumulators.
+  // fp8: a per-layer K scale joins the logit scale, the V scale multiplies the accumulators;
+  // per-token scales are applied per key (the accumulators then carry a factor 256).
   float scale_pre = p.scale_pre, v_scale = 1.f;
-  if constexpr (kFp8) {
+  const float* head_scales = nullptr;  // this kv head's per-token scales in the layer
+  if constexpr (Tr::kTokenScales) {
+    const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
+    head_scales = p.token_scales + layer * p.layer_scales + kvh * p.page_size;
+    v_scale = 1.f / 256.f;
+  } else if constexpr (kFp8) {
     const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
     scale_pre *= __ldg(p.scales + 2 * layer);
     v_scale = __ldg(p.scales + 2 * layer + 1);
@@ -190,11 +204,13 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
         const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + ((lane + 32 * h) & (kWT - 1));
         refs.valid[h] = tok < t1;
         refs.off[h] = 0;
+        refs.scale_off[h] = 0;
         if (refs.valid[h]) {
           uint32_t pg, slot;
           p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
-          refs.off[h] =
-              static_cast<int64_t>(__ldg(pages + pg)) * p.page_stride + slot * p.slot_stride;
+          const int64_t page = __ldg(pages + pg);
+          refs.off[h] = page * p.page_stride + slot * p.slot_stride;
+          if constexpr (Tr::kTokenScales) refs.scale_off[h] = page * p.page_scales + slot;
         }
       }
     };
@@ -215,6 +231,16 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
         const uint32_t dst = SmemAddr(ks + SwzKv<Tr>(r, ch));
         CpAsync16(dst, src, valid_r);
         CpAsync16(dst + kWT * D * sizeof(KV), src + p.v_offset, valid_r);
+      }
+      if constexpr (Tr::kTokenScales) {
+        float* sc = my_scales + stage * 2 * kWT;
+#pragma unroll
+        for (int h = 0; h < Tr::kRowsPerLane; ++h) {
+          const int r = lane + 32 * h;  // kWT >= 32 for fp8: each row is one lane's
+          const float* src = head_scales + refs.scale_off[h];
+          CpAsync4(SmemAddr(sc + r), src, refs.valid[h]);
+          CpAsync4(SmemAddr(sc + kWT + r), src + p.scale_v_offset, refs.valid[h]);
+        }
       }
     };
 
@@ -286,6 +312,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
       if (tok_base >= t1) continue;  // this warp's slice is past the chunk (warp-uniform)
       const KV* ks = my_pipe + (k % S) * Tr::kStageElems;
       const KV* vs = ks + kWT * D;
+      const float* tile_scales = my_scales + (k % S) * 2 * kWT;  // per-token: K, then V
 
       // s = q . k for 16 rows x kWT tokens.
       float s[2 * kSub][4];
@@ -324,6 +351,7 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
           if (e >= 2 && !upper_rows) break;
           const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
           float x = s[j][e];
+          if constexpr (Tr::kTokenScales) x *= tile_scales[j * 8 + ((lane & 3) << 1) + (e & 1)];
           x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
           x = tok < t1 ? x : -INFINITY;
           s[j][e] = x;
@@ -331,6 +359,15 @@ __global__ void __launch_bounds__(DecodeTraits<D, sizeof(KV)>::kThreads,
         }
       }
       OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{}, upper_rows);
+      if constexpr (Tr::kTokenScales) {  // after the row sums: they take the plain probabilities
+#pragma unroll
+        for (int j = 0; j < 2 * kSub; ++j) {
+          const float2 v = *reinterpret_cast<const float2*>(tile_scales + kWT + j * 8 +
+                                                            ((lane & 3) << 1));
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] *= 256.f * ((e & 1) ? v.y : v.x);
+        }
+      }
 
       // acc += p . v, 16 tokens at a time.
 #pragma unroll

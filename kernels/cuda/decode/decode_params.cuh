@@ -39,6 +39,11 @@ struct DecodeParams {
   // fp8 pools: the layer (when layer_ptr is null) and the device [layers][2] K/V scales.
   int layer;
   const float* scales;
+  // Per-token scales (kFp8E4M3PerToken): the pool's [layers][pages][2][kv_heads][page_size].
+  const float* token_scales;
+  int64_t layer_scales, page_scales;  // floats per layer and per page
+  int page_size;
+  int scale_v_offset;                 // floats from a page's K scales to its V scales
 };
 
 // A CTA owns one (work item, kv head, block of up to 16 query heads of the GQA group). Its 4
@@ -51,7 +56,10 @@ struct DecodeParams {
 // loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
 // dims (the query fragment is permuted to match) and a transposed V fragment two tokens of two
 // dims (split into an even- and an odd-dim tile: the output columns are interleaved, undone
-// when the accumulators are stored). Its warp slices hold twice bf16's tokens in the same
+// when the accumulators are stored). A pool with per-token scales also stages each token's K
+// and V scale (4-byte copies in the same group): the K scale multiplies the token's logit, and
+// the V scale times 256 its probability before P.V (the 256, undone exactly at the end, keeps
+// the fp16 operand in the range a per-layer pool's probabilities use). Its warp slices hold twice bf16's tokens in the same
 // bytes (64 at head_dim 64, two per lane): the work per token, not the bytes in flight, bounds
 // it (16-token slices with deeper rings measured slower).
 // ATTND_DECODE_FP8_TOKENS / _STAGES (head_dim 128, 256), _FP8_D64_TOKENS, _BF16_STAGES and
@@ -72,10 +80,11 @@ struct DecodeParams {
 #define ATTND_DECODE_FP8_STAGES 3
 #endif
 
-template <int D, int kKvBytes = 2>
+template <int D, int kKvBytes = 2, bool kPerTokenScales = false>
 struct DecodeTraits {
   static constexpr int kHeadDim = D;
   static constexpr bool kFp8 = kKvBytes == 1;
+  static constexpr bool kTokenScales = kPerTokenScales;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kRows = 16;        // query rows per CTA (mma M)
@@ -100,7 +109,9 @@ struct DecodeTraits {
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * kKvBytes;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
-  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes;
+  // Per-token scales: each warp stages its slice's K and V scales beside the K/V bytes.
+  static constexpr int kScaleBytes = kTokenScales ? kWarps * kStages * 2 * kWarpTokens * 4 : 0;
+  static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes + kScaleBytes;
   // The fp32 per-warp accumulators reuse the pipeline buffers at the end.
   static_assert(kWarps * kRows * D * 4 <= kPipeBytes, "merge scratch must fit the pipeline");
   static_assert(kChunks >= 4, "the swizzle needs 4 chunks per row");
