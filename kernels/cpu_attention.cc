@@ -5,6 +5,11 @@
 // chunk is converted to float once and reused by every query of the tile and every query head of
 // each GQA group. The softmax is online (running max and denominator per query head, updated
 // once per chunk), so the KV is read in a single pass whatever the sequence length.
+//
+// fp8 pools are read as their codes; the scales are applied where they cost least. Per-layer
+// scales fold into the queries' factor and the output's normalisation (once per call);
+// per-token scales multiply each key's logit (K) and each key's softmax weight (V) after the
+// weight has entered the denominator, which is a sum of the unscaled probabilities.
 #include "kernels/cpu_attention.h"
 
 #include <algorithm>
@@ -138,11 +143,13 @@ struct Problem {
   int64_t heads;
   int64_t chunk;         // keys converted per step
   int64_t tile_queries;  // queries per tile
-  // The scales of an fp8 pool, folded where they cost nothing: K's into the factor the queries
-  // are multiplied by anyway (logit = sm_scale * q . (k_scale * fp8)), V's into the softmax
-  // normalisation of the output. 1 for a model-dtype pool, so that path is unchanged.
+  // The scales of a kFp8E4M3 pool, folded where they cost nothing: K's into the factor the
+  // queries are multiplied by anyway (logit = sm_scale * q . (k_scale * fp8)), V's into the
+  // softmax normalisation of the output. 1 for other pools, so the model-dtype path is unchanged.
   float q_scale;    // sm_scale * k_scale
   float out_scale;  // v_scale
+  // kFp8E4M3PerToken: each key's K and V scales are gathered with its codes and applied per key.
+  bool token_scales;
 };
 
 // Online softmax state of one (query, query head) row.
@@ -153,9 +160,10 @@ struct RowState {
 
 // Scratch of one call, kept per thread so that serving many small sequences does not allocate on
 // every call. Rows are ordered (kv head of the call, query of the tile, head in group); K and V
-// chunks are [kv head of the call][key][head_dim].
+// chunks are [kv head of the call][key][head_dim], their per-token scales (kFp8E4M3PerToken
+// only) [kv head of the call][key].
 struct Scratch {
-  std::vector<float> q, acc, k, v, logits;
+  std::vector<float> q, acc, k, v, logits, k_scale, v_scale;
   std::vector<RowState> state;
 
   void Reserve(const Problem& p) {
@@ -166,6 +174,8 @@ struct Scratch {
     k.resize(p.heads * p.chunk * d);
     v.resize(p.heads * p.chunk * d);
     logits.resize(p.chunk);
+    k_scale.resize(p.token_scales ? p.heads * p.chunk : 0);
+    v_scale.resize(k_scale.size());
     state.resize(rows);
   }
 };
@@ -177,9 +187,11 @@ void VisibleRange(const Problem& p, int64_t pos, int64_t* lo, int64_t* hi) {
 }
 
 // Reads keys [begin, end) of the heads (K when kv == 0, V when 1) into dst as float,
-// dst[head][key - begin][d], p.chunk keys per head.
+// dst[head][key - begin][d], p.chunk keys per head; with per-token scales, their scales into
+// scales[head][key - begin].
 template <typename Kv>
-void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* dst) {
+void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* dst,
+                 float* scales) {
   const auto* pool = static_cast<const typename Kv::Storage*>(p.pool);
   const int64_t d = p.shape.head_dim;
   const int64_t ps = p.shape.page_size;
@@ -189,6 +201,11 @@ void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* ds
     // The positions of this page within the chunk.
     const int64_t run = std::min(end - pos, ps - slot);
     for (int64_t h = 0; h < p.heads; ++h) {
+      if (p.token_scales) {  // a head's slots are adjacent among the scales, in both layouts
+        const uint8_t* at = static_cast<const uint8_t*>(p.pool) + p.shape.ScalesByteOffset() +
+                            4 * p.shape.ScaleOffset(p.layer, page, kv, slot, p.kv_begin + h);
+        std::memcpy(scales + h * p.chunk + (pos - begin), at, run * sizeof(float));
+      }
       const auto* src = pool + p.shape.Offset(p.layer, page, kv, slot, p.kv_begin + h);
       float* out = dst + (h * p.chunk + (pos - begin)) * d;
       if (p.shape.layout == KvLayout::kHND) {
@@ -203,12 +220,17 @@ void GatherChunk(const Problem& p, int kv, int64_t begin, int64_t end, float* ds
 }
 
 // Folds `count` keys (K and V rows starting at k and v) into one row's online softmax state and
-// accumulator.
-void UpdateRow(const Problem& p, const float* qrow, const float* k, const float* v, int64_t count,
-               float* logits, RowState* st, float* acc) {
+// accumulator. k_scale and v_scale are the keys' per-token scales, null for other pools.
+void UpdateRow(const Problem& p, const float* qrow, const float* k, const float* v,
+               const float* k_scale, const float* v_scale, int64_t count, float* logits,
+               RowState* st, float* acc) {
   const int64_t d = p.shape.head_dim;
   const float cap = p.opts.logits_soft_cap;
   DotRows(qrow, k, count, d, logits);
+  // logit = sm_scale * q . (k_scale * fp8) = k_scale * (q_scaled . fp8), before the soft cap.
+  if (k_scale != nullptr) {
+    for (int64_t j = 0; j < count; ++j) logits[j] *= k_scale[j];
+  }
   float chunk_max = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < count; ++j) {
     if (cap > 0.0f) logits[j] = cap * std::tanh(logits[j] / cap);
@@ -227,6 +249,11 @@ void UpdateRow(const Problem& p, const float* qrow, const float* k, const float*
     denom += logits[j];
   }
   st->denom += denom;
+  // w * (v_scale * fp8) = (w * v_scale) * fp8: the weights, now counted in the denominator,
+  // carry each key's V scale into the accumulator.
+  if (v_scale != nullptr) {
+    for (int64_t j = 0; j < count; ++j) logits[j] *= v_scale[j];
+  }
   AccumulateWeighted(logits, v, count, d, acc);
 }
 
@@ -250,8 +277,8 @@ void AttendTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s) {
 
   for (int64_t c0 = lo; c0 < hi; c0 += p.chunk) {
     const int64_t c1 = std::min(hi, c0 + p.chunk);
-    GatherChunk<Kv>(p, 0, c0, c1, s.k.data());
-    GatherChunk<Kv>(p, 1, c0, c1, s.v.data());
+    GatherChunk<Kv>(p, 0, c0, c1, s.k.data(), s.k_scale.data());
+    GatherChunk<Kv>(p, 1, c0, c1, s.v.data(), s.v_scale.data());
     for (int64_t qi = q_begin; qi < q_end; ++qi) {
       int64_t vlo, vhi;
       VisibleRange(p, p.first_pos + qi, &vlo, &vhi);
@@ -260,10 +287,15 @@ void AttendTile(const Problem& p, int64_t q_begin, int64_t q_end, Scratch& s) {
       if (vlo >= vhi) continue;
       for (int64_t h = 0; h < p.heads; ++h) {
         const int64_t first_key = (h * p.chunk + (vlo - c0)) * d;
+        const float* k_scale =
+            p.token_scales ? s.k_scale.data() + h * p.chunk + (vlo - c0) : nullptr;
+        const float* v_scale =
+            p.token_scales ? s.v_scale.data() + h * p.chunk + (vlo - c0) : nullptr;
         for (int64_t gh = 0; gh < p.group; ++gh) {
           const int64_t row = RowIndex(p, h, qi - q_begin, gh);
           UpdateRow(p, s.q.data() + row * d, s.k.data() + first_key, s.v.data() + first_key,
-                    vhi - vlo, s.logits.data(), &s.state[row], s.acc.data() + row * d);
+                    k_scale, v_scale, vhi - vlo, s.logits.data(), &s.state[row],
+                    s.acc.data() + row * d);
         }
       }
     }
@@ -325,10 +357,11 @@ void Attend(const Problem& p, const void* q, void* out, float* lse) {
   }
 }
 
-// A model-dtype pool is read as the model dtype; an fp8 pool as fp8 whatever the model's.
+// A model-dtype pool is read as the model dtype; an fp8 pool (either kind of scales) as fp8
+// whatever the model's.
 template <typename Io>
 void AttendPool(const Problem& p, const void* q, void* out, float* lse) {
-  if (p.shape.storage == KvStorage::kFp8E4M3) {
+  if (p.shape.Fp8()) {
     Attend<Fp8, Io>(p, q, out, lse);
   } else {
     Attend<Io, Io>(p, q, out, lse);
@@ -362,7 +395,8 @@ void AppendRows(void* pool, const KvCacheShape& shape, int64_t layer, const int3
   }
 }
 
-// The append into an fp8 pool: each row of the model dtype Io quantized with its tensor's scale.
+// The append into an fp8 pool: each row of the model dtype Io quantized with its tensor's scale
+// (kFp8E4M3), or with its own, which is stored among the pool's scales (kFp8E4M3PerToken).
 template <typename Io>
 void AppendQuantized(void* pool, const KvCacheShape& shape, int64_t layer,
                      const int32_t* page_table, int64_t start, int64_t n, const void* k,
@@ -379,7 +413,13 @@ void AppendQuantized(void* pool, const KvCacheShape& shape, int64_t layer,
     const int64_t slot = pos % shape.page_size;
     for (int kv = 0; kv < 2; ++kv) {
       for (int64_t h = 0; h < heads; ++h) {
-        cpu_convert::QuantizeRow<Io>(src[kv] + (t * heads + h) * d, d, scale[kv],
+        const typename Io::Storage* row = src[kv] + (t * heads + h) * d;
+        float row_scale = scale[kv];
+        if (shape.TokenScales()) {
+          row_scale = cpu_convert::RowScale<Io>(row, d);
+          StoreTokenScale(pool, shape, layer, page, kv, slot, h, row_scale);
+        }
+        cpu_convert::QuantizeRow<Io>(row, d, row_scale,
                                      dst + shape.Offset(layer, page, kv, slot, h));
       }
     }
@@ -410,7 +450,7 @@ void WithModelDType(DType dtype, Fn&& fn) {
 void CpuAppendKv(void* pool, const KvCacheShape& shape, int64_t layer, const int32_t* page_table,
                  int64_t start, int64_t n, const void* k, const void* v, KvScales scales) {
   if (n <= 0) return;
-  if (shape.storage == KvStorage::kFp8E4M3) {
+  if (shape.Fp8()) {
     WithModelDType(shape.dtype, [&](auto io) {
       AppendQuantized<decltype(io)>(pool, shape, layer, page_table, start, n, k, v, scales);
     });
@@ -442,10 +482,12 @@ void CpuPagedAttentionKvHeads(const void* pool, const KvCacheShape& shape, int64
   const int64_t row_floats = 2 * p.heads * shape.head_dim;  // K and V of one key, all the heads
   p.chunk = std::clamp<int64_t>(kChunkBytes / (row_floats * 4), kMinChunk, kMaxChunk);
   p.tile_queries = std::max<int64_t>(1, kRowsPerKvHead / p.group);
-  // A model-dtype pool ignores the scales (sm_scale * 1 and 1 / denom: the same bits as ever).
-  const bool fp8 = shape.storage == KvStorage::kFp8E4M3;
-  p.q_scale = opts.sm_scale * (fp8 ? scales.k : 1.0f);
-  p.out_scale = fp8 ? scales.v : 1.0f;
+  // Only a kFp8E4M3 pool has per-layer scales; the others ignore them (sm_scale * 1 and
+  // 1 / denom: a model-dtype pool gets the same bits as ever).
+  const bool layer_scales = shape.storage == KvStorage::kFp8E4M3;
+  p.q_scale = opts.sm_scale * (layer_scales ? scales.k : 1.0f);
+  p.out_scale = layer_scales ? scales.v : 1.0f;
+  p.token_scales = shape.TokenScales();
   WithModelDType(shape.dtype, [&](auto io) { AttendPool<decltype(io)>(p, q, out, lse); });
 }
 

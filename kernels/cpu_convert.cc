@@ -1,6 +1,7 @@
 // The public dtype conversions of cpu_attention.h, one switch over the dtype around the traits of
-// cpu_convert.h.
+// cpu_convert.h, and the per-token scales' access and quantization.
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "kernels/cpu_attention.h"
@@ -76,6 +77,52 @@ void StoreRowFromFloat(const float* src, int64_t n, DType dtype, void* base, int
       cpu_convert::StoreRow<Fp8>(src, n, static_cast<uint8_t*>(base) + index);
       return;
   }
+}
+
+namespace {
+
+// The scales are f32 at a 256-aligned offset of the pool; memcpy, as for fp32 elements, so that
+// a pool of any declared type (a byte vector in tests) is read without aliasing another type.
+uint8_t* ScaleAddress(void* pool, const KvCacheShape& shape, int64_t layer, int64_t page, int kv,
+                      int64_t slot, int64_t head) {
+  return static_cast<uint8_t*>(pool) + shape.ScalesByteOffset() +
+         4 * shape.ScaleOffset(layer, page, kv, slot, head);
+}
+
+}  // namespace
+
+float LoadTokenScale(const void* pool, const KvCacheShape& shape, int64_t layer, int64_t page,
+                     int kv, int64_t slot, int64_t head) {
+  float scale;
+  std::memcpy(&scale, ScaleAddress(const_cast<void*>(pool), shape, layer, page, kv, slot, head),
+              sizeof(scale));
+  return scale;
+}
+
+void StoreTokenScale(void* pool, const KvCacheShape& shape, int64_t layer, int64_t page, int kv,
+                     int64_t slot, int64_t head, float scale) {
+  std::memcpy(ScaleAddress(pool, shape, layer, page, kv, slot, head), &scale, sizeof(scale));
+}
+
+float QuantizeTokenRow(const void* src, int64_t index, int64_t n, DType dtype, uint8_t* dst) {
+  const auto quantize = [&](auto traits) {
+    using T = decltype(traits);
+    const auto* row = static_cast<const typename T::Storage*>(src) + index;
+    const float scale = cpu_convert::RowScale<T>(row, n);
+    cpu_convert::QuantizeRow<T>(row, n, scale, dst);
+    return scale;
+  };
+  switch (dtype) {
+    case DType::kFloat32:
+      return quantize(F32{});
+    case DType::kFloat16:
+      return quantize(F16{});
+    case DType::kBFloat16:
+      return quantize(BF16{});
+    case DType::kFloat8E4M3:  // never a model dtype
+      break;
+  }
+  return std::numeric_limits<float>::quiet_NaN();
 }
 
 }  // namespace attnd::kernels

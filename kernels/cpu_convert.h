@@ -6,8 +6,11 @@
 
 #include <array>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "kernels/paged_kv.h"
 
 namespace attnd::kernels::cpu_convert {
 
@@ -234,6 +237,17 @@ inline void StoreRow(const float* src, int64_t n, typename T::Storage* dst) {
 template <typename T>
 inline void QuantizeRow(const typename T::Storage* src, int64_t n, float scale, uint8_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = FloatToFp8(T::Load(src[i]) / scale);
+}
+
+// The scale a kFp8E4M3PerToken pool gives a row of n values of T: max |x| / 448 (an IEEE float
+// division), so the largest magnitude maps to e4m3's largest value; 1 for a row whose maximum
+// is 0, whose codes are then zeros. fmax skips NaN, so one NaN does not poison the row's scale
+// (it still stores the NaN code, as the per-layer path does).
+template <typename T>
+inline float RowScale(const typename T::Storage* src, int64_t n) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(T::Load(src[i])));
+  return amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
 }
 
 }  // namespace attnd::kernels::cpu_convert

@@ -12,7 +12,8 @@ namespace attnd::kernels {
 namespace {
 
 // Dense copy of one layer of one sequence: [kv_len][num_kv_heads][head_dim] for K and for V, the
-// values the pool stands for (an fp8 pool's codes times the layer's scales, exact in double).
+// values the pool stands for: an fp8 pool's codes times the layer's scales (kFp8E4M3) or times
+// the row's own scales (kFp8E4M3PerToken), exact in double.
 struct DenseKv {
   std::vector<double> k;
   std::vector<double> v;
@@ -21,9 +22,7 @@ struct DenseKv {
 DenseKv Gather(const void* pool, const KvCacheShape& shape, int64_t layer, const SequenceView& seq,
                KvScales scales) {
   const DType stored = shape.StorageDType();
-  const bool fp8 = shape.storage == KvStorage::kFp8E4M3;
-  const double k_scale = fp8 ? scales.k : 1.0;
-  const double v_scale = fp8 ? scales.v : 1.0;
+  const bool layer_scales = shape.storage == KvStorage::kFp8E4M3;
   const int64_t heads = shape.num_kv_heads;
   const int64_t d = shape.head_dim;
   DenseKv kv;
@@ -35,6 +34,12 @@ DenseKv Gather(const void* pool, const KvCacheShape& shape, int64_t layer, const
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t k_at = shape.Offset(layer, page, 0, slot, h);
       const int64_t v_at = shape.Offset(layer, page, 1, slot, h);
+      double k_scale = layer_scales ? scales.k : 1.0;
+      double v_scale = layer_scales ? scales.v : 1.0;
+      if (shape.TokenScales()) {
+        k_scale = LoadTokenScale(pool, shape, layer, page, 0, slot, h);
+        v_scale = LoadTokenScale(pool, shape, layer, page, 1, slot, h);
+      }
       for (int64_t i = 0; i < d; ++i) {
         kv.k[(pos * heads + h) * d + i] = k_scale * LoadAsFloat(pool, k_at + i, stored);
         kv.v[(pos * heads + h) * d + i] = v_scale * LoadAsFloat(pool, v_at + i, stored);
