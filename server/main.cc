@@ -143,7 +143,7 @@ int Run(ServerConfig config) {
   spdlog::info("layers={} qo_heads={} kv_heads={} head_dim={} page_size={} kv_cache={}",
                config.model.num_layers, config.model.num_qo_heads, config.model.num_kv_heads,
                config.model.head_dim, config.model.page_size,
-               config.model.kv_storage == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "model");
+               KvCacheDTypeFlagValue(config.model.kv_storage));
   std::shared_ptr<grpc::ServerCredentials> tcp_credentials;
   if (!config.tcp_address.empty()) {
     auto credentials = TcpServerCredentials(config);

@@ -54,14 +54,16 @@ absl::Status OutOfRange(absl::string_view flag, int64_t value, absl::string_view
 
 bool GoodScale(float s) { return std::isfinite(s) && s > 0.0f; }
 
-// The KV pool's storage and its scales: an fp8 pool is for 16-bit models, scales are only for
-// fp8 pools, and every layer ends up with a finite, positive pair.
+// The KV pool's storage and its scales: an fp8 pool is for 16-bit models, per-layer scales are
+// only for fp8 pools with per-layer scales, and every layer ends up with a finite, positive pair
+// (all 1 where the pool has no per-layer scales).
 absl::Status ValidateKvCache(const std::string& scales_file, ModelShape& m) {
   using kernels::KvStorage;
-  if (m.kv_storage == KvStorage::kFp8E4M3 && m.dtype == kernels::DType::kFloat32)
-    return absl::InvalidArgumentError(
-        "--kv_cache_dtype=fp8 needs --dtype=bf16 or fp16: fp8 KV halves the pool of a 16-bit "
-        "model; an fp32 model would lose 20 mantissa bits for a quarter of the memory");
+  if (m.kv_storage != KvStorage::kModelDType && m.dtype == kernels::DType::kFloat32)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv_cache_dtype=", KvCacheDTypeFlagValue(m.kv_storage),
+        " needs --dtype=bf16 or fp16: fp8 KV halves the pool of a 16-bit model; an fp32 model "
+        "would lose 20 mantissa bits for a quarter of the memory"));
   const bool all_ones = std::all_of(m.kv_scales.begin(), m.kv_scales.end(),
                                     [](kernels::KvScales s) { return s.k == 1.0f && s.v == 1.0f; });
   if (m.kv_storage == KvStorage::kModelDType && (!scales_file.empty() || !all_ones))
@@ -69,6 +71,11 @@ absl::Status ValidateKvCache(const std::string& scales_file, ModelShape& m) {
         "--kv_scales_file=", scales_file,
         ": scales apply only to --kv_cache_dtype=fp8; this pool stores the model dtype and "
         "would ignore them"));
+  if (m.kv_storage == KvStorage::kFp8E4M3PerToken && (!scales_file.empty() || !all_ones))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--kv_scales_file=", scales_file,
+        ": --kv_cache_dtype=fp8_per_token computes a scale for every token and kv head as it "
+        "appends and takes no per-layer scales; use --kv_cache_dtype=fp8 for calibrated ones"));
   const size_t layers = static_cast<size_t>(m.num_layers);
   if (m.kv_scales.empty()) m.kv_scales.assign(layers, kernels::KvScales{});
   if (m.kv_scales.size() == 1) m.kv_scales.assign(layers, m.kv_scales.front());
@@ -203,6 +210,18 @@ absl::Status ServerConfig::Validate() {
   return absl::OkStatus();
 }
 
+const char* KvCacheDTypeFlagValue(kernels::KvStorage storage) {
+  switch (storage) {
+    case kernels::KvStorage::kModelDType:
+      return "auto";
+    case kernels::KvStorage::kFp8E4M3:
+      return "fp8_e4m3";
+    case kernels::KvStorage::kFp8E4M3PerToken:
+      return "fp8_per_token";
+  }
+  return "auto";
+}
+
 std::string Describe(const ServerConfig& c) {
   const ModelShape& m = c.model;
   const char* backend = c.backend == BackendChoice::kCpu    ? "cpu"
@@ -216,7 +235,7 @@ std::string Describe(const ServerConfig& c) {
       "\n--num_layers=", m.num_layers, "\n--num_qo_heads=", m.num_qo_heads,
       "\n--num_kv_heads=", m.num_kv_heads, "\n--head_dim=", m.head_dim, "\n--dtype=", dtype,
       "\n--page_size=", m.page_size,
-      "\n--kv_cache_dtype=", m.kv_storage == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "auto",
+      "\n--kv_cache_dtype=", KvCacheDTypeFlagValue(m.kv_storage),
       "\n--kv_scales_file=", c.kv_scales_file,
       "\n--kv_layout=", m.layout == kernels::KvLayout::kNHD ? "NHD" : "HND",
       "\n--sm_scale=", m.sm_scale, "\n--logits_soft_cap=", m.logits_soft_cap,

@@ -22,10 +22,12 @@ struct ModelShape {
   int64_t num_kv_heads = 2;
   int64_t head_dim = 64;
   kernels::DType dtype = kernels::DType::kBFloat16;
-  // fp8: K and V stored as e4m3 with per-layer scales (--kv_cache_dtype, --kv_scales_file).
+  // fp8: K and V stored as e4m3 with per-layer scales (--kv_cache_dtype=fp8, --kv_scales_file)
+  // or with a scale per token and kv head that append computes (--kv_cache_dtype=fp8_per_token).
   kernels::KvStorage kv_storage = kernels::KvStorage::kModelDType;
-  // The scales every layer starts with (num_layers entries after Validate(); 1 and 1 unless a
-  // scales file says otherwise). SetKvScales changes them later for layers that hold no KV.
+  // The per-layer scales every layer starts with (num_layers entries after Validate(); 1 and 1
+  // unless a scales file says otherwise, and always for pools other than kFp8E4M3). SetKvScales
+  // changes them later for layers that hold no KV.
   std::vector<kernels::KvScales> kv_scales;
   int64_t page_size = 16;
   kernels::KvLayout layout = kernels::KvLayout::kNHD;
@@ -33,7 +35,7 @@ struct ModelShape {
   float logits_soft_cap = 0.0f;
   int64_t window_left = -1;
 
-  // Bytes of one page across all layers (K and V).
+  // Bytes of one page across all layers (K and V, and their per-token scales if any).
   int64_t PageBytes() const { return CacheShape(0).PageBytes(); }
   kernels::KvCacheShape CacheShape(int64_t num_pages) const;
   kernels::AttentionOptions Options() const;
@@ -119,6 +121,9 @@ std::string Describe(const ServerConfig& config);
 // blank lines skipped. Returns the pairs in order (one: every layer's; else one per layer, which
 // Validate() checks against num_layers). Messages name the line ("line 3: ...").
 absl::StatusOr<std::vector<kernels::KvScales>> ParseKvScales(absl::string_view text);
+
+// The --kv_cache_dtype value that selects `storage`: "auto", "fp8_e4m3" or "fp8_per_token".
+const char* KvCacheDTypeFlagValue(kernels::KvStorage storage);
 
 // 1, 2, 4, 8, 16, 24, 32, 40, ... (steps of 8) up to max_batch_size, like vLLM's capture sizes.
 std::vector<int64_t> DefaultGraphBuckets(int64_t max_batch_size);

@@ -23,11 +23,14 @@ ABSL_FLAG(int64_t, head_dim, 64, "Elements per head (64, 128 or 256 on CUDA)");
 ABSL_FLAG(std::string, dtype, "bf16", "Element type of q/k/v/out and the pool: bf16, fp16, fp32");
 ABSL_FLAG(int64_t, page_size, 16, "Tokens per KV page, 1..64");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
-          "How the pool stores K and V: auto (the model dtype) or fp8 (= fp8_e4m3: e4m3 with "
-          "per-layer scales, half the bytes of a bf16/fp16 pool)");
+          "How the pool stores K and V: auto (the model dtype); fp8 (= fp8_e4m3: e4m3 with "
+          "per-layer scales, half the bytes of a bf16/fp16 pool); or fp8_per_token (e4m3 with a "
+          "scale per token and kv head of K and of V, computed at append: no calibration, 4 more "
+          "bytes per token, head and K/V, ~3% of a head_dim-128 fp8 pool)");
 ABSL_FLAG(std::string, kv_scales_file, "",
-          "fp8 KV: a file of 'k_scale v_scale' lines, one for every layer or one per layer in "
-          "layer order ('#' comments); K = k_scale * fp8. Empty: every scale 1");
+          "--kv_cache_dtype=fp8: a file of 'k_scale v_scale' lines, one for every layer or one "
+          "per layer in layer order ('#' comments); K = k_scale * fp8. Empty: every scale 1. "
+          "fp8_per_token pools compute their scales and take no file");
 ABSL_FLAG(std::string, kv_layout, "NHD", "Page layout: NHD or HND");
 ABSL_FLAG(double, sm_scale, 0.0, "Logits scale; 0 = 1/sqrt(head_dim)");
 ABSL_FLAG(double, logits_soft_cap, 0.0, "Soft-cap of the logits (cap*tanh(x/cap)); 0 = off");
@@ -129,8 +132,10 @@ absl::Status KvCacheFromFlags(ServerConfig* c) {
   const std::string kv = absl::AsciiStrToLower(absl::GetFlag(FLAGS_kv_cache_dtype));
   if (kv == "auto") c->model.kv_storage = kernels::KvStorage::kModelDType;
   else if (kv == "fp8" || kv == "fp8_e4m3") c->model.kv_storage = kernels::KvStorage::kFp8E4M3;
-  else return absl::InvalidArgumentError(
-      absl::StrCat("--kv_cache_dtype=", kv, ": expected auto, fp8 or fp8_e4m3"));
+  else if (kv == "fp8_per_token" || kv == "fp8_e4m3_per_token")
+    c->model.kv_storage = kernels::KvStorage::kFp8E4M3PerToken;
+  else return absl::InvalidArgumentError(absl::StrCat(
+      "--kv_cache_dtype=", kv, ": expected auto, fp8 (fp8_e4m3) or fp8_per_token"));
   c->kv_scales_file = absl::GetFlag(FLAGS_kv_scales_file);
   if (c->kv_scales_file.empty()) return absl::OkStatus();
   std::ifstream file(c->kv_scales_file);

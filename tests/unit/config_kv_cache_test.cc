@@ -1,7 +1,8 @@
 // Tests of the KV pool's storage and scales in server/config: --kv_cache_dtype and
 // --kv_scales_file (ConfigFromFlags, ParseKvScales), and ServerConfig::Validate()'s checks of
-// them: an fp8 pool is for 16-bit models, scales are for fp8 pools only, every layer ends up
-// with a finite, positive pair, and every refusal names its flag (and the line or layer).
+// them: an fp8 pool is for 16-bit models, per-layer scales are for fp8 pools with per-layer
+// scales only (not model-dtype pools, not per-token ones, which compute their own), every layer
+// ends up with a finite, positive pair, and every refusal names its flag (and the line or layer).
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -110,6 +111,34 @@ TEST(KvCacheConfigTest, AnFp8PoolHalvesThePagesOfA16BitModelAndKeepsItsDtype) {
   }
 }
 
+// A per-token pool's page is an fp8 page plus an f32 scale per token, kv head, K/V and layer;
+// the pool's scales start at a 256-byte boundary after the pages. Its layers' per-layer scales
+// stay 1: there are none.
+TEST(KvCacheConfigTest, APerTokenPoolAddsFourBytesPerTokenHeadAndKvToAnFp8Page) {
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    ServerConfig fp8 = Fp8Config();
+    fp8.model.dtype = dtype;
+    ServerConfig token = fp8;
+    token.model.kv_storage = KvStorage::kFp8E4M3PerToken;
+    ASSERT_TRUE(fp8.Validate().ok());
+    ASSERT_TRUE(token.Validate().ok()) << token.Validate();
+    const ModelShape& m = token.model;
+    const int64_t scale_bytes = m.num_layers * 2 * m.page_size * m.num_kv_heads * 4;
+    EXPECT_EQ(m.PageBytes(), fp8.model.PageBytes() + scale_bytes);
+    const kernels::KvCacheShape shape = m.CacheShape(10);
+    EXPECT_EQ(shape.dtype, dtype);
+    EXPECT_EQ(shape.storage, KvStorage::kFp8E4M3PerToken);
+    EXPECT_EQ(shape.ElemBytes(), 1);
+    const int64_t pages_bytes = 10 * fp8.model.PageBytes();
+    EXPECT_EQ(shape.TotalBytes(), (pages_bytes + 255) / 256 * 256 + 10 * scale_bytes);
+    ASSERT_EQ(m.kv_scales.size(), static_cast<size_t>(m.num_layers));
+    for (const KvScales& s : m.kv_scales) {
+      EXPECT_EQ(s.k, 1.0f);
+      EXPECT_EQ(s.v, 1.0f);
+    }
+  }
+}
+
 TEST(KvCacheConfigTest, OneScalePairAppliesToEveryLayer) {
   std::mt19937 rng(testing_util::TestSeed());
   ServerConfig c = Fp8Config();
@@ -170,6 +199,24 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         KvBadCase{"Fp8WithAnFp32Model", [](ServerConfig& c) { c.model.dtype = DType::kFloat32; },
                   "--kv_cache_dtype", "fp16"},
+        KvBadCase{"Fp8PerTokenWithAnFp32Model",
+                  [](ServerConfig& c) {
+                    c.model.kv_storage = KvStorage::kFp8E4M3PerToken;
+                    c.model.dtype = DType::kFloat32;
+                  },
+                  "--kv_cache_dtype=fp8_per_token", "fp16"},
+        KvBadCase{"AScalesFileWithAPerTokenPool",
+                  [](ServerConfig& c) {
+                    c.model.kv_storage = KvStorage::kFp8E4M3PerToken;
+                    c.kv_scales_file = "scales.txt";
+                  },
+                  "--kv_scales_file", "--kv_cache_dtype=fp8_per_token"},
+        KvBadCase{"ScalesOtherThanOneWithAPerTokenPool",
+                  [](ServerConfig& c) {
+                    c.model.kv_storage = KvStorage::kFp8E4M3PerToken;
+                    c.model.kv_scales = {{1.0f, 0.5f}};
+                  },
+                  "--kv_scales_file", "--kv_cache_dtype=fp8_per_token"},
         KvBadCase{"AScalesFileWithAModelDtypePool",
                   [](ServerConfig& c) {
                     c.model.kv_storage = KvStorage::kModelDType;
@@ -235,22 +282,31 @@ TEST(ParseKvScalesTest, RefusesTextWithoutAPair) {
 
 // ---- The flags ----
 
-TEST(KvCacheFlagsTest, KvCacheDtypeTakesAutoFp8AndFp8E4m3) {
+TEST(KvCacheFlagsTest, KvCacheDtypeTakesAutoFp8AndFp8PerTokenAndDescribePrintsThem) {
   absl::FlagSaver saver;
-  for (const auto& [value, storage] :
-       {std::pair<const char*, KvStorage>{"auto", KvStorage::kModelDType},
-        {"fp8", KvStorage::kFp8E4M3},
-        {"fp8_e4m3", KvStorage::kFp8E4M3},
-        {"FP8", KvStorage::kFp8E4M3}}) {
-    absl::SetFlag(&FLAGS_kv_cache_dtype, value);
+  struct Accepted {
+    const char* value;
+    KvStorage storage;
+    const char* described;  // Describe's line, itself a value the flag takes
+  };
+  for (const Accepted& a : {Accepted{"auto", KvStorage::kModelDType, "auto"},
+                            Accepted{"fp8", KvStorage::kFp8E4M3, "fp8_e4m3"},
+                            Accepted{"fp8_e4m3", KvStorage::kFp8E4M3, "fp8_e4m3"},
+                            Accepted{"FP8", KvStorage::kFp8E4M3, "fp8_e4m3"},
+                            Accepted{"fp8_per_token", KvStorage::kFp8E4M3PerToken, "fp8_per_token"},
+                            Accepted{"fp8_e4m3_per_token", KvStorage::kFp8E4M3PerToken,
+                                     "fp8_per_token"},
+                            Accepted{"FP8_Per_Token", KvStorage::kFp8E4M3PerToken,
+                                     "fp8_per_token"}}) {
+    absl::SetFlag(&FLAGS_kv_cache_dtype, a.value);
     absl::StatusOr<ServerConfig> c = ConfigFromFlags();
-    ASSERT_TRUE(c.ok()) << value << ": " << c.status();
-    EXPECT_EQ(c->model.kv_storage, storage) << value;
-    EXPECT_TRUE(absl::StrContains(
-        Describe(*c), storage == KvStorage::kFp8E4M3 ? "\n--kv_cache_dtype=fp8_e4m3\n"
-                                                     : "\n--kv_cache_dtype=auto\n"));
+    ASSERT_TRUE(c.ok()) << a.value << ": " << c.status();
+    EXPECT_EQ(c->model.kv_storage, a.storage) << a.value;
+    EXPECT_TRUE(absl::StrContains(Describe(*c),
+                                  absl::StrCat("\n--kv_cache_dtype=", a.described, "\n")))
+        << a.value;
   }
-  for (const char* bad : {"fp8_e5m2", "int8", ""}) {
+  for (const char* bad : {"fp8_e5m2", "int8", "per_token", "fp8_per_layer", ""}) {
     absl::SetFlag(&FLAGS_kv_cache_dtype, bad);
     absl::StatusOr<ServerConfig> c = ConfigFromFlags();
     ASSERT_FALSE(c.ok()) << bad;
@@ -265,6 +321,31 @@ TEST(KvCacheFlagsTest, AnFp8PoolOfAnFp32ModelIsRefused) {
   absl::StatusOr<ServerConfig> c = ConfigFromFlags();
   ASSERT_FALSE(c.ok());
   EXPECT_TRUE(absl::StrContains(c.status().message(), "--kv_cache_dtype")) << c.status();
+}
+
+TEST(KvCacheFlagsTest, AnFp8PerTokenPoolOfAnFp32ModelIsRefused) {
+  absl::FlagSaver saver;
+  absl::SetFlag(&FLAGS_kv_cache_dtype, "fp8_per_token");
+  absl::SetFlag(&FLAGS_dtype, "fp32");
+  absl::StatusOr<ServerConfig> c = ConfigFromFlags();
+  ASSERT_FALSE(c.ok());
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "--kv_cache_dtype=fp8_per_token"))
+      << c.status();
+}
+
+// Per-token scales are computed at append: a scales file would be ignored, so it is refused,
+// naming both flags.
+TEST(KvCacheFlagsTest, AScalesFileWithAnFp8PerTokenPoolIsRefusedNamingBothFlags) {
+  absl::FlagSaver saver;
+  TempFile file("0.5 0.25\n");
+  absl::SetFlag(&FLAGS_kv_cache_dtype, "fp8_per_token");
+  absl::SetFlag(&FLAGS_kv_scales_file, file.path());
+  absl::StatusOr<ServerConfig> c = ConfigFromFlags();
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "--kv_scales_file")) << c.status();
+  EXPECT_TRUE(absl::StrContains(c.status().message(), "--kv_cache_dtype=fp8_per_token"))
+      << c.status();
 }
 
 TEST(KvCacheFlagsTest, AScalesFileGivesEveryLayerItsLine) {
