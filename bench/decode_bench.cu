@@ -55,6 +55,13 @@ struct DecodeCase {
   int min_chunk = 0;  // planner's min_chunk_tokens override (experiments)
   bool pdl = true;    // DecodeArgs::overlap_previous
   bool fp8 = false;   // an fp8 e4m3 pool (half the bytes a token)
+  bool token_scales = false;  // with fp8: per-(token, head) scales (+8 bytes a token and head)
+
+  KvStorage Storage() const {
+    return !fp8 ? KvStorage::kModelDType
+                : token_scales ? KvStorage::kFp8E4M3PerToken : KvStorage::kFp8E4M3;
+  }
+  const char* Fp8Tag() const { return !fp8 ? "" : token_scales ? " fp8/token" : " fp8"; }
 };
 
 struct Row {
@@ -119,6 +126,8 @@ std::vector<DecodeCase> Cases(bool quick, bool sweep, bool append_only) {
       DecodeCase f = c;
       f.fp8 = true;
       cases.push_back(f);
+      f.token_scales = true;
+      cases.push_back(f);
     }
   }
   if (quick) cases.resize(3);
@@ -157,9 +166,10 @@ struct DecodeInputs {
     sh.head_dim = c.d;
     sh.layout = c.layout;
     sh.dtype = DType::kBFloat16;
-    sh.storage = c.fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
+    sh.storage = c.Storage();
     pages_per_seq = (c.len + c.page - 1) / c.page;
-    kv_bytes = double(c.batch) * c.len * c.kv * c.d * 2 * sh.ElemBytes();
+    // Bytes read: K and V, and their per-token scales.
+    kv_bytes = double(c.batch) * c.len * c.kv * 2 * (c.d * sh.ElemBytes() + (c.token_scales ? 4 : 0));
     copies = std::max(1, static_cast<int>(std::ceil(400e6 / kv_bytes)));
     sh.num_pages = pages_per_seq * c.batch * copies;
     CK(cudaMalloc(&pool, sh.TotalBytes()));
@@ -257,17 +267,16 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
   if (c.waves > 1) tag += " x" + std::to_string(c.waves);
   if (c.min_chunk > 0) tag += " minchunk" + std::to_string(c.min_chunk);
   if (!c.pdl) tag += " nopdl";
-  if (c.fp8) tag += " fp8";
   std::snprintf(name, sizeof name, "B%d L%d qo%d kv%d d%d p%d%s%s", c.batch, c.len, c.qo,
                 c.kv, c.d, c.page, det ? " det" : "", tag.c_str());
+  const std::string base = name;  // the bf16 row's name
+  std::strncat(name, c.Fp8Tag(), sizeof name - std::strlen(name) - 1);
   const double gbs = in.kv_bytes / ms / 1e6;
   csv.Emit({"decode", name, ms * 1e3, gbs, 100 * gbs / read_gbs});
   std::printf("decode %-36s %9.2f us %7.0f GB/s %5.1f%% of read  (items %d, chunk %d)", name,
               ms * 1e3, gbs, 100 * gbs / read_gbs, plan[0], plan[1]);
   // fp8 rows: tokens/s against the bf16 row of the same case in this run.
   static std::vector<std::pair<std::string, double>> bf16_us;
-  std::string base = name;
-  if (c.fp8) base.erase(base.find(" fp8"), 4);
   if (!c.fp8) bf16_us.push_back({base, ms * 1e3});
   for (const auto& [n, us] : bf16_us) {
     if (c.fp8 && n == base) {
@@ -285,10 +294,10 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
 
 // Append of n tokens (8 kv heads x 128, page 16) to random slots: 256 sequences of one token
 // each, or one sequence of 4096 consecutive slots over shuffled pages.
-void TimeAppend(int n, bool fp8, cudaStream_t s, double copy_gbs, std::mt19937& rng,
+void TimeAppend(int n, KvStorage storage, cudaStream_t s, double copy_gbs, std::mt19937& rng,
                 Csv& csv) {
   KvCacheShape sh;
-  sh.storage = fp8 ? KvStorage::kFp8E4M3 : KvStorage::kModelDType;
+  sh.storage = storage;
   sh.num_layers = 1;
   sh.page_size = 16;
   sh.num_kv_heads = 8;
@@ -338,9 +347,13 @@ void TimeAppend(int n, bool fp8, cudaStream_t s, double copy_gbs, std::mt19937& 
       CK_OK(cuda::LaunchAppendKv(a, s));
     }
   });
-  const double bytes = 2.0 * n * row * (2 + sh.ElemBytes());  // K and V, read + write
+  // K and V, read + write (and a scale per token and head written)
+  const double bytes = 2.0 * n * (row * (2 + sh.ElemBytes()) + (sh.TokenScales() ? 4 * 8 : 0));
   char name[64];
-  std::snprintf(name, sizeof name, "%d tokens%s", n, fp8 ? " fp8" : "");
+  std::snprintf(name, sizeof name, "%d tokens%s", n,
+                storage == KvStorage::kModelDType ? ""
+                : storage == KvStorage::kFp8E4M3  ? " fp8"
+                                                  : " fp8/token");
   const double gbs = bytes / ms / 1e6;
   csv.Emit({"append", name, ms * 1e3, gbs, 100 * gbs / copy_gbs});
   std::printf("append %-36s %9.2f us %7.0f GB/s %5.1f%% of copy\n", name, ms * 1e3, gbs,
@@ -398,7 +411,9 @@ int main(int argc, char** argv) {
     in.Free();
   }
   for (int n : {256, 4096}) {
-    for (bool fp8 : {false, true}) TimeAppend(n, fp8, s, ceilings.copy_gbs, rng, csv);
+    for (KvStorage storage :
+         {KvStorage::kModelDType, KvStorage::kFp8E4M3, KvStorage::kFp8E4M3PerToken})
+      TimeAppend(n, storage, s, ceilings.copy_gbs, rng, csv);
   }
   CK(cudaGetLastError());
   return 0;

@@ -188,15 +188,18 @@ def fp8_table(ours, fi):
     """Our fp8 decode rows next to our bf16 ones and FlashInfer's, same run."""
     lines = ["| case (q bf16, KV e4m3, page 16) | ours bf16 µs | ours fp8 µs | fp8 tokens/s ÷ bf16 |"
              " fp8 % read ceiling | FI tc bf16 µs | FI tc fp8 µs | FI cuda-core fp8 µs |"
-             " FI fp8 ÷ bf16 (tc) | ours fp8 / FI fp8 (best) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             " FI fp8 ÷ bf16 (tc) | ours fp8 / FI fp8 (best) | ours fp8/token µs |"
+             " fp8/token tokens/s ÷ bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in CASES:
         for det in (False, True):
             o = ours.get(("decode", case_name(c, det)))
             f = ours.get(("decode", case_name(c, det) + " fp8"))
+            t = ours.get(("decode", case_name(c, det) + " fp8/token"))
             if o is None or f is None:
                 continue
             us, fus = float(o["us"]), float(f["us"])
+            tus = float(t["us"]) if t is not None else float("nan")
             fib = fit = fic = float("nan")
             if fi is not None and not det and c[4] == 128:
                 fib, _ = flashinfer_decode_time(fi, c, True)
@@ -206,7 +209,8 @@ def fp8_table(ours, fi):
             row = (f"| {case_name(c, det)} | {us:.2f} | {fus:.2f} | {us / fus:.2f} | "
                    f"{float(f['pct']):.1f} | {fmt(fib * 1e3, 2)} | {fmt(fit * 1e3, 2)} | "
                    f"{fmt(fic * 1e3, 2)} | {fmt(fib / fit, 2)} | "
-                   f"{fmt(best * 1e3 / fus if best != float('inf') else float('nan'), 2)} |")
+                   f"{fmt(best * 1e3 / fus if best != float('inf') else float('nan'), 2)} | "
+                   f"{fmt(tus, 2)} | {fmt(us / tus, 2)} |")
             print(row, flush=True)
             lines.append(row)
     return lines

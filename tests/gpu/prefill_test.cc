@@ -325,7 +325,11 @@ TEST_P(PrefillVsReference, MatchesFp64) {
     const Stats st = Check(p, r.out.Download(), r.lse.Download());
     EXPECT_TRUE(st.finite) << c.name;
     EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
-    EXPECT_LT(st.lse_max, 2e-2) << c.name;
+    // Prefill reads an fp8 pool through the model-dtype staging: per-token pools hold keys up to
+    // 10x the per-layer cases' (the outlier rows), and bf16's rounding of scale * code moves
+    // their logits, so the lse, by up to ~10x as much.
+    const bool big_keys = c.spec.token_scales && c.spec.dtype == DType::kBFloat16;
+    EXPECT_LT(st.lse_max, big_keys ? 2e-1 : 2e-2) << c.name;
     if (trial == 0) {
       std::printf("  %-8s %-24s rel %.2e  lse %.2e  items %d merges %d\n", KernelName(kernel),
                   c.name.c_str(), st.rel, st.lse_max, r.plan_host[0], r.plan_host[1]);

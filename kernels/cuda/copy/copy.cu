@@ -23,7 +23,7 @@ absl::Status LaunchPagedPull(const PagedPullParams& p, cudaStream_t stream) {
       p.page_size <= 0)
     return absl::InvalidArgumentError("head_begin, dst_heads: outside the source's heads");
   if ((p.src_scales_offset < 0) != (p.dst_scales_offset < 0) ||
-      ((p.src_scales_offset | p.dst_scales_offset) & 3) != 0)
+      (p.src_scales_offset >= 0 && ((p.src_scales_offset | p.dst_scales_offset) & 3) != 0))
     return absl::InvalidArgumentError(
         "src_scales_offset, dst_scales_offset: both or neither, 4-byte aligned");
   const int64_t pages = (p.num_tokens + p.page_size - 1) / p.page_size;
