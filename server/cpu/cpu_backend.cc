@@ -61,12 +61,18 @@ class CpuDeviceBackend final : public DeviceBackend {
   int64_t pool_bytes() const override { return shape_.TotalBytes(); }
   KvPoolMemory pool_memory() const override { return {pool_->data(), pool_bytes(), false}; }
 
+  // A page is its K and V blocks of every layer and, in a per-token pool, their scales (one
+  // contiguous [2][kv_heads][page_size] run per layer after the pages).
   absl::Status CopyPages(absl::Span<const PageCopy> copies) override {
     const size_t page_bytes = static_cast<size_t>(shape_.PageElems() * shape_.ElemBytes());
+    const size_t scale_bytes = static_cast<size_t>(shape_.PageScales()) * sizeof(float);
     for (const PageCopy& c : copies) {
       for (int64_t layer = 0; layer < shape_.num_layers; ++layer) {
         std::memcpy(ElementPtr(shape_.Offset(layer, c.dst, 0, 0, 0)),
                     ElementPtr(shape_.Offset(layer, c.src, 0, 0, 0)), page_bytes);
+        if (scale_bytes == 0) continue;
+        std::memcpy(ScalesPtr(shape_.ScaleOffset(layer, c.dst, 0, 0, 0)),
+                    ScalesPtr(shape_.ScaleOffset(layer, c.src, 0, 0, 0)), scale_bytes);
       }
     }
     return absl::OkStatus();
@@ -119,9 +125,14 @@ class CpuDeviceBackend final : public DeviceBackend {
   // Every check before any write, so a refused call changes nothing.
   absl::Status SetKvScales(int64_t layer_begin,
                            absl::Span<const kernels::KvScales> scales) override {
-    if (shape_.storage != kernels::KvStorage::kFp8E4M3) {
+    if (!shape_.Fp8()) {
       return absl::FailedPreconditionError(
           "SetKvScales: the pool is not fp8 (it stores K and V in the model's dtype, unscaled)");
+    }
+    if (shape_.TokenScales()) {
+      return absl::FailedPreconditionError(
+          "SetKvScales: the pool has per-token scales (fp8_e4m3_per_token), computed at append "
+          "for every token and kv head; it has no per-layer scales to set");
     }
     const int64_t n = static_cast<int64_t>(scales.size());
     if (layer_begin < 0 || n > shape_.num_layers - layer_begin) {
@@ -144,12 +155,14 @@ class CpuDeviceBackend final : public DeviceBackend {
 
   // The buffer holds the model's dtype. A model-dtype pool copies bytes; an fp8 pool exports
   // scale * fp8 (the float product rounded to the model's dtype) and imports fp8(value / scale),
-  // as the append quantizes: a sequence exported and imported again gets back the same codes.
+  // as the append quantizes, with the layer's scale or (per-token pools) the row's, which an
+  // import computes from the row as append does: a sequence exported and imported again gets
+  // back the same codes and scales.
   absl::Status TransferKv(const KvTransferWork& w) override {
     const int64_t heads = w.head_end - w.head_begin;
     const int64_t d = shape_.head_dim;
     const size_t run_bytes = static_cast<size_t>(RowBytes(1));
-    const bool fp8 = shape_.storage == kernels::KvStorage::kFp8E4M3;
+    const bool fp8 = shape_.Fp8();
     std::vector<float> run(fp8 ? static_cast<size_t>(d) : 0);
     auto* buffer = static_cast<uint8_t*>(w.buffer);
     size_t cursor = 0;
@@ -159,9 +172,12 @@ class CpuDeviceBackend final : public DeviceBackend {
         for (int64_t t = 0; t < w.num_tokens; ++t) {
           const int32_t page = w.page_table[static_cast<size_t>(t / shape_.page_size)];
           for (int64_t h = 0; h < heads; ++h, cursor += run_bytes) {
-            const int64_t element =
-                shape_.Offset(layer, page, kv, t % shape_.page_size, w.head_begin + h);
-            if (fp8) {
+            const int64_t slot = t % shape_.page_size;
+            const int64_t element = shape_.Offset(layer, page, kv, slot, w.head_begin + h);
+            if (shape_.TokenScales()) {
+              TransferTokenRow(layer, page, kv, slot, w.head_begin + h, buffer + cursor,
+                               w.to_pool, run.data());
+            } else if (fp8) {
               ConvertRun(element, buffer + cursor, w.to_pool, scale, run.data());
             } else if (w.to_pool) {
               std::memcpy(ElementPtr(element), buffer + cursor, run_bytes);
@@ -178,6 +194,10 @@ class CpuDeviceBackend final : public DeviceBackend {
  private:
   uint8_t* ElementPtr(int64_t element) const {
     return pool_->data() + element * shape_.ElemBytes();
+  }
+  // The per-token scale at `scale` (floats from the scales' start).
+  uint8_t* ScalesPtr(int64_t scale) const {
+    return pool_->data() + shape_.ScalesByteOffset() + scale * static_cast<int64_t>(sizeof(float));
   }
   // Bytes of `heads` rows of the model's dtype (k_new, q, out, transfer buffers).
   int64_t RowBytes(int64_t heads) const {
@@ -201,6 +221,21 @@ class CpuDeviceBackend final : public DeviceBackend {
     }
   }
 
+  // One (token, head) row of a per-token pool and `model_row`: export dequantizes with the
+  // row's scale; import quantizes as append does, scale and codes.
+  void TransferTokenRow(int64_t layer, int64_t page, int kv, int64_t slot, int64_t head,
+                        uint8_t* model_row, bool to_pool, float* scratch) const {
+    const int64_t element = shape_.Offset(layer, page, kv, slot, head);
+    if (to_pool) {
+      const float scale = kernels::QuantizeTokenRow(model_row, 0, shape_.head_dim, shape_.dtype,
+                                                    ElementPtr(element));
+      kernels::StoreTokenScale(pool_->data(), shape_, layer, page, kv, slot, head, scale);
+      return;
+    }
+    const float scale = kernels::LoadTokenScale(pool_->data(), shape_, layer, page, kv, slot, head);
+    ConvertRun(element, model_row, /*to_pool=*/false, scale, scratch);
+  }
+
   const kernels::KvCacheShape shape_;
   const kernels::AttentionOptions options_;
   const int64_t num_qo_heads_;
@@ -221,6 +256,8 @@ int64_t PhysicalMemoryBytes() {
 absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateCpuDeviceBackend(const ServerConfig& config,
                                                                        int device) {
   (void)device;
+  // PageBytes() counts a page's per-token scales; the pool adds at most 255 bytes of alignment
+  // before them (TotalBytes()).
   const int64_t page_bytes = config.model.PageBytes();
   int64_t num_pages = config.pages_per_device;
   if (num_pages == 0) {
@@ -233,7 +270,8 @@ absl::StatusOr<std::unique_ptr<DeviceBackend>> CreateCpuDeviceBackend(const Serv
     return absl::InvalidArgumentError(absl::StrCat(
         "--memory_fraction leaves no room for one page of ", page_bytes, " bytes"));
   }
-  auto pool = HostPool::Create(static_cast<size_t>(num_pages * page_bytes));
+  auto pool =
+      HostPool::Create(static_cast<size_t>(config.model.CacheShape(num_pages).TotalBytes()));
   if (!pool.ok()) return pool.status();
   return std::make_unique<CpuDeviceBackend>(config, num_pages, *std::move(pool));
 }

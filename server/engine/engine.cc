@@ -211,7 +211,8 @@ EngineInfo Engine::Info() const {
   info.max_tokens_per_request = config_.max_tokens_per_request;
   info.features = {"host_regions", "stream", "fork", "truncate", "kv_export", "kv_import",
                    "lse", "deterministic", "kv_scales"};
-  if (fp8_pool()) info.features.push_back("fp8_kv");
+  if (config_.model.CacheShape(0).Fp8()) info.features.push_back("fp8_kv");
+  if (config_.model.CacheShape(0).TokenScales()) info.features.push_back("fp8_kv_per_token");
   if (platform_->SupportsIpc()) {
     info.features.push_back("cuda_regions");
     info.features.push_back("ipc_events");

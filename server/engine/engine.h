@@ -105,7 +105,8 @@ class Engine {
   // Sets layers [layer_begin, layer_begin + scales.size()) of a device's fp8 pool, on its
   // worker, so the check that no sequence (of any client) and no grant holds KV there is atomic
   // with the appends around it: KV already stored was quantized with the old scales.
-  // FAILED_PRECONDITION for a model-dtype pool; the wire has checked the request's form.
+  // FAILED_PRECONDITION for a model-dtype or per-token pool; the wire has checked the request's
+  // form.
   void SetKvScales(uint32_t device, int64_t layer_begin, std::vector<kernels::KvScales> scales,
                    Done done);
 
@@ -196,7 +197,12 @@ class Engine {
   // A backend error is sticky: the device takes no more work. Returns the error the caller
   // answers with.
   absl::Status MarkFaulted(Device& device, const absl::Status& status, absl::string_view what);
-  bool fp8_pool() const { return config_.model.kv_storage == kernels::KvStorage::kFp8E4M3; }
+  // Whether the pool has per-layer scales (kFp8E4M3): the only pools SetKvScales, the devices'
+  // kv_scales and a pull's scale check are about. A per-token pool's scales are in its memory,
+  // written by append, and move with its pages.
+  bool layer_scaled_pool() const {
+    return config_.model.kv_storage == kernels::KvStorage::kFp8E4M3;
+  }
   std::vector<kernels::KvScales> ScalesOf(const Device& device) const;
   // Gives a new device's backend the configured scales (fp8 pools), on its worker.
   absl::Status InitKvScales(Device& device);

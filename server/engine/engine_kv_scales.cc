@@ -1,7 +1,8 @@
-// The engine's fp8 KV scales: each device keeps its layers' current scales (what its backend
-// dequantizes with, reported by GetServerInfo and sent to pulling peers), and changes them only
-// where no KV is stored: bytes already in the pool were quantized with the old scales, and a
-// change under them would silently rescale them.
+// The engine's per-layer fp8 KV scales (kFp8E4M3 pools): each device keeps its layers' current
+// scales (what its backend dequantizes with, reported by GetServerInfo and sent to pulling
+// peers), and changes them only where no KV is stored: bytes already in the pool were quantized
+// with the old scales, and a change under them would silently rescale them. Per-token pools
+// have none (their scales are written by append into the pool).
 #include <algorithm>
 #include <optional>
 #include <utility>
@@ -18,7 +19,7 @@ std::vector<kernels::KvScales> Engine::ScalesOf(const Device& device) const {
 }
 
 absl::Status Engine::InitKvScales(Device& device) {
-  if (!fp8_pool()) return absl::OkStatus();
+  if (!layer_scaled_pool()) return absl::OkStatus();
   // Validate() gave every layer a pair; an unvalidated config gets 1 and 1 for the rest.
   std::vector<kernels::KvScales> scales = config_.model.kv_scales;
   scales.resize(static_cast<size_t>(config_.model.num_layers));
@@ -57,7 +58,7 @@ absl::Status Engine::CheckNoKvAt(const Device& device, int64_t layer_begin,
 }
 
 absl::Status Engine::CheckPullScalesOn(const Device& device, const KvPullTarget& target) const {
-  if (!fp8_pool()) return absl::OkStatus();
+  if (!layer_scaled_pool()) return absl::OkStatus();
   if (target.src_scales.size() != static_cast<size_t>(target.layer_end - target.layer_begin))
     return absl::FailedPreconditionError(absl::StrCat(
         "k_scales: the source sent ", target.src_scales.size(), " layers' fp8 scales for a pull of ",
@@ -71,10 +72,15 @@ void Engine::SetKvScales(uint32_t device, int64_t layer_begin,
                          std::vector<kernels::KvScales> scales, Done done) {
   auto d = FindDevice(device);
   if (!d.ok()) return std::move(done)(d.status());
-  if (!fp8_pool())
+  if (config_.model.kv_storage == kernels::KvStorage::kModelDType)
     return std::move(done)(absl::FailedPreconditionError(
         "kv_cache_dtype: this server's pool stores the model dtype (--kv_cache_dtype=auto); "
         "scales apply only to fp8 pools"));
+  if (config_.model.kv_storage == kernels::KvStorage::kFp8E4M3PerToken)
+    return std::move(done)(absl::FailedPreconditionError(
+        "kv_cache_dtype: this server's pool has per-token scales (--kv_cache_dtype=fp8_per_token, "
+        "fp8_e4m3_per_token), computed at append for every token and kv head; there are no "
+        "per-layer scales to set"));
   const int64_t layer_end = layer_begin + static_cast<int64_t>(scales.size());
   if (scales.empty() || layer_begin < 0 || layer_end > config_.model.num_layers)
     return std::move(done)(absl::InvalidArgumentError(absl::StrCat(

@@ -95,7 +95,7 @@ absl::StatusOr<KvPullSource> Engine::OpenKvPull(const std::string& grant, uint64
   source.num_tokens = opened->num_tokens;
   source.pages = std::move(opened->pages);
   source.shape = config_.model.CacheShape(d.backend->num_pages());
-  if (fp8_pool()) source.scales = ScalesOf(d);
+  if (layer_scaled_pool()) source.scales = ScalesOf(d);
   return source;
 }
 

@@ -15,7 +15,15 @@ using kernels::KvLayout;
 
 const char* LayoutName(KvLayout l) { return l == KvLayout::kNHD ? "NHD" : "HND"; }
 const char* StorageName(kernels::KvStorage s) {
-  return s == kernels::KvStorage::kFp8E4M3 ? "fp8_e4m3" : "the model dtype";
+  switch (s) {
+    case kernels::KvStorage::kModelDType:
+      break;
+    case kernels::KvStorage::kFp8E4M3:
+      return "fp8_e4m3";
+    case kernels::KvStorage::kFp8E4M3PerToken:
+      return "fp8_e4m3_per_token";
+  }
+  return "the model dtype";
 }
 
 bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
@@ -119,6 +127,41 @@ absl::Status CheckPullScales(absl::Span<const kernels::KvScales> src, int64_t sr
   return absl::OkStatus();
 }
 
+namespace {
+
+// The per-token scales of the pulled heads and tokens: per (layer, page, K/V), the heads' first
+// `rows` slots, [head][slot] on both sides (the destination's heads are [0, heads)).
+void AddScaleRuns(const KvCacheShape& src, const KvCacheShape& dst, const KvPullShape& pull,
+                  absl::Span<const int32_t> src_pages, absl::Span<const int32_t> dst_pages,
+                  RunList& list) {
+  const int64_t ps = src.page_size;
+  const int64_t num_pages = (pull.num_tokens + ps - 1) / ps;
+  const int64_t heads = pull.head_end - pull.head_begin;
+  const uint64_t src_base = static_cast<uint64_t>(src.ScalesByteOffset());
+  const uint64_t dst_base = static_cast<uint64_t>(dst.ScalesByteOffset());
+  for (int64_t layer = pull.layer_begin; layer < pull.layer_end; ++layer) {
+    const int64_t dst_layer = pull.dst_layer_begin + (layer - pull.layer_begin);
+    for (int64_t i = 0; i < num_pages; ++i) {
+      const int64_t rows = std::min(ps, pull.num_tokens - i * ps);
+      for (int kv = 0; kv < 2; ++kv) {
+        const auto s = [&](int64_t head) {
+          return src_base + 4 * src.ScaleOffset(layer, src_pages[i], kv, 0, head);
+        };
+        const auto d = [&](int64_t head) {
+          return dst_base + 4 * dst.ScaleOffset(dst_layer, dst_pages[i], kv, 0, head);
+        };
+        if (rows == ps) {  // a full page: the head range's slots are contiguous
+          list.Add(s(pull.head_begin), d(0), 4 * heads * ps);
+        } else {  // the last page: each head's first `rows` slots
+          for (int64_t h = 0; h < heads; ++h) list.Add(s(pull.head_begin + h), d(h), 4 * rows);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<std::vector<PageRun>> PlanPullRuns(const KvCacheShape& src,
                                                   const KvCacheShape& dst,
                                                   const KvPullShape& pull,
@@ -165,6 +208,7 @@ absl::StatusOr<std::vector<PageRun>> PlanPullRuns(const KvCacheShape& src,
       }
     }
   }
+  if (src.TokenScales()) AddScaleRuns(src, dst, pull, src_pages, dst_pages, list);
   return runs;
 }
 

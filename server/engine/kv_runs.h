@@ -30,8 +30,8 @@ struct KvPullShape {
 absl::Status CheckPullCompatible(const kernels::KvCacheShape& src,
                                  const kernels::KvCacheShape& dst, const KvPullShape& pull);
 
-// fp8 pools: the bytes of a pull move raw, so they mean the same on both sides only where the
-// destination's scales equal the source's, bitwise. src holds the source's scales of layers
+// fp8 pools with per-layer scales: the bytes of a pull move raw, so they mean the same on both
+// sides only where the destination's scales equal the source's, bitwise. src holds the source's scales of layers
 // [src_layer_begin, src_layer_begin + src.size()), which land at dst_layer_begin on; dst holds
 // every layer's of the destination's device. FAILED_PRECONDITION naming "k_scale" or "v_scale",
 // both layers and both values.
@@ -41,6 +41,10 @@ absl::Status CheckPullScales(absl::Span<const kernels::KvScales> src, int64_t sr
 // The runs, in (layer, page, K/V) order, each contiguous on both sides; a run never crosses a
 // token the pull does not copy (the last page's slots past num_tokens stay behind). src_pages
 // and dst_pages are the page ids of positions [0, num_tokens), page_size positions each.
+// Per-token pools (TokenScales()): after the K/V runs, the pulled heads' scales in the same
+// order, from the scales after the pages: one run per (layer, page, K/V) for a full page (its
+// heads' scales are [head][slot], so a head range is contiguous), one per head for the last,
+// partial page.
 absl::StatusOr<std::vector<PageRun>> PlanPullRuns(const kernels::KvCacheShape& src,
                                                   const kernels::KvCacheShape& dst,
                                                   const KvPullShape& pull,

@@ -72,8 +72,28 @@ v1::DType ToWire(kernels::DType dtype) {
 }
 
 v1::KvCacheDType ToWire(kernels::KvStorage storage) {
-  return storage == kernels::KvStorage::kFp8E4M3 ? v1::KV_CACHE_DTYPE_FP8_E4M3
-                                                 : v1::KV_CACHE_DTYPE_MODEL;
+  switch (storage) {
+    case kernels::KvStorage::kModelDType:
+      return v1::KV_CACHE_DTYPE_MODEL;
+    case kernels::KvStorage::kFp8E4M3:
+      return v1::KV_CACHE_DTYPE_FP8_E4M3;
+    case kernels::KvStorage::kFp8E4M3PerToken:
+      return v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN;
+  }
+  return v1::KV_CACHE_DTYPE_MODEL;
+}
+
+std::optional<kernels::KvStorage> FromWire(v1::KvCacheDType storage) {
+  switch (storage) {
+    case v1::KV_CACHE_DTYPE_MODEL:
+      return kernels::KvStorage::kModelDType;
+    case v1::KV_CACHE_DTYPE_FP8_E4M3:
+      return kernels::KvStorage::kFp8E4M3;
+    case v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN:
+      return kernels::KvStorage::kFp8E4M3PerToken;
+    default:
+      return std::nullopt;
+  }
 }
 
 std::optional<std::vector<kernels::KvScales>> ScalesFromWire(

@@ -46,6 +46,8 @@ absl::StatusOr<KvScalesCall> ToKvScalesCall(const v1::SetKvScalesRequest& req,
                                             const ModelShape& model);
 
 v1::KvCacheDType ToWire(kernels::KvStorage storage);
+// nullopt for values this server does not know (a newer peer's storage).
+std::optional<kernels::KvStorage> FromWire(v1::KvCacheDType storage);
 // The scales of `layers` layers from parallel k/v lists (an OpenKvPullResponse's): nullopt
 // unless both lists have exactly `layers` entries.
 std::optional<std::vector<kernels::KvScales>> ScalesFromWire(

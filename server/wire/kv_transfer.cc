@@ -35,9 +35,9 @@ absl::Status FromSource(const std::string& source, const char* rpc, const grpc::
 absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& open) {
   const v1::ModelConfig& m = open.model();
   std::optional<kernels::DType> dtype = FromWire(m.dtype());
+  std::optional<kernels::KvStorage> storage = FromWire(m.kv_cache_dtype());
   if (!dtype || (m.kv_layout() != v1::KV_LAYOUT_NHD && m.kv_layout() != v1::KV_LAYOUT_HND) ||
-      (m.kv_cache_dtype() != v1::KV_CACHE_DTYPE_MODEL &&
-       m.kv_cache_dtype() != v1::KV_CACHE_DTYPE_FP8_E4M3))
+      !storage)
     return absl::FailedPreconditionError(
         "source: its pool's dtype, kv_cache_dtype or layout is unknown to this server");
   kernels::KvCacheShape s;
@@ -48,13 +48,13 @@ absl::StatusOr<kernels::KvCacheShape> SourceShape(const v1::OpenKvPullResponse& 
   s.head_dim = m.head_dim();
   s.layout = m.kv_layout() == v1::KV_LAYOUT_NHD ? kernels::KvLayout::kNHD : kernels::KvLayout::kHND;
   s.dtype = *dtype;
-  s.storage = m.kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3 ? kernels::KvStorage::kFp8E4M3
-                                                               : kernels::KvStorage::kModelDType;
+  s.storage = *storage;  // a per-token pool's scales follow its pages: TotalBytes() counts them
   return s;
 }
 
-// fp8 pools: the source's scales of the pulled layers, which the engine compares with this
-// server's (at reserve and again at commit) before it takes the bytes.
+// fp8 pools with per-layer scales: the source's scales of the pulled layers, which the engine
+// compares with this server's (at reserve and again at commit) before it takes the bytes. A
+// per-token pool has none: its scales travel with the pages (PlanPullRuns).
 absl::Status TakeSourceScales(const v1::OpenKvPullResponse& open,
                               const kernels::KvCacheShape& src, const KvPullShape& shape,
                               KvPullTarget* target) {
@@ -267,8 +267,10 @@ absl::Status KvTransfer::CopyPages(const v1::PullKvRequest& req,
     const int64_t layers = shape.layer_end - shape.layer_begin;
     resp->set_path("cuda_ipc");
     resp->set_requests(static_cast<uint64_t>(layers * pages * 2));  // (layer, page, K/V) blocks
-    resp->set_bytes(static_cast<uint64_t>(layers * 2 * shape.num_tokens * dst.num_kv_heads *
-                                          dst.head_dim * dst.ElemBytes()));
+    // Each (token, head, K/V) row's bytes, and its f32 scale in a per-token pool.
+    const int64_t row_bytes = dst.head_dim * dst.ElemBytes() + (dst.TokenScales() ? 4 : 0);
+    resp->set_bytes(
+        static_cast<uint64_t>(layers * 2 * shape.num_tokens * dst.num_kv_heads * row_bytes));
     PeerPoolPull pull;
     pull.src = peer->base();
     pull.src_shape = src;

@@ -2,7 +2,7 @@
 // attention of an fp8 pool with scales that are not powers of two against the reference over
 // the dequantized history, and SetKvScales: accepted on layers that hold no KV (later appends
 // and attention use the new scales), refused, changing nothing, while a sequence of any client
-// or a grant holds KV there, and refused for a model-dtype pool.
+// or a grant holds KV there, and refused for a model-dtype pool and a per-token one.
 #include "tests/unit/engine_test_fixture.h"
 
 #include <gtest/gtest.h>
@@ -235,6 +235,56 @@ TEST_P(EngineModelDtypeScalesTest, SetKvScalesIsRefusedForAModelDtypePool) {
 INSTANTIATE_TEST_SUITE_P(
     ModelDtypePools, EngineModelDtypeScalesTest,
     ::testing::Values(ModelCase{"Bf16Nhd", DType::kBFloat16, KvLayout::kNHD, 16, 0.0f, -1, 1e-2}),
+    [](const ::testing::TestParamInfo<ModelCase>& info) { return std::string(info.param.name); });
+
+// A per-token pool computes its scales at append: it reports its storage and both fp8
+// features, no per-layer scales, a pool that counts the scales' bytes, and refuses SetKvScales
+// naming the mode, changing nothing (appends and attention keep matching the reference).
+class EnginePerTokenScalesTest : public EngineTest {};
+
+TEST_P(EnginePerTokenScalesTest, ServerInfoReportsThePerTokenPoolItsFeaturesAndNoLayerScales) {
+  v1::ServerInfo info;
+  wire_->GetServerInfo(&info);
+  EXPECT_EQ(info.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN);
+  EXPECT_EQ(info.model().dtype(), wire::ToWire(GetParam().dtype));
+  const auto& f = info.features();
+  EXPECT_NE(std::find(f.begin(), f.end(), "fp8_kv"), f.end());
+  EXPECT_NE(std::find(f.begin(), f.end(), "fp8_kv_per_token"), f.end());
+  EXPECT_EQ(info.devices(0).k_scales_size(), 0);
+  EXPECT_EQ(info.devices(0).v_scales_size(), 0);
+  // One byte an element, then an f32 scale per (layer, page, K/V, head, slot) from a 256-byte
+  // boundary.
+  const uint64_t pages = info.devices(0).total_pages();
+  const uint64_t codes = pages * kLayers * 2 * model().page_size * kKvHeads * kHeadDim;
+  const uint64_t scales = pages * kLayers * 2 * model().page_size * kKvHeads * 4;
+  EXPECT_EQ(info.devices(0).pool_bytes(), (codes + 255) / 256 * 256 + scales);
+}
+
+TEST_P(EnginePerTokenScalesTest, SetKvScalesIsRefusedNamingThePerTokenModeAndChangesNothing) {
+  Create(1);
+  Append(0, {{1, 7}});
+  v1::SetKvScalesRequest req;
+  req.set_layer_begin(1);  // a layer without KV: the mode, not the KV, is the reason
+  req.add_k_scales(0.5f);
+  req.add_v_scales(0.5f);
+  const absl::Status s = Await([&](Engine::Done d) { wire_->SetKvScales(req, std::move(d)); });
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "fp8_per_token")) << s;
+  v1::ServerInfo info;
+  wire_->GetServerInfo(&info);
+  EXPECT_EQ(info.devices(0).k_scales_size(), 0);
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    Append(layer, {{1, 3}});
+    Prefill(layer, {{1, 4}});
+    Decode(layer, {1});
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    PerTokenPools, EnginePerTokenScalesTest,
+    ::testing::Values(ModelCase{"Bf16Nhd", DType::kBFloat16, KvLayout::kNHD, 16, 0.0f, -1, 1e-2,
+                                kernels::KvStorage::kFp8E4M3PerToken}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return std::string(info.param.name); });
 
 }  // namespace

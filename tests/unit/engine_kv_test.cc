@@ -63,7 +63,7 @@ TEST_P(EngineTest, ExportByHeadRangeThenImportIntoANewSequenceDecodesBitwiseEqua
         const std::vector<double>& src = kv == 0 ? h.k[l] : h.v[l];
         for (uint64_t t = 0; t < kTokens; ++t) {
           for (int64_t x = 0; x < kHeadDim; ++x, ++at) {
-            ASSERT_EQ(got[at], src[(t * kKvHeads + head) * kHeadDim + x])
+            ASSERT_EQ(got[at], Exported(src[(t * kKvHeads + head) * kHeadDim + x]))
                 << "head " << head << " layer " << l << (kv ? " V" : " K") << " token " << t
                 << " dim " << x;
           }
@@ -141,9 +141,9 @@ TEST_P(EngineTest, ImportIntoAForkRewritesOnlyTheForksHeadsAndLeavesTheParentInt
   for (int kv = 0; kv < 2; ++kv) {
     std::vector<double>& dst = kv == 0 ? child.k[0] : child.v[0];
     for (uint64_t t = 0; t < kTokens; ++t) {
-      for (int64_t x = 0; x < kHeadDim; ++x)
-        dst[(t * kKvHeads + 1) * kHeadDim + x] =
-            Held(fresh[(kv * kTokens + t) * kHeadDim + x], 0, kv);
+      const auto row = fresh.begin() + (kv * kTokens + t) * kHeadDim;
+      const std::vector<double> held = Held(std::vector<double>(row, row + kHeadDim), 0, kv);
+      std::copy(held.begin(), held.end(), dst.begin() + (t * kKvHeads + 1) * kHeadDim);
     }
   }
   DecodeAll({1, 2});

@@ -122,6 +122,7 @@ std::vector<kernels::KvScales> EngineTest::StartingScales() {
 }
 
 double EngineTest::Held(double value, int64_t layer, int kv) const {
+  EXPECT_FALSE(per_token()) << "a per-token pool's values are held by rows";
   if (!fp8()) return value;
   const float scale = kv == 0 ? kv_scales_[layer].k : kv_scales_[layer].v;
   uint8_t byte = 0;
@@ -132,8 +133,31 @@ double EngineTest::Held(double value, int64_t layer, int kv) const {
 std::vector<double> EngineTest::Held(const std::vector<double>& values, int64_t layer,
                                      int kv) const {
   std::vector<double> held(values.size());
-  for (size_t i = 0; i < values.size(); ++i) held[i] = Held(values[i], layer, kv);
+  if (!per_token()) {
+    for (size_t i = 0; i < values.size(); ++i) held[i] = Held(values[i], layer, kv);
+    return held;
+  }
+  // The per-token rule, row by row (the values are already the model dtype's, exact in float).
+  for (size_t row = 0; row < values.size(); row += kHeadDim) {
+    float amax = 0.0f;
+    for (int64_t x = 0; x < kHeadDim; ++x)
+      amax = std::max(amax, std::fabs(static_cast<float>(values[row + x])));
+    const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+    for (int64_t x = 0; x < kHeadDim; ++x) {
+      uint8_t byte = 0;
+      kernels::StoreFromFloat(&byte, 0, DType::kFloat8E4M3,
+                              static_cast<float>(values[row + x]) / scale);
+      held[row + x] = static_cast<double>(scale) *
+                      static_cast<double>(kernels::LoadAsFloat(&byte, 0, DType::kFloat8E4M3));
+    }
+  }
   return held;
+}
+
+double EngineTest::Exported(double value) const {
+  uint32_t bits = 0;  // room for any model dtype
+  kernels::StoreFromFloat(&bits, 0, model().dtype, static_cast<float>(value));
+  return kernels::LoadAsFloat(&bits, 0, model().dtype);
 }
 
 absl::Status EngineTest::SetKvScales(uint32_t layer_begin,
@@ -441,7 +465,13 @@ INSTANTIATE_TEST_SUITE_P(
         ModelCase{"Bf16NhdFp8Kv", DType::kBFloat16, KvLayout::kNHD, 16, 0.0f, -1, 1e-2,
                   kernels::KvStorage::kFp8E4M3},
         ModelCase{"Fp16HndFp8KvSoftCapWindow", DType::kFloat16, KvLayout::kHND, 5, 1.5f, 6, 2e-3,
-                  kernels::KvStorage::kFp8E4M3}),
+                  kernels::KvStorage::kFp8E4M3},
+        // fp8 pools with per-token scales: copy-on-write, export/import, truncation and the
+        // rest carry each row's scale.
+        ModelCase{"Bf16HndFp8PerTokenKv", DType::kBFloat16, KvLayout::kHND, 16, 0.0f, -1, 1e-2,
+                  kernels::KvStorage::kFp8E4M3PerToken},
+        ModelCase{"Fp16NhdFp8PerTokenKvSoftCapWindow", DType::kFloat16, KvLayout::kNHD, 5, 1.5f,
+                  6, 2e-3, kernels::KvStorage::kFp8E4M3PerToken}),
     [](const ::testing::TestParamInfo<ModelCase>& info) { return std::string(info.param.name); });
 
 }  // namespace attnd::engine_test

@@ -240,15 +240,23 @@ class EngineTest : public ::testing::TestWithParam<ModelCase> {
   // (Re)starts the engine with a pool of `pages` pages and registers the shared region; an fp8
   // pool starts with kv_scales_.
   void StartEngine(int64_t pages);
-  // fp8 pools: the scales each layer starts with, drawn once per test. Powers of two here, so
-  // that export (scale * fp8 in the model dtype) and import (back to fp8) are exact and the
-  // tests comparing transferred KV bitwise hold for fp8 pools too.
+  // fp8 pools with per-layer scales: the scales each layer starts with, drawn once per test.
+  // Powers of two here, so that export (scale * fp8 in the model dtype) and import (back to fp8)
+  // are exact and the tests comparing transferred KV bitwise hold for fp8 pools too.
   virtual std::vector<kernels::KvScales> StartingScales();
   bool fp8() const { return GetParam().storage == kernels::KvStorage::kFp8E4M3; }
+  bool per_token() const { return GetParam().storage == kernels::KvStorage::kFp8E4M3PerToken; }
   // What the pool holds for `value` written at `layer` as K (kv 0) or V (kv 1): the value, or
-  // for fp8 pools the layer's scale times fp8(value / scale).
+  // for fp8 pools the layer's scale times fp8(value / scale). Not for per-token pools, whose
+  // scales depend on the whole row: use the vector form.
   double Held(double value, int64_t layer, int kv) const;
+  // The same for rows of kHeadDim values ([rows][kv_heads][head_dim]); for a per-token pool,
+  // each row's scale * fp8(value / scale), the scale max |x| / 448 of its row (1 if all zero).
   std::vector<double> Held(const std::vector<double>& values, int64_t layer, int kv) const;
+  // `value` rounded to the model dtype (through float, as the backends' exports compute):
+  // what ExportKv writes for a held value. Exact for model-dtype and (with power-of-two scales)
+  // per-layer pools; a per-token pool's arbitrary scales make scale * fp8 round.
+  double Exported(double value) const;
   // SetKvScales through the wire's conversion; on success the history's scales follow.
   absl::Status SetKvScales(uint32_t layer_begin, const std::vector<kernels::KvScales>& scales);
 

@@ -1,7 +1,7 @@
 // The runs a KV pull copies: applied to random pools with shuffled page tables, they must move
 // exactly the pulled (layer, token, head) elements to their places and nothing else; and they
 // must be few (merged wherever both sides are contiguous). Pools must match to exchange pages,
-// fp8 pools in their scales too.
+// fp8 pools in their scales too; per-token pools move the pulled rows' scales with them.
 #include "server/engine/kv_runs.h"
 
 #include <algorithm>
@@ -183,6 +183,116 @@ TEST(KvRunsTest, PoolsThatDifferInStorageAreRefusedNamingKvCacheDtype) {
     EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
   }
   EXPECT_TRUE(CheckPullCompatible(fp8, fp8, pull).ok());
+}
+
+// ---- per-token pools: the scales after the pages move with the pulled rows ----
+
+// Applies the runs to a source pool of random bytes and a poisoned destination (both of
+// TotalBytes(): pages, padding, scales) and checks every destination byte: the pulled rows' codes
+// and their f32 scales where the destination keeps them, poison everywhere else.
+void CheckPerTokenAgainstElementwiseCopy(const KvCacheShape& src, const KvCacheShape& dst,
+                                         const KvPullShape& pull, std::mt19937& rng) {
+  const int64_t pages = (pull.num_tokens + src.page_size - 1) / src.page_size;
+  const std::vector<int32_t> sp = ShuffledPages(src.num_pages, pages, rng);
+  const std::vector<int32_t> dp = ShuffledPages(dst.num_pages, pages, rng);
+  auto runs = PlanPullRuns(src, dst, pull, sp, dp);
+  ASSERT_TRUE(runs.ok()) << runs.status();
+  std::vector<uint8_t> a(static_cast<size_t>(src.TotalBytes()));
+  for (auto& x : a) x = static_cast<uint8_t>(rng());
+  constexpr uint8_t kPoison = 0xa5;
+  std::vector<uint8_t> b(static_cast<size_t>(dst.TotalBytes()), kPoison);
+  for (const PageRun& r : *runs) {
+    ASSERT_LE(r.src_offset + r.bytes, a.size());
+    ASSERT_LE(r.dst_offset + r.bytes, b.size());
+    std::memcpy(b.data() + r.dst_offset, a.data() + r.src_offset, r.bytes);
+  }
+  std::vector<uint8_t> want(b.size(), kPoison);
+  for (int64_t l = pull.layer_begin; l < pull.layer_end; ++l) {
+    const int64_t dl = pull.dst_layer_begin + l - pull.layer_begin;
+    for (int64_t t = 0; t < pull.num_tokens; ++t) {
+      const int64_t page = t / src.page_size, slot = t % src.page_size;
+      for (int kv = 0; kv < 2; ++kv) {
+        for (int64_t h = pull.head_begin; h < pull.head_end; ++h) {
+          const int64_t dh = h - pull.head_begin;
+          for (int64_t d = 0; d < src.head_dim; ++d)
+            want[dst.Offset(dl, dp[page], kv, slot, dh) + d] =
+                a[src.Offset(l, sp[page], kv, slot, h) + d];
+          const int64_t from = src.ScalesByteOffset() + 4 * src.ScaleOffset(l, sp[page], kv, slot, h);
+          const int64_t to = dst.ScalesByteOffset() + 4 * dst.ScaleOffset(dl, dp[page], kv, slot, dh);
+          std::memcpy(want.data() + to, a.data() + from, 4);
+        }
+      }
+    }
+  }
+  ASSERT_EQ(b, want);
+}
+
+TEST(KvRunsTest, RunsOfPerTokenPoolsMoveExactlyThePulledRowsAndTheirScalesForRandomShapes) {
+  const uint32_t seed = std::random_device{}();
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 200; ++trial) {
+    const KvLayout layout = trial % 2 ? KvLayout::kHND : KvLayout::kNHD;
+    const int64_t src_heads = 1 + rng() % 8;
+    const int64_t h0 = rng() % src_heads;
+    const int64_t h1 = h0 + 1 + rng() % (src_heads - h0);
+    const int64_t ps = 1 + rng() % 6;
+    const int64_t layers = 1 + rng() % 3;
+    KvPullShape pull;
+    pull.layer_begin = rng() % layers;
+    pull.layer_end = pull.layer_begin + 1 + rng() % (layers - pull.layer_begin);
+    pull.dst_layer_begin = rng() % 2;
+    pull.head_begin = h0;
+    pull.head_end = h1;
+    pull.num_tokens = 1 + rng() % 30;
+    KvCacheShape src = Shape(layers, 16, src_heads, layout, ps, 4);
+    KvCacheShape dst =
+        Shape(pull.dst_layer_begin + pull.layer_end - pull.layer_begin + rng() % 2, 12, h1 - h0,
+              layout, ps, 4);
+    src.storage = dst.storage = KvStorage::kFp8E4M3PerToken;
+    SCOPED_TRACE(testing::Message() << "trial " << trial);
+    CheckPerTokenAgainstElementwiseCopy(src, dst, pull, rng);
+  }
+}
+
+// An HND head range (4 of 8 heads) over 4 full pages and a partial one, pages scattered: the
+// K/V rows take one run per full page and K/V plus one per head and K/V of the last page, and the
+// scales the same again ([kv][head][slot]: a full page's head range is contiguous, the last
+// page's rows of each head are).
+TEST(KvRunsTest, APerTokenPullAddsOneScaleRunPerFullPageAndKvAndOnePerHeadOfTheLastPage) {
+  KvCacheShape src = Shape(1, 32, 8, KvLayout::kHND);
+  KvCacheShape dst = Shape(1, 32, 4, KvLayout::kHND);
+  src.storage = dst.storage = KvStorage::kFp8E4M3PerToken;
+  const int64_t full_pages = 4, heads = 4;
+  const KvPullShape pull{0, 1, 0, 4, 8, 4 * full_pages + 3};
+  const std::vector<int32_t> sp = {9, 2, 30, 14, 6}, dp = {1, 17, 5, 22, 8};
+  auto runs = PlanPullRuns(src, dst, pull, sp, dp);
+  ASSERT_TRUE(runs.ok()) << runs.status();
+  const size_t kv_runs = 2 * (full_pages + heads);
+  EXPECT_EQ(runs->size(), 2 * kv_runs);
+  uint64_t scale_bytes = 0;
+  for (const PageRun& r : *runs)
+    if (r.src_offset >= static_cast<uint64_t>(src.ScalesByteOffset())) scale_bytes += r.bytes;
+  EXPECT_EQ(scale_bytes, 4u * 2 * heads * pull.num_tokens);
+}
+
+TEST(KvRunsTest, PoolsThatDifferInPerTokenScalesAreRefusedNamingBothStorages) {
+  KvCacheShape fp8 = Shape(2, 8, 4, KvLayout::kNHD);
+  fp8.storage = KvStorage::kFp8E4M3;
+  KvCacheShape token = fp8;
+  token.storage = KvStorage::kFp8E4M3PerToken;
+  const KvPullShape pull{0, 2, 0, 0, 4, 5};
+  const std::string names[2] = {"fp8_e4m3", "fp8_e4m3_per_token"};
+  for (const auto& [src, dst] : {std::pair{fp8, token}, std::pair{token, fp8}}) {
+    const absl::Status s = CheckPullCompatible(src, dst, pull);
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "kv_cache_dtype")) << s;
+    const bool token_source = src.TokenScales();
+    EXPECT_TRUE(absl::StrContains(s.message(), "the source's pool stores " + names[token_source]))
+        << s;
+    EXPECT_TRUE(absl::StrContains(s.message(), "this server's " + names[!token_source])) << s;
+  }
+  EXPECT_TRUE(CheckPullCompatible(token, token, pull).ok());
 }
 
 // ---- fp8 scales ----

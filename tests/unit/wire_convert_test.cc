@@ -6,8 +6,10 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
@@ -229,6 +231,37 @@ TEST_F(WireConvertTest, ServerInfoCarriesTheKvCacheDtypeAndEachDevicesScales) {
   wire::FillServerInfo(info, &out);
   EXPECT_EQ(out.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_MODEL);
   EXPECT_EQ(out.devices(0).k_scales_size(), 0);
+}
+
+// Every pool storage has its wire value and comes back from it; a value this server does not
+// know (a newer peer's) is none.
+TEST_F(WireConvertTest, KvStoragesMapToTheirKvCacheDtypesAndBack) {
+  const std::pair<kernels::KvStorage, v1::KvCacheDType> pairs[] = {
+      {kernels::KvStorage::kModelDType, v1::KV_CACHE_DTYPE_MODEL},
+      {kernels::KvStorage::kFp8E4M3, v1::KV_CACHE_DTYPE_FP8_E4M3},
+      {kernels::KvStorage::kFp8E4M3PerToken, v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN}};
+  for (const auto& [storage, wire_value] : pairs) {
+    EXPECT_EQ(wire::ToWire(storage), wire_value) << static_cast<int>(storage);
+    const std::optional<kernels::KvStorage> back = wire::FromWire(wire_value);
+    ASSERT_TRUE(back.has_value()) << wire_value;
+    EXPECT_EQ(*back, storage) << wire_value;
+  }
+  EXPECT_FALSE(wire::FromWire(static_cast<v1::KvCacheDType>(99)).has_value());
+}
+
+TEST_F(WireConvertTest, ServerInfoOfAPerTokenPoolCarriesItsKvCacheDtypeAndNoScales) {
+  EngineInfo info;
+  info.model = FourLayers();
+  info.model.kv_storage = kernels::KvStorage::kFp8E4M3PerToken;
+  info.devices.push_back(DeviceState{});
+  info.features = {"fp8_kv", "fp8_kv_per_token"};
+  v1::ServerInfo out;
+  wire::FillServerInfo(info, &out);
+  EXPECT_EQ(out.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN);
+  EXPECT_EQ(out.devices(0).k_scales_size(), 0);
+  EXPECT_EQ(out.devices(0).v_scales_size(), 0);
+  ASSERT_EQ(out.features_size(), 2);
+  EXPECT_EQ(out.features(1), "fp8_kv_per_token");
 }
 
 TEST_F(WireConvertTest, AnErrorKeepsItsCodeAndMessageOnTheWire) {
