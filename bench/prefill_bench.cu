@@ -4,9 +4,10 @@
 // sets and query buffers, > L2 together), median of 30 replays. FLOPs count 4 * d * heads per
 // visible (query, key) pair. Writes CSV rows with --csv (bench/peers.py --prefill reads them).
 //
-//   prefill_bench [--csv FILE] [--quick] [--only TEXT]
+//   prefill_bench [--csv FILE] [--quick] [--only TEXT] [--mixed]
 // --quick: the prompts through the default kernel only (no portable, fp8 or mixed rows);
 // --only: the prompt cases whose name contains TEXT (experiments and ncu).
+// --mixed: the mixed rows only (with --only, those whose name contains TEXT).
 #include <cuda_runtime.h>
 
 #include <cuda_bf16.h>
@@ -374,8 +375,10 @@ void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit,
 }
 
 // Mixed: one 2048-token chunk at 4096 context + 128 decodes at 4096 context, one launch vs
-// two launches (our prefill for the chunk, our batch decode for the decodes).
-void BenchMixed(int dev, bool det, cudaStream_t s, std::mt19937& rng, Emitter& emit) {
+// two launches (our prefill for the chunk, our batch decode for the decodes). `only`: the rows
+// whose name contains it (the others are not run: ncu then sees only those launches).
+void BenchMixed(int dev, bool det, const char* only, cudaStream_t s, std::mt19937& rng,
+                Emitter& emit) {
   Batch mixed, chunk, decodes;
   mixed.reqs.push_back({2048, 4096});
   for (int i = 0; i < 128; ++i) mixed.reqs.push_back({1, 4096});
@@ -390,37 +393,28 @@ void BenchMixed(int dev, bool det, cudaStream_t s, std::mt19937& rng, Emitter& e
   rd.Init(dev, decodes, det);
   DecodeRun dd;
   dd.Init(dev, decodes);
+  dd.a.deterministic = false;
   const int per = 4;
   const std::string tag = det ? " det" : "";
-  const float t_mixed = TimeGraph(s, per, [&] {
-    for (int i = 0; i < per; ++i) rm.Launch(mixed, i % mixed.copies, s);
+  const auto row = [&](const std::string& name, const Batch& b, const PrefillRun* r,
+                       const auto& launch) {
+    if (only != nullptr && (name + tag).find(only) == std::string::npos) return;
+    const float ms = TimeGraph(s, per, [&] {
+      for (int i = 0; i < per; ++i) launch(i);
+    });
+    emit("mixed", name + tag, ms * 1e3, b.flops / ms / 1e9, r ? r->plan[0] : 0,
+         r ? r->plan[1] : 0);
+  };
+  row("one launch", mixed, &rm, [&](int i) { rm.Launch(mixed, i % mixed.copies, s); });
+  row("two launches prefill+decode", mixed, &rc, [&](int i) {
+    rc.Launch(chunk, i % chunk.copies, s);
+    dd.Launch(decodes, i % decodes.copies, s);
   });
-  emit("mixed", "one launch" + tag, t_mixed * 1e3, mixed.flops / t_mixed / 1e9, rm.plan[0],
-       rm.plan[1]);
-  const float t_two = TimeGraph(s, per, [&] {
-    for (int i = 0; i < per; ++i) {
-      rc.Launch(chunk, i % chunk.copies, s);
-      dd.a.deterministic = false;
-      dd.Launch(decodes, i % decodes.copies, s);
-    }
-  });
-  emit("mixed", "two launches prefill+decode" + tag, t_two * 1e3, mixed.flops / t_two / 1e9,
-       rc.plan[0], 0);
-  const float t_chunk = TimeGraph(s, per, [&] {
-    for (int i = 0; i < per; ++i) rc.Launch(chunk, i % chunk.copies, s);
-  });
-  emit("mixed", "chunk alone" + tag, t_chunk * 1e3, chunk.flops / t_chunk / 1e9, rc.plan[0],
-       rc.plan[1]);
-  const float t_dec = TimeGraph(s, per, [&] {
-    for (int i = 0; i < per; ++i) dd.Launch(decodes, i % decodes.copies, s);
-  });
-  emit("mixed", "128 decodes alone (decode kernel)" + tag, t_dec * 1e3,
-       decodes.flops / t_dec / 1e9, 0, 0);
-  const float t_dec_p = TimeGraph(s, per, [&] {
-    for (int i = 0; i < per; ++i) rd.Launch(decodes, i % decodes.copies, s);
-  });
-  emit("mixed", "128 decodes alone (prefill kernel)" + tag, t_dec_p * 1e3,
-       decodes.flops / t_dec_p / 1e9, rd.plan[0], rd.plan[1]);
+  row("chunk alone", chunk, &rc, [&](int i) { rc.Launch(chunk, i % chunk.copies, s); });
+  row("128 decodes alone (decode kernel)", decodes, nullptr,
+      [&](int i) { dd.Launch(decodes, i % decodes.copies, s); });
+  row("128 decodes alone (prefill kernel)", decodes, &rd,
+      [&](int i) { rd.Launch(decodes, i % decodes.copies, s); });
   rm.Free();
   rc.Free();
   rd.Free();
@@ -435,10 +429,12 @@ void BenchMixed(int dev, bool det, cudaStream_t s, std::mt19937& rng, Emitter& e
 int main(int argc, char** argv) {
   const char* csv_path = nullptr;
   PromptOptions opt;
+  bool mixed_only = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--csv") && i + 1 < argc) csv_path = argv[++i];
     if (!std::strcmp(argv[i], "--quick")) opt.quick = true;
     if (!std::strcmp(argv[i], "--only") && i + 1 < argc) opt.only = argv[++i];
+    if (!std::strcmp(argv[i], "--mixed")) mixed_only = true;
   }
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -457,9 +453,9 @@ int main(int argc, char** argv) {
   emit("ceiling", "mma.sync bf16", mma_ms * 1e3, mma_tf, 0, 0);
 
   std::mt19937 rng(5);
-  BenchPrompts(dev, s, rng, emit, opt);
-  if (opt.quick || opt.only != nullptr) return 0;
-  for (int det = 0; det < 2; ++det) BenchMixed(dev, det != 0, s, rng, emit);
+  if (!mixed_only) BenchPrompts(dev, s, rng, emit, opt);
+  if (opt.quick || (opt.only != nullptr && !mixed_only)) return 0;
+  for (int det = 0; det < 2; ++det) BenchMixed(dev, det != 0, opt.only, s, rng, emit);
   CK(cudaGetLastError());
   return 0;
 }
