@@ -17,6 +17,23 @@ std::string KvLayoutName(v1::KvLayout layout) {
   }
 }
 
+namespace {
+
+std::string KvCacheName(v1::KvCacheDType storage) {
+  switch (storage) {
+    case v1::KV_CACHE_DTYPE_MODEL:
+      return "model";
+    case v1::KV_CACHE_DTYPE_FP8_E4M3:
+      return "fp8_e4m3";
+    case v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN:
+      return "fp8_per_token";
+    default:
+      return absl::StrCat("unknown(", static_cast<int>(storage), ")");
+  }
+}
+
+}  // namespace
+
 std::string DescribeModel(const v1::ModelConfig& model) {
   std::string out = absl::StrFormat(
       "layers=%d qo_heads=%d kv_heads=%d head_dim=%d dtype=%s page_size=%d layout=%s "
@@ -30,8 +47,7 @@ std::string DescribeModel(const v1::ModelConfig& model) {
   absl::StrAppend(
       &out, " window_left=",
       model.window_left() >= 0 ? absl::StrCat(model.window_left()) : std::string("none"));
-  absl::StrAppend(&out, " kv_cache=",
-                  model.kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3 ? "fp8_e4m3" : "model");
+  absl::StrAppend(&out, " kv_cache=", KvCacheName(model.kv_cache_dtype()));
   return out;
 }
 

@@ -12,7 +12,8 @@ namespace attnd::client {
 std::string KvLayoutName(v1::KvLayout layout);
 
 // One line: "layers=2 qo_heads=8 kv_heads=2 head_dim=64 dtype=bfloat16 page_size=16 ...
-// kv_cache=model" (kv_cache=fp8_e4m3 for an fp8 pool).
+// kv_cache=model" (kv_cache=fp8_e4m3 for an fp8 pool with per-layer scales, fp8_per_token for
+// one with per-token scales).
 std::string DescribeModel(const v1::ModelConfig& model);
 
 }  // namespace attnd::client

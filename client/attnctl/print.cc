@@ -58,7 +58,8 @@ std::string FormatServerInfo(const v1::ServerInfo& info) {
                   device.device(), device.name(), device.serving() ? "serving" : "NOT SERVING",
                   used, device.total_pages(), Percent(used, device.total_pages()),
                   device.free_pages(), Bytes(device.pool_bytes()), device.live_sequences()));
-    // fp8 pools: each layer's dequantization scales.
+    // fp8 pools with per-layer scales: each layer's dequantization scales (a per-token pool has
+    // none: kv_cache=fp8_per_token in the model line says so).
     if (device.k_scales_size() > 0)
       absl::StrAppend(&out, "  k_scales: ", absl::StrJoin(device.k_scales(), " "),
                       "\n  v_scales: ", absl::StrJoin(device.v_scales(), " "), "\n");

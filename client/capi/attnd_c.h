@@ -99,7 +99,7 @@ int attnd_get_sequence(attnd_client* client, uint32_t device, uint64_t seq_id,
 
 /* ---- fp8 KV pools: the scales of layers [layer_begin, layer_begin + n), k_scales[i] and
  * v_scales[i] for layer layer_begin + i. Refused (9 FAILED_PRECONDITION) while a sequence on
- * the device holds KV at one of those layers, and for a model-dtype pool. ---- */
+ * the device holds KV at one of those layers, and for a model-dtype or per-token pool. ---- */
 int attnd_set_kv_scales(attnd_client* client, uint32_t device, uint32_t layer_begin,
                         const float* k_scales, const float* v_scales, size_t n, char* err,
                         size_t err_len);

@@ -70,7 +70,7 @@ absl::Status AdvanceCopies(Session& s, const std::string& label, uint32_t layer,
                            const google::protobuf::RepeatedField<uint64_t>& lengths, const float* k,
                            const float* v) {
   const auto span = absl::MakeConstSpan(lengths.data(), lengths.size());
-  if (k == nullptr || s.model.k_scales.empty())
+  if (k == nullptr || !s.model.fp8())
     return Advance(label, layer, items, span, k, v, s.model.kv_row());
   // fp8 pool: the copies keep what the pool holds.
   const int64_t n = TotalTokens(items) * s.model.kv_row();

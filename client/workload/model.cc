@@ -1,5 +1,7 @@
 #include "client/workload/model.h"
 
+#include <cmath>
+
 #include "absl/status/status.h"
 #include "client/describe.h"
 #include "client/half.h"
@@ -35,6 +37,16 @@ int64_t Model::element_size() const { return client::DTypeSize(dtype); }
 
 std::vector<float> Model::Held(const float* values, int64_t n, int64_t layer, bool is_v) const {
   std::vector<float> held(values, values + n);
+  if (token_scales) {
+    for (int64_t row = 0; row + head_dim <= n; row += head_dim) {
+      float amax = 0.0f;
+      for (int64_t i = row; i < row + head_dim; ++i) amax = std::fmax(amax, std::fabs(held[i]));
+      const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+      for (int64_t i = row; i < row + head_dim; ++i)
+        held[i] = scale * client::Fp8E4M3BitsToFloat(client::FloatToFp8E4M3Bits(held[i] / scale));
+    }
+    return held;
+  }
   const std::vector<float>& scales = is_v ? v_scales : k_scales;
   if (scales.empty()) return held;
   const float scale = scales[static_cast<size_t>(layer)];

@@ -22,12 +22,18 @@ struct Model {
   uint64_t max_seq_len = 0;  // most tokens per sequence and layer; 0: no limit
   double tolerance = 0;      // relative L2 error of out
   double lse_tolerance = 0;  // absolute error of lse
-  // fp8 pools: the device's scales per layer (empty for a model-dtype pool). The reference
-  // reads what the pool holds, scale * fp8(x / scale), not what was sent.
+  // fp8 pools with per-layer scales: the device's scales per layer (empty for other pools).
+  // The reference reads what the pool holds, scale * fp8(x / scale), not what was sent.
   std::vector<float> k_scales, v_scales;
+  // fp8 pools with per-token scales: each (token, kv head) row is held as scale * fp8(x /
+  // scale) with its own scale, max |x| / 448 of the row (1 for an all-zero row).
+  bool token_scales = false;
 
   int64_t element_size() const;
-  // What the pool holds of `n` values of K (or V, `is_v`) sent for `layer`.
+  // Whether the pool stores fp8, so that what it holds is not what was sent.
+  bool fp8() const { return token_scales || !k_scales.empty(); }
+  // What the pool holds of `n` values of K (or V, `is_v`) sent for `layer`; a per-token pool's
+  // n is whole rows of head_dim.
   std::vector<float> Held(const float* values, int64_t n, int64_t layer, bool is_v) const;
   int64_t q_row() const { return qo_heads * head_dim; }   // elements per query/output token
   int64_t kv_row() const { return kv_heads * head_dim; }  // elements per K or V token

@@ -38,6 +38,8 @@ absl::Status LearnServer(Session& s) {
     s.model.k_scales.assign(device->k_scales().begin(), device->k_scales().end());
     s.model.v_scales.assign(device->v_scales().begin(), device->v_scales().end());
   }
+  s.model.token_scales =
+      s.info.model().kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN;
   s.verifier.SetModel(s.model);
   s.pages_free_at_start = device->free_pages();
   s.live_at_start = device->live_sequences();

@@ -2,7 +2,8 @@
 // that `attnctl demo` runs passes every check of its fp64 verifier over the Unix socket and
 // over TCP, uses every kind of data call, leaves nothing behind on the server, times its
 // benchmark over every transport, and stops with a clear status when it cannot run. On an fp8
-// pool it checks against what the pool holds (scale * fp8(x / scale)).
+// pool it checks against what the pool holds (scale * fp8(x / scale), with the layer's scale or
+// the row's own).
 #include "client/workload/workload.h"
 
 #include <cmath>
@@ -168,6 +169,20 @@ TEST(Workload, AWorkloadOnAnFp8PoolPassesEveryCheckAgainstWhatThePoolHolds) {
   for (float& x : k) x = std::exp2(exponent(rng));
   for (float& x : v) x = std::exp2(exponent(rng));
   ASSERT_TRUE(s.client->SetKvScales(0, 0, k, v).ok());
+  WorkloadOptions options = ShortWorkload();
+  options.bench_batch = 4;
+  options.bench_context = 40;
+  options.bench_calls = 6;
+  const WorkloadResult result = RunWorkload(*s.client, options);
+  EXPECT_TRUE(result.passed()) << Why(result);
+  EXPECT_GT(result.checks.outputs, 0);
+}
+
+// Per-token scales: the workload reads the storage from the server and holds each row as its
+// own scale times its codes.
+TEST(Workload, AWorkloadOnAPerTokenFp8PoolPassesEveryCheckAgainstWhatThePoolHolds) {
+  Served s = Serve(false, {"--kv_cache_dtype=fp8_per_token"});
+  ASSERT_NE(s.client, nullptr);
   WorkloadOptions options = ShortWorkload();
   options.bench_batch = 4;
   options.bench_context = 40;

@@ -256,7 +256,9 @@ class Client:
         """Sets the dequantization scales of layers [layer_begin, layer_begin + len(k_scales))
         of an fp8 pool (model.kv_cache_dtype == KV_CACHE_DTYPE_FP8_E4M3); k_scales[i] and
         v_scales[i] are layer layer_begin + i's. Refused (FAILED_PRECONDITION) while any
-        sequence on the device holds KV at one of those layers: set scales before traffic."""
+        sequence on the device holds KV at one of those layers: set scales before traffic; and
+        always for a model-dtype pool or a per-token one (KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN,
+        whose scales the server computes as it appends)."""
         self._call(self._stub.SetKvScales,
                    pb.SetKvScalesRequest(device=device, layer_begin=layer_begin,
                                          k_scales=[float(k) for k in k_scales],
