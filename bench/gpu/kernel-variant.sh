@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds a variant of a benchmark for experiments: one kernel translation unit recompiled with
+# Builds a variant of a benchmark (or test binary) for experiments: one kernel translation unit recompiled with
 # extra nvcc flags (the kernels' experiment macros, e.g. -DATTND_PREFILL_PINGPONG=0) and linked
 # ahead of the kernel library, whose copy of that unit the linker then skips. Run from the
 # repository root after the build directory has built the benchmark.
@@ -26,10 +26,12 @@ if [ -n "${ATTND_VARIANT_TREE:-}" ]; then
   compile=$(sed -E "s#-I$root/kernels/cuda/\.\./\.\.#-I$tree#; s#-I$root( |\$)#-I$tree\1#; s#-c $root/$src #-c $tree/$src #" <<<"$compile")
 fi
 (cd "$build" && eval "$compile $*")
-# The benchmark's link command with the variant object first.
+# The target's link command with the variant object first (any executable target: a
+# benchmark, or a test binary such as cuda_kernels_test).
 link=$(ninja -C "$build" -t commands "$bench" | tail -1 | sed 's/^: && //; s/ && :$//')
-main_obj=$(grep -oE "bench/CMakeFiles/$bench\.dir/[^ ]+\.o" <<<"$link" | head -1)
+out=$(grep -oE " -o [^ ]+" <<<"$link" | tail -1 | cut -c5-)
+main_obj=$(grep -oE "$(dirname "$out")/CMakeFiles/$bench\.dir/[^ ]+\.o" <<<"$link" | head -1)
 link=${link/$main_obj/$main_obj $obj}
-link=${link/-o bench\/$bench /-o bench\/${bench}_$name }
+link=${link/-o $out /-o ${out}_$name }
 (cd "$build" && eval "$link")
-echo "$build/bench/${bench}_$name"
+echo "$build/${out}_$name"
