@@ -10,6 +10,20 @@
 #include "client/tensor.h"
 
 namespace attnd::testing {
+namespace {
+
+// Appends what a per-token fp8 pool holds of the row values[begin, begin + n) to `held`.
+void AppendTokenScaledRow(const std::vector<float>& values, uint64_t begin, uint64_t n,
+                          std::vector<float>* held) {
+  float amax = 0.0f;
+  for (uint64_t i = begin; i < begin + n; ++i) amax = std::fmax(amax, std::fabs(values[i]));
+  const float scale = amax > 0.0f ? amax / 448.0f : 1.0f;
+  for (uint64_t i = begin; i < begin + n; ++i)
+    held->push_back(scale *
+                    client::Fp8E4M3BitsToFloat(client::FloatToFp8E4M3Bits(values[i] / scale)));
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Harness>> Harness::Create(client::Client* c,
                                                          std::string region_name,
@@ -97,6 +111,14 @@ float Harness::Held(float value, uint32_t layer, int kv) const {
 
 void Harness::Record(uint64_t seq_id, uint32_t layer, uint64_t offset, uint64_t n) {
   History& h = history_[seq_id];
+  if (info_.model().kv_cache_dtype() == v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN) {
+    const uint64_t d = info_.model().head_dim();  // offset and n are whole rows
+    for (uint64_t row = offset; row < offset + n; row += d) {
+      AppendTokenScaledRow(last_k_, row, d, &h.k[layer]);
+      AppendTokenScaledRow(last_v_, row, d, &h.v[layer]);
+    }
+    return;
+  }
   for (uint64_t i = offset; i < offset + n; ++i) {
     h.k[layer].push_back(Held(last_k_[i], layer, 0));
     h.v[layer].push_back(Held(last_v_[i], layer, 1));

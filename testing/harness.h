@@ -1,7 +1,8 @@
 // A client-side workload for e2e tests: one shared-memory region laid out for q/k/v/out/lse,
 // a copy of every sequence's K/V history, and checks of each output against the client's
 // dense fp64 reference. For an fp8 pool the history holds what the pool holds: each value
-// quantized with its layer's scale and dequantized, scale * fp8(x / scale).
+// quantized with its layer's scale and dequantized, scale * fp8(x / scale); with per-token
+// scales, each (token, kv head) row with its own, max |x| / 448 of the row (1 if all zero).
 #ifndef ATTND_TESTING_HARNESS_H_
 #define ATTND_TESTING_HARNESS_H_
 
@@ -103,7 +104,8 @@ class Harness {
   // Appends rows [offset, offset + n) of the last built K/V to a sequence's history at `layer`,
   // as the pool holds them.
   void Record(uint64_t seq_id, uint32_t layer, uint64_t offset, uint64_t n);
-  // What the pool holds for `value` at `layer` as K (kv 0) or V (kv 1).
+  // What the pool holds for `value` at `layer` as K (kv 0) or V (kv 1); not for per-token
+  // pools, whose rows Record quantizes whole.
   float Held(float value, uint32_t layer, int kv) const;
 
   client::Client* client_;

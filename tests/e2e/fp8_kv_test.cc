@@ -2,7 +2,10 @@
 // real client. Every output is checked against the client's fp64 reference over what the pool
 // holds (scale * fp8(x / scale), the harness's history); SetKvScales over gRPC is accepted on
 // layers without KV and refused, changing nothing, where a sequence holds some; a scales file
-// that is wrong keeps attnd from starting, naming the flag.
+// that is wrong keeps attnd from starting, naming the flag. An fp8 pool with per-token scales
+// (--kv_cache_dtype=fp8_per_token) computes its scales as it appends: its outputs match the
+// reference over each row's scale times its codes, its export and import round-trip, it reports
+// itself and refuses scales, from a file or SetKvScales, naming its mode.
 #include <unistd.h>
 
 #include <algorithm>
@@ -240,6 +243,112 @@ TEST_F(Fp8KvTest, ACallerNotListedAsAScaleSetterIsRefusedAndNothingChanges) {
   EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied) << s;
   EXPECT_TRUE(absl::StrContains(s.message(), "--kv_scale_setters")) << s;
   ASSERT_NO_FATAL_FAILURE(ExpectScales(k, v));
+}
+
+// ---- Per-token scales ----
+
+std::vector<std::string> PerTokenFlags() {
+  std::vector<std::string> flags = Fp8Flags("");
+  flags.back() = "--kv_cache_dtype=fp8_per_token";
+  return flags;
+}
+
+TEST_F(Fp8KvTest, APerTokenPoolReportsItselfWithBothFeaturesAndNoLayerScales) {
+  ASSERT_NO_FATAL_FAILURE(Start(PerTokenFlags()));
+  const v1::ServerInfo& info = harness_->info();
+  EXPECT_EQ(info.model().kv_cache_dtype(), v1::KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN);
+  EXPECT_EQ(info.model().dtype(), v1::DTYPE_BFLOAT16);
+  const auto& f = info.features();
+  EXPECT_NE(std::find(f.begin(), f.end(), "fp8_kv"), f.end());
+  EXPECT_NE(std::find(f.begin(), f.end(), "fp8_kv_per_token"), f.end());
+  EXPECT_EQ(info.devices(0).k_scales_size(), 0);
+  EXPECT_EQ(info.devices(0).v_scales_size(), 0);
+}
+
+// Rows of N(0, 1) values, each quantized with its own scale: the harness's history holds
+// scale * fp8(x / scale) per row, and every output is checked against the reference over it.
+TEST_F(Fp8KvTest, APerTokenPoolsAppendPrefillAndDecodeMatchTheReferenceOverEachRowsScale) {
+  ASSERT_NO_FATAL_FAILURE(Start(PerTokenFlags()));
+  for (uint64_t seq : {1, 2, 3}) ASSERT_TRUE(harness_->CreateSequence(seq).ok());
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    ASSERT_TRUE(harness_->RunAppend(harness_->BuildAppend(layer, {{3, 7}, {1, 16}})).ok());
+    const absl::Status s = harness_->Attend(layer, {{1, 21}, {2, 5}, {3, 2}}, false, true);
+    ASSERT_TRUE(s.ok()) << "prefill, layer " << layer << ": " << s;
+  }
+  for (int step = 0; step < 4; ++step) {
+    for (uint32_t layer = 0; layer < kLayers; ++layer) {
+      const absl::Status s = harness_->Attend(layer, {{1, 1}, {2, 1}, {3, 1}}, true);
+      ASSERT_TRUE(s.ok()) << "decode step " << step << ", layer " << layer << ": " << s;
+    }
+  }
+}
+
+// An export is each row's scale times its codes in bf16; imported into an empty sequence it is
+// quantized again as append does, to the same codes and scales: a second export is the same
+// bytes, and the imported sequence decodes against the same history.
+TEST_F(Fp8KvTest, APerTokenPoolsExportImportedIntoAnotherSequenceRoundTripsTheKv) {
+  ASSERT_NO_FATAL_FAILURE(Start(PerTokenFlags()));
+  constexpr uint64_t kTokens = 21;
+  ASSERT_TRUE(harness_->CreateSequence(1).ok());
+  for (uint32_t layer = 0; layer < kLayers; ++layer)
+    ASSERT_TRUE(harness_->RunAppend(harness_->BuildAppend(layer, {{1, kTokens}})).ok());
+  ASSERT_TRUE(harness_->CreateSequence(2).ok());
+  const uint64_t bytes = uint64_t{kLayers} * 2 * kTokens * 2 * 64 * 2;  // 2 kv heads x 64, bf16
+  auto buf = client::SharedMemoryBuffer::Create(client::SharedMemoryBuffer::UniqueKey("f8t"),
+                                                2 * bytes);
+  ASSERT_TRUE(buf.ok()) << buf.status();
+  ASSERT_TRUE(client_->RegisterHostRegion("x", (*buf)->key(), 0, 2 * bytes).ok());
+  std::memset((*buf)->data(), 0xa5, 2 * bytes);
+  const auto ref = [&](uint64_t offset) {
+    return client::MakeTensorRef("x", offset, v1::DTYPE_BFLOAT16, {kLayers, 2, kTokens, 2, 64});
+  };
+  const auto do_export = [&](uint64_t seq, uint64_t offset) {
+    v1::ExportKvRequest r;
+    r.set_seq_id(seq);
+    r.set_layer_end(kLayers);
+    r.set_head_end(2);
+    r.set_num_tokens(kTokens);
+    *r.mutable_dst() = ref(offset);
+    return client_->ExportKv(r).status();
+  };
+  ASSERT_TRUE(do_export(1, 0).ok());
+  v1::ImportKvRequest im;
+  im.set_seq_id(2);
+  im.set_layer_end(kLayers);
+  im.set_head_end(2);
+  im.set_num_tokens(kTokens);
+  *im.mutable_src() = ref(0);
+  const auto imported = client_->ImportKv(im);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  ASSERT_TRUE(do_export(2, bytes).ok());
+  const uint8_t* p = static_cast<const uint8_t*>((*buf)->data());
+  EXPECT_EQ(0, std::memcmp(p, p + bytes, bytes));
+  ASSERT_TRUE(client_->UnregisterRegion("x").ok());
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    harness_->SetHistory(2, layer, harness_->HistoryK(1, layer), harness_->HistoryV(1, layer));
+    ASSERT_TRUE(harness_->Attend(layer, {{2, 1}}, true).ok()) << "layer " << layer;
+  }
+}
+
+TEST_F(Fp8KvTest, APerTokenPoolRefusesSetKvScalesNamingItsMode) {
+  ASSERT_NO_FATAL_FAILURE(Start(PerTokenFlags()));
+  const absl::Status s = client_->SetKvScales(0, 0, {0.5f}, {0.5f});
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "fp8_per_token")) << s;
+  auto info = client_->GetServerInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->devices(0).k_scales_size(), 0);
+}
+
+TEST_F(Fp8KvTest, APerTokenPoolWithAScalesFileKeepsAttndFromStartingNamingBothFlags) {
+  ScalesFile file(RandomScales(rng_, kLayers), RandomScales(rng_, kLayers));
+  std::vector<std::string> flags = PerTokenFlags();
+  flags.push_back("--kv_scales_file=" + file.path());
+  auto server = ServerProcess::Start(flags);
+  ASSERT_FALSE(server.ok()) << "attnd started with a scales file for a per-token pool";
+  EXPECT_TRUE(absl::StrContains(server.status().message(), "--kv_scales_file")) << server.status();
+  EXPECT_TRUE(absl::StrContains(server.status().message(), "--kv_cache_dtype=fp8_per_token"))
+      << server.status();
 }
 
 TEST_F(Fp8KvTest, ABadScalesFileKeepsAttndFromStartingNamingTheFlag) {

@@ -2,7 +2,8 @@
 // suite twice: UCX_TLS=tcp and UCX_TLS=sm,self): a source grants a sequence, destinations pull
 // all of it or a head range, and what arrives is compared byte for byte with the source's pages
 // (ExportKv on both sides) and by decoding on both sides with the same inputs. fp8 pools move
-// their bytes raw too, so a pull needs the same storage and, for fp8, the same scales.
+// their bytes raw too, so a pull needs the same storage and, for fp8 with per-layer scales, the
+// same scales; per-token scales travel with their rows.
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -207,10 +208,20 @@ void ExpectHalvesDecodeLikeTheSource(Node& src, uint64_t src_seq, std::vector<No
   }
 }
 
-void SplitEightHeadsIntoTwoHalves(const std::string& layout) {
-  auto src = StartNode(NodeFlags(8, layout));
-  auto d0 = StartNode(NodeFlags(4, layout, 1024, true));
-  auto d1 = StartNode(NodeFlags(4, layout, 1024, true));
+// `extra` flags go to all three nodes (--kv_cache_dtype=fp8_per_token: the scales of each half's
+// heads move with them).
+void SplitEightHeadsIntoTwoHalves(const std::string& layout,
+                                  const std::vector<std::string>& extra = {}) {
+  const auto flags = [&](uint32_t kv, bool destination) {
+    std::vector<std::string> f = NodeFlags(kv, layout, 1024, destination);
+    f.insert(f.end(), extra.begin(), extra.end());
+    return f;
+  };
+  const bool per_token =
+      std::find(extra.begin(), extra.end(), "--kv_cache_dtype=fp8_per_token") != extra.end();
+  auto src = StartNode(flags(8, false));
+  auto d0 = StartNode(flags(4, true));
+  auto d1 = StartNode(flags(4, true));
   ASSERT_TRUE(src && d0 && d1);
   Prefill(*src, 1, 53);
   auto grant = Grant(*src, 1, /*max_pulls=*/2);
@@ -222,9 +233,10 @@ void SplitEightHeadsIntoTwoHalves(const std::string& layout) {
   EXPECT_EQ(Export(*src, 1, 53, 0, 4), Export(*d0, 3, 53, 0, 4));
   EXPECT_EQ(Export(*src, 1, 53, 4, 8), Export(*d1, 3, 53, 0, 4));
   // HND over UCX: one request per (layer, full page, K/V) and per (layer, K/V, head) of the
-  // last page.
-  if (layout == "HND" && p0->path() == "ucx")
-    EXPECT_LE(p0->requests(), uint64_t{kLayers} * 2 * (3 + 4));
+  // last page; as many again for per-token scales.
+  if (layout == "HND" && p0->path() == "ucx") {
+    EXPECT_LE(p0->requests(), uint64_t{kLayers} * 2 * (3 + 4) * (per_token ? 2 : 1));
+  }
   ExpectHalvesDecodeLikeTheSource(*src, 1, {d0.get(), d1.get()}, 3);
   // Two pulls were allowed: a third finds no grant.
   auto third = Pull(*d0, *src, grant->grant(), 4, 0, 4);
@@ -452,6 +464,53 @@ TEST(KvTransfer, Fp8PullsRefuseAnotherStorageOrOtherScalesNamingThemAndChangeNot
   auto pulled = Pull(*other, *src, grant->grant(), 2);
   ASSERT_TRUE(pulled.ok()) << pulled.status();
   EXPECT_EQ(Export(*src, 1, 21, 0, 4), Export(*other, 2, 21, 0, 4));
+}
+
+// ---- fp8 pools with per-token scales ----
+
+std::vector<std::string> PerTokenNodeFlags(uint32_t kv, bool destination) {
+  std::vector<std::string> flags = NodeFlags(kv, "NHD", 1024, destination);
+  flags.push_back("--kv_cache_dtype=fp8_per_token");
+  return flags;
+}
+
+// No scales to agree on: each row's scale moves with its codes (4 more bytes per row), and the
+// destination decodes against the source's history (each row's scale times its codes).
+TEST(KvTransfer, APerTokenSequenceArrivesWithItsScalesByteForByteAndDecodesLikeTheSource) {
+  auto src = StartNode(PerTokenNodeFlags(4, false));
+  auto dst = StartNode(PerTokenNodeFlags(4, true));
+  ASSERT_TRUE(src && dst);
+  Prefill(*src, 1, 37);
+  auto grant = Grant(*src, 1);
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  auto pulled = Pull(*dst, *src, grant->grant(), 9);
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_EQ(pulled->bytes(), uint64_t{kLayers} * 2 * 37 * 4 * (kHeadDim * 1 + 4));
+  EXPECT_EQ(Export(*src, 1, 37, 0, 4), Export(*dst, 9, 37, 0, 4));
+  for (uint32_t layer = 0; layer < kLayers; ++layer) {
+    dst->h().SetHistory(9, layer, src->h().HistoryK(1, layer), src->h().HistoryV(1, layer));
+    ASSERT_TRUE(dst->h().Attend(layer, {{9, 1}}, /*decode=*/true).ok());
+  }
+}
+
+TEST(KvTransfer, APerTokenSequenceSplitIntoTwoDestinationsDecodesBitForBitLikeTheSource) {
+  SplitEightHeadsIntoTwoHalves("HND", {"--kv_cache_dtype=fp8_per_token"});
+}
+
+TEST(KvTransfer, PerTokenAndPerLayerFp8PoolsRefuseToPullFromEachOtherNamingBoth) {
+  auto src = StartNode(PerTokenNodeFlags(4, false));
+  auto dst = StartNode(Fp8NodeFlags(true));
+  ASSERT_TRUE(src && dst);
+  Prefill(*src, 1, 21);
+  auto grant = Grant(*src, 1);
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  const uint64_t free_before = FreePages(*dst);
+  const absl::Status s = Pull(*dst, *src, grant->grant(), 2).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_NE(s.message().find("kv_cache_dtype"), std::string::npos) << s;
+  EXPECT_NE(s.message().find("fp8_e4m3_per_token"), std::string::npos) << s;
+  EXPECT_EQ(FreePages(*dst), free_before);
+  EXPECT_EQ(dst->c().GetSequence(dst->device, 2).status().code(), absl::StatusCode::kNotFound);
 }
 
 TEST(KvTransfer, AGrantHoldsItsPagesUntilItEndsThenGivesThemBack) {
