@@ -1,6 +1,7 @@
 """fp8 KV pools from Python: an attnd started with --kv_cache_dtype=fp8 reports its storage and
 every layer's scales, set_kv_scales changes the scales of layers that hold no KV and is refused
-(changing nothing) where a sequence holds some; a model-dtype attnd refuses scales."""
+(changing nothing) where a sequence holds some; a model-dtype attnd refuses scales, and so does
+one with per-token scales (--kv_cache_dtype=fp8_per_token), which reports its storage."""
 
 import grpc
 import numpy as np
@@ -79,3 +80,16 @@ def test_a_model_dtype_server_refuses_scales(request):
             client.set_kv_scales(0, 0, [0.5], [0.5])
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert "kv_cache_dtype" in refused.value.message
+
+
+def test_a_per_token_server_reports_its_storage_and_refuses_scales_naming_it(request):
+    target = start(request, "--kv_cache_dtype=fp8_per_token", "--kv_scale_setters=*")
+    with ac.Client(target) as client:
+        info = client.get_server_info()
+        assert info.model.kv_cache_dtype == ac.pb.KV_CACHE_DTYPE_FP8_E4M3_PER_TOKEN
+        assert "fp8_kv" in info.features and "fp8_kv_per_token" in info.features
+        assert scales(client) == ([], [])
+        with pytest.raises(ac.AttndError) as refused:
+            client.set_kv_scales(0, 0, [0.5], [0.5])
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "fp8_per_token" in refused.value.message
