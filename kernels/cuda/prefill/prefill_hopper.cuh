@@ -139,6 +139,131 @@ __device__ __forceinline__ void ProduceItem(const PrefillParams& p, const ItemDe
   }
 }
 
+// The rows of a wide item that consumer warpgroup wg owns: whether it has any, and the
+// positions they span (rows grow with the position).
+struct WarpgroupRows {
+  int row0;
+  bool any;
+  int min_pos, max_pos;
+};
+
+__device__ __forceinline__ WarpgroupRows SpanOfWarpgroup(const PrefillParams& p,
+                                                         const ItemDesc& it, int wg,
+                                                         int rows_total) {
+  WarpgroupRows span{it.row0 + wg * 64, false, INT_MAX, -1};
+  span.any = span.row0 < rows_total;
+  if (span.any) {
+    const int last = min(span.row0 + 63, rows_total - 1);
+    uint32_t q0, q1, gg;
+    p.group_div.Divmod(static_cast<uint32_t>(span.row0), q0, gg);
+    p.group_div.Divmod(static_cast<uint32_t>(last), q1, gg);
+    span.min_pos = it.pos0 + (p.causal ? static_cast<int>(q0) : 0);
+    span.max_pos = it.pos0 + (p.causal ? static_cast<int>(q1) : 0);
+  }
+  return span;
+}
+
+// Tiles [*lo, *hi) of an item need no mask for any row of the warpgroup: past a window's start,
+// and before the diagonal and the item's last key.
+template <int kKeys>
+__device__ __forceinline__ void PlainTiles(const ItemDesc& it, const WarpgroupRows& span,
+                                           int window_left, int num_tiles, int* lo, int* hi) {
+  int plain_lo = 0, plain_hi = 0;
+  if (span.any) {
+    const int lim = min(it.t1 - 1, span.min_pos);  // a tile whose last key passes it is masked
+    plain_hi = lim < it.t0 + kKeys - 1 ? 0 : (lim - it.t0 - kKeys + 1) / kKeys + 1;
+    if (window_left >= 0) {
+      const int first_free = span.max_pos - window_left - it.t0;  // keys before it are cut
+      plain_lo = first_free <= 0 ? 0 : (first_free + kKeys - 1) / kKeys;
+    }
+  }
+  *lo = min(plain_lo, num_tiles);
+  *hi = max(*lo, min(plain_hi, num_tiles));
+}
+
+// The warpgroup's 64 query rows of a wide item into shared memory (cp.async, committed).
+template <typename T, int D>
+__device__ __forceinline__ void LoadQueryRows(const PrefillParams& p, const ItemDesc& it, int kvh,
+                                              int wg, int wtid, int rows_total,
+                                              const HopperSmem<D>& sm) {
+  using Tr = HopperPrefillTraits<D>;
+  for (int idx = wtid; idx < 64 * Tr::kChunks; idx += 128) {
+    const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
+    const int R = it.row0 + r;
+    const bool ok = R < rows_total;
+    const T* src = static_cast<const T*>(p.q);
+    if (ok) {
+      int h;
+      src += OutRowOffset(p, it.q_start, R, kvh, p.q_sn, p.q_sh, &h) + ch * 8;
+    }
+    CpAsync16(sm.q() + SwizzledOffset(Tr::kRows, r, ch), src, ok);
+  }
+  CpAsyncCommit();
+}
+
+// The end of a wide item for one consumer thread: its rows' sums completed across the quad,
+// then direct rows through the warpgroup's query rows in shared memory (coalesced stores), or a
+// cut tile's rows as fp32 partials. r_lo: the thread's first row in the tile (the second is 8
+// below).
+template <typename T, int D>
+__device__ __forceinline__ void StoreItemOutput(const PrefillParams& p, const ItemDesc& it,
+                                                int kvh, int wg, int wtid, int r_lo,
+                                                int rows_total, const WarpgroupRows& span,
+                                                const float (&o)[D / 2], const float (&m)[2],
+                                                float (&l)[2], unsigned char* smem) {
+  using Tr = HopperPrefillTraits<D>;
+  const int lane = wtid & 31;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+
+  const bool direct = it.slot < 0;
+  const int64_t part_row0 =
+      (static_cast<int64_t>(it.slot) * p.num_kv_heads + kvh) * kPrefillWideRows;
+  FenceProxyAsync();  // wgmma's reads of the query rows, before the generic writes below
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = r_lo + 8 * i;
+    const int R = it.row0 + r;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float lse2 = l[i] > 0.f ? __log2f(l[i]) + m[i] : -INFINITY;
+    if (direct) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        *reinterpret_cast<uint32_t*>(smem + SwizzledOffset(Tr::kRows, r, n) + ((lane & 3) << 2)) =
+            PackPair<T>(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
+      }
+      if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
+        int h;
+        const int64_t off = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
+        p.lse[off] = lse2 * kLn2;
+      }
+    } else if (R < rows_total) {
+      float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        __stcg(reinterpret_cast<float2*>(dst + n * 8),
+               make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv));
+      }
+      if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
+    }
+  }
+  WarpgroupSync(wg);
+  if (direct && span.any) {
+    const int nrows = min(64, rows_total - span.row0);
+    for (int idx = wtid; idx < nrows * Tr::kChunks; idx += 128) {
+      const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
+      int h;
+      const int64_t off = OutRowOffset(p, it.q_start, it.row0 + r, kvh, p.o_sn, p.o_sh, &h);
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + off + ch * 8) =
+          *reinterpret_cast<const uint4*>(smem + SwizzledOffset(Tr::kRows, r, ch));
+    }
+  }
+  WarpgroupSync(wg);  // the next item's query rows reuse the buffer
+}
+
 // A consumer warpgroup (wg 0 or 1): its 64 rows of a wide item over every tile. Step t computes
 // S = Q K(t)^T while P(t-1) V(t-1) is in flight (FlashAttention-3's intra-warpgroup overlap).
 // The warpgroup runs every tile, also tiles none of its rows sees (they come out as zeros): a
@@ -164,32 +289,8 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
   const int rows_total = it.q_len * p.group;
   const int num_tiles = (it.t1 - it.t0 + kKeys - 1) / kKeys;
 
-  // This warpgroup's query rows.
-  for (int idx = wtid; idx < 64 * Tr::kChunks; idx += 128) {
-    const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
-    const int R = it.row0 + r;
-    const bool ok = R < rows_total;
-    const T* src = static_cast<const T*>(p.q);
-    if (ok) {
-      int h;
-      src += OutRowOffset(p, it.q_start, R, kvh, p.q_sn, p.q_sh, &h) + ch * 8;
-    }
-    CpAsync16(sm.q() + SwizzledOffset(Tr::kRows, r, ch), src, ok);
-  }
-  CpAsyncCommit();
-
-  // The positions this warpgroup's rows span (rows grow with the position); this thread's rows.
-  const int wg_row0 = it.row0 + wg * 64;
-  const bool wg_has_rows = wg_row0 < rows_total;
-  int wg_min_pos = INT_MAX, wg_max_pos = -1;
-  if (wg_has_rows) {
-    const int last = min(wg_row0 + 63, rows_total - 1);
-    uint32_t q0, q1, gg;
-    p.group_div.Divmod(static_cast<uint32_t>(wg_row0), q0, gg);
-    p.group_div.Divmod(static_cast<uint32_t>(last), q1, gg);
-    wg_min_pos = it.pos0 + (p.causal ? static_cast<int>(q0) : 0);
-    wg_max_pos = it.pos0 + (p.causal ? static_cast<int>(q1) : 0);
-  }
+  LoadQueryRows<T, D>(p, it, kvh, wg, wtid, rows_total, sm);
+  const WarpgroupRows span = SpanOfWarpgroup(p, it, wg, rows_total);
   const int r_lo = wg * 64 + warp * 16 + (lane >> 2);  // row within the tile; +8 for the second
   int qpos[2];
 #pragma unroll
@@ -335,19 +436,8 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
     pack_p();
   };
 
-  // Tiles [plain_lo, plain_hi) need no mask for any row of this warpgroup: past a window's
-  // start, and before the diagonal and the item's last key.
-  int plain_lo = 0, plain_hi = 0;
-  if (wg_has_rows) {
-    const int lim = min(it.t1 - 1, wg_min_pos);  // a tile whose last key passes this is masked
-    plain_hi = lim < it.t0 + kKeys - 1 ? 0 : (lim - it.t0 - kKeys + 1) / kKeys + 1;
-    if (p.window_left >= 0) {
-      const int first_free = wg_max_pos - p.window_left - it.t0;  // keys before it are cut
-      plain_lo = first_free <= 0 ? 0 : (first_free + kKeys - 1) / kKeys;
-    }
-  }
-  plain_lo = min(plain_lo, num_tiles);
-  plain_hi = max(plain_lo, min(plain_hi, num_tiles));
+  int plain_lo, plain_hi;
+  PlainTiles<kKeys>(it, span, p.window_left, num_tiles, &plain_lo, &plain_hi);
   constexpr std::true_type kMasked{};
   constexpr std::false_type kPlain{};
 
@@ -385,57 +475,7 @@ __device__ __forceinline__ void ConsumeItem(const PrefillParams& p, const ItemDe
   }
   g += num_tiles;
 
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-  }
-
-  // Output: direct rows through this warpgroup's query rows in shared memory (coalesced
-  // stores), cut tiles as fp32 partials.
-  const bool direct = it.slot < 0;
-  const int64_t part_row0 =
-      (static_cast<int64_t>(it.slot) * p.num_kv_heads + kvh) * kPrefillWideRows;
-  FenceProxyAsync();  // wgmma's reads of the query rows, before the generic writes below
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = r_lo + 8 * i;
-    const int R = it.row0 + r;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-    const float lse2 = l[i] > 0.f ? __log2f(l[i]) + m[i] : -INFINITY;
-    if (direct) {
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        *reinterpret_cast<uint32_t*>(smem + SwizzledOffset(Tr::kRows, r, n) + ((lane & 3) << 2)) =
-            PackPair<T>(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
-      }
-      if ((lane & 3) == 0 && R < rows_total && p.lse != nullptr) {
-        int h;
-        const int64_t off = OutRowOffset(p, it.q_start, R, kvh, p.num_qo_heads, 1, &h);
-        p.lse[off] = lse2 * kLn2;
-      }
-    } else if (R < rows_total) {
-      float* dst = p.partial_out + (part_row0 + r) * D + ((lane & 3) << 1);
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        __stcg(reinterpret_cast<float2*>(dst + n * 8),
-               make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv));
-      }
-      if ((lane & 3) == 0) __stcg(p.partial_lse + part_row0 + r, lse2);
-    }
-  }
-  WarpgroupSync(wg);
-  if (direct && wg_has_rows) {
-    const int nrows = min(64, rows_total - wg_row0);
-    for (int idx = wtid; idx < nrows * Tr::kChunks; idx += 128) {
-      const int r = wg * 64 + idx / Tr::kChunks, ch = idx % Tr::kChunks;
-      int h;
-      const int64_t off = OutRowOffset(p, it.q_start, it.row0 + r, kvh, p.o_sn, p.o_sh, &h);
-      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + off + ch * 8) =
-          *reinterpret_cast<const uint4*>(smem + SwizzledOffset(Tr::kRows, r, ch));
-    }
-  }
-  WarpgroupSync(wg);  // the next item's query rows reuse the buffer
+  StoreItemOutput<T, D>(p, it, kvh, wg, wtid, r_lo, rows_total, span, o, m, l, smem);
 }
 
 template <typename T, int D>
