@@ -170,6 +170,10 @@ struct PrefillRun {
     a.ws.partial_out = po;
     a.ws.partial_lse = pl;
     a.may_merge = plan[1] > 0;
+    // As the server decides it: the kernel without ping-pong for batches of narrow items.
+    a.wide_items = false;
+    for (const Req& r : b.reqs)
+      a.wide_items = a.wide_items || int64_t(r.q_len) * (b.qo / b.kv) > kPrefillDecodeRows;
     CK(cudaDeviceSynchronize());
   }
   void Launch(const Batch& b, int copy, cudaStream_t s) {

@@ -337,6 +337,12 @@ absl::Status CudaDeviceBackend::LaunchPrefill(const AttentionWork& work,
   kernels::cuda::PrefillArgs a =
       workspaces_->PrefillArgs(Kv(work.append.layer), options_, work.q, work.out, work.lse,
                                plan.num_items, plan.num_merges);
+  const int64_t group = options_.num_qo_heads / shape_.num_kv_heads;
+  a.wide_items = false;
+  for (size_t i = 0; i + 1 < batch_.qo_indptr.size(); ++i) {
+    const int64_t rows = (batch_.qo_indptr[i + 1] - batch_.qo_indptr[i]) * group;
+    a.wide_items = a.wide_items || rows > kernels::kPrefillDecodeRows;
+  }
   if (shape_.Fp8()) {
     // The prefill kernels read 16-bit K/V: the batch's pages, dequantized after the append.
     auto staged = staging_->StagePages(a.kv, a.kv_indices,

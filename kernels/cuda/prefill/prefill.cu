@@ -32,9 +32,9 @@ cudaError_t PreparePortableKernel(int device) {
 // The main kernel: Hopper's where chosen (it exists for head_dim <= 128 only), else portable.
 template <typename T, int D>
 cudaError_t LaunchPrefillKernel(const detail::PrefillParams& p, dim3 grid, bool hopper,
-                                int device, cudaStream_t stream) {
+                                bool wide_items, int device, cudaStream_t stream) {
   if constexpr (D <= 128) {
-    if (hopper) return detail::LaunchHopperPrefill<T, D>(p, grid, device, stream);
+    if (hopper) return detail::LaunchHopperPrefill<T, D>(p, grid, wide_items, device, stream);
   }
   using Tr = detail::PrefillTraits<D>;
   const cudaError_t e = PreparePortableKernel<T, D>(device);
@@ -46,8 +46,9 @@ cudaError_t LaunchPrefillKernel(const detail::PrefillParams& p, dim3 grid, bool 
 template <typename T, int D>
 struct PrefillLaunchFn {
   static absl::Status Run(const detail::PrefillParams& p, dim3 grid, dim3 merge_grid, bool merge,
-                          bool hopper, int device, cudaStream_t stream) {
-    absl::Status s = detail::CudaStatus(LaunchPrefillKernel<T, D>(p, grid, hopper, device, stream),
+                          bool hopper, bool wide_items, int device, cudaStream_t stream) {
+    absl::Status s = detail::CudaStatus(
+        LaunchPrefillKernel<T, D>(p, grid, hopper, wide_items, device, stream),
                                         hopper ? "prefill kernel launch (Hopper)"
                                                : "prefill kernel launch");
     if (!s.ok() || !merge) return s;
@@ -230,7 +231,8 @@ absl::Status LaunchBatchPrefill(const PrefillArgs& a, cudaStream_t stream) {
   if (!hopper.ok()) return hopper.status();
   return detail::DispatchDTypeHeadDim<PrefillLaunchFn>(kFamily, a.kv.shape.dtype,
                                                        a.kv.shape.head_dim, p, grid, merge_grid,
-                                                       merge, *hopper, device, stream);
+                                                       merge, *hopper, a.wide_items, device,
+                                                       stream);
 }
 
 }  // namespace attnd::kernels::cuda

@@ -56,6 +56,10 @@ struct PrefillArgs {
   // false when the host knows the plan has no merges (plan[1] == 0): skips the merge launch.
   bool may_merge = true;
   PrefillKernel kernel = PrefillKernel::kAuto;  // kHopper where unavailable: an error
+  // false when the host knows every request is narrow (num_new * group <= kPrefillDecodeRows,
+  // e.g. deterministic one-token Prefill calls): the Hopper kernel then runs without the
+  // ping-pong of its wide tiles, whose code costs narrow items 1-3%. Either is correct.
+  bool wide_items = true;
 };
 
 // InvalidArgumentError naming the argument and its limit for arguments the kernels cannot take

@@ -21,37 +21,44 @@ namespace detail {
 
 namespace {
 
-template <typename T, int D>
+template <typename T, int D, bool kPingPong>
 cudaError_t PrepareHopperKernel(int device) {
   static OncePerDevice once;
-  return AllowDynamicSmem(once, device,
-                          reinterpret_cast<const void*>(&BatchPrefillHopperKernel<T, D>),
-                          HopperPrefillTraits<D>::kSmemBytes);
+  return AllowDynamicSmem(
+      once, device, reinterpret_cast<const void*>(&BatchPrefillHopperKernel<T, D, kPingPong>),
+      HopperPrefillTraits<D>::kSmemBytes);
+}
+
+template <typename T, int D, bool kPingPong>
+cudaError_t LaunchHopperPrefillKernel(const PrefillParams& p, dim3 grid, int device,
+                                      cudaStream_t stream) {
+  using Tr = HopperPrefillTraits<D>;
+  const cudaError_t e = PrepareHopperKernel<T, D, kPingPong>(device);
+  if (e != cudaSuccess) return e;
+  BatchPrefillHopperKernel<T, D, kPingPong><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 template <typename T, int D>
-cudaError_t LaunchHopperPrefill(const PrefillParams& p, dim3 grid, int device,
+cudaError_t LaunchHopperPrefill(const PrefillParams& p, dim3 grid, bool wide_items, int device,
                                 cudaStream_t stream) {
-  using Tr = HopperPrefillTraits<D>;
-  const cudaError_t e = PrepareHopperKernel<T, D>(device);
-  if (e != cudaSuccess) return e;
-  BatchPrefillHopperKernel<T, D><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return wide_items ? LaunchHopperPrefillKernel<T, D, true>(p, grid, device, stream)
+                    : LaunchHopperPrefillKernel<T, D, false>(p, grid, device, stream);
 }
 
 template <typename T, int D>
 cudaError_t HopperPrefillOccupancy(int device, int* blocks) {
   using Tr = HopperPrefillTraits<D>;
-  const cudaError_t e = PrepareHopperKernel<T, D>(device);
+  const cudaError_t e = PrepareHopperKernel<T, D, true>(device);
   if (e != cudaSuccess) return e;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, &BatchPrefillHopperKernel<T, D>,
-                                                       Tr::kThreads, Tr::kSmemBytes);
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks, &BatchPrefillHopperKernel<T, D, true>, Tr::kThreads, Tr::kSmemBytes);
 }
 
 #define ATTND_INSTANTIATE_HOPPER_PREFILL(T, D)                                               \
-  template cudaError_t LaunchHopperPrefill<T, D>(const PrefillParams&, dim3, int,           \
+  template cudaError_t LaunchHopperPrefill<T, D>(const PrefillParams&, dim3, bool, int,     \
                                                  cudaStream_t);                             \
   template cudaError_t HopperPrefillOccupancy<T, D>(int, int*);
 ATTND_INSTANTIATE_HOPPER_PREFILL(__nv_bfloat16, 64)

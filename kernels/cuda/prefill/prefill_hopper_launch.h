@@ -15,8 +15,9 @@ namespace attnd::kernels::cuda::detail {
 
 // Launches BatchPrefillHopperKernel<T, D> (D 64 or 128; instantiated in prefill_hopper.cu) on
 // `device`, the current device.
+// wide_items false: the batch has narrow items only (the kernel without the ping-pong).
 template <typename T, int D>
-cudaError_t LaunchHopperPrefill(const PrefillParams& p, dim3 grid, int device,
+cudaError_t LaunchHopperPrefill(const PrefillParams& p, dim3 grid, bool wide_items, int device,
                                 cudaStream_t stream);
 
 // The Hopper kernel's resident CTAs per SM on `device`, the current device.
