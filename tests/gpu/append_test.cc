@@ -37,6 +37,20 @@ std::vector<int64_t> RandomSlots(const KvCacheShape& sh, int64_t n, std::mt19937
   return slots;
 }
 
+// A two-layer fp8 pool of the case's shape with room for its tokens and 50 more slots.
+KvCacheShape Fp8Shape(const AppendCase& c, DType dtype, KvStorage storage) {
+  KvCacheShape sh;
+  sh.num_layers = 2;
+  sh.page_size = c.page_size;
+  sh.num_kv_heads = c.kv_heads;
+  sh.head_dim = c.head_dim;
+  sh.layout = c.layout;
+  sh.dtype = dtype;
+  sh.storage = storage;
+  sh.num_pages = (c.num_tokens + 50 + c.page_size - 1) / c.page_size + 2;
+  return sh;
+}
+
 class AppendVsHost : public ::testing::TestWithParam<AppendCase> {};
 
 TEST_P(AppendVsHost, Bitwise) {
@@ -101,15 +115,7 @@ TEST_P(AppendVsHost, Fp8QuantizesLikeTheHostEncoder) {
   const AppendCase c = GetParam();
   std::mt19937_64 rng(std::random_device{}());
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-    KvCacheShape sh;
-    sh.num_layers = 2;
-    sh.page_size = c.page_size;
-    sh.num_kv_heads = c.kv_heads;
-    sh.head_dim = c.head_dim;
-    sh.layout = c.layout;
-    sh.dtype = dtype;
-    sh.storage = KvStorage::kFp8E4M3;
-    sh.num_pages = (c.num_tokens + 50 + c.page_size - 1) / c.page_size + 2;
+    const KvCacheShape sh = Fp8Shape(c, dtype, KvStorage::kFp8E4M3);
     const int64_t layer = 1;
     std::uniform_real_distribution<float> scale(0.01f, 0.5f);
     const std::vector<float> scales = {scale(rng), scale(rng), scale(rng), scale(rng)};
@@ -175,15 +181,7 @@ TEST_P(AppendVsHost, Fp8PerTokenScalesEachRowByItsOwnMaximum) {
   const AppendCase c = GetParam();
   std::mt19937_64 rng(std::random_device{}());
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-    KvCacheShape sh;
-    sh.num_layers = 2;
-    sh.page_size = c.page_size;
-    sh.num_kv_heads = c.kv_heads;
-    sh.head_dim = c.head_dim;
-    sh.layout = c.layout;
-    sh.dtype = dtype;
-    sh.storage = KvStorage::kFp8E4M3PerToken;
-    sh.num_pages = (c.num_tokens + 50 + c.page_size - 1) / c.page_size + 2;
+    const KvCacheShape sh = Fp8Shape(c, dtype, KvStorage::kFp8E4M3PerToken);
     const int64_t layer = 1;
     std::vector<uint8_t> pool(sh.TotalBytes());
     for (auto& b : pool) b = static_cast<uint8_t>(rng());  // codes and scales: poison
