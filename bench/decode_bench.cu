@@ -169,7 +169,8 @@ struct DecodeInputs {
     sh.storage = c.Storage();
     pages_per_seq = (c.len + c.page - 1) / c.page;
     // Bytes read: K and V, and their per-token scales.
-    kv_bytes = double(c.batch) * c.len * c.kv * 2 * (c.d * sh.ElemBytes() + (c.token_scales ? 4 : 0));
+    kv_bytes =
+        double(c.batch) * c.len * c.kv * 2 * (c.d * sh.ElemBytes() + (c.token_scales ? 4 : 0));
     copies = std::max(1, static_cast<int>(std::ceil(400e6 / kv_bytes)));
     sh.num_pages = pages_per_seq * c.batch * copies;
     CK(cudaMalloc(&pool, sh.TotalBytes()));

@@ -31,9 +31,9 @@ absl::Status CheckPullCompatible(const kernels::KvCacheShape& src,
                                  const kernels::KvCacheShape& dst, const KvPullShape& pull);
 
 // fp8 pools with per-layer scales: the bytes of a pull move raw, so they mean the same on both
-// sides only where the destination's scales equal the source's, bitwise. src holds the source's scales of layers
-// [src_layer_begin, src_layer_begin + src.size()), which land at dst_layer_begin on; dst holds
-// every layer's of the destination's device. FAILED_PRECONDITION naming "k_scale" or "v_scale",
+// sides only where the destination's scales equal the source's, bitwise. src holds the source's
+// scales of layers [src_layer_begin, src_layer_begin + src.size()), which land at
+// dst_layer_begin on; dst holds every layer's of the destination's device. FAILED_PRECONDITION naming "k_scale" or "v_scale",
 // both layers and both values.
 absl::Status CheckPullScales(absl::Span<const kernels::KvScales> src, int64_t src_layer_begin,
                              absl::Span<const kernels::KvScales> dst, int64_t dst_layer_begin);

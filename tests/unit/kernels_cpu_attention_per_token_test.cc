@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -489,6 +490,8 @@ TEST(PerTokenPool, KeepsOrdinaryRowsPreciseBesideOutlierTokensUnlikeOneLayerScal
       MeanRowError(attend(fill(token_shape, {}), token_shape, {}), want, c.head_dim);
   SCOPED_TRACE("per-layer error " + std::to_string(layer_error) + ", per-token error " +
                std::to_string(token_error));
+  std::printf("  mean row error: per-layer scale %.3g, per-token scales %.3g\n", layer_error,
+              token_error);
   EXPECT_LT(token_error, 2 * std::ldexp(1.0, -4));  // fp8's own rounding, once for K and for V
   EXPECT_LT(2 * token_error, layer_error);
 }

@@ -56,12 +56,12 @@ struct DecodeParams {
 // loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
 // dims (the query fragment is permuted to match) and a transposed V fragment two tokens of two
 // dims (split into an even- and an odd-dim tile: the output columns are interleaved, undone
-// when the accumulators are stored). A pool with per-token scales also stages each token's K
-// and V scale (4-byte copies in the same group): the K scale multiplies the token's logit, and
-// the V scale times 256 its probability before P.V (the 256, undone exactly at the end, keeps
-// the fp16 operand in the range a per-layer pool's probabilities use). Its warp slices hold twice bf16's tokens in the same
+// when the accumulators are stored). Its warp slices hold twice bf16's tokens in the same
 // bytes (64 at head_dim 64, two per lane): the work per token, not the bytes in flight, bounds
-// it (16-token slices with deeper rings measured slower).
+// it (16-token slices with deeper rings measured slower). A pool with per-token scales also
+// stages each token's K and V scale (4-byte copies in the same group): the K scale multiplies
+// the token's logit, and the V scale times 256 its probability before P.V (the 256, undone
+// exactly at the end, keeps the fp16 operand in the range a per-layer pool's probabilities use).
 // ATTND_DECODE_FP8_TOKENS / _STAGES (head_dim 128, 256), _FP8_D64_TOKENS, _BF16_STAGES and
 // _MIN_BLOCKS override the choices (benchmark experiments).
 #ifndef ATTND_DECODE_FP8_TOKENS
