@@ -93,6 +93,11 @@ std::vector<Case> Cases() {
   add("fp16_group5", [](DecodeProblemSpec& s) { s.qo_heads = 10; s.kv_heads = 2; s.dtype = DType::kFloat16; });
   add("bf16_group32_mqa", [](DecodeProblemSpec& s) { s.qo_heads = 32; s.kv_heads = 1; });
   add("bf16_group24", [](DecodeProblemSpec& s) { s.qo_heads = 48; s.kv_heads = 2; });
+  // Groups of up to 8 run the key-rows layout, larger ones the query-rows layout: both per dtype.
+  add("bf16_d256_group16", [](DecodeProblemSpec& s) { s.head_dim = 256; s.qo_heads = 32; s.kv_heads = 2; });
+  add("fp8_bf16_group12", [](DecodeProblemSpec& s) { s.fp8 = true; s.qo_heads = 24; s.kv_heads = 2; });
+  add("fp8_fp16_group1", [](DecodeProblemSpec& s) { s.fp8 = true; s.qo_heads = 8; s.dtype = DType::kFloat16; });
+  add("fp8pt_bf16_d64_group16", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.qo_heads = 32; s.kv_heads = 2; });
   add("bf16_softcap", [](DecodeProblemSpec& s) { s.soft_cap = 5.0f; });
   add("fp16_softcap_window", [](DecodeProblemSpec& s) { s.soft_cap = 30.0f; s.window_left = 100; s.dtype = DType::kFloat16; });
   add("bf16_window0", [](DecodeProblemSpec& s) { s.window_left = 0; });

@@ -47,6 +47,14 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], uint32_t addr)
                : "r"(addr));
 }
 
+// The transpose of the 8x8 matrix of 16-bit values whose row lane / 4, columns 2 (lane % 4) and
+// + 1, this lane holds (an mma accumulator fragment's packed pairs, as another mma's operand).
+__device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // D = A * B + D, m16n8k16, fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,

@@ -41,13 +41,16 @@ struct RowMax {
   float alpha;  // the factor for the row's earlier sum and accumulators
 };
 
-// Folds this thread's part of a tile's row max (mx) into the quad's, then into the running max
-// m. A row that has seen no visible key yet subtracts 0, so that its exponentials are
-// exp2(-inf) = 0 rather than NaN. The caller stores m_new.
-template <typename Logits>
+// Folds this thread's part of a tile's row max (mx) into the lanes that share the row (lane
+// bits [kFirstXor, kEndXor): the quad by default), then into the running max m. A row that has
+// seen no visible key yet subtracts 0, so that its exponentials are exp2(-inf) = 0 rather than
+// NaN. The caller stores m_new.
+template <int kFirstXor = 1, int kEndXor = 4, typename Logits>
 __device__ __forceinline__ RowMax NextRowMax(float m, float mx, const Logits& logits) {
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+#pragma unroll
+  for (int x = kFirstXor; x < kEndXor; x <<= 1) {
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, x));
+  }
   const float m_new = fmaxf(m, logits.Logit(mx));
   const float m_use = m_new == -INFINITY ? 0.f : m_new;
   return {m_new, m_use, FastExp2(m - m_use)};
@@ -82,6 +85,34 @@ __device__ __forceinline__ void OnlineSoftmaxStep(float (&s)[kJ][4], const float
       s[j][2 * i] = logits.Exp2(s[j][2 * i], r.m_use);
       s[j][2 * i + 1] = logits.Exp2(s[j][2 * i + 1], r.m_use);
       l[i] += s[j][2 * i] + s[j][2 * i + 1];
+    }
+  }
+}
+
+// OnlineSoftmaxStep for the transposed tile of the decode kernel's key-rows layout: the keys
+// are the mma's rows and the query rows its columns, so s[j][2 h + i] is key g + 8 h of block j
+// for query column i (2c + i), acc[n][2 h + i] likewise, and a column's other keys sit in the
+// 8 lanes that share c (lane bits 2..4).
+template <int kJ, int kN>
+__device__ __forceinline__ void OnlineSoftmaxStepKeyRows(float (&s)[kJ][4], const float (&mx)[2],
+                                                         float (&m)[2], float (&l)[2],
+                                                         float (&acc)[kN][4]) {
+  const ScaledLogits logits;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const RowMax r = NextRowMax<4, 32>(m[i], mx[i], logits);
+    m[i] = r.m_new;
+    l[i] *= r.alpha;
+#pragma unroll
+    for (int n = 0; n < kN; ++n) {
+      acc[n][i] *= r.alpha;
+      acc[n][2 + i] *= r.alpha;
+    }
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      s[j][i] = logits.Exp2(s[j][i], r.m_use);
+      s[j][2 + i] = logits.Exp2(s[j][2 + i], r.m_use);
+      l[i] += s[j][i] + s[j][2 + i];
     }
   }
 }

@@ -20,41 +20,61 @@ namespace {
 
 constexpr char kFamily[] = "decode";
 
-template <typename T, typename KV, int D>
+template <typename T, typename KV, int D, bool kKeyRows>
 cudaError_t PrepareDecodeKernel(int device) {
   static detail::OncePerDevice once;
   return detail::AllowDynamicSmem(
-      once, device, reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D>),
-      detail::DecodeTraitsFor<KV, D>::kSmemBytes);
+      once, device,
+      reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows>),
+      detail::DecodeTraitsFor<KV, D, kKeyRows>::kSmemBytes);
+}
+
+// Whether a GQA group runs in the key-rows layout (decode_key_rows.cuh).
+template <typename KV, int D>
+bool UseKeyRows(int64_t group) {
+  return detail::DecodeTraitsFor<KV, D>::kKeyRowsEnabled && group <= detail::kKeyRowsMaxGroup;
+}
+
+template <typename T, typename KV, int D, bool kKeyRows>
+cudaError_t LaunchDecodeKernel(const detail::DecodeParams& p, dim3 grid, bool overlap,
+                               cudaStream_t stream) {
+  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D, kKeyRows>(device);
+  if (e != cudaSuccess) return e;
+  return detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D, kKeyRows>, grid,
+                              dim3(Tr::kThreads), Tr::kSmemBytes, stream, overlap, p);
 }
 
 template <typename T, typename KV, int D>
 struct LaunchDecodeFn {
   static absl::Status Run(const detail::DecodeParams& p, dim3 grid, bool overlap,
                           cudaStream_t stream) {
-    using Tr = detail::DecodeTraitsFor<KV, D>;
-    int device = 0;
-    cudaError_t e = cudaGetDevice(&device);
-    if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D>(device);
-    if (e == cudaSuccess) {
-      e = detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D>, grid, dim3(Tr::kThreads),
-                               Tr::kSmemBytes, stream, overlap, p);
-    }
+    const cudaError_t e = UseKeyRows<KV, D>(p.group)
+                              ? LaunchDecodeKernel<T, KV, D, true>(p, grid, overlap, stream)
+                              : LaunchDecodeKernel<T, KV, D, false>(p, grid, overlap, stream);
     return detail::CudaStatus(e, "decode kernel launch");
   }
 };
 
-// The kernel's resident CTAs per SM and its tile of tokens.
+template <typename T, typename KV, int D, bool kKeyRows>
+cudaError_t QueryOccupancy(int device, int* blocks, int* tile_tokens) {
+  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
+  *tile_tokens = Tr::kTileTokens;
+  const cudaError_t e = PrepareDecodeKernel<T, KV, D, kKeyRows>(device);
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      blocks, &detail::BatchDecodeKernel<T, KV, D, kKeyRows>, Tr::kThreads, Tr::kSmemBytes);
+}
+
+// The resident CTAs per SM and the tile of tokens of the kernel that serves `group`.
 template <typename T, typename KV, int D>
 struct DecodeOccupancyFn {
-  static absl::Status Run(int device, int* blocks, int* tile_tokens) {
-    using Tr = detail::DecodeTraitsFor<KV, D>;
-    *tile_tokens = Tr::kTileTokens;
-    cudaError_t e = PrepareDecodeKernel<T, KV, D>(device);
-    if (e == cudaSuccess) {
-      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          blocks, &detail::BatchDecodeKernel<T, KV, D>, Tr::kThreads, Tr::kSmemBytes);
-    }
+  static absl::Status Run(int device, int64_t group, int* blocks, int* tile_tokens) {
+    const cudaError_t e = UseKeyRows<KV, D>(group)
+                              ? QueryOccupancy<T, KV, D, true>(device, blocks, tile_tokens)
+                              : QueryOccupancy<T, KV, D, false>(device, blocks, tile_tokens);
     return detail::CudaStatus(e, "decode kernel occupancy");
   }
 };
@@ -167,15 +187,15 @@ absl::Status LaunchDeterministicMerge(const DecodeArgs& a, cudaStream_t stream) 
 
 // The device's SM count and the decode kernel's resident CTAs per SM, with `device` current for
 // the queries.
-absl::Status QueryDevice(int device, const KvCacheShape& shape, int* sms, int* blocks,
-                         int* tile_tokens) {
+absl::Status QueryDevice(int device, const KvCacheShape& shape, int64_t group, int* sms,
+                         int* blocks, int* tile_tokens) {
   const detail::ScopedDevice scoped(device);
   if (scoped.error() != cudaSuccess) {
     return detail::CudaStatus(scoped.error(), "decode plan config: set device");
   }
   const cudaError_t e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return detail::CudaStatus(e, "decode plan config: SM count");
-  return detail::DispatchKvHeadDim<DecodeOccupancyFn>(kFamily, shape, device, blocks,
+  return detail::DispatchKvHeadDim<DecodeOccupancyFn>(kFamily, shape, device, group, blocks,
                                                       tile_tokens);
 }
 
@@ -192,9 +212,11 @@ absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheS
     return detail::InvalidArg(kFamily, "num_qo_heads ", num_qo_heads,
                               " is not a multiple of num_kv_heads ", num_kv_heads);
   }
-  int sms = 0, blocks = 0, tile_tokens = 0;
-  if (absl::Status s = QueryDevice(device, shape, &sms, &blocks, &tile_tokens); !s.ok()) return s;
   const int64_t group = num_qo_heads / num_kv_heads;
+  int sms = 0, blocks = 0, tile_tokens = 0;
+  if (absl::Status s = QueryDevice(device, shape, group, &sms, &blocks, &tile_tokens); !s.ok()) {
+    return s;
+  }
   DecodePlanConfig cfg;
   cfg.num_sms = sms;
   cfg.ctas_per_sm = std::max(blocks, 1);

@@ -14,6 +14,7 @@
 #include "kernels/cuda/common/merge_states.cuh"
 #include "kernels/cuda/common/softmax.cuh"
 #include "kernels/cuda/common/swizzle.cuh"
+#include "kernels/cuda/decode/decode_key_rows.cuh"
 #include "kernels/cuda/decode/decode_params.cuh"
 
 namespace attnd::kernels::cuda::detail {
@@ -103,6 +104,99 @@ __device__ __forceinline__ void PvFp8(float (&acc)[kN][4], const uint32_t (&a)[4
   }
 }
 
+// One warp stage in the query-rows layout: s = q . k for 16 query rows x kWT tokens, masking
+// past t1, the online softmax and acc += p . v, 16 tokens at a time. tile_scales: the stage's
+// per-token K scales, then its V scales (per-token pools only).
+template <typename Tr, typename T, typename KV, typename LoadQ, int kQ>
+__device__ __forceinline__ void QueryRowsTile(const DecodeParams& p, float scale_pre,
+                                              const uint32_t (&qfrag)[kQ][4],
+                                              const LoadQ& load_q, const KV* ks, const KV* vs,
+                                              const float* tile_scales, int tok_base, int t1,
+                                              bool upper_rows, float (&m)[2], float (&l)[2],
+                                              float (&acc)[Tr::kHeadDim / 8][4], int lane) {
+  constexpr bool kFp8 = Tr::kFp8;
+  using M = std::conditional_t<kFp8, __half, T>;  // the mma operands' type
+  constexpr int D = Tr::kHeadDim, kKSteps = D / 16;
+  constexpr int kSub = Tr::kSubTiles, kWT = Tr::kWarpTokens;
+  // s = q . k for 16 rows x kWT tokens.
+  float s[2 * kSub][4];
+#pragma unroll
+  for (int j = 0; j < 2 * kSub; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  if constexpr (kFp8) {
+    QkFp8<Tr>(s, qfrag, load_q, ks, lane);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t a[4];
+      if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
+      } else {
+        load_q(a, kk);
+      }
+#pragma unroll
+      for (int sub = 0; sub < kSub; ++sub) {
+        uint32_t kb[4];
+        const int mi = lane >> 3;
+        LdMatrixX4(kb, SmemAddr(ks + Swz<D>(sub * 16 + ((mi >> 1) << 3) + (lane & 7),
+                                            kk * 2 + (mi & 1))));
+        Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
+        Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
+      }
+    }
+  }
+
+  // Logits in log2 units, masked past the chunk.
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < 2 * kSub; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      if (e >= 2 && !upper_rows) break;
+      const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
+      float x = s[j][e];
+      if constexpr (Tr::kTokenScales) x *= tile_scales[j * 8 + ((lane & 3) << 1) + (e & 1)];
+      x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
+      x = tok < t1 ? x : -INFINITY;
+      s[j][e] = x;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x);
+    }
+  }
+  OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{}, upper_rows);
+  if constexpr (Tr::kTokenScales) {  // after the row sums: they take the plain probabilities
+#pragma unroll
+    for (int j = 0; j < 2 * kSub; ++j) {
+      const float2 v = *reinterpret_cast<const float2*>(tile_scales + kWT + j * 8 +
+                                                        ((lane & 3) << 1));
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= 256.f * ((e & 1) ? v.y : v.x);
+    }
+  }
+
+  // acc += p . v, 16 tokens at a time.
+#pragma unroll
+  for (int sub = 0; sub < kSub; ++sub) {
+    uint32_t a[4];
+    a[0] = PackPair<M>(s[2 * sub][0], s[2 * sub][1]);
+    a[1] = PackPair<M>(s[2 * sub][2], s[2 * sub][3]);
+    a[2] = PackPair<M>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
+    a[3] = PackPair<M>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
+    if constexpr (kFp8) {
+      PvFp8<Tr>(acc, a, vs, sub, lane);
+    } else {
+#pragma unroll
+      for (int dd = 0; dd < kKSteps; ++dd) {
+        uint32_t vb[4];
+        const int mi = lane >> 3;
+        LdMatrixX4Trans(vb, SmemAddr(vs + Swz<D>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                 dd * 2 + (mi >> 1))));
+        Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
+        Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
+      }
+    }
+  }
+}
+
 // The rows of a warp slice one lane resolves: their element offsets in the layer and whether
 // they are visible.
 template <int kR>
@@ -122,21 +216,20 @@ __device__ __forceinline__ int SwzKv(int row, int chunk) {
   }
 }
 
-template <typename KV, int D>
-using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>>;
+template <typename KV, int D, bool kKeyRows = false>
+using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>, kKeyRows>;
 
-// T: the model dtype (q, out); KV: the pool's (T, or an fp8 type read through fp16 mma).
-template <typename T, typename KV, int D>
-__global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
-                                  DecodeTraitsFor<KV, D>::kMinBlocks)
+// T: the model dtype (q, out); KV: the pool's (T, or an fp8 type read through fp16 mma);
+// kKeyRows: the transposed layout of decode_key_rows.cuh (groups of up to 8).
+template <typename T, typename KV, int D, bool kKeyRows>
+__global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
+                                  DecodeTraitsFor<KV, D, kKeyRows>::kMinBlocks)
     BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
-  using Tr = DecodeTraitsFor<KV, D>;
+  using Tr = DecodeTraitsFor<KV, D, kKeyRows>;
   constexpr bool kFp8 = Tr::kFp8;
-  using M = std::conditional_t<kFp8, __half, T>;  // the mma operands' type
   constexpr int S = Tr::kStages;
   constexpr int kKSteps = D / 16;  // k-steps of q.k and 16-wide column pairs of p.v
   constexpr int kNTiles = D / 8;   // n8 tiles of the output
-  constexpr int kSub = Tr::kSubTiles;
   constexpr int kWT = Tr::kWarpTokens;
   extern __shared__ __align__(128) unsigned char smem[];
   KV* pipe = reinterpret_cast<KV*>(smem);
@@ -159,7 +252,7 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
   const int nrows = min(Tr::kRows, p.group - row0);
   // GQA groups of up to 8 heads leave every thread's second fragment row (g + 8) empty: its
   // logits and exponentials are skipped (CTA-uniform).
-  const bool upper_rows = nrows > 8;
+  const bool upper_rows = !kKeyRows && nrows > 8;
   const int qo_head0 = kvh * p.group + row0;
   const KV* kv = static_cast<const KV*>(p.kv_layer) + kvh * p.head_stride +
                  (p.layer_ptr != nullptr ? int64_t{__ldg(p.layer_ptr)} * p.layer_elems : 0);
@@ -270,7 +363,8 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
     CpAsyncWait<S - 1>();  // the query group
     __syncthreads();
 
-    uint32_t qfrag[Tr::kQInRegs ? kKSteps : 1][4];
+    uint32_t qfrag[Tr::kQInRegs && !kKeyRows ? kKSteps : 1][4];
+    QueryOperand<Tr, T> qcol;  // key rows: q^T's fragments
     auto load_q = [&](uint32_t (&a)[4], int kk) {
       if constexpr (kFp8) {
         // k-step kk pairs with fp8 chunk kk: the thread's k columns 2c, 2c + 1 | 2c + 8, 2c + 9
@@ -289,16 +383,19 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
         LdMatrixX4(a, SmemAddr(q_smem + Swz<D>(r, kk * 2 + (mi >> 1))));
       }
     };
-    if constexpr (Tr::kQInRegs) {
+    if constexpr (kKeyRows) {
+      qcol.Load(q_smem, lane);
+    } else if constexpr (Tr::kQInRegs) {
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) load_q(qfrag[kk], kk);
     }
 
+    constexpr int kAccTiles = kKeyRows ? D / 16 : kNTiles;
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.f, 0.f};
-    float acc[kNTiles][4];
+    float acc[kAccTiles][4];
 #pragma unroll
-    for (int n = 0; n < kNTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+    for (int n = 0; n < kAccTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
     for (int k = 0; k < num_tiles; ++k) {
       __syncwarp();
@@ -313,103 +410,35 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D>::kThreads,
       const KV* ks = my_pipe + (k % S) * Tr::kStageElems;
       const KV* vs = ks + kWT * D;
       const float* tile_scales = my_scales + (k % S) * 2 * kWT;  // per-token: K, then V
-
-      // s = q . k for 16 rows x kWT tokens.
-      float s[2 * kSub][4];
-#pragma unroll
-      for (int j = 0; j < 2 * kSub; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      if constexpr (kFp8) {
-        QkFp8<Tr>(s, qfrag, load_q, ks, lane);
+      if constexpr (kKeyRows) {
+        KeyRowsTile<Tr>(p, scale_pre, qcol, ks, vs, tile_scales, tok_base, t1, m, l, acc, lane);
       } else {
-#pragma unroll
-        for (int kk = 0; kk < kKSteps; ++kk) {
-          uint32_t a[4];
-          if constexpr (Tr::kQInRegs) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) a[e] = qfrag[kk][e];
-          } else {
-            load_q(a, kk);
-          }
-#pragma unroll
-          for (int sub = 0; sub < kSub; ++sub) {
-            uint32_t kb[4];
-            const int mi = lane >> 3;
-            LdMatrixX4(kb, SmemAddr(ks + Swz<D>(sub * 16 + ((mi >> 1) << 3) + (lane & 7),
-                                                kk * 2 + (mi & 1))));
-            Mma16816<T>(s[2 * sub], a, kb[0], kb[1]);
-            Mma16816<T>(s[2 * sub + 1], a, kb[2], kb[3]);
-          }
-        }
-      }
-
-      // Logits in log2 units, masked past the chunk.
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < 2 * kSub; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (e >= 2 && !upper_rows) break;
-          const int tok = tok_base + j * 8 + ((lane & 3) << 1) + (e & 1);
-          float x = s[j][e];
-          if constexpr (Tr::kTokenScales) x *= tile_scales[j * 8 + ((lane & 3) << 1) + (e & 1)];
-          x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
-          x = tok < t1 ? x : -INFINITY;
-          s[j][e] = x;
-          mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-      }
-      OnlineSoftmaxStep(s, mx, m, l, acc, ScaledLogits{}, upper_rows);
-      if constexpr (Tr::kTokenScales) {  // after the row sums: they take the plain probabilities
-#pragma unroll
-        for (int j = 0; j < 2 * kSub; ++j) {
-          const float2 v = *reinterpret_cast<const float2*>(tile_scales + kWT + j * 8 +
-                                                            ((lane & 3) << 1));
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] *= 256.f * ((e & 1) ? v.y : v.x);
-        }
-      }
-
-      // acc += p . v, 16 tokens at a time.
-#pragma unroll
-      for (int sub = 0; sub < kSub; ++sub) {
-        uint32_t a[4];
-        a[0] = PackPair<M>(s[2 * sub][0], s[2 * sub][1]);
-        a[1] = PackPair<M>(s[2 * sub][2], s[2 * sub][3]);
-        a[2] = PackPair<M>(s[2 * sub + 1][0], s[2 * sub + 1][1]);
-        a[3] = PackPair<M>(s[2 * sub + 1][2], s[2 * sub + 1][3]);
-        if constexpr (kFp8) {
-          PvFp8<Tr>(acc, a, vs, sub, lane);
-        } else {
-#pragma unroll
-          for (int dd = 0; dd < kKSteps; ++dd) {
-            uint32_t vb[4];
-            const int mi = lane >> 3;
-            LdMatrixX4Trans(vb, SmemAddr(vs + Swz<D>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
-                                                     dd * 2 + (mi >> 1))));
-            Mma16816<T>(acc[2 * dd], a, vb[0], vb[1]);
-            Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
-          }
-        }
+        QueryRowsTile<Tr, T>(p, scale_pre, qfrag, load_q, ks, vs, tile_scales, tok_base, t1,
+                             upper_rows, m, l, acc, lane);
       }
     }
 
     // Merge the 4 warps' states in a fixed order, then write the output or the partial.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-      l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    }
     CpAsyncWait<0>();
     __syncthreads();
-    StoreWarpRowStats<Tr::kRows>(m_smem, l_smem, warp, lane, m, l);
+    if constexpr (kKeyRows) {
+      StoreKeyRowsState<Tr>(m_smem, l_smem, acc_smem, warp, lane, nrows, m, l, acc, v_scale);
+    } else {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = (lane >> 2) + 8 * i;
-      if (r >= nrows) continue;
-      if constexpr (kFp8) {
-        StoreWarpAccRowInterleaved<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i, v_scale);
-      } else {
-        StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+      for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+      }
+      StoreWarpRowStats<Tr::kRows>(m_smem, l_smem, warp, lane, m, l);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = (lane >> 2) + 8 * i;
+        if (r >= nrows) continue;
+        if constexpr (kFp8) {
+          StoreWarpAccRowInterleaved<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i, v_scale);
+        } else {
+          StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+        }
       }
     }
     __syncthreads();

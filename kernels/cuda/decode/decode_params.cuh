@@ -80,14 +80,30 @@ struct DecodeParams {
 #define ATTND_DECODE_FP8_STAGES 3
 #endif
 
-template <int D, int kKvBytes = 2, bool kPerTokenScales = false>
+// Key rows (GQA groups of up to 8 query heads): the mma runs transposed, s^T = K q^T and
+// o^T = V^T p^T, so the keys fill its 16 rows and the group's heads its 8 columns: half the mmas
+// of the query-rows layout, whose 16 rows a group of 4 fills a quarter of, and half its
+// accumulator and query registers. A probability tile becomes p^T's operand by movmatrix.
+// ATTND_DECODE_KEY_ROWS_BF16 / _FP8 = 0 keep every group on the query-rows layout (experiments).
+#ifndef ATTND_DECODE_KEY_ROWS_BF16
+#define ATTND_DECODE_KEY_ROWS_BF16 1
+#endif
+#ifndef ATTND_DECODE_KEY_ROWS_FP8
+#define ATTND_DECODE_KEY_ROWS_FP8 1
+#endif
+constexpr int kKeyRowsMaxGroup = 8;
+
+template <int D, int kKvBytes = 2, bool kPerTokenScales = false, bool kKeyRowsLayout = false>
 struct DecodeTraits {
   static constexpr int kHeadDim = D;
   static constexpr bool kFp8 = kKvBytes == 1;
   static constexpr bool kTokenScales = kPerTokenScales;
+  static constexpr bool kKeyRows = kKeyRowsLayout;
+  static constexpr bool kKeyRowsEnabled =
+      kFp8 ? ATTND_DECODE_KEY_ROWS_FP8 != 0 : ATTND_DECODE_KEY_ROWS_BF16 != 0;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kRows = 16;        // query rows per CTA (mma M)
+  static constexpr int kRows = kKeyRows ? kKeyRowsMaxGroup : 16;  // query rows per CTA
   // Tokens per warp per stage; a lane resolves kRowsPerLane of them.
   static constexpr int kWarpTokens = kFp8 ? (D == 64 ? ATTND_DECODE_FP8_D64_TOKENS
                                                      : ATTND_DECODE_FP8_TOKENS)
@@ -104,7 +120,7 @@ struct DecodeTraits {
   static constexpr int kQChunks = D / 8;                     // 16-byte chunks of a q/out row
   static constexpr int kLoadsPerLane = kWarpTokens * kChunks / 32;  // per K (or V) per stage
   static constexpr int kStageElems = 2 * kWarpTokens * D;    // K + V of one warp's slice
-  static constexpr bool kQInRegs = D <= 128;
+  static constexpr bool kQInRegs = kKeyRows || D <= 128;
   static constexpr int kMinBlocks = D == 256 ? 1 : ATTND_DECODE_MIN_BLOCKS;
   static constexpr int kPipeBytes = kWarps * kStages * kStageElems * kKvBytes;
   static constexpr int kQBytes = kRows * D * 2;
