@@ -1,6 +1,7 @@
 // The batch decode kernel: split-KV work items from a host plan, tensor cores (mma.sync
-// m16n8k16, the GQA group's query heads as rows), a per-warp cp.async pipeline, and the merge
-// of a request's items by the CTA that finishes its last one (or by the merge kernel).
+// m16n8k16: the keys as rows for GQA groups of up to 8, else the group's query heads), a
+// per-warp cp.async pipeline, and the merge of a request's items by the CTA that finishes its
+// last one (or by the merge kernel).
 #ifndef ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
 #define ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
 
@@ -194,6 +195,78 @@ __device__ __forceinline__ void QueryRowsTile(const DecodeParams& p, float scale
         Mma16816<T>(acc[2 * dd + 1], a, vb[2], vb[3]);
       }
     }
+  }
+}
+
+// The warp's state into the merge scratch in the query-rows layout: its rows' m and l (summed
+// over the quad) and its accumulators, times v_scale (fp8), as [warp][query row][D] rows.
+template <typename Tr>
+__device__ __forceinline__ void StoreQueryRowsState(float* m_smem, float* l_smem, float* acc_smem,
+                                                    int warp, int lane, int nrows,
+                                                    const float (&m)[2], float (&l)[2],
+                                                    const float (&acc)[Tr::kHeadDim / 8][4],
+                                                    float v_scale) {
+  constexpr int D = Tr::kHeadDim;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  StoreWarpRowStats<Tr::kRows>(m_smem, l_smem, warp, lane, m, l);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = (lane >> 2) + 8 * i;
+    if (r >= nrows) continue;
+    if constexpr (Tr::kFp8) {
+      StoreWarpAccRowInterleaved<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i, v_scale);
+    } else {
+      StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
+    }
+  }
+}
+
+// A CTA's work item: request b's item `item`, one of the n_items from first_item.
+struct ItemRef {
+  int b, item, first_item, n_items;
+};
+
+// Merges the warps' states in a fixed order and writes the output (an unsplit request) or the
+// item's partial; the CTA that completes a request's last partial (for its kv head block) then
+// merges all of them, in item order, and resets the counter for the next launch.
+template <typename Tr, typename T>
+__device__ __forceinline__ void WriteItemOutput(const DecodeParams& p, const float* m_smem,
+                                                const float* l_smem, const float* acc_smem,
+                                                ItemRef it, int qo_head0, int nrows, int warp,
+                                                int lane, int& last_flag) {
+  constexpr int D = Tr::kHeadDim;
+  const bool direct = it.n_items == 1;
+  for (int idx = threadIdx.x; idx < nrows * Tr::kQChunks; idx += Tr::kThreads) {
+    const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
+    float mw[Tr::kWarps], o[8];
+    const float lse2 =
+        CombineWarpStates<Tr::kWarps, Tr::kRows, D>(m_smem, l_smem, acc_smem, r, ch, mw, o);
+    const int h = qo_head0 + r;
+    if (direct) {
+      StoreOut<T>(p, it.b, h, ch, o, lse2);
+    } else {
+      const int64_t row = static_cast<int64_t>(it.item) * p.num_qo_heads + h;
+      StorePartialChunk(p.partial_out + row * D + ch * 8, o);
+      if (ch == 0) __stcg(p.partial_lse + row, lse2);
+    }
+  }
+  if (direct || !p.fused_merge) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // cumulative: releases the whole CTA's partial writes (bar.sync above)
+    int* counter = p.counters + it.b * gridDim.x + blockIdx.x;
+    const int done = atomicAdd(counter, 1) + 1;
+    last_flag = done == it.n_items;
+    if (done == it.n_items) *counter = 0;
+  }
+  __syncthreads();
+  if (last_flag) {
+    __threadfence();
+    MergeRequest<T, D>(p, it.b, it.first_item, it.n_items, qo_head0, nrows, warp, lane);
   }
 }
 
@@ -418,63 +491,17 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
       }
     }
 
-    // Merge the 4 warps' states in a fixed order, then write the output or the partial.
+    // The warps' states to shared memory, then the output or the partial.
     CpAsyncWait<0>();
     __syncthreads();
     if constexpr (kKeyRows) {
       StoreKeyRowsState<Tr>(m_smem, l_smem, acc_smem, warp, lane, nrows, m, l, acc, v_scale);
     } else {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-      }
-      StoreWarpRowStats<Tr::kRows>(m_smem, l_smem, warp, lane, m, l);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = (lane >> 2) + 8 * i;
-        if (r >= nrows) continue;
-        if constexpr (kFp8) {
-          StoreWarpAccRowInterleaved<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i, v_scale);
-        } else {
-          StoreWarpAccRow<Tr::kRows, D>(acc_smem, warp, r, lane, acc, i);
-        }
-      }
+      StoreQueryRowsState<Tr>(m_smem, l_smem, acc_smem, warp, lane, nrows, m, l, acc, v_scale);
     }
     __syncthreads();
-    const bool direct = n_items == 1;
-    for (int idx = threadIdx.x; idx < nrows * Tr::kQChunks; idx += Tr::kThreads) {
-      const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
-      float mw[Tr::kWarps], o[8];
-      const float lse2 =
-          CombineWarpStates<Tr::kWarps, Tr::kRows, D>(m_smem, l_smem, acc_smem, r, ch, mw, o);
-      const int h = qo_head0 + r;
-      if (direct) {
-        StoreOut<T>(p, b, h, ch, o, lse2);
-      } else {
-        StorePartialChunk(
-            p.partial_out + (static_cast<int64_t>(item) * p.num_qo_heads + h) * D + ch * 8, o);
-        if (ch == 0) __stcg(p.partial_lse + static_cast<int64_t>(item) * p.num_qo_heads + h, lse2);
-      }
-    }
-
-    if (!direct && p.fused_merge) {
-      // The CTA that completes a request's last partial (for this kv head block) merges all of
-      // them, in item order; it resets the counter for the next launch.
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();  // cumulative: releases the whole CTA's partial writes (bar.sync above)
-        int* counter = p.counters + b * gridDim.x + blockIdx.x;
-        const int done = atomicAdd(counter, 1) + 1;
-        last_flag = done == n_items;
-        if (done == n_items) *counter = 0;
-      }
-      __syncthreads();
-      if (last_flag) {
-        __threadfence();
-        MergeRequest<T, D>(p, b, first_item, n_items, qo_head0, nrows, warp, lane);
-      }
-    }
+    WriteItemOutput<Tr, T>(p, m_smem, l_smem, acc_smem, ItemRef{b, item, first_item, n_items},
+                           qo_head0, nrows, warp, lane, last_flag);
     __syncthreads();  // the next item reuses q_smem and the pipeline buffers
   }
   LaunchDependents();  // lets a programmatic (PDL) merge launch start early
