@@ -131,7 +131,7 @@ class CpuDeviceBackend final : public DeviceBackend {
     }
     if (shape_.TokenScales()) {
       return absl::FailedPreconditionError(
-          "SetKvScales: the pool has per-token scales (fp8_e4m3_per_token), computed at append "
+          "SetKvScales: the pool has per-token scales (fp8_per_token), computed at append "
           "for every token and kv head; it has no per-layer scales to set");
     }
     const int64_t n = static_cast<int64_t>(scales.size());

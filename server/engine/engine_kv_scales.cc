@@ -78,8 +78,8 @@ void Engine::SetKvScales(uint32_t device, int64_t layer_begin,
         "scales apply only to fp8 pools"));
   if (config_.model.kv_storage == kernels::KvStorage::kFp8E4M3PerToken)
     return std::move(done)(absl::FailedPreconditionError(
-        "kv_cache_dtype: this server's pool has per-token scales (--kv_cache_dtype=fp8_per_token, "
-        "fp8_e4m3_per_token), computed at append for every token and kv head; there are no "
+        "kv_cache_dtype: this server's pool has per-token scales (--kv_cache_dtype=fp8_per_token), "
+        "computed at append for every token and kv head; there are no "
         "per-layer scales to set"));
   const int64_t layer_end = layer_begin + static_cast<int64_t>(scales.size());
   if (scales.empty() || layer_begin < 0 || layer_end > config_.model.num_layers)

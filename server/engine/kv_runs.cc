@@ -6,6 +6,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "server/config/config.h"
 
 namespace attnd {
 namespace {
@@ -14,16 +15,9 @@ using kernels::KvCacheShape;
 using kernels::KvLayout;
 
 const char* LayoutName(KvLayout l) { return l == KvLayout::kNHD ? "NHD" : "HND"; }
+// A pool's storage as its --kv_cache_dtype value names it (the model dtype in words).
 const char* StorageName(kernels::KvStorage s) {
-  switch (s) {
-    case kernels::KvStorage::kModelDType:
-      break;
-    case kernels::KvStorage::kFp8E4M3:
-      return "fp8_e4m3";
-    case kernels::KvStorage::kFp8E4M3PerToken:
-      return "fp8_e4m3_per_token";
-  }
-  return "the model dtype";
+  return s == kernels::KvStorage::kModelDType ? "the model dtype" : KvCacheDTypeFlagValue(s);
 }
 
 bool SameBits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }

@@ -266,7 +266,8 @@ absl::Status KvTransfer::CopyPages(const v1::PullKvRequest& req,
     const int64_t pages = (shape.num_tokens + src.page_size - 1) / src.page_size;
     const int64_t layers = shape.layer_end - shape.layer_begin;
     resp->set_path("cuda_ipc");
-    resp->set_requests(static_cast<uint64_t>(layers * pages * 2));  // (layer, page, K/V) blocks
+    // (layer, page, K/V) blocks; a per-token pool's block carries its rows' scales (same warp).
+    resp->set_requests(static_cast<uint64_t>(layers * pages * 2));
     // Each (token, head, K/V) row's bytes, and its f32 scale in a per-token pool.
     const int64_t row_bytes = dst.head_dim * dst.ElemBytes() + (dst.TokenScales() ? 4 : 0);
     resp->set_bytes(

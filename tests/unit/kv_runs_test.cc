@@ -282,7 +282,7 @@ TEST(KvRunsTest, PoolsThatDifferInPerTokenScalesAreRefusedNamingBothStorages) {
   KvCacheShape token = fp8;
   token.storage = KvStorage::kFp8E4M3PerToken;
   const KvPullShape pull{0, 2, 0, 0, 4, 5};
-  const std::string names[2] = {"fp8_e4m3", "fp8_e4m3_per_token"};
+  const std::string names[2] = {"fp8_e4m3", "fp8_per_token"};
   for (const auto& [src, dst] : {std::pair{fp8, token}, std::pair{token, fp8}}) {
     const absl::Status s = CheckPullCompatible(src, dst, pull);
     EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
