@@ -79,28 +79,21 @@ __device__ __forceinline__ void QkFp8(float (&s)[kJ][4], const uint32_t (&qfrag)
   }
 }
 
-// fp8: acc += p . v for 16-token block `sub`. A transposed ldmatrix of the bytes gives a
-// thread tokens 2c, 2c + 1 of dims 2g, 2g + 1 of a 16-dim block; the byte permute splits them
-// into the even-dim tile (acc[2 blk]) and the odd-dim tile (acc[2 blk + 1]).
+// fp8: acc += p . v for 16-token block `sub`: the even dims of 16-dim block blk into tile
+// acc[2 blk], its odd dims into acc[2 blk + 1] (LoadFp8VPairs).
 template <typename Tr, typename KV, int kN>
 __device__ __forceinline__ void PvFp8(float (&acc)[kN][4], const uint32_t (&a)[4], const KV* vs,
                                       int sub, int lane) {
   constexpr int D = Tr::kHeadDim;
-  const int mi = lane >> 3;
 #pragma unroll
   for (int dd = 0; dd < D / 32; ++dd) {
-    uint32_t vb[4];
-    LdMatrixX4Trans(vb, SmemAddr(vs + SwzFp8<Tr::kRowBytes>(
-                                          sub * 16 + ((mi & 1) << 3) + (lane & 7),
-                                          2 * dd + (mi >> 1))));
+    uint32_t even[2][2], odd[2][2];
+    LoadFp8VPairs<Tr::kRowBytes>(vs, sub, dd, lane, even, odd);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      uint32_t e0, o0, e1, o1;
-      Fp8x4ToHalf2x2(__byte_perm(vb[2 * j], 0, 0x3120), e0, o0);
-      Fp8x4ToHalf2x2(__byte_perm(vb[2 * j + 1], 0, 0x3120), e1, o1);
       const int blk = 2 * dd + j;
-      Mma16816<__half>(acc[2 * blk], a, e0, e1);
-      Mma16816<__half>(acc[2 * blk + 1], a, o0, o1);
+      Mma16816<__half>(acc[2 * blk], a, even[j][0], even[j][1]);
+      Mma16816<__half>(acc[2 * blk + 1], a, odd[j][0], odd[j][1]);
     }
   }
 }

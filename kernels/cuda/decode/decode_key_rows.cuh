@@ -112,16 +112,12 @@ __device__ __forceinline__ void PvKeyRows(float (&acc)[Tr::kHeadDim / 16][4], ui
   if constexpr (Tr::kFp8) {
 #pragma unroll
     for (int dd = 0; dd < D / 32; ++dd) {
-      // vb: keys 0-7 | 8-15 of chunk 2 dd, then of chunk 2 dd + 1.
-      uint32_t vb[4];
-      LdMatrixX4Trans(vb, SmemAddr(vs + SwzFp8<Tr::kRowBytes>(
-                                            sub * 16 + ((mi & 1) << 3) + (lane & 7),
-                                            2 * dd + (mi >> 1))));
+      uint32_t even[2][2], odd[2][2];
+      LoadFp8VPairs<Tr::kRowBytes>(vs, sub, dd, lane, even, odd);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        uint32_t a[4];  // rows g: even dims, rows g + 8: odd dims
-        Fp8x4ToHalf2x2(__byte_perm(vb[2 * j], 0, 0x3120), a[0], a[1]);
-        Fp8x4ToHalf2x2(__byte_perm(vb[2 * j + 1], 0, 0x3120), a[2], a[3]);
+        // rows g: the even dims, rows g + 8: the odd dims
+        const uint32_t a[4] = {even[j][0], odd[j][0], even[j][1], odd[j][1]};
         Mma16816<__half>(acc[2 * dd + j], a, pb0, pb1);
       }
     }

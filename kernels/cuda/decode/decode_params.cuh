@@ -148,6 +148,25 @@ __device__ __forceinline__ int SwzFp8(int row, int chunk) {
   }
 }
 
+// Keys [16 sub, 16 sub + 16) of dims [32 dd, 32 dd + 32) of a warp's fp8 V stage, widened to
+// fp16 pairs of two keys: a transposed ldmatrix of the bytes gives a thread keys 2c, 2c + 1 of
+// dims 2g, 2g + 1 of each 16-dim block j, and the byte permute splits them into even[j][h]
+// (dim 32 dd + 16 j + 2g) and odd[j][h] (that dim + 1), for keys 8h + 2c, 8h + 2c + 1.
+template <int kRowBytes, typename KV>
+__device__ __forceinline__ void LoadFp8VPairs(const KV* vs, int sub, int dd, int lane,
+                                              uint32_t (&even)[2][2], uint32_t (&odd)[2][2]) {
+  const int mi = lane >> 3;
+  uint32_t vb[4];  // keys 0-7 | 8-15 of chunk 2 dd, then of chunk 2 dd + 1
+  LdMatrixX4Trans(vb, SmemAddr(vs + SwzFp8<kRowBytes>(sub * 16 + ((mi & 1) << 3) + (lane & 7),
+                                                      2 * dd + (mi >> 1))));
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      Fp8x4ToHalf2x2(__byte_perm(vb[2 * j + h], 0, 0x3120), even[j][h], odd[j][h]);
+    }
+}
+
 }  // namespace attnd::kernels::cuda::detail
 
 #endif  // ATTND_KERNELS_CUDA_DECODE_DECODE_PARAMS_CUH_
