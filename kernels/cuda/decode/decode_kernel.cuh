@@ -282,6 +282,70 @@ __device__ __forceinline__ int SwzKv(int row, int chunk) {
   }
 }
 
+// A warp's cp.async pipeline over its slice of every tile of an item: lane l resolves rows l,
+// l + 32, ... (mod kWarpTokens) of a slice (their K offsets and whether they are visible), and
+// Issue copies a resolved slice's K and V rows, and per-token scales, into one of its stages.
+template <typename Tr, typename KV>
+struct WarpSlicePipe {
+  using Refs = SliceRows<Tr::kRowsPerLane>;
+  const DecodeParams& p;
+  const KV* kv;              // the kv head's elements in the layer
+  const float* head_scales;  // per-token pools: the kv head's scales in the layer
+  const int32_t* pages;      // the request's page table
+  int t0, t1;                // the item's tokens
+  int warp, lane;
+  KV* stages;                // the warp's kStages stages of K then V rows
+  float* stage_scales;       // per-token pools: [stage][K | V][token of the slice]
+
+  __device__ __forceinline__ void Resolve(int tile, Refs& refs) const {
+    constexpr int kWT = Tr::kWarpTokens;
+#pragma unroll
+    for (int h = 0; h < Tr::kRowsPerLane; ++h) {
+      const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + ((lane + 32 * h) & (kWT - 1));
+      refs.valid[h] = tok < t1;
+      refs.off[h] = 0;
+      refs.scale_off[h] = 0;
+      if (refs.valid[h]) {
+        uint32_t pg, slot;
+        p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
+        const int64_t page = __ldg(pages + pg);
+        refs.off[h] = page * p.page_stride + slot * p.slot_stride;
+        if constexpr (Tr::kTokenScales) refs.scale_off[h] = page * p.page_scales + slot;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void Issue(int stage, const Refs& refs) const {
+    constexpr int D = Tr::kHeadDim, kWT = Tr::kWarpTokens;
+    KV* ks = stages + stage * Tr::kStageElems;
+#pragma unroll
+    for (int i = 0; i < Tr::kLoadsPerLane; ++i) {
+      const int idx = lane + 32 * i;
+      const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
+      // Row r is lane r % 32's row h = r / 32, the same for every lane at this i (kChunks
+      // divides 32), so known when unrolled.
+      constexpr int kRowsPerI = 32 / Tr::kChunks;
+      const int h = (i * kRowsPerI) >> 5;
+      const int64_t off_r = __shfl_sync(0xffffffffu, refs.off[h], r & 31);
+      const bool valid_r = __shfl_sync(0xffffffffu, static_cast<int>(refs.valid[h]), r & 31) != 0;
+      const KV* src = kv + off_r + ch * Tr::kChunkElems;
+      const uint32_t dst = SmemAddr(ks + SwzKv<Tr>(r, ch));
+      CpAsync16(dst, src, valid_r);
+      CpAsync16(dst + kWT * D * sizeof(KV), src + p.v_offset, valid_r);
+    }
+    if constexpr (Tr::kTokenScales) {
+      float* sc = stage_scales + stage * 2 * kWT;
+#pragma unroll
+      for (int h = 0; h < Tr::kRowsPerLane; ++h) {
+        const int r = lane + 32 * h;  // kWT >= 32 for fp8: each row is one lane's
+        const float* src = head_scales + refs.scale_off[h];
+        CpAsync4(SmemAddr(sc + r), src, refs.valid[h]);
+        CpAsync4(SmemAddr(sc + kWT + r), src + p.scale_v_offset, refs.valid[h]);
+      }
+    }
+  }
+};
+
 template <typename KV, int D, bool kKeyRows = false>
 using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>, kKeyRows>;
 
@@ -354,54 +418,9 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
     const int n_items = __ldg(item_indptr + b + 1) - first_item;
     const int num_tiles = t1 > t0 ? (t1 - t0 + Tr::kTileTokens - 1) / Tr::kTileTokens : 0;
 
-    // Lane l resolves rows l, l + 32, ... (mod kWT) of a warp slice: their K offsets and
-    // whether they are visible.
     using Refs = SliceRows<Tr::kRowsPerLane>;
-    auto resolve = [&](int tile, Refs& refs) {
-#pragma unroll
-      for (int h = 0; h < Tr::kRowsPerLane; ++h) {
-        const int tok = t0 + tile * Tr::kTileTokens + warp * kWT + ((lane + 32 * h) & (kWT - 1));
-        refs.valid[h] = tok < t1;
-        refs.off[h] = 0;
-        refs.scale_off[h] = 0;
-        if (refs.valid[h]) {
-          uint32_t pg, slot;
-          p.page_div.Divmod(static_cast<uint32_t>(tok), pg, slot);
-          const int64_t page = __ldg(pages + pg);
-          refs.off[h] = page * p.page_stride + slot * p.slot_stride;
-          if constexpr (Tr::kTokenScales) refs.scale_off[h] = page * p.page_scales + slot;
-        }
-      }
-    };
-    auto issue = [&](int stage, const Refs& refs) {
-      KV* ks = my_pipe + stage * Tr::kStageElems;
-#pragma unroll
-      for (int i = 0; i < Tr::kLoadsPerLane; ++i) {
-        const int idx = lane + 32 * i;
-        const int r = idx / Tr::kChunks, ch = idx % Tr::kChunks;
-        // Row r is lane r % 32's row h = r / 32, the same for every lane at this i (kChunks
-        // divides 32), so known when unrolled.
-        constexpr int kRowsPerI = 32 / Tr::kChunks;
-        const int h = (i * kRowsPerI) >> 5;
-        const int64_t off_r = __shfl_sync(0xffffffffu, refs.off[h], r & 31);
-        const bool valid_r =
-            __shfl_sync(0xffffffffu, static_cast<int>(refs.valid[h]), r & 31) != 0;
-        const KV* src = kv + off_r + ch * Tr::kChunkElems;
-        const uint32_t dst = SmemAddr(ks + SwzKv<Tr>(r, ch));
-        CpAsync16(dst, src, valid_r);
-        CpAsync16(dst + kWT * D * sizeof(KV), src + p.v_offset, valid_r);
-      }
-      if constexpr (Tr::kTokenScales) {
-        float* sc = my_scales + stage * 2 * kWT;
-#pragma unroll
-        for (int h = 0; h < Tr::kRowsPerLane; ++h) {
-          const int r = lane + 32 * h;  // kWT >= 32 for fp8: each row is one lane's
-          const float* src = head_scales + refs.scale_off[h];
-          CpAsync4(SmemAddr(sc + r), src, refs.valid[h]);
-          CpAsync4(SmemAddr(sc + kWT + r), src + p.scale_v_offset, refs.valid[h]);
-        }
-      }
-    };
+    const WarpSlicePipe<Tr, KV> slices{p, kv, head_scales, pages, t0, t1, warp, lane, my_pipe,
+                                       my_scales};
 
     // Page-table entries of the first S tiles (they do not depend on the previous kernel on
     // the stream), then, once that kernel's results are visible (a no-op unless launched as a
@@ -409,7 +428,7 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
     // pipeline prologue, all in flight together.
     Refs refs[S];
 #pragma unroll
-    for (int s = 0; s < S; ++s) resolve(s, refs[s]);
+    for (int s = 0; s < S; ++s) slices.Resolve(s, refs[s]);
     GridDependencyWait();
     {
       const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + qo_head0 * p.q_sh;
@@ -422,7 +441,7 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
     }
 #pragma unroll
     for (int s = 0; s < S - 1; ++s) {
-      if (s < num_tiles) issue(s, refs[s]);
+      if (s < num_tiles) slices.Issue(s, refs[s]);
       CpAsyncCommit();
     }
     Refs next_refs = refs[S - 1];
@@ -465,9 +484,9 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
 
     for (int k = 0; k < num_tiles; ++k) {
       __syncwarp();
-      if (k + S - 1 < num_tiles) issue((k + S - 1) % S, next_refs);
+      if (k + S - 1 < num_tiles) slices.Issue((k + S - 1) % S, next_refs);
       CpAsyncCommit();
-      resolve(k + S, next_refs);  // its page-table load overlaps this tile's math
+      slices.Resolve(k + S, next_refs);  // its page-table load overlaps this tile's math
       CpAsyncWait<S - 1>();
       __syncwarp();
 
