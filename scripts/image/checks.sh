@@ -7,6 +7,11 @@
 # The client: $ATTND_IMAGE_CLIENT (an attnctl built on this host; the test command passes its
 # own) run on the host, else the image's attnctl in a second container sharing the same socket
 # folder and IPC namespace.
+#
+# image.sh runs under pipefail, so a producer piped into grep must not meet `grep -q`: grep
+# would stop at the first match and the producer's next write (docker logs writes stdout and
+# stderr apart) fail with SIGPIPE, failing a check that matched (the likely cause of one CI
+# failure: "no fallback to the CPU backend" right after the container reported healthy).
 
 check_work=""
 check_containers=()
@@ -34,7 +39,7 @@ for _ in range(500):
 metrics_show() {
   local port=$1 line=$2
   for _ in $(seq 1 20); do
-    if curl -sf "http://127.0.0.1:$port/metrics" | grep -q "$line"; then return 0; fi
+    if curl -sf "http://127.0.0.1:$port/metrics" | grep "$line" >/dev/null; then return 0; fi
     sleep 0.5
   done
   echo "image: /metrics on port $port never showed $line" >&2
@@ -105,7 +110,7 @@ stop_attnd() {
   ms=$((($(date +%s%N) - start) / 1000000))
   code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
   echo "image: $1: docker stop took ${ms} ms, exit $code" >&2
-  docker logs "$cid" 2>&1 | grep -q 'level=info stopped' &&
+  docker logs "$cid" 2>&1 | grep 'level=info stopped' >/dev/null &&
     [ "$code" = 0 ] && [ "$ms" -lt 30000 ]
 }
 
@@ -134,7 +139,7 @@ check_cpu() {
   start_attnd "$image" 10001:10001 --tcp_address="127.0.0.1:$tport" --insecure_tcp \
     --metrics_port="$mport" --metrics_bind=127.0.0.1 --backend=auto --pages_per_device=8192
   wait_healthy "$image"
-  docker logs "$cid" 2>&1 | grep -q 'backend=cpu'
+  docker logs "$cid" 2>&1 | grep 'backend=cpu' >/dev/null
   client 10001:10001 "$image" "unix:$sockdir" health >/dev/null
   client 10001:10001 "$image" "tcp:$tport" health >/dev/null
   metrics_show "$mport" '^attnd_pages_total{device="0"} 8192'
@@ -159,7 +164,7 @@ check_cuda() {
     { echo "image: $image: not a CUDA build? $out" >&2; return 1; }
   start_attnd "$image" 0:0 --metrics_port=0 --backend=auto --pages_per_device=8192
   wait_healthy "$image"
-  docker logs "$cid" 2>&1 | grep -q 'backend=cpu' ||
+  docker logs "$cid" 2>&1 | grep 'backend=cpu' >/dev/null ||
     { echo "image: $image: no fallback to the CPU backend" >&2; return 1; }
   client 0:0 "$image" "unix:$sockdir" health >/dev/null
   client 0:0 "$image" "unix:$sockdir" demo >"$check_work/demo-cuda.out" 2>&1 ||
