@@ -380,8 +380,8 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
   const int kvh = blockIdx.x / p.m_blocks;
   const int row0 = (blockIdx.x - kvh * p.m_blocks) * Tr::kRows;
   const int nrows = min(Tr::kRows, p.group - row0);
-  // GQA groups of up to 8 heads leave every thread's second fragment row (g + 8) empty: its
-  // logits and exponentials are skipped (CTA-uniform).
+  // Query rows: a block of up to 8 heads (the last of a group such as 24) leaves every thread's
+  // second fragment row (g + 8) empty: its logits and exponentials are skipped (CTA-uniform).
   const bool upper_rows = !kKeyRows && nrows > 8;
   const int qo_head0 = kvh * p.group + row0;
   const KV* kv = static_cast<const KV*>(p.kv_layer) + kvh * p.head_stride +
