@@ -254,8 +254,9 @@ TEST(PerTokenAppend, AnOutlierChangesOnlyItsOwnRowsScaleAndCodes) {
   for (int64_t e = 0; e < d; ++e) EXPECT_EQ(after[codes_at + e], want.codes[e]) << "element " << e;
 }
 
-// fmax semantics: a NaN element is left out of its row's maximum (and stored as the NaN code).
-TEST(PerTokenAppend, ANanElementDoesNotChangeItsRowsScale) {
+// fmax semantics: a NaN element is left out of its row's maximum (and stored as the NaN code):
+// the row quantizes as it would with that element 0.
+TEST(PerTokenAppend, ANanElementIsLeftOutOfItsRowsScale) {
   const uint32_t seed = FreshSeed();
   SCOPED_TRACE("seed " + std::to_string(seed));
   std::mt19937 rng(seed);
@@ -266,7 +267,10 @@ TEST(PerTokenAppend, ANanElementDoesNotChangeItsRowsScale) {
   const auto v = RandomTensor(total * heads * d, shape.dtype, 1.0f, rng);
   const int64_t t = static_cast<int64_t>(rng() % total), h = static_cast<int64_t>(rng() % heads);
   const int64_t x = static_cast<int64_t>(rng() % d);
-  const QuantizedRow clean = ExpectedRow(RowOf(k, shape.dtype, heads, d, t, h));
+  // Without the element: the expectation (the element may have been the row's largest).
+  std::vector<float> without = RowOf(k, shape.dtype, heads, d, t, h);
+  without[x] = 0.0f;
+  const QuantizedRow clean = ExpectedRow(without);
   StoreFromFloat(k.data(), (t * heads + h) * d + x, shape.dtype,
                  std::numeric_limits<float>::quiet_NaN());
   const std::vector<uint8_t> pool = AppendTwice(shape, table, total, k, v);
