@@ -37,8 +37,8 @@ std::vector<int64_t> RandomSlots(const KvCacheShape& sh, int64_t n, std::mt19937
   return slots;
 }
 
-// A two-layer fp8 pool of the case's shape with room for its tokens and 50 more slots.
-KvCacheShape Fp8Shape(const AppendCase& c, DType dtype, KvStorage storage) {
+// A two-layer pool of the case's shape with room for its tokens and 50 more slots.
+KvCacheShape PoolShape(const AppendCase& c, DType dtype, KvStorage storage) {
   KvCacheShape sh;
   sh.num_layers = 2;
   sh.page_size = c.page_size;
@@ -57,15 +57,7 @@ TEST_P(AppendVsHost, Bitwise) {
   SKIP_WITHOUT_GPU();
   const AppendCase c = GetParam();
   std::mt19937_64 rng(std::random_device{}());
-  KvCacheShape sh;
-  sh.num_layers = 2;
-  sh.page_size = c.page_size;
-  sh.num_kv_heads = c.kv_heads;
-  sh.head_dim = c.head_dim;
-  sh.layout = c.layout;
-  sh.dtype = DType::kBFloat16;
-  const int64_t slots_needed = c.num_tokens + 50;
-  sh.num_pages = (slots_needed + c.page_size - 1) / c.page_size + 2;
+  const KvCacheShape sh = PoolShape(c, DType::kBFloat16, KvStorage::kModelDType);
   const int64_t layer = 1;
   std::vector<uint16_t> pool(sh.TotalElems());
   RandomFill16(&pool, sh.dtype, 1.f, rng());
@@ -115,7 +107,7 @@ TEST_P(AppendVsHost, Fp8QuantizesLikeTheHostEncoder) {
   const AppendCase c = GetParam();
   std::mt19937_64 rng(std::random_device{}());
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-    const KvCacheShape sh = Fp8Shape(c, dtype, KvStorage::kFp8E4M3);
+    const KvCacheShape sh = PoolShape(c, dtype, KvStorage::kFp8E4M3);
     const int64_t layer = 1;
     std::uniform_real_distribution<float> scale(0.01f, 0.5f);
     const std::vector<float> scales = {scale(rng), scale(rng), scale(rng), scale(rng)};
@@ -181,7 +173,7 @@ TEST_P(AppendVsHost, Fp8PerTokenScalesEachRowByItsOwnMaximum) {
   const AppendCase c = GetParam();
   std::mt19937_64 rng(std::random_device{}());
   for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-    const KvCacheShape sh = Fp8Shape(c, dtype, KvStorage::kFp8E4M3PerToken);
+    const KvCacheShape sh = PoolShape(c, dtype, KvStorage::kFp8E4M3PerToken);
     const int64_t layer = 1;
     std::vector<uint8_t> pool(sh.TotalBytes());
     for (auto& b : pool) b = static_cast<uint8_t>(rng());  // codes and scales: poison
