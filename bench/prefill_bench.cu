@@ -126,6 +126,7 @@ struct PrefillRun {
   std::vector<int32_t> plan;
   int32_t* d_plan = nullptr;
   float *po = nullptr, *pl = nullptr;
+  int* counters = nullptr;
   cuda::PrefillArgs a;
 
   void Init(int dev, const Batch& b, bool det,
@@ -169,6 +170,12 @@ struct PrefillRun {
     }
     a.ws.partial_out = po;
     a.ws.partial_lse = pl;
+    // As the server runs it: the Hopper kernel's persistent grid. ATTND_BENCH_PREFILL_STATIC=1:
+    // a CTA per (item, kv head) instead (experiments).
+    CK(cudaMalloc(&counters, w.counter_bytes));
+    CK(cudaMemset(counters, 0, w.counter_bytes));
+    const char* static_grid = std::getenv("ATTND_BENCH_PREFILL_STATIC");
+    if (static_grid == nullptr || std::atoi(static_grid) == 0) a.ws.work_counters = counters;
     a.may_merge = plan[1] > 0;
     // As the server decides it: the kernel without ping-pong for batches of narrow items.
     a.wide_items = false;
@@ -187,6 +194,7 @@ struct PrefillRun {
     cudaFree(d_plan);
     cudaFree(po);
     cudaFree(pl);
+    cudaFree(counters);
   }
 };
 

@@ -198,7 +198,7 @@ PrefillPlanLayout MakePrefillPlanLayout(int max_batch, int64_t max_total_q, int6
 }
 
 int64_t PrefillWorkspaceSizes::Total() const {
-  return plan_bytes + partial_out_bytes + partial_lse_bytes;
+  return plan_bytes + partial_out_bytes + partial_lse_bytes + counter_bytes;
 }
 
 PrefillWorkspaceSizes PrefillWorkspaceFor(const PrefillPlanLayout& layout, int64_t num_kv_heads,

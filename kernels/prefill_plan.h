@@ -81,9 +81,11 @@ PrefillPlanLayout MakePrefillPlanLayout(int max_batch, int64_t max_total_q, int6
 
 // Device bytes of each buffer of a prefill workspace (cuda::PrefillWorkspace) for a layout: the
 // plan (layout.TotalInts() ints) and the fp32 partial states of layout.max_partials slots, each
-// num_kv_heads x kPrefillWideRows rows of head_dim values and one lse.
+// num_kv_heads x kPrefillWideRows rows of head_dim values and one lse, and the work
+// counters.
 struct PrefillWorkspaceSizes {
   int64_t plan_bytes = 0, partial_out_bytes = 0, partial_lse_bytes = 0;
+  int64_t counter_bytes = 8;  // the Hopper kernel's work counters (2 ints, zeroed once)
   int64_t Total() const;
 };
 PrefillWorkspaceSizes PrefillWorkspaceFor(const PrefillPlanLayout& layout, int64_t num_kv_heads,

@@ -62,6 +62,7 @@ absl::Status Workspaces::Allocate(const ServerConfig& config, cudaStream_t strea
       {&decode_partial_lse_, decode.partial_lse_bytes, "decode partial lse"},
       {&prefill_partial_out_, prefill.partial_out_bytes, "prefill partial outputs"},
       {&prefill_partial_lse_, prefill.partial_lse_bytes, "prefill partial lse"},
+      {&prefill_counters_, prefill.counter_bytes, "prefill work counters"},
   };
   for (const Want& want : wants) {
     auto buffer = AllocateDevice(static_cast<size_t>(want.bytes), want.what);
@@ -73,6 +74,10 @@ absl::Status Workspaces::Allocate(const ServerConfig& config, cudaStream_t strea
   ATTND_CUDA_RETURN(cudaMemsetAsync(counters_.get(), 0, static_cast<size_t>(decode.counter_bytes),
                                     stream),
                     "zero merge counters");
+  // So does the Hopper prefill kernel its work counters.
+  ATTND_CUDA_RETURN(cudaMemsetAsync(prefill_counters_.get(), 0,
+                                    static_cast<size_t>(prefill.counter_bytes), stream),
+                    "zero prefill work counters");
   return absl::OkStatus();
 }
 
@@ -128,6 +133,7 @@ kernels::cuda::PrefillArgs Workspaces::PrefillArgs(const kernels::cuda::PagedKv&
   a.ws.grid_y = static_cast<int>(std::min<int64_t>(std::max<int64_t>(num_items, 1), 65535));
   a.ws.partial_out = static_cast<float*>(prefill_partial_out_.get());
   a.ws.partial_lse = static_cast<float*>(prefill_partial_lse_.get());
+  a.ws.work_counters = static_cast<int*>(prefill_counters_.get());
   a.may_merge = num_merges > 0;
   return a;
 }

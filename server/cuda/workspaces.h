@@ -77,7 +77,7 @@ class Workspaces {
   size_t bytes_ = 0;
   DeviceBuffer plan_, indices_, slots_, counters_;
   DeviceBuffer decode_partial_out_, decode_partial_lse_;
-  DeviceBuffer prefill_partial_out_, prefill_partial_lse_;
+  DeviceBuffer prefill_partial_out_, prefill_partial_lse_, prefill_counters_;
 };
 
 }  // namespace attnd

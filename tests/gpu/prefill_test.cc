@@ -204,6 +204,49 @@ TEST(Prefill, KernelWithoutPingPongGivesTheSameBits) {
   }
 }
 
+// The Hopper kernel's persistent grid (CTAs taking (item, kv head) units from a counter) gives
+// the same bits as a CTA per unit, for batches of narrow requests, long ones and both, and
+// leaves its counters zero for the next launch (run twice).
+TEST(Prefill, PersistentGridGivesTheSameBitsAsACtaPerUnit) {
+  SKIP_WITHOUT_GPU();
+  if (!cuda::HopperPrefillAvailable(0, 128)) GTEST_SKIP() << "no Hopper prefill kernel here";
+  std::mt19937 rng(std::random_device{}());
+  std::vector<Req> narrow(40, Req{1, 0});
+  for (Req& q : narrow) q.kv_len = 1 + static_cast<int>(rng() % 3000);
+  std::vector<Req> mixed = DefaultReqs();
+  mixed.insert(mixed.end(), narrow.begin(), narrow.begin() + 12);
+  for (const std::vector<Req>& reqs : {narrow, DefaultReqs(), mixed}) {
+    for (bool det : {false, true}) {
+      DecodeProblemSpec s;
+      PrefillProblem p;
+      p.Build(s, reqs, rng());
+      PrefillRunner r;
+      r.kernel = cuda::PrefillKernel::kHopper;
+      r.Init(p, det);
+      r.Upload(p);
+      r.Plan(p);
+      std::vector<uint16_t> out[3];
+      std::vector<float> lse[3];
+      for (int run = 0; run < 3; ++run) {  // a CTA per unit, then the persistent grid twice
+        r.persistent = run > 0;
+        r.Poison();
+        ATTND_STATUS_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
+        ATTND_CUDA_OK(cudaDeviceSynchronize());
+        out[run] = r.out.Download();
+        lse[run] = r.lse.Download();
+        EXPECT_EQ(r.counters.Download(), std::vector<int32_t>(2, 0)) << run;
+      }
+      for (int run = 1; run < 3; ++run) {
+        EXPECT_EQ(0, std::memcmp(out[0].data(), out[run].data(), out[0].size() * 2)) << det;
+        EXPECT_EQ(0, std::memcmp(lse[0].data(), lse[run].data(), lse[0].size() * 4)) << det;
+      }
+      const Stats st = Check(p, out[1], lse[1]);
+      EXPECT_TRUE(st.finite);
+      EXPECT_LT(st.rel, Tolerance(s.dtype));
+    }
+  }
+}
+
 // A 2000-token prompt prefilled in chunks of 512: the last chunk's output (deterministic mode)
 // is bitwise the same alone, in a mixed batch of decodes and other chunks, and through a graph
 // captured for the bigger batch; it also matches the reference.

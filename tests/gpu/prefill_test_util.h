@@ -95,6 +95,10 @@ struct PrefillRunner {
   KvCacheShape staged_shape;
   int grid_y = 0;
   cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto;
+  // The Hopper kernel's work counters, as the server passes them (a persistent grid); false: a
+  // CTA per item.
+  bool persistent = true;
+  DeviceBuffer<int32_t> counters;
 
   void Init(const PrefillProblem& p, bool det, int fixed_chunk = 512, int64_t max_total_q = 0,
             int64_t max_kv = 0, int max_batch = 0) {
@@ -116,6 +120,8 @@ struct PrefillRunner {
     plan.Resize(w.plan_bytes / 4);
     partial_out.Resize(std::max<int64_t>(1, w.partial_out_bytes / 4));
     partial_lse.Resize(std::max<int64_t>(1, w.partial_lse_bytes / 4));
+    counters.Resize(w.counter_bytes / 4);
+    counters.Fill(0);
   }
   void Upload(const PrefillProblem& p) {
     pool.Resize(p.pool.size());
@@ -187,6 +193,7 @@ struct PrefillRunner {
     a.ws.grid_y = grid_y;
     a.ws.partial_out = partial_out.get();
     a.ws.partial_lse = partial_lse.get();
+    a.ws.work_counters = persistent ? counters.get() : nullptr;
     a.kernel = kernel;
     return a;
   }

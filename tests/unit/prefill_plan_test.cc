@@ -221,7 +221,8 @@ TEST(PrefillPlan, WorkspaceSizesFollowTheLayout) {
   EXPECT_EQ(w.plan_bytes, small.TotalInts() * 4);
   EXPECT_EQ(w.partial_out_bytes, small.max_partials * 8 * kPrefillWideRows * 128 * 4);
   EXPECT_EQ(w.partial_lse_bytes, small.max_partials * 8 * kPrefillWideRows * 4);
-  EXPECT_EQ(w.Total(), w.plan_bytes + w.partial_out_bytes + w.partial_lse_bytes);
+  EXPECT_EQ(w.Total(),
+            w.plan_bytes + w.partial_out_bytes + w.partial_lse_bytes + w.counter_bytes);
   for (const PrefillPlanLayout& bigger :
        {MakePrefillPlanLayout(64, 4096, 8192, cfg), MakePrefillPlanLayout(8, 16384, 8192, cfg),
         MakePrefillPlanLayout(8, 4096, 65536, cfg)}) {

@@ -69,6 +69,31 @@ class OncePerDevice {
   std::atomic<uint64_t> done_{0};
 };
 
+// The CTAs of one kernel configuration that the device holds at once (SMs x occupancy): whether
+// a grid runs in one wave, or a persistent grid's size. Asked once per device (the first 64),
+// not on every launch; `device` must be current.
+class ResidentCtas {
+ public:
+  cudaError_t Get(int device, const void* kernel, int threads, size_t smem_bytes, int* ctas) {
+    const bool cached = device >= 0 && device < 64;
+    if (cached && (*ctas = known_[device].load(std::memory_order_relaxed)) > 0) {
+      return cudaSuccess;
+    }
+    int sms = 0, blocks = 0;
+    cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (e == cudaSuccess) {
+      e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem_bytes);
+    }
+    if (e != cudaSuccess) return e;
+    *ctas = sms * blocks > 0 ? sms * blocks : 1;
+    if (cached) known_[device].store(*ctas, std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+
+ private:
+  std::atomic<int> known_[64] = {};
+};
+
 // Lets `kernel` take `bytes` of dynamic shared memory (over the 48 KiB default) on `device`,
 // which must be current.
 inline cudaError_t AllowDynamicSmem(OncePerDevice& once, int device, const void* kernel,

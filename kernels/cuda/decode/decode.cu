@@ -36,13 +36,22 @@ bool UseKeyRows(int64_t group) {
 }
 
 template <typename T, typename KV, int D, bool kKeyRows>
-cudaError_t LaunchDecodeKernel(const detail::DecodeParams& p, dim3 grid, bool overlap,
+cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
                                cudaStream_t stream) {
   using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D, kKeyRows>(device);
+  static detail::ResidentCtas resident;
+  int ctas = 0;
+  if (e == cudaSuccess) {
+    e = resident.Get(device,
+                     reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows>),
+                     Tr::kThreads, Tr::kSmemBytes, &ctas);
+  }
   if (e != cudaSuccess) return e;
+  // Dependents start early only behind a grid of one wave (DecodeParams::trigger_tiles).
+  p.trigger_tiles = grid.x * grid.y <= static_cast<unsigned>(ctas) ? ATTND_DECODE_TRIGGER_TILES : 0;
   return detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D, kKeyRows>, grid,
                               dim3(Tr::kThreads), Tr::kSmemBytes, stream, overlap, p);
 }

@@ -5,6 +5,7 @@
 #ifndef ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
 #define ATTND_KERNELS_CUDA_DECODE_DECODE_KERNEL_CUH_
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -482,7 +483,13 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
 #pragma unroll
     for (int n = 0; n < kAccTiles; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 
+    // Programmatic dependents may launch once every CTA is this close to its end.
+    const int trigger_tile = item + static_cast<int>(gridDim.y) >= num_items && p.trigger_tiles > 0
+                                 ? num_tiles - p.trigger_tiles
+                                 : INT_MAX;
+    if (trigger_tile <= 0) LaunchDependents();
     for (int k = 0; k < num_tiles; ++k) {
+      if (k == trigger_tile) LaunchDependents();
       __syncwarp();
       if (k + S - 1 < num_tiles) slices.Issue((k + S - 1) % S, next_refs);
       CpAsyncCommit();
@@ -516,7 +523,7 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
                            qo_head0, nrows, warp, lane, last_flag);
     __syncthreads();  // the next item reuses q_smem and the pipeline buffers
   }
-  LaunchDependents();  // lets a programmatic (PDL) merge launch start early
+  LaunchDependents();  // a column without items, or none that reached its trigger tile
 }
 
 }  // namespace attnd::kernels::cuda::detail

@@ -164,6 +164,7 @@ detail::PrefillParams MakePrefillParams(const PrefillArgs& a) {
   p.merges_offset = static_cast<int>(a.ws.layout.MergesOffset());
   p.partial_out = a.ws.partial_out;
   p.partial_lse = a.ws.partial_lse;
+  p.work_counters = a.ws.work_counters;
   return p;
 }
 

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -33,8 +34,17 @@ template <typename T, int D, bool kPingPong>
 cudaError_t LaunchHopperPrefillKernel(const PrefillParams& p, dim3 grid, int device,
                                       cudaStream_t stream) {
   using Tr = HopperPrefillTraits<D>;
-  const cudaError_t e = PrepareHopperKernel<T, D, kPingPong>(device);
+  cudaError_t e = PrepareHopperKernel<T, D, kPingPong>(device);
   if (e != cudaSuccess) return e;
+  if (p.work_counters != nullptr) {  // persistent: a CTA per slot, no more than the units' grid
+    static ResidentCtas resident;
+    int ctas = 0;
+    e = resident.Get(device,
+                     reinterpret_cast<const void*>(&BatchPrefillHopperKernel<T, D, kPingPong>),
+                     Tr::kThreads, Tr::kSmemBytes, &ctas);
+    if (e != cudaSuccess) return e;
+    grid = dim3(std::min(static_cast<unsigned>(ctas), grid.x * grid.y));
+  }
   BatchPrefillHopperKernel<T, D, kPingPong><<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

@@ -34,6 +34,78 @@ struct HopperSmem {
   __device__ uint32_t full_v(int s) const { return full_k(Tr::kKSlots) + 8 * s; }
   __device__ uint32_t empty_k(int s) const { return full_v(Tr::kVSlots) + 8 * s; }
   __device__ uint32_t empty_v(int s) const { return empty_k(Tr::kKSlots) + 8 * s; }
+  // The work ring (persistent grid): unit n sits in entry n % 2.
+  __device__ uint32_t work_full(int e) const { return base + Tr::kWorkOffset + 8 * e; }
+  __device__ uint32_t work_empty(int e) const { return work_full(2) + 8 * e; }
+  __device__ uint32_t work_unit(int e) const { return work_full(4) + 4 * e; }
+};
+
+// A unit of work: one item of the plan for one kv head. item == num_items: no more.
+struct WorkUnit {
+  int item, kvh;
+};
+
+// Which units a CTA runs. Without p.work_counters: kv head blockIdx.x, items blockIdx.y,
+// + gridDim.y, ... (a CTA per item; the hardware dispatches them in plan order, longest first).
+// With them: a persistent grid takes units w = item * kv_heads + kvh in that order from a device
+// counter, the same greedy schedule without a CTA's launch and start per unit, and the
+// producer loads the next unit's keys while the consumers finish the last. The producer's thread
+// 0 takes the units and passes them to the consumers through a two-entry ring.
+template <int D>
+struct WorkQueue {
+  const PrefillParams& p;
+  const HopperSmem<D>& sm;
+  int num_items;
+
+  __device__ WorkUnit Decode(int w) const {
+    const int total = num_items * p.num_kv_heads;
+    if (w >= total) return {num_items, 0};
+    return {w / p.num_kv_heads, w % p.num_kv_heads};
+  }
+  __device__ WorkUnit Static(int n) const {
+    const int item = static_cast<int>(blockIdx.y + n * gridDim.y);
+    return {min(item, num_items), static_cast<int>(blockIdx.x)};
+  }
+  // The producer warpgroup's n-th unit (all 128 threads).
+  __device__ WorkUnit ProducerNext(int n) const {
+    if (p.work_counters == nullptr) return Static(n);
+    const int e = n & 1;
+    if (threadIdx.x == 0) {
+      MbarWait(sm.work_empty(e), ((n >> 1) & 1) ^ 1);
+      const int w = atomicAdd(p.work_counters, 1);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sm.work_unit(e)), "r"(w) : "memory");
+      MbarArriveIf(sm.work_full(e), true);  // releases the entry to the consumers
+    }
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");  // ProducerSync: the entry is written
+    int w;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(sm.work_unit(e)) : "memory");
+    return Decode(w);
+  }
+  // A consumer thread's n-th unit.
+  __device__ WorkUnit ConsumerNext(int n, int lane) const {
+    if (p.work_counters == nullptr) return Static(n);
+    const int e = n & 1;
+    MbarWait(sm.work_full(e), (n >> 1) & 1);
+    int w;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(sm.work_unit(e)) : "memory");
+    __syncwarp();
+    MbarArriveIf(sm.work_empty(e), lane == 0);
+    return Decode(w);
+  }
+  // After the last unit (every thread): the last CTA to finish zeroes the counters for the
+  // next launch; every CTA took its last unit before it counts itself finished.
+  __device__ void Finish() const {
+    if (p.work_counters == nullptr) return;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      if (atomicAdd(p.work_counters + 1, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
+        __threadfence();
+        atomicExch(p.work_counters, 0);
+        atomicExch(p.work_counters + 1, 0);
+      }
+    }
+  }
 };
 
 // Tile g (the CTA's g-th wide tile) in a ring of kSlots: its slot, and the parity of the phase
@@ -503,10 +575,14 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
       MbarInit(sm.full_v(s), Tr::kProducerThreads);
       MbarInit(sm.empty_v(s), Tr::kConsumerThreads / 32);
     }
+    for (int e = 0; e < 2; ++e) {
+      MbarInit(sm.work_full(e), 1);
+      MbarInit(sm.work_empty(e), Tr::kConsumerThreads / 32);
+    }
   }
   __syncthreads();
-  const int kvh = blockIdx.x;
   const int num_items = __ldg(p.plan);
+  const WorkQueue<D> work{p, sm, num_items};
   const int4* items = reinterpret_cast<const int4*>(p.plan + p.items_offset);
   auto item_at = [&](int item) {
     const int4 a = __ldg(items + 2 * item);
@@ -520,35 +596,40 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
   // reuses the whole buffer, so nothing of a wide item may be in flight around it.
   if (threadIdx.x < Tr::kProducerThreads) {
     ShrinkRegisters<Tr::kProducerRegs>();
-    for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
-      const ItemDesc it = item_at(item);
+    for (int n = 0;; ++n) {
+      const WorkUnit u = work.ProducerNext(n);
+      if (u.item >= num_items) break;
+      const ItemDesc it = item_at(u.item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
         __syncthreads();
         __syncthreads();
       } else {
-        ProduceItem<T, D>(p, it, kvh, smem, sm, g);
+        ProduceItem<T, D>(p, it, u.kvh, smem, sm, g);
       }
     }
   } else {
     GrowRegisters<Tr::kConsumerRegs>();
     const int wg = __shfl_sync(0xffffffffu, (threadIdx.x - Tr::kProducerThreads) >> 7, 0);
     if (wg == 1) PassTurn<kPingPong>(wg);  // warpgroup 0 goes first
-    for (int item = blockIdx.y; item < num_items; item += gridDim.y) {
-      const ItemDesc it = item_at(item);
+    for (int n = 0;; ++n) {
+      const WorkUnit u = work.ConsumerNext(n, threadIdx.x & 31);
+      if (u.item >= num_items) break;
+      const ItemDesc it = item_at(u.item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
         __syncthreads();
-        RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, kvh, 0, smem);
+        RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, u.kvh, 0, smem);
         __syncthreads();
       } else {
         if (p.soft_cap) {
-          ConsumeItem<T, D, true, kPingPong>(p, it, kvh, smem, sm, g);
+          ConsumeItem<T, D, true, kPingPong>(p, it, u.kvh, smem, sm, g);
         } else {
-          ConsumeItem<T, D, false, kPingPong>(p, it, kvh, smem, sm, g);
+          ConsumeItem<T, D, false, kPingPong>(p, it, u.kvh, smem, sm, g);
         }
       }
     }
     if (wg == 0) AwaitTurn<kPingPong>(wg);  // takes warpgroup 1's last pass: none left pending
   }
+  work.Finish();
   LaunchDependents();
 #else
   __trap();  // built without sm_90a code: the host never picks this kernel then

@@ -36,6 +36,9 @@ struct PrefillParams {
   int merges_offset;
   float* partial_out;  // [slot][kv_head][kPrefillWideRows][D]
   float* partial_lse;  // [slot][kv_head][kPrefillWideRows], log2 units
+  // Hopper kernel: non-null, a persistent grid whose CTAs take (item, kv head) units from
+  // work_counters[0] (work_counters[1] counts finished CTAs); both zero between launches.
+  int* work_counters;
 };
 
 struct ItemDesc {
@@ -153,10 +156,12 @@ struct HopperPrefillTraits {
   static constexpr int kRegionBytes = kWideBytes > HopperNarrowTraits<D>::kSmemBytes
                                           ? kWideBytes
                                           : HopperNarrowTraits<D>::kSmemBytes;
-  // full K, full V, empty K, empty V: one barrier per slot each
+  // full K, full V, empty K, empty V: one barrier per slot each; then the work ring's full and
+  // empty barriers and its two units (a persistent grid's)
   static constexpr int kBarrierOffset = kRegionBytes;
+  static constexpr int kWorkOffset = kBarrierOffset + 16 * (kKSlots + kVSlots);
   static constexpr int kAlignSlack = 1024;  // swizzle atoms start at 1024-byte boundaries
-  static constexpr int kSmemBytes = kAlignSlack + kBarrierOffset + 16 * (kKSlots + kVSlots);
+  static constexpr int kSmemBytes = kAlignSlack + kWorkOffset + 2 * 16 + 2 * 4;
   static constexpr int kLoadsPerThread = kKeys * kChunks / kProducerThreads;  // per K or V tile
   static_assert(D == 64 || D == 128, "wgmma N of P V is head_dim");
   static_assert(kRows == 2 * 64, "two consumer warpgroups of 64 rows");
