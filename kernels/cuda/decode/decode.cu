@@ -50,8 +50,11 @@ cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
                      Tr::kThreads, Tr::kSmemBytes, &ctas);
   }
   if (e != cudaSuccess) return e;
-  // Dependents start early only behind a grid of one wave (DecodeParams::trigger_tiles).
-  p.trigger_tiles = grid.x * grid.y <= static_cast<unsigned>(ctas) ? ATTND_DECODE_TRIGGER_TILES : 0;
+  // Dependents start early only behind a grid of one wave that merges its own requests
+  // (DecodeParams::trigger_tiles): the deterministic mode's merge kernel gains nothing from an
+  // early start, and the decode after it depends on it, not on this grid.
+  const bool one_wave = grid.x * grid.y <= static_cast<unsigned>(ctas);
+  p.trigger_tiles = one_wave && p.fused_merge ? ATTND_DECODE_TRIGGER_TILES : 0;
   return detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D, kKeyRows>, grid,
                               dim3(Tr::kThreads), Tr::kSmemBytes, stream, overlap, p);
 }

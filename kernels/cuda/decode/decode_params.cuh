@@ -86,9 +86,9 @@ struct DecodeParams {
 // How many tiles before their end a column's CTAs signal programmatic dependents (PDL): the
 // next decode or the merge then launches, and its CTAs take the slots ours free and run their
 // prologue during our tail (their GridDependencyWait still waits for the whole grid). Measured
-// on an H200 against signalling at the end: B1 L4096 11% faster, B16-B128 0.5-1.4%. Only for a
-// grid of one wave: behind a second wave it cost head_dim-64 fp8 3.5% (5% when signalled at
-// the start). 0: at the end (experiments).
+// on an H200 against signalling at the end: B1 L4096 11% faster, B16 2%, B32 L32768 1%. Only
+// for a grid of one wave: behind a second wave it cost head_dim-64 fp8 3.5% (5% when signalled
+// at the start); and not in deterministic mode (B1 2% slower). 0: at the end (experiments).
 #ifndef ATTND_DECODE_TRIGGER_TILES
 #define ATTND_DECODE_TRIGGER_TILES 4
 #endif

