@@ -17,6 +17,7 @@
 #include "kernels/cuda/common/wgmma.cuh"
 #include "kernels/cuda/prefill/prefill_item.cuh"
 #include "kernels/cuda/prefill/prefill_params.cuh"
+#include "kernels/cuda/prefill/prefill_work_queue.cuh"
 #include "kernels/prefill_plan.h"
 
 namespace attnd::kernels::cuda::detail {
@@ -38,74 +39,6 @@ struct HopperSmem {
   __device__ uint32_t work_full(int e) const { return base + Tr::kWorkOffset + 8 * e; }
   __device__ uint32_t work_empty(int e) const { return work_full(2) + 8 * e; }
   __device__ uint32_t work_unit(int e) const { return work_full(4) + 4 * e; }
-};
-
-// A unit of work: one item of the plan for one kv head. item == num_items: no more.
-struct WorkUnit {
-  int item, kvh;
-};
-
-// Which units a CTA runs. Without p.work_counters: kv head blockIdx.x, items blockIdx.y,
-// + gridDim.y, ... (a CTA per item; the hardware dispatches them in plan order, longest first).
-// With them: a persistent grid takes units w = item * kv_heads + kvh in that order from a device
-// counter, the same greedy schedule without a CTA's launch and start per unit, and the
-// producer loads the next unit's keys while the consumers finish the last. The producer's thread
-// 0 takes the units and passes them to the consumers through a two-entry ring.
-template <int D>
-struct WorkQueue {
-  const PrefillParams& p;
-  const HopperSmem<D>& sm;
-  int num_items;
-
-  __device__ WorkUnit Decode(int w) const {
-    const int total = num_items * p.num_kv_heads;
-    if (w >= total) return {num_items, 0};
-    return {w / p.num_kv_heads, w % p.num_kv_heads};
-  }
-  __device__ WorkUnit Static(int n) const {
-    const int item = static_cast<int>(blockIdx.y + n * gridDim.y);
-    return {min(item, num_items), static_cast<int>(blockIdx.x)};
-  }
-  // The producer warpgroup's n-th unit (all 128 threads).
-  __device__ WorkUnit ProducerNext(int n) const {
-    if (p.work_counters == nullptr) return Static(n);
-    const int e = n & 1;
-    if (threadIdx.x == 0) {
-      MbarWait(sm.work_empty(e), ((n >> 1) & 1) ^ 1);
-      const int w = atomicAdd(p.work_counters, 1);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sm.work_unit(e)), "r"(w) : "memory");
-      MbarArriveIf(sm.work_full(e), true);  // releases the entry to the consumers
-    }
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");  // ProducerSync: the entry is written
-    int w;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(sm.work_unit(e)) : "memory");
-    return Decode(w);
-  }
-  // A consumer thread's n-th unit.
-  __device__ WorkUnit ConsumerNext(int n, int lane) const {
-    if (p.work_counters == nullptr) return Static(n);
-    const int e = n & 1;
-    MbarWait(sm.work_full(e), (n >> 1) & 1);
-    int w;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(sm.work_unit(e)) : "memory");
-    __syncwarp();
-    MbarArriveIf(sm.work_empty(e), lane == 0);
-    return Decode(w);
-  }
-  // After the last unit (every thread): the last CTA to finish zeroes the counters for the
-  // next launch; every CTA took its last unit before it counts itself finished.
-  __device__ void Finish() const {
-    if (p.work_counters == nullptr) return;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      if (atomicAdd(p.work_counters + 1, 1) == static_cast<int>(gridDim.x * gridDim.y) - 1) {
-        __threadfence();
-        atomicExch(p.work_counters, 0);
-        atomicExch(p.work_counters + 1, 0);
-      }
-    }
-  }
 };
 
 // Tile g (the CTA's g-th wide tile) in a ring of kSlots: its slot, and the parity of the phase
@@ -582,7 +515,7 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
   }
   __syncthreads();
   const int num_items = __ldg(p.plan);
-  const WorkQueue<D> work{p, sm, num_items};
+  const WorkQueue work{p, sm.work_full(0), sm.work_empty(0), sm.work_unit(0), num_items};
   const int4* items = reinterpret_cast<const int4*>(p.plan + p.items_offset);
   auto item_at = [&](int item) {
     const int4 a = __ldg(items + 2 * item);
