@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <ostream>
 #include <random>
 #include <string>
@@ -166,6 +167,40 @@ TEST(Prefill, SmallGridLoopsOverItems) {
   EXPECT_EQ(0, std::memcmp(lse1.data(), r.lse.Download().data(), lse1.size() * 4));
 }
 
+// Launches the Hopper kernel over one problem once per variant (`vary` sets the runner and the
+// launch's arguments for variant v, `after` checks the runner after it) and expects every
+// variant to give variant 0's bits, and those to match the fp64 reference.
+void ExpectVariantsGiveTheSameBits(
+    const std::vector<Req>& reqs, bool det, uint32_t seed, int variants,
+    const std::function<void(int, PrefillRunner&, cuda::PrefillArgs&)>& vary,
+    const std::function<void(int, PrefillRunner&)>& after = nullptr) {
+  DecodeProblemSpec s;
+  PrefillProblem p;
+  p.Build(s, reqs, seed);
+  PrefillRunner r;
+  r.kernel = cuda::PrefillKernel::kHopper;
+  r.Init(p, det);
+  r.Upload(p);
+  r.Plan(p);
+  std::vector<std::vector<uint16_t>> out(variants);
+  std::vector<std::vector<float>> lse(variants);
+  for (int v = 0; v < variants; ++v) {
+    r.Poison();
+    cuda::PrefillArgs a = r.Args(p);
+    vary(v, r, a);
+    ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, nullptr));
+    ATTND_CUDA_OK(cudaDeviceSynchronize());
+    out[v] = r.out.Download();
+    lse[v] = r.lse.Download();
+    if (after) after(v, r);
+    EXPECT_EQ(0, std::memcmp(out[0].data(), out[v].data(), out[0].size() * 2)) << det << v;
+    EXPECT_EQ(0, std::memcmp(lse[0].data(), lse[v].data(), lse[0].size() * 4)) << det << v;
+  }
+  const Stats st = Check(p, out[0], lse[0]);
+  EXPECT_TRUE(st.finite);
+  EXPECT_LT(st.rel, Tolerance(s.dtype));
+}
+
 // The Hopper kernel without ping-pong (what a batch of narrow requests gets) gives the same
 // bits as the default one, for narrow batches and, though the server never asks it to, for
 // wide ones: ping-pong orders only when each warpgroup issues its GEMMs. Both are right.
@@ -176,30 +211,10 @@ TEST(Prefill, KernelWithoutPingPongGivesTheSameBits) {
   for (size_t i = 0; i < narrow.size(); ++i) narrow[i].kv_len = 1 + static_cast<int>(i * 97);
   for (const std::vector<Req>& reqs : {narrow, DefaultReqs()}) {
     for (bool det : {false, true}) {
-      DecodeProblemSpec s;
-      PrefillProblem p;
-      p.Build(s, reqs, std::random_device{}());
-      PrefillRunner r;
-      r.kernel = cuda::PrefillKernel::kHopper;
-      r.Init(p, det);
-      r.Upload(p);
-      r.Plan(p);
-      std::vector<uint16_t> out[2];
-      std::vector<float> lse[2];
-      for (int wide = 0; wide < 2; ++wide) {
-        r.Poison();
-        cuda::PrefillArgs a = r.Args(p);
-        a.wide_items = wide != 0;
-        ATTND_STATUS_OK(cuda::LaunchBatchPrefill(a, nullptr));
-        ATTND_CUDA_OK(cudaDeviceSynchronize());
-        out[wide] = r.out.Download();
-        lse[wide] = r.lse.Download();
-      }
-      EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * 2)) << det;
-      EXPECT_EQ(0, std::memcmp(lse[0].data(), lse[1].data(), lse[0].size() * 4)) << det;
-      const Stats st = Check(p, out[0], lse[0]);
-      EXPECT_TRUE(st.finite);
-      EXPECT_LT(st.rel, Tolerance(s.dtype));
+      ExpectVariantsGiveTheSameBits(reqs, det, std::random_device{}(), 2,
+                                    [](int v, PrefillRunner&, cuda::PrefillArgs& a) {
+                                      a.wide_items = v != 0;
+                                    });
     }
   }
 }
@@ -217,32 +232,15 @@ TEST(Prefill, PersistentGridGivesTheSameBitsAsACtaPerUnit) {
   mixed.insert(mixed.end(), narrow.begin(), narrow.begin() + 12);
   for (const std::vector<Req>& reqs : {narrow, DefaultReqs(), mixed}) {
     for (bool det : {false, true}) {
-      DecodeProblemSpec s;
-      PrefillProblem p;
-      p.Build(s, reqs, rng());
-      PrefillRunner r;
-      r.kernel = cuda::PrefillKernel::kHopper;
-      r.Init(p, det);
-      r.Upload(p);
-      r.Plan(p);
-      std::vector<uint16_t> out[3];
-      std::vector<float> lse[3];
-      for (int run = 0; run < 3; ++run) {  // a CTA per unit, then the persistent grid twice
-        r.persistent = run > 0;
-        r.Poison();
-        ATTND_STATUS_OK(cuda::LaunchBatchPrefill(r.Args(p), nullptr));
-        ATTND_CUDA_OK(cudaDeviceSynchronize());
-        out[run] = r.out.Download();
-        lse[run] = r.lse.Download();
-        EXPECT_EQ(r.counters.Download(), std::vector<int32_t>(2, 0)) << run;
-      }
-      for (int run = 1; run < 3; ++run) {
-        EXPECT_EQ(0, std::memcmp(out[0].data(), out[run].data(), out[0].size() * 2)) << det;
-        EXPECT_EQ(0, std::memcmp(lse[0].data(), lse[run].data(), lse[0].size() * 4)) << det;
-      }
-      const Stats st = Check(p, out[1], lse[1]);
-      EXPECT_TRUE(st.finite);
-      EXPECT_LT(st.rel, Tolerance(s.dtype));
+      // A CTA per unit, then the persistent grid twice.
+      ExpectVariantsGiveTheSameBits(
+          reqs, det, rng(), 3,
+          [](int v, PrefillRunner& r, cuda::PrefillArgs& a) {
+            a.ws.work_counters = v > 0 ? r.counters.get() : nullptr;
+          },
+          [](int v, PrefillRunner& r) {
+            EXPECT_EQ(r.counters.Download(), std::vector<int32_t>(2, 0)) << v;
+          });
     }
   }
 }

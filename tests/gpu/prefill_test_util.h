@@ -95,9 +95,7 @@ struct PrefillRunner {
   KvCacheShape staged_shape;
   int grid_y = 0;
   cuda::PrefillKernel kernel = cuda::PrefillKernel::kAuto;
-  // The Hopper kernel's work counters, as the server passes them (a persistent grid); false: a
-  // CTA per item.
-  bool persistent = true;
+  // The Hopper kernel's work counters, passed as the server passes them (a persistent grid).
   DeviceBuffer<int32_t> counters;
 
   void Init(const PrefillProblem& p, bool det, int fixed_chunk = 512, int64_t max_total_q = 0,
@@ -193,7 +191,7 @@ struct PrefillRunner {
     a.ws.grid_y = grid_y;
     a.ws.partial_out = partial_out.get();
     a.ws.partial_lse = partial_lse.get();
-    a.ws.work_counters = persistent ? counters.get() : nullptr;
+    a.ws.work_counters = counters.get();
     a.kernel = kernel;
     return a;
   }
