@@ -11,8 +11,10 @@
 // position (causal), lo is 0 or the sliding window's start for its first query.
 //
 // A work item is (tile, keys [t0, t1)); the grid is kv_heads x grid_y CTAs and column y runs
-// items y, y + grid_y, ... Items are sorted by cost (keys), longest first, so that the hardware's
-// in-order dispatch of CTAs gives a longest-first greedy schedule. A tile cut into several items
+// items y, y + grid_y, ... (the Hopper kernel given work counters instead runs a persistent grid
+// whose CTAs take (item, kv head) units in this order). Items are sorted by cost (keys), longest
+// first, so that the hardware's in-order dispatch of CTAs (or the counter) gives a longest-first
+// greedy schedule. A tile cut into several items
 // ("pieces") writes fp32 partial states into consecutive partial slots, merged in key order by a
 // second kernel (one "merge" per cut tile); an uncut tile writes the output directly.
 //
