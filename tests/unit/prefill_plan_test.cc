@@ -221,6 +221,7 @@ TEST(PrefillPlan, WorkspaceSizesFollowTheLayout) {
   EXPECT_EQ(w.plan_bytes, small.TotalInts() * 4);
   EXPECT_EQ(w.partial_out_bytes, small.max_partials * 8 * kPrefillWideRows * 128 * 4);
   EXPECT_EQ(w.partial_lse_bytes, small.max_partials * 8 * kPrefillWideRows * 4);
+  EXPECT_EQ(w.counter_bytes, 2 * 4);  // the Hopper kernel's two work counters
   EXPECT_EQ(w.Total(),
             w.plan_bytes + w.partial_out_bytes + w.partial_lse_bytes + w.counter_bytes);
   for (const PrefillPlanLayout& bigger :

@@ -48,7 +48,6 @@ __device__ __forceinline__ uint32_t RingSlot(uint32_t g) { return g % kSlots; }
 template <int kSlots>
 __device__ __forceinline__ uint32_t RingParity(uint32_t g) { return (g / kSlots) & 1; }
 
-__device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 2, 128;\n" ::: "memory"); }
 // Ping-pong between the consumer warpgroups (FlashAttention-3): a warpgroup issues its GEMMs
 // only after the other issued its own, so one's softmax runs under the other's GEMMs. Barrier
 // 5 + wg is warpgroup wg's turn. The kernel comes with and without it (kPingPong): the one

@@ -10,6 +10,9 @@
 
 namespace attnd::kernels::cuda::detail {
 
+// Barrier 2: the producer warpgroup's 128 threads.
+__device__ __forceinline__ void ProducerSync() { asm volatile("bar.sync 2, 128;\n" ::: "memory"); }
+
 // A unit of work: one item of the plan for one kv head. item == num_items: no more.
 struct WorkUnit {
   int item, kvh;
@@ -45,7 +48,7 @@ struct WorkQueue {
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(units + 4 * e), "r"(w) : "memory");
       MbarArriveIf(full + 8 * e, true);  // releases the entry to the consumers
     }
-    asm volatile("bar.sync 2, 128;\n" ::: "memory");  // bar 2: ProducerSync
+    ProducerSync();  // the entry is written
     int w;
     asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(units + 4 * e) : "memory");
     return Decode(w);
