@@ -34,8 +34,9 @@ namespace attnd::kernels::cuda {
 // (layout.max_batch * cfg.kv_head_blocks ints) must be zeroed once when allocated, and every
 // launch leaves them zeroed. With `deterministic` (which must match the plan's config) a second
 // kernel, launched as a programmatic dependent, does the merges instead: with many items per
-// CTA that is cheaper than fusing. Both give the same bits for a given plan whatever the rest
-// of the batch. Launches that share a workspace must be ordered (one stream).
+// CTA that is cheaper than fusing (fused, measured on an H200 with bf16: from 1% faster to 5%
+// slower at B16-B256, 23% slower at B32 L32768). Both give the same bits for a given plan
+// whatever the rest of the batch. Launches that share a workspace must be ordered (one stream).
 // DecodeWorkspaceFor (kernels/decode_plan.h) gives the bytes of each buffer.
 struct DecodeWorkspace {
   const int32_t* plan = nullptr;  // DecodePlanLayout::TotalInts() ints, on the device

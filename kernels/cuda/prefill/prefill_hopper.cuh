@@ -69,6 +69,15 @@ __device__ __forceinline__ void PassTurn(int wg) {
 __device__ __forceinline__ void WarpgroupSync(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(3 + wg) : "memory");
 }
+// All kThreads of the CTA, around a narrow item, which the producer and the consumers reach from
+// different statements: the barrier without .aligned allows that; __syncthreads and bar.sync
+// (barrier.sync.aligned) do not (compute-sanitizer synccheck: "Divergent thread(s) in block").
+// Named barriers: 1 the narrow body's, 2 the producer's, 3-4 the warpgroups', 5-6 the
+// ping-pong's, 7 this.
+template <int kThreads>
+__device__ __forceinline__ void RolesSync() {
+  asm volatile("barrier.sync 7, %0;\n" ::"n"(kThreads) : "memory");
+}
 
 // The producer warpgroup: K(t) and V(t) of every tile of a wide item into their rings' slots for
 // g, g counting the CTA's wide tiles. Each thread's copies arrive on the slot's "full" barrier when
@@ -509,7 +518,7 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
     }
     for (int e = 0; e < 2; ++e) {
       MbarInit(sm.work_full(e), 1);
-      MbarInit(sm.work_empty(e), Tr::kConsumerThreads / 32);
+      MbarInit(sm.work_empty(e), Tr::kConsumerThreads);
     }
   }
   __syncthreads();
@@ -533,8 +542,8 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
       if (u.item >= num_items) break;
       const ItemDesc it = item_at(u.item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
-        __syncthreads();
-        __syncthreads();
+        RolesSync<Tr::kThreads>();
+        RolesSync<Tr::kThreads>();
       } else {
         ProduceItem<T, D>(p, it, u.kvh, smem, sm, g);
       }
@@ -544,13 +553,13 @@ __global__ void __launch_bounds__(HopperPrefillTraits<D>::kThreads, 1)
     const int wg = __shfl_sync(0xffffffffu, (threadIdx.x - Tr::kProducerThreads) >> 7, 0);
     if (wg == 1) PassTurn<kPingPong>(wg);  // warpgroup 0 goes first
     for (int n = 0;; ++n) {
-      const WorkUnit u = work.ConsumerNext(n, threadIdx.x & 31);
+      const WorkUnit u = work.ConsumerNext(n);
       if (u.item >= num_items) break;
       const ItemDesc it = item_at(u.item);
       if (it.q_len * p.group <= kPrefillDecodeRows) {
-        __syncthreads();
+        RolesSync<Tr::kThreads>();
         RunItem<T, D, true, 1, HopperNarrowTraits<D>>(p, it, u.kvh, 0, smem);
-        __syncthreads();
+        RolesSync<Tr::kThreads>();
       } else {
         if (p.soft_cap) {
           ConsumeItem<T, D, true, kPingPong>(p, it, u.kvh, smem, sm, g);

@@ -48,20 +48,23 @@ struct WorkQueue {
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(units + 4 * e), "r"(w) : "memory");
       MbarArriveIf(full + 8 * e, true);  // releases the entry to the consumers
     }
+    __syncwarp();    // warp 0 whole again: the named barrier is aligned (bar.sync)
     ProducerSync();  // the entry is written
     int w;
     asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(units + 4 * e) : "memory");
     return Decode(w);
   }
   // A consumer thread's n-th unit.
-  __device__ WorkUnit ConsumerNext(int n, int lane) const {
+  __device__ WorkUnit ConsumerNext(int n) const {
     if (p.work_counters == nullptr) return Static(n);
     const int e = n & 1;
     MbarWait(full + 8 * e, (n >> 1) & 1);
     int w;
     asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(w) : "r"(units + 4 * e) : "memory");
-    __syncwarp();
-    MbarArriveIf(empty + 8 * e, lane == 0);
+    // Every reader releases its own read (the barrier counts all consumer threads), the ordering
+    // compute-sanitizer racecheck follows; one arrival per warp after __syncwarp is as correct,
+    // but racecheck reports it as a hazard with the producer's next write.
+    MbarArriveIf(empty + 8 * e, true);
     return Decode(w);
   }
   // After the last unit (every thread): the last CTA to finish zeroes the counters for the
