@@ -213,6 +213,10 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
   cfg.deterministic = det;
   if (c.waves == 0) cfg.ctas_per_sm = 1; else cfg.ctas_per_sm *= c.waves;
   if (c.min_chunk > 0) cfg.min_chunk_tokens = c.min_chunk;
+  // Deterministic mode's chunk (experiments; the rows print the chunk they ran with).
+  if (const char* chunk = std::getenv("ATTND_BENCH_DET_CHUNK")) {
+    cfg.fixed_chunk_tokens = std::atoi(chunk);
+  }
   const DecodePlanLayout layout = MakeDecodePlanLayout(c.batch, c.len, cfg);
   const int grid_x = DecodeGridX(c.batch, cfg);
   std::vector<int32_t> plan(layout.TotalInts());
