@@ -9,6 +9,7 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -178,6 +179,47 @@ TEST(Decode, LongSequence32k) {
     EXPECT_TRUE(st.finite);
     EXPECT_LT(st.rel, 1e-2);
     EXPECT_LT(st.lse_max, 2e-3);
+  }
+}
+
+// Deterministic plans with small chunks on the fewest columns (one per request): every column
+// runs many items, of one tile up to many, and empty ones, one after another through its ring,
+// each loading the next item's first tiles and query rows while it finishes. Both layouts (key
+// rows, query rows with q in registers or read from shared memory), fp8 with either scales.
+TEST(Decode, ColumnsThatRunManyItemsMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  std::vector<std::pair<std::string, DecodeProblemSpec>> specs;
+  auto add = [&](std::string name, auto mutate) {
+    DecodeProblemSpec s;
+    mutate(s);
+    specs.emplace_back(std::move(name), s);
+  };
+  add("bf16_d128_g4", [](DecodeProblemSpec&) {});
+  add("fp16_d64_g16_page3", [](DecodeProblemSpec& s) { s.dtype = DType::kFloat16; s.head_dim = 64; s.qo_heads = 32; s.kv_heads = 2; s.page_size = 3; });
+  add("bf16_d256_g16", [](DecodeProblemSpec& s) { s.head_dim = 256; s.qo_heads = 32; s.kv_heads = 2; });
+  add("fp8_bf16_d128", [](DecodeProblemSpec& s) { s.fp8 = true; });
+  add("fp8_bf16_d64_window", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.window_left = 700; });
+  add("fp8pt_bf16_d128_g12", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.qo_heads = 24; s.kv_heads = 2; });
+  add("fp8pt_bf16_d256", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 256; s.qo_heads = 8; s.kv_heads = 2; });
+  for (const auto& [name, spec] : specs) {
+    for (int chunk : {1, 200}) {  // rounded up to whole tiles: items of one tile, or of a few
+      DecodeProblem p;
+      p.Build(spec, {0, 1, 300, 4097, 16, 0, 1000, 65, 2500}, std::random_device{}());
+      DecodeRunner r;
+      r.Init(spec, p.batch(), 8192, /*deterministic=*/true, chunk);
+      r.grid_x = p.batch();
+      r.Plan(p.lens, p.indptr);
+      ASSERT_GT(r.plan_host[0], r.grid_x) << name;  // columns that run several items
+      DeviceProblem d;
+      d.Upload(p);
+      d.Poison();
+      ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
+      ATTND_CUDA_OK(cudaDeviceSynchronize());
+      const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+      EXPECT_TRUE(st.finite) << name << " chunk " << chunk;
+      EXPECT_LT(st.rel, Tolerance(spec.dtype)) << name << " chunk " << chunk;
+      EXPECT_LT(st.lse_max, 2e-3) << name << " chunk " << chunk;
+    }
   }
 }
 
