@@ -54,6 +54,23 @@ ErrorStats Check(const DecodeProblem& p, const std::vector<uint16_t>& out,
   return st;
 }
 
+// Uploads p, poisons the outputs, runs the decode with r's plan on the default stream and
+// compares with the reference; `out`, when given, receives the output.
+ErrorStats RunAndCheck(const DecodeProblem& p, const DecodeRunner& r,
+                       std::vector<uint16_t>* out = nullptr) {
+  DeviceProblem d;
+  d.Upload(p);
+  d.Poison();
+  const absl::Status launched = cuda::LaunchBatchDecode(d.Args(p, r), nullptr);
+  EXPECT_TRUE(launched.ok()) << launched;
+  const cudaError_t synced = cudaDeviceSynchronize();
+  EXPECT_EQ(synced, cudaSuccess) << cudaGetErrorString(synced);
+  std::vector<uint16_t> got = d.out.Download();
+  const ErrorStats st = Check(p, got, d.lse.Download());
+  if (out != nullptr) *out = std::move(got);
+  return st;
+}
+
 double Tolerance(DType t) { return t == DType::kBFloat16 ? 1e-2 : 2e-3; }
 
 struct Case {
@@ -142,12 +159,7 @@ TEST_P(DecodeVsReference, MatchesFp64) {
     DecodeRunner r;
     r.Init(c.spec, p.batch(), 8192, c.deterministic, 512);
     r.Plan(p.lens, p.indptr);
-    DeviceProblem d;
-    d.Upload(p);
-    d.Poison();
-    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
-    ATTND_CUDA_OK(cudaDeviceSynchronize());
-    const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+    const ErrorStats st = RunAndCheck(p, r);
     EXPECT_TRUE(st.finite) << c.name;
     EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
     EXPECT_LT(st.lse_max, 2e-3) << c.name;
@@ -170,12 +182,7 @@ TEST(Decode, LongSequence32k) {
     DecodeRunner r;
     r.Init(s, 2, 40000, det != 0);
     r.Plan(p.lens, p.indptr);
-    DeviceProblem d;
-    d.Upload(p);
-    d.Poison();
-    ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
-    ATTND_CUDA_OK(cudaDeviceSynchronize());
-    const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+    const ErrorStats st = RunAndCheck(p, r);
     EXPECT_TRUE(st.finite);
     EXPECT_LT(st.rel, 1e-2);
     EXPECT_LT(st.lse_max, 2e-3);
@@ -210,12 +217,7 @@ TEST(Decode, ColumnsThatRunManyItemsMatchTheReference) {
       r.grid_x = p.batch();
       r.Plan(p.lens, p.indptr);
       ASSERT_GT(r.plan_host[0], r.grid_x) << name;  // columns that run several items
-      DeviceProblem d;
-      d.Upload(p);
-      d.Poison();
-      ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
-      ATTND_CUDA_OK(cudaDeviceSynchronize());
-      const ErrorStats st = Check(p, d.out.Download(), d.lse.Download());
+      const ErrorStats st = RunAndCheck(p, r);
       EXPECT_TRUE(st.finite) << name << " chunk " << chunk;
       EXPECT_LT(st.rel, Tolerance(spec.dtype)) << name << " chunk " << chunk;
       EXPECT_LT(st.lse_max, 2e-3) << name << " chunk " << chunk;
@@ -231,13 +233,8 @@ TEST(Decode, PaddedEntriesGiveZeroAndMinusInfinity) {
   DecodeRunner r;
   r.Init(s, 8, 4096, false);
   r.Plan(p.lens, p.indptr);
-  DeviceProblem d;
-  d.Upload(p);
-  d.Poison();
-  ATTND_STATUS_OK(cuda::LaunchBatchDecode(d.Args(p, r), nullptr));
-  ATTND_CUDA_OK(cudaDeviceSynchronize());
-  const auto out = d.out.Download();
-  const ErrorStats st = Check(p, out, d.lse.Download());
+  std::vector<uint16_t> out;
+  const ErrorStats st = RunAndCheck(p, r, &out);
   EXPECT_TRUE(st.finite);
   EXPECT_LT(st.rel, 1e-2);
   for (int64_t i = 0; i < p.q_sb; ++i) EXPECT_EQ(out[i], 0) << i;  // request 0 is padding
