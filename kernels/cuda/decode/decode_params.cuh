@@ -64,7 +64,7 @@ struct DecodeParams {
 // at head_dim 64, two per lane): the work per token, not the bytes in flight, bounds it (16-token
 // slices with deeper rings measured slower). Not the conversions, though: widening by bit moves
 // (seven integer operations per four bytes, the 2^-8 they leave folded into the scales) measured
-// 2-12% slower than cvt.rn.f16x2.e4m3x2 on an H200, and a two-operation stand-in no faster (ncu:
+// 1-12% slower than cvt.rn.f16x2.e4m3x2 on an H200, and a two-operation stand-in no faster (ncu:
 // 27% of issue slots busy, waits on loads the largest stall). A pool with per-token scales also
 // stages each token's K and V scale (4-byte copies in the same group): the K scale multiplies
 // the token's logit, and the V scale times 256 its probability before P.V (the 256, undone
