@@ -190,9 +190,10 @@ TEST(Decode, LongSequence32k) {
 }
 
 // Deterministic plans with small chunks on the fewest columns (one per request): every column
-// runs many items, of one tile up to many, and empty ones, one after another through its ring,
-// each loading the next item's first tiles and query rows while it finishes. Both layouts (key
-// rows, query rows with q in registers or read from shared memory), fp8 with either scales.
+// runs many items one after another (of one tile up to many, and the empty item of a request
+// with no keys), each restarting the CTA's pipeline and query rows; the merge kernel then joins
+// each split request's items. Both layouts (key rows, query rows with q in registers or read
+// from shared memory), fp8 with either scales.
 TEST(Decode, ColumnsThatRunManyItemsMatchTheReference) {
   SKIP_WITHOUT_GPU();
   std::vector<std::pair<std::string, DecodeProblemSpec>> specs;
