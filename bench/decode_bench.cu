@@ -6,6 +6,7 @@
 //
 //   decode_bench [--csv FILE] [--quick] [--only B,L,D]   (--only: the cases of that batch,
 //   length and head_dim, e.g. for a profiler)
+//   decode_bench --sweep | --layouts   (experiments: grid splits and PDL; KV layouts and pages)
 #include <cuda_runtime.h>
 
 #include <cuda_bf16.h>
@@ -112,7 +113,7 @@ Ceilings MeasureCeilings(cudaStream_t s) {
   return {read_gbs, copy_gbs};
 }
 
-std::vector<DecodeCase> Cases(bool quick, bool sweep, bool append_only) {
+std::vector<DecodeCase> Cases(bool quick, bool sweep, bool layouts, bool append_only) {
   std::vector<DecodeCase> cases = {
       {1, 4096, 32, 8, 128, 16},   {16, 4096, 32, 8, 128, 16},  {64, 4096, 32, 8, 128, 16},
       {128, 2048, 32, 8, 128, 16}, {256, 1024, 32, 8, 128, 16}, {32, 32768, 32, 8, 128, 16},
@@ -141,6 +142,26 @@ std::vector<DecodeCase> Cases(bool quick, bool sweep, bool append_only) {
     }
     cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, true});
     cases.push_back({32, 32768, 32, 8, 128, 16, KvLayout::kNHD, 1, 0, false});
+  }
+  if (layouts) {  // experiments: how the KV layout and page size move the streaming rate
+    cases.clear();
+    for (int d : {64, 128}) {
+      for (bool fp8 : {false, true}) {
+        for (KvLayout l : {KvLayout::kNHD, KvLayout::kHND}) {
+          DecodeCase c{d == 64 ? 64 : 16, 4096, 32, 8, d, 16, l};
+          c.fp8 = fp8;
+          cases.push_back(c);
+        }
+        DecodeCase c{d == 64 ? 64 : 16, 4096, 32, 8, d, 64};
+        c.fp8 = fp8;
+        cases.push_back(c);
+        if (d == 128) {  // one item a request: no merge, but one CTA per SM
+          c = DecodeCase{16, 4096, 32, 8, d, 16, KvLayout::kNHD, 1, 4096};
+          c.fp8 = fp8;
+          cases.push_back(c);
+        }
+      }
+    }
   }
   if (append_only) cases.clear();
   return cases;
@@ -251,7 +272,7 @@ bool TimeDecode(const DecodeCase& c, const DecodeInputs& in, int dev, bool det, 
   a.out_stride_b = a.q_stride_b;
   a.out_stride_h = c.d;
   a.lse = in.lse;
-  a.ws = {d_plan, layout, grid_x, po, pl, counters};
+  a.ws = {d_plan, layout, grid_x, po, pl, counters, cfg.kv_head_blocks};
   a.deterministic = cfg.deterministic;
   a.overlap_previous = c.pdl;
   CK(cudaDeviceSynchronize());  // pageable copies may still be in flight
@@ -376,7 +397,7 @@ int main(int argc, char** argv) {
   const char* csv_path = nullptr;
   bool quick = false;
   bool append_only = false;
-  bool sweep = false;
+  bool sweep = false, layouts = false;
   int only[3] = {0, 0, 0};
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
@@ -386,6 +407,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--append-only")) append_only = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
+    if (!std::strcmp(argv[i], "--layouts")) layouts = true;
   }
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -403,13 +425,13 @@ int main(int argc, char** argv) {
   csv.Emit({"ceiling", "read", 0, ceilings.read_gbs, 100});
   csv.Emit({"ceiling", "copy", 0, ceilings.copy_gbs, 100});
 
-  const std::vector<DecodeCase> cases = Cases(quick, sweep, append_only);
+  const std::vector<DecodeCase> cases = Cases(quick, sweep, layouts, append_only);
   std::mt19937 rng(5);
   for (const DecodeCase& c : cases) {
     if (only[0] > 0 && (c.batch != only[0] || c.len != only[1] || c.d != only[2])) continue;
     DecodeInputs in;
     in.Init(c, s, rng);
-    for (int det = 0; det < (sweep ? 1 : 2); ++det) {
+    for (int det = 0; det < (sweep || layouts ? 1 : 2); ++det) {
       const bool warm_up = (&c == &cases.front() || only[0] > 0) && det == 0;
       if (!TimeDecode(c, in, dev, det != 0, warm_up, s, ceilings.read_gbs, csv)) return 1;
     }

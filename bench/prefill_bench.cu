@@ -240,7 +240,7 @@ struct DecodeRun {
     a.q_stride_h = b.d;
     a.out_stride_b = a.q_stride_b;
     a.out_stride_h = b.d;
-    a.ws = {d_plan, layout, grid_x, po, pl, counters};
+    a.ws = {d_plan, layout, grid_x, po, pl, counters, cfg.kv_head_blocks};
     CK(cudaDeviceSynchronize());
   }
   void Launch(const Batch& b, int copy, cudaStream_t s) {

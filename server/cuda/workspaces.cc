@@ -105,6 +105,7 @@ kernels::cuda::DecodeArgs Workspaces::DecodeArgs(const kernels::cuda::PagedKv& k
   a.ws.partial_out = static_cast<float*>(decode_partial_out_.get());
   a.ws.partial_lse = static_cast<float*>(decode_partial_lse_.get());
   a.ws.counters = static_cast<int*>(counters_.get());
+  a.ws.kv_head_blocks = decode_config(deterministic).kv_head_blocks;
   a.deterministic = deterministic;
   return a;
 }

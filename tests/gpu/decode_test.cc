@@ -141,6 +141,15 @@ std::vector<Case> Cases() {
   add("fp8pt_bf16_group8_softcap", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.qo_heads = 64; s.soft_cap = 5.0f; });
   add("fp8pt_bf16_page1_window", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.page_size = 1; s.window_left = 300; });
   add("fp8pt_bf16_det", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; }, true);
+  // Head pairs: a head_dim-64 NHD pool with an even number of kv heads and groups of up to 4
+  // runs two heads a CTA (bf16_d64, fp8_bf16_d64 and the d64 window cases above too); odd kv
+  // heads, larger groups, HND and per-token scales keep one head a CTA.
+  add("bf16_d64_group1_pairs", [](DecodeProblemSpec& s) { s.head_dim = 64; s.qo_heads = 8; });
+  add("fp8_fp16_d64_group2_page3_pairs", [](DecodeProblemSpec& s) { s.fp8 = true; s.dtype = DType::kFloat16; s.head_dim = 64; s.qo_heads = 16; s.page_size = 3; });
+  add("bf16_d64_softcap_strided_q_pairs", [](DecodeProblemSpec& s) { s.head_dim = 64; s.soft_cap = 5.0f; s.q_pad = 8; });
+  add("fp8_bf16_d64_det_pairs", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; }, true);
+  add("bf16_d64_odd_kv_heads", [](DecodeProblemSpec& s) { s.head_dim = 64; s.qo_heads = 12; s.kv_heads = 3; });
+  add("fp8_bf16_d64_group8", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.qo_heads = 64; });
   return cs;
 }
 
@@ -489,6 +498,7 @@ cuda::DecodeArgs CheckedDecodeArgs() {
   a.ws.layout.max_items = 64;
   a.ws.grid_x = 33;
   a.ws.counters = FakeDevicePointer<int>();
+  a.ws.kv_head_blocks = 2;
   return a;
 }
 
@@ -516,6 +526,17 @@ TEST(Decode, RejectsBadArgumentsNamingThem) {
           "decode: batch 5 exceeds ws.layout.max_batch 4");
   rejects([](cuda::DecodeArgs& a) { a.ws.counters = nullptr; },
           "decode: ws.counters is null (the fused merge needs them)");
+  // A config made for a head_dim-64 NHD pool (head pairs: 1 CTA for 2 kv heads), used on HND.
+  rejects(
+      [](cuda::DecodeArgs& a) {
+        a.kv.shape.head_dim = 64;
+        a.kv.shape.layout = KvLayout::kHND;
+        a.q_stride_b = a.out_stride_b = 8 * 64;
+        a.q_stride_h = a.out_stride_h = 64;
+        a.ws.kv_head_blocks = 1;
+      },
+      "decode: ws.kv_head_blocks 1 is not the 2 of this pool's kernel (a plan config for "
+      "another shape?)");
   cuda::DecodeArgs det = CheckedDecodeArgs();
   det.deterministic = true;
   det.ws.counters = nullptr;

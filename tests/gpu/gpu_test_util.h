@@ -265,6 +265,7 @@ struct DecodeRunner {
     shape.storage = s.Storage();
     shape.head_dim = s.head_dim;
     shape.num_kv_heads = s.kv_heads;
+    shape.layout = s.layout;
     absl::StatusOr<DecodePlanConfig> made =
         cuda::MakeDecodePlanConfig(dev, shape, s.qo_heads, s.window_left);
     ASSERT_TRUE(made.ok()) << made.status();
@@ -301,6 +302,7 @@ struct DecodeRunner {
     ws.partial_out = partial_out.get();
     ws.partial_lse = partial_lse.get();
     ws.counters = counters.get();
+    ws.kv_head_blocks = cfg.kv_head_blocks;
     return ws;
   }
 };

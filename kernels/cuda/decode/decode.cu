@@ -20,12 +20,12 @@ namespace {
 
 constexpr char kFamily[] = "decode";
 
-template <typename T, typename KV, int D, bool kKeyRows>
+template <typename T, typename KV, int D, bool kKeyRows, bool kPairs>
 cudaError_t PrepareDecodeKernel(int device) {
   static detail::OncePerDevice once;
   return detail::AllowDynamicSmem(
       once, device,
-      reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows>),
+      reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows, kPairs>),
       detail::DecodeTraitsFor<KV, D, kKeyRows>::kSmemBytes);
 }
 
@@ -35,19 +35,56 @@ bool UseKeyRows(int64_t group) {
   return detail::DecodeTraitsFor<KV, D>::kKeyRowsEnabled && group <= detail::kKeyRowsMaxGroup;
 }
 
-template <typename T, typename KV, int D, bool kKeyRows>
+// Head pairs (DecodeParams::pair_group): in the NHD layout the head_dim-64 rows of kv heads 2v
+// and 2v + 1 are one row of 128 elements, so the pool reads as a head_dim-128 pool of half the
+// heads, and a GQA group of up to 4 fills the key-rows mma's 8 query columns with
+// both heads' queries (each zero in the other head's 64 dims). The mma and conversion work per
+// token is that of two head_dim-64 heads, but each copy moves whole 128-byte lines: measured on
+// an H200, an fp8 head_dim-64 pool streamed at 62% of the read ceiling in NHD and 77% in HND.
+// Not for per-token scales (a key's scale would differ between the two heads' columns).
+// ATTND_DECODE_PAIR_HEADS=0 runs head_dim 64 on its own kernel (experiments).
+#ifndef ATTND_DECODE_PAIR_HEADS
+#define ATTND_DECODE_PAIR_HEADS 1
+#endif
+bool PairsHeads(const KvCacheShape& sh, int64_t group) {
+  return ATTND_DECODE_PAIR_HEADS && sh.head_dim == 64 && sh.layout == KvLayout::kNHD &&
+         sh.num_kv_heads % 2 == 0 && 2 * group <= detail::kKeyRowsMaxGroup &&
+         sh.storage != KvStorage::kFp8E4M3PerToken &&
+         (sh.storage == KvStorage::kFp8E4M3 ? ATTND_DECODE_KEY_ROWS_FP8
+                                            : ATTND_DECODE_KEY_ROWS_BF16);
+}
+
+// The pool as the kernel reads it: with head pairs, head_dim 128 and half the kv heads (the
+// same pages, rows and strides).
+KvCacheShape KernelShape(const KvCacheShape& sh, int64_t group) {
+  if (!PairsHeads(sh, group)) return sh;
+  KvCacheShape k = sh;
+  k.head_dim = 2 * sh.head_dim;
+  k.num_kv_heads = sh.num_kv_heads / 2;
+  return k;
+}
+
+// The grid's CTAs per item (DecodePlanConfig::kv_head_blocks): kernel kv heads times blocks of
+// 16 query heads (one, in the key-rows layout).
+int64_t KernelHeadBlocks(const KvCacheShape& shape, int64_t num_qo_heads) {
+  const KvCacheShape k = KernelShape(shape, num_qo_heads / shape.num_kv_heads);
+  const int64_t group = num_qo_heads / k.num_kv_heads;
+  return k.num_kv_heads * ((group + 15) / 16);
+}
+
+template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
 cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
                                cudaStream_t stream) {
   using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
+  const auto kernel = &detail::BatchDecodeKernel<T, KV, D, kKeyRows, kPairs>;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D, kKeyRows>(device);
+  if (e == cudaSuccess) e = PrepareDecodeKernel<T, KV, D, kKeyRows, kPairs>(device);
   static detail::ResidentCtas resident;
   int ctas = 0;
   if (e == cudaSuccess) {
-    e = resident.Get(device,
-                     reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows>),
-                     Tr::kThreads, Tr::kSmemBytes, &ctas);
+    e = resident.Get(device, reinterpret_cast<const void*>(kernel), Tr::kThreads,
+                     Tr::kSmemBytes, &ctas);
   }
   if (e != cudaSuccess) return e;
   // Dependents start early only behind a grid of one wave that merges its own requests
@@ -55,38 +92,53 @@ cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
   // early start, and the decode after it depends on it, not on this grid.
   const bool one_wave = grid.x * grid.y <= static_cast<unsigned>(ctas);
   p.trigger_tiles = one_wave && p.fused_merge ? ATTND_DECODE_TRIGGER_TILES : 0;
-  return detail::LaunchKernel(detail::BatchDecodeKernel<T, KV, D, kKeyRows>, grid,
-                              dim3(Tr::kThreads), Tr::kSmemBytes, stream, overlap, p);
+  return detail::LaunchKernel(kernel, grid, dim3(Tr::kThreads), Tr::kSmemBytes, stream, overlap,
+                              p);
 }
+
+// Whether the (kernel) pool shape has a head-pairs kernel: head_dim 128, per-layer scales.
+template <typename KV, int D>
+constexpr bool kHasPairsKernel = D == 128 && !detail::kTokenScaledKv<KV>;
 
 template <typename T, typename KV, int D>
 struct LaunchDecodeFn {
   static absl::Status Run(const detail::DecodeParams& p, dim3 grid, bool overlap,
                           cudaStream_t stream) {
-    const cudaError_t e = UseKeyRows<KV, D>(p.group)
-                              ? LaunchDecodeKernel<T, KV, D, true>(p, grid, overlap, stream)
-                              : LaunchDecodeKernel<T, KV, D, false>(p, grid, overlap, stream);
+    cudaError_t e = cudaErrorInvalidValue;  // head pairs without their kernel: PairsHeads bars it
+    if (p.pair_group == 0) {
+      e = UseKeyRows<KV, D>(p.group)
+              ? LaunchDecodeKernel<T, KV, D, true>(p, grid, overlap, stream)
+              : LaunchDecodeKernel<T, KV, D, false>(p, grid, overlap, stream);
+    } else if constexpr (kHasPairsKernel<KV, D>) {
+      e = LaunchDecodeKernel<T, KV, D, true, true>(p, grid, overlap, stream);
+    }
     return detail::CudaStatus(e, "decode kernel launch");
   }
 };
 
-template <typename T, typename KV, int D, bool kKeyRows>
+template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
 cudaError_t QueryOccupancy(int device, int* blocks, int* tile_tokens) {
   using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
   *tile_tokens = Tr::kTileTokens;
-  const cudaError_t e = PrepareDecodeKernel<T, KV, D, kKeyRows>(device);
+  const cudaError_t e = PrepareDecodeKernel<T, KV, D, kKeyRows, kPairs>(device);
   if (e != cudaSuccess) return e;
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      blocks, &detail::BatchDecodeKernel<T, KV, D, kKeyRows>, Tr::kThreads, Tr::kSmemBytes);
+      blocks, &detail::BatchDecodeKernel<T, KV, D, kKeyRows, kPairs>, Tr::kThreads,
+      Tr::kSmemBytes);
 }
 
-// The resident CTAs per SM and the tile of tokens of the kernel that serves `group`.
+// The resident CTAs per SM and the tile of tokens of the kernel that serves `group` (with
+// `pairs`, the head-pairs kernel).
 template <typename T, typename KV, int D>
 struct DecodeOccupancyFn {
-  static absl::Status Run(int device, int64_t group, int* blocks, int* tile_tokens) {
-    const cudaError_t e = UseKeyRows<KV, D>(group)
-                              ? QueryOccupancy<T, KV, D, true>(device, blocks, tile_tokens)
-                              : QueryOccupancy<T, KV, D, false>(device, blocks, tile_tokens);
+  static absl::Status Run(int device, int64_t group, bool pairs, int* blocks, int* tile_tokens) {
+    cudaError_t e = cudaErrorInvalidValue;
+    if (!pairs) {
+      e = UseKeyRows<KV, D>(group) ? QueryOccupancy<T, KV, D, true>(device, blocks, tile_tokens)
+                                   : QueryOccupancy<T, KV, D, false>(device, blocks, tile_tokens);
+    } else if constexpr (kHasPairsKernel<KV, D>) {
+      e = QueryOccupancy<T, KV, D, true, true>(device, blocks, tile_tokens);
+    }
     return detail::CudaStatus(e, "decode kernel occupancy");
   }
 };
@@ -102,6 +154,13 @@ absl::Status ValidateWorkspace(const DecodeArgs& a) {
   using detail::InvalidArg;
   const DecodeWorkspace& ws = a.ws;
   if (ws.plan == nullptr) return InvalidArg(kFamily, "ws.plan is null");
+  // The counters and the plan's grid were sized for the config's kernel: another pool shape
+  // or layout may run another one (head pairs).
+  const int64_t head_blocks = KernelHeadBlocks(a.kv.shape, a.opts.num_qo_heads);
+  if (ws.kv_head_blocks != head_blocks) {
+    return InvalidArg(kFamily, "ws.kv_head_blocks ", ws.kv_head_blocks, " is not the ",
+                      head_blocks, " of this pool's kernel (a plan config for another shape?)");
+  }
   if (ws.grid_x < a.batch) {
     return InvalidArg(kFamily, "ws.grid_x ", ws.grid_x, " is less than batch ", a.batch);
   }
@@ -129,9 +188,11 @@ absl::Status ValidatePointers(const DecodeArgs& a) {
 }
 
 detail::DecodeParams MakeDecodeParams(const DecodeArgs& a) {
-  const KvCacheShape& sh = a.kv.shape;
-  const int64_t qo = a.opts.num_qo_heads, group = qo / sh.num_kv_heads;
+  const int64_t qo = a.opts.num_qo_heads, real_group = qo / a.kv.shape.num_kv_heads;
+  const KvCacheShape sh = KernelShape(a.kv.shape, real_group);
+  const int64_t group = qo / sh.num_kv_heads;
   detail::DecodeParams p{};
+  p.pair_group = PairsHeads(a.kv.shape, real_group) ? static_cast<int>(real_group) : 0;
   p.layer_ptr = a.kv.layer_in_device;
   p.layer_elems = sh.LayerElems();
   p.kv_layer = static_cast<const char*>(a.kv.pool) +
@@ -207,8 +268,10 @@ absl::Status QueryDevice(int device, const KvCacheShape& shape, int64_t group, i
   }
   const cudaError_t e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return detail::CudaStatus(e, "decode plan config: SM count");
-  return detail::DispatchKvHeadDim<DecodeOccupancyFn>(kFamily, shape, device, group, blocks,
-                                                      tile_tokens);
+  const KvCacheShape k = KernelShape(shape, group);
+  return detail::DispatchKvHeadDim<DecodeOccupancyFn>(
+      kFamily, k, device, group * shape.num_kv_heads / k.num_kv_heads, PairsHeads(shape, group),
+      blocks, tile_tokens);
 }
 
 }  // namespace
@@ -232,7 +295,7 @@ absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheS
   DecodePlanConfig cfg;
   cfg.num_sms = sms;
   cfg.ctas_per_sm = std::max(blocks, 1);
-  cfg.kv_head_blocks = static_cast<int>(num_kv_heads * ((group + 15) / 16));
+  cfg.kv_head_blocks = static_cast<int>(KernelHeadBlocks(shape, num_qo_heads));
   cfg.tile_tokens = tile_tokens;
   cfg.window_left = window_left;
   return cfg;
@@ -244,8 +307,9 @@ absl::Status LaunchBatchDecode(const DecodeArgs& a, cudaStream_t stream) {
   if (absl::Status s = ValidatePointers(a); !s.ok()) return s;
   if (a.batch == 0) return absl::OkStatus();
   const detail::DecodeParams p = MakeDecodeParams(a);
-  const dim3 grid(static_cast<unsigned>(a.kv.shape.num_kv_heads * p.m_blocks), a.ws.grid_x);
-  absl::Status s = detail::DispatchKvHeadDim<LaunchDecodeFn>(kFamily, a.kv.shape, p, grid,
+  const KvCacheShape k = KernelShape(a.kv.shape, a.opts.num_qo_heads / a.kv.shape.num_kv_heads);
+  const dim3 grid(static_cast<unsigned>(a.ws.kv_head_blocks), a.ws.grid_x);
+  absl::Status s = detail::DispatchKvHeadDim<LaunchDecodeFn>(kFamily, k, p, grid,
                                                              a.overlap_previous, stream);
   if (!s.ok() || !a.deterministic) return s;
   return LaunchDeterministicMerge(a, stream);

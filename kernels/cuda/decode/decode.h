@@ -45,6 +45,7 @@ struct DecodeWorkspace {
   float* partial_out = nullptr;
   float* partial_lse = nullptr;
   int* counters = nullptr;
+  int kv_head_blocks = 0;  // DecodePlanConfig::kv_head_blocks of the config (checked)
 };
 
 struct DecodeArgs {
@@ -73,7 +74,9 @@ absl::Status LaunchBatchDecode(const DecodeArgs& args, cudaStream_t stream);
 // Planner config for a device and model: SM count and the decode kernel's occupancy. Call once
 // at start-up (it queries the device, which it makes current for the call and then restores),
 // then set deterministic / fixed_chunk_tokens as wanted.
-// The pool's shape gives the dtype, storage, head_dim and kv heads (num_pages is not read).
+// The pool's shape gives the dtype, storage, head_dim, kv heads and layout (num_pages is not
+// read): a head_dim-64 NHD pool of an even number of kv heads and groups of up to 4 runs two
+// heads a CTA, so kv_head_blocks is half the kv heads.
 absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheShape& shape,
                                                       int64_t num_qo_heads,
                                                       int64_t window_left);

@@ -219,6 +219,21 @@ __device__ __forceinline__ void StoreQueryRowsState(float* m_smem, float* l_smem
   }
 }
 
+// Chunk `ch` (8 elements) of the kernel's query or output row r, as a chunk of the query's
+// own row: with head pairs (DecodeParams::pair_group) a column's 64 dims are the first or the
+// second half of the 128, as its head is the pair's first or second, and the other half is
+// not in its row (its query zero, its output dropped).
+struct PairedChunk {
+  bool in_row;
+  int chunk;
+};
+template <bool kPairs>
+__device__ __forceinline__ PairedChunk PairChunk(int pair_group, int r, int ch) {
+  if constexpr (!kPairs) return {true, ch};
+  const int half = r >= pair_group ? 1 : 0;
+  return {(ch >> 3) == half, ch - 8 * half};
+}
+
 // A CTA's work item: request b's item `item`, one of the n_items from first_item.
 struct ItemRef {
   int b, item, first_item, n_items;
@@ -227,25 +242,28 @@ struct ItemRef {
 // Merges the warps' states in a fixed order and writes the output (an unsplit request) or the
 // item's partial; the CTA that completes a request's last partial (for its kv head block) then
 // merges all of them, in item order, and resets the counter for the next launch.
-template <typename Tr, typename T>
+template <typename Tr, typename T, bool kPairs>
 __device__ __forceinline__ void WriteItemOutput(const DecodeParams& p, const float* m_smem,
                                                 const float* l_smem, const float* acc_smem,
                                                 ItemRef it, int qo_head0, int nrows, int warp,
                                                 int lane, int& last_flag) {
   constexpr int D = Tr::kHeadDim;
   const bool direct = it.n_items == 1;
+  constexpr int out_dim = kPairs ? D / 2 : D;  // a query's output and partial rows
   for (int idx = threadIdx.x; idx < nrows * Tr::kQChunks; idx += Tr::kThreads) {
     const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
+    const PairedChunk pc = PairChunk<kPairs>(p.pair_group, r, ch);
+    if (!pc.in_row) continue;  // head pairs: the other head's half
     float mw[Tr::kWarps], o[8];
     const float lse2 =
         CombineWarpStates<Tr::kWarps, Tr::kRows, D>(m_smem, l_smem, acc_smem, r, ch, mw, o);
     const int h = qo_head0 + r;
     if (direct) {
-      StoreOut<T>(p, it.b, h, ch, o, lse2);
+      StoreOut<T>(p, it.b, h, pc.chunk, o, lse2);
     } else {
       const int64_t row = static_cast<int64_t>(it.item) * p.num_qo_heads + h;
-      StorePartialChunk(p.partial_out + row * D + ch * 8, o);
-      if (ch == 0) __stcg(p.partial_lse + row, lse2);
+      StorePartialChunk(p.partial_out + row * out_dim + pc.chunk * 8, o);
+      if (pc.chunk == 0) __stcg(p.partial_lse + row, lse2);
     }
   }
   if (direct || !p.fused_merge) return;
@@ -260,7 +278,7 @@ __device__ __forceinline__ void WriteItemOutput(const DecodeParams& p, const flo
   __syncthreads();
   if (last_flag) {
     __threadfence();
-    MergeRequest<T, D>(p, it.b, it.first_item, it.n_items, qo_head0, nrows, warp, lane);
+    MergeRequest<T, out_dim>(p, it.b, it.first_item, it.n_items, qo_head0, nrows, warp, lane);
   }
 }
 
@@ -351,11 +369,14 @@ template <typename KV, int D, bool kKeyRows = false>
 using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>, kKeyRows>;
 
 // T: the model dtype (q, out); KV: the pool's (T, or an fp8 type read through fp16 mma);
-// kKeyRows: the transposed layout of decode_key_rows.cuh (groups of up to 8).
-template <typename T, typename KV, int D, bool kKeyRows>
+// kKeyRows: the transposed layout of decode_key_rows.cuh (groups of up to 8); kPairs: head pairs
+// (DecodeParams::pair_group; head_dim 128 key rows only), a kernel of its own so that the
+// others carry none of its code.
+template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
 __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
                                   DecodeTraitsFor<KV, D, kKeyRows>::kMinBlocks)
     BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
+  static_assert(!kPairs || (D == 128 && kKeyRows), "head pairs read as head_dim 128, key rows");
   using Tr = DecodeTraitsFor<KV, D, kKeyRows>;
   constexpr bool kFp8 = Tr::kFp8;
   constexpr int S = Tr::kStages;
@@ -435,8 +456,10 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
       const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + qo_head0 * p.q_sh;
       for (int idx = threadIdx.x; idx < Tr::kRows * Tr::kQChunks; idx += Tr::kThreads) {
         const int r = idx / Tr::kQChunks, ch = idx % Tr::kQChunks;
-        const bool ok = r < nrows;
-        CpAsync16(SmemAddr(q_smem + Swz<D>(r, ch)), ok ? qb + r * p.q_sh + ch * 8 : qb, ok);
+        const PairedChunk pc = PairChunk<kPairs>(p.pair_group, r, ch);
+        const bool ok = r < nrows && pc.in_row;
+        CpAsync16(SmemAddr(q_smem + Swz<D>(r, ch)), ok ? qb + r * p.q_sh + pc.chunk * 8 : qb,
+                  ok);
       }
       CpAsyncCommit();
     }
@@ -519,8 +542,9 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
       StoreQueryRowsState<Tr>(m_smem, l_smem, acc_smem, warp, lane, nrows, m, l, acc, v_scale);
     }
     __syncthreads();
-    WriteItemOutput<Tr, T>(p, m_smem, l_smem, acc_smem, ItemRef{b, item, first_item, n_items},
-                           qo_head0, nrows, warp, lane, last_flag);
+    WriteItemOutput<Tr, T, kPairs>(p, m_smem, l_smem, acc_smem,
+                                   ItemRef{b, item, first_item, n_items}, qo_head0, nrows, warp,
+                                   lane, last_flag);
     __syncthreads();  // the next item reuses q_smem and the pipeline buffers
   }
   LaunchDependents();  // a column without items, or none that reached its trigger tile

@@ -24,7 +24,7 @@ struct DecodeParams {
   int64_t o_sb, o_sh;
   float* lse;
   int num_qo_heads;
-  int group;
+  int group;         // query heads per (kernel) kv head
   int m_blocks;
   int soft_cap;      // 0: s = pre * q.k; 1: s = post * tanh(pre * q.k)   (log2 units)
   float scale_pre;
@@ -47,14 +47,19 @@ struct DecodeParams {
   // A column's CTAs let programmatic dependents (PDL) launch this many tiles before the end of
   // their last item; 0: at their end (ATTND_DECODE_TRIGGER_TILES).
   int trigger_tiles;
+  // Head pairs (decode.cu, PairsHeads): a head_dim-64 pool read as head_dim 128, kv head v being
+  // heads 2v and 2v + 1; the real group g: query columns [0, g) are head 2v's, [g, 2g) head
+  // 2v + 1's, each a 64-dim query and output in its half of the 128 dims. 0: no pairs.
+  int pair_group;
 };
 
-// A CTA owns one (work item, kv head, block of query heads of the GQA group). Its 4 warps each
-// run an independent cp.async pipeline over their own slice of kWarpTokens tokens of every tile
-// and keep their own online-softmax state. Groups of up to 8 heads run in the key-rows layout
-// (below); larger ones in blocks of 16 in the query-rows layout, the heads (padded to 16) as the
-// M dimension of mma.m16n8k16. Warps merge in shared memory at the end, in a fixed order.
-// head_dim 64 takes 32-token slices so that a stage moves as many bytes as at 128.
+// A CTA owns one (work item, kv head, block of query heads of the GQA group); at head_dim 64 in
+// the NHD layout the kernel's kv head may be a pair of the pool's (DecodeParams::pair_group).
+// Its 4 warps each run an independent cp.async pipeline over their own slice of kWarpTokens
+// tokens of every tile and keep their own online-softmax state. Groups of up to 8 heads run in
+// the key-rows layout (below); larger ones in blocks of 16 in the query-rows layout, the heads
+// (padded to 16) as the M dimension of mma.m16n8k16. Warps merge in shared memory at the end,
+// in a fixed order. head_dim 64 takes 32-token slices so that a stage moves as many bytes as at 128.
 //
 // An fp8 pool (kKvBytes 1) stages e4m3 bytes and widens them to fp16 as the fragments are
 // loaded: ldmatrix reads the bytes as 16-bit pairs, so a K fragment holds 4 consecutive head
