@@ -4,8 +4,11 @@
 // sets and query buffers, > L2 together), median of 30 replays. FLOPs count 4 * d * heads per
 // visible (query, key) pair. Writes CSV rows with --csv (bench/peers.py --prefill reads them).
 //
-//   prefill_bench [--csv FILE] [--quick] [--only TEXT] [--mixed]
+//   prefill_bench [--csv FILE] [--quick] [--only TEXT] [--mixed] [--waves]
 // --quick: the prompts through the default kernel only (no portable, fp8 or mixed rows);
+// --waves: also noncausal cases of 33 requests, whose units fill 132 SMs' slots exactly (4
+// requests leave the last round half full): the kernel's rate without the tail, and at 4096
+// keys with half the units per key (what each unit's start and end cost);
 // --only: the prompt cases whose name contains TEXT (experiments and ncu).
 // --mixed: the mixed rows only (with --only, those whose name contains TEXT).
 #include <cuda_runtime.h>
@@ -336,6 +339,7 @@ float TimeFp8Prefill(int dev, const Batch& b, bool det, cudaStream_t s) {
 // portable mma.sync kernel ("portable").
 struct PromptOptions {
   bool quick = false;
+  bool waves = false;
   const char* only = nullptr;
 };
 
@@ -355,6 +359,12 @@ void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit,
                    {{2048, 2048}, {2048, 2048}, {2048, 2048}, {2048, 2048}}, 128, false, false});
   cases.push_back({"causal B1 S4096 d64", {{4096, 4096}}, 64, true, false});
   cases.push_back({"causal B1 S4096 d128 det", {{4096, 4096}}, 128, true, true});
+  if (opt.waves) {
+    cases.push_back({"noncausal B33 S2048 d128", std::vector<Req>(33, Req{2048, 2048}), 128, false,
+                     false});
+    cases.push_back({"noncausal B33 S4096 d128", std::vector<Req>(33, Req{4096, 4096}), 128, false,
+                     false});
+  }
   std::printf("hopper prefill kernel: d128 %s, d64 %s\n",
               cuda::HopperPrefillAvailable(dev, 128) ? "yes" : "no",
               cuda::HopperPrefillAvailable(dev, 64) ? "yes" : "no");
@@ -447,6 +457,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--quick")) opt.quick = true;
     if (!std::strcmp(argv[i], "--only") && i + 1 < argc) opt.only = argv[++i];
     if (!std::strcmp(argv[i], "--mixed")) mixed_only = true;
+    if (!std::strcmp(argv[i], "--waves")) opt.waves = true;
   }
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));

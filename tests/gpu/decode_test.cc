@@ -142,14 +142,26 @@ std::vector<Case> Cases() {
   add("fp8pt_bf16_page1_window", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.page_size = 1; s.window_left = 300; });
   add("fp8pt_bf16_det", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; }, true);
   // Head pairs: a head_dim-64 NHD pool with an even number of kv heads and groups of up to 4
-  // runs two heads a CTA (bf16_d64, fp8_bf16_d64 and the d64 window cases above too); odd kv
-  // heads, larger groups, HND and per-token scales keep one head a CTA.
+  // runs two heads a CTA (bf16_d64, fp8_bf16_d64, fp8pt_bf16_d64_page3 and the d64 window cases
+  // above too); odd kv heads, larger groups and HND keep one head a CTA.
   add("bf16_d64_group1_pairs", [](DecodeProblemSpec& s) { s.head_dim = 64; s.qo_heads = 8; });
   add("fp8_fp16_d64_group2_page3_pairs", [](DecodeProblemSpec& s) { s.fp8 = true; s.dtype = DType::kFloat16; s.head_dim = 64; s.qo_heads = 16; s.page_size = 3; });
   add("bf16_d64_softcap_strided_q_pairs", [](DecodeProblemSpec& s) { s.head_dim = 64; s.soft_cap = 5.0f; s.q_pad = 8; });
   add("fp8_bf16_d64_det_pairs", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; }, true);
   add("bf16_d64_odd_kv_heads", [](DecodeProblemSpec& s) { s.head_dim = 64; s.qo_heads = 12; s.kv_heads = 3; });
   add("fp8_bf16_d64_group8", [](DecodeProblemSpec& s) { s.fp8 = true; s.head_dim = 64; s.qo_heads = 64; });
+  // Per-token scales in pairs: each query column scales its keys and values by its own head's.
+  add("fp8pt_bf16_d64_group1_pairs", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.qo_heads = 8; });
+  add("fp8pt_fp16_d64_group2_page3_pairs", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.dtype = DType::kFloat16; s.head_dim = 64; s.qo_heads = 16; s.page_size = 3; });
+  add("fp8pt_bf16_d64_softcap_window_pairs", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.soft_cap = 5.0f; s.window_left = 300; });
+  add("fp8pt_bf16_d64_det_pairs", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; }, true);
+  // NaN in the slots past each sequence's end on its last page (a reused page's stale values).
+  add("bf16_nan_past_end", [](DecodeProblemSpec& s) { s.nan_past_end = true; });
+  add("fp16_d64_hnd_page3_nan_past_end", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.layout = KvLayout::kHND; s.page_size = 3; s.nan_past_end = true; });
+  add("bf16_d64_pairs_nan_past_end", [](DecodeProblemSpec& s) { s.head_dim = 64; s.nan_past_end = true; });
+  add("fp8_bf16_nan_past_end", [](DecodeProblemSpec& s) { s.fp8 = true; s.nan_past_end = true; });
+  add("fp8pt_bf16_d64_nan_past_end", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.head_dim = 64; s.nan_past_end = true; });
+  add("fp8_bf16_det_nan_past_end", [](DecodeProblemSpec& s) { s.fp8 = true; s.nan_past_end = true; }, true);
   return cs;
 }
 

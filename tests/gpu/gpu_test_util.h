@@ -109,6 +109,9 @@ struct DecodeProblemSpec {
   int64_t q_pad = 0;  // extra elements per q/out head row (strided q and out)
   bool fp8 = false;   // an fp8 e4m3 pool with random per-layer scales
   bool token_scales = false;  // with fp8: random per-(token, head) scales instead
+  // NaN in every slot past a sequence's end on its last page, as a reused page may hold; a
+  // kernel must not let them reach its output (0 x NaN is NaN).
+  bool nan_past_end = false;
 
   KvStorage Storage() const {
     return !fp8 ? KvStorage::kModelDType
@@ -182,10 +185,41 @@ struct RandomPagedKv {
       pool.resize(shape.TotalElems());
       RandomFill16(&pool, s.dtype, 1.0f, rng());
     }
+    if (s.nan_past_end) PoisonPastEnd(kv_lens);
     opts.num_qo_heads = s.qo_heads;
     opts.sm_scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
     opts.logits_soft_cap = s.soft_cap;
     opts.window_left = s.window_left;
+  }
+
+  // NaN (the e4m3 NaN code, and NaN per-token scales, in fp8 pools) in each sequence's slots
+  // past its end on its last page.
+  void PoisonPastEnd(const std::vector<int32_t>& kv_lens) {
+    const uint16_t nan16 = shape.dtype == DType::kFloat16 ? 0x7e00 : 0x7fc0;
+    auto* bytes = reinterpret_cast<uint8_t*>(pool.data());
+    for (size_t b = 0; b < kv_lens.size(); ++b) {
+      const int64_t used = kv_lens[b] % shape.page_size;
+      if (used == 0) continue;
+      const int64_t page = indices[indptr[b + 1] - 1];
+      for (int64_t layer = 0; layer < shape.num_layers; ++layer) {
+        for (int kv = 0; kv < 2; ++kv) {
+          for (int64_t slot = used; slot < shape.page_size; ++slot) {
+            for (int64_t h = 0; h < shape.num_kv_heads; ++h) {
+              const int64_t o = shape.Offset(layer, page, kv, slot, h);
+              if (shape.Fp8()) {
+                std::fill(bytes + o, bytes + o + shape.head_dim, uint8_t{0x7f});
+              } else {
+                std::fill(pool.begin() + o, pool.begin() + o + shape.head_dim, nan16);
+              }
+              if (shape.TokenScales()) {
+                reinterpret_cast<float*>(bytes + shape.ScalesByteOffset())[shape.ScaleOffset(
+                    layer, page, kv, slot, h)] = std::nanf("");
+              }
+            }
+          }
+        }
+      }
+    }
   }
 };
 

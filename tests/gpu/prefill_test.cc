@@ -60,6 +60,14 @@ std::vector<Case> Cases() {
   add("bf16_page64_hnd", [](DecodeProblemSpec& s) { s.page_size = 64; s.layout = KvLayout::kHND; });
   add("fp16_page3", [](DecodeProblemSpec& s) { s.page_size = 3; s.dtype = DType::kFloat16; });
   add("bf16_page17", [](DecodeProblemSpec& s) { s.page_size = 17; });
+  // NaN in the slots past each sequence's end on its last page (a reused page's stale values),
+  // over page sizes below, at and above the Hopper kernel's 128-key tile.
+  add("bf16_nan_past_end", [](DecodeProblemSpec& s) { s.nan_past_end = true; });
+  add("bf16_page8_nan_past_end", [](DecodeProblemSpec& s) { s.page_size = 8; s.nan_past_end = true; });
+  add("fp16_d64_page32_hnd_nan_past_end", [](DecodeProblemSpec& s) { s.head_dim = 64; s.dtype = DType::kFloat16; s.page_size = 32; s.layout = KvLayout::kHND; s.nan_past_end = true; });
+  add("bf16_page128_nan_past_end", [](DecodeProblemSpec& s) { s.page_size = 128; s.nan_past_end = true; });
+  add("bf16_page256_nan_past_end", [](DecodeProblemSpec& s) { s.page_size = 256; s.nan_past_end = true; });
+  add("fp8pt_bf16_nan_past_end", [](DecodeProblemSpec& s) { s.fp8 = s.token_scales = true; s.nan_past_end = true; });
   add("bf16_group1", [](DecodeProblemSpec& s) { s.qo_heads = 2; });
   add("bf16_group8", [](DecodeProblemSpec& s) { s.qo_heads = 16; });
   add("fp16_group5", [](DecodeProblemSpec& s) { s.qo_heads = 10; s.dtype = DType::kFloat16; });
@@ -122,10 +130,13 @@ TEST_P(PrefillVsReference, MatchesFp64) {
     EXPECT_TRUE(st.finite) << c.name;
     EXPECT_LT(st.rel, Tolerance(c.spec.dtype)) << c.name << " trial " << trial;
     // Prefill reads an fp8 pool through the model-dtype staging: per-token pools hold keys up to
-    // 10x the per-layer cases' (the outlier rows), and bf16's rounding of scale * code moves
-    // their logits, so the lse, by up to ~10x as much.
-    const bool big_keys = c.spec.token_scales && c.spec.dtype == DType::kBFloat16;
-    EXPECT_LT(st.lse_max, big_keys ? 2e-1 : 2e-2) << c.name;
+    // 10x the per-layer cases' (the outlier rows), and the staging's rounding of scale * code
+    // moves their logits, so the lse, by up to ~10x as much with bf16 (0.11-0.13 seen). fp16
+    // rounds 8x finer: 0.014-0.021 seen over 30 draws on an H200, past a 2e-2 bound 3 times.
+    const double lse_bound = !c.spec.token_scales                ? 2e-2
+                             : c.spec.dtype == DType::kBFloat16 ? 2e-1
+                                                                 : 4e-2;
+    EXPECT_LT(st.lse_max, lse_bound) << c.name;
     if (trial == 0) {
       std::printf("  %-8s %-24s rel %.2e  lse %.2e  items %d merges %d\n", KernelName(kernel),
                   c.name.c_str(), st.rel, st.lse_max, r.plan_host[0], r.plan_host[1]);

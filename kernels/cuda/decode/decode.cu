@@ -26,7 +26,7 @@ cudaError_t PrepareDecodeKernel(int device) {
   return detail::AllowDynamicSmem(
       once, device,
       reinterpret_cast<const void*>(&detail::BatchDecodeKernel<T, KV, D, kKeyRows, kPairs>),
-      detail::DecodeTraitsFor<KV, D, kKeyRows>::kSmemBytes);
+      detail::DecodeTraitsFor<KV, D, kKeyRows, kPairs>::kSmemBytes);
 }
 
 // Whether a GQA group runs in the key-rows layout (decode_key_rows.cuh).
@@ -41,7 +41,7 @@ bool UseKeyRows(int64_t group) {
 // both heads' queries (each zero in the other head's 64 dims). The mma and conversion work per
 // token is that of two head_dim-64 heads, but each copy moves whole 128-byte lines: measured on
 // an H200, an fp8 head_dim-64 pool streamed at 62% of the read ceiling in NHD and 77% in HND.
-// Not for per-token scales (a key's scale would differ between the two heads' columns).
+// Per-token scales come for both heads of a pair, and each query column takes its own head's.
 // ATTND_DECODE_PAIR_HEADS=0 runs head_dim 64 on its own kernel (experiments).
 #ifndef ATTND_DECODE_PAIR_HEADS
 #define ATTND_DECODE_PAIR_HEADS 1
@@ -49,9 +49,7 @@ bool UseKeyRows(int64_t group) {
 bool PairsHeads(const KvCacheShape& sh, int64_t group) {
   return ATTND_DECODE_PAIR_HEADS && sh.head_dim == 64 && sh.layout == KvLayout::kNHD &&
          sh.num_kv_heads % 2 == 0 && 2 * group <= detail::kKeyRowsMaxGroup &&
-         sh.storage != KvStorage::kFp8E4M3PerToken &&
-         (sh.storage == KvStorage::kFp8E4M3 ? ATTND_DECODE_KEY_ROWS_FP8
-                                            : ATTND_DECODE_KEY_ROWS_BF16);
+         (sh.Fp8() ? ATTND_DECODE_KEY_ROWS_FP8 : ATTND_DECODE_KEY_ROWS_BF16);
 }
 
 // The pool as the kernel reads it: with head pairs, head_dim 128 and half the kv heads (the
@@ -75,7 +73,7 @@ int64_t KernelHeadBlocks(const KvCacheShape& shape, int64_t num_qo_heads) {
 template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
 cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
                                cudaStream_t stream) {
-  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
+  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows, kPairs>;
   const auto kernel = &detail::BatchDecodeKernel<T, KV, D, kKeyRows, kPairs>;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
@@ -96,9 +94,9 @@ cudaError_t LaunchDecodeKernel(detail::DecodeParams p, dim3 grid, bool overlap,
                               p);
 }
 
-// Whether the (kernel) pool shape has a head-pairs kernel: head_dim 128, per-layer scales.
+// Whether the (kernel) pool shape has a head-pairs kernel: head_dim 128.
 template <typename KV, int D>
-constexpr bool kHasPairsKernel = D == 128 && !detail::kTokenScaledKv<KV>;
+constexpr bool kHasPairsKernel = D == 128;
 
 template <typename T, typename KV, int D>
 struct LaunchDecodeFn {
@@ -118,7 +116,7 @@ struct LaunchDecodeFn {
 
 template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
 cudaError_t QueryOccupancy(int device, int* blocks, int* tile_tokens) {
-  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows>;
+  using Tr = detail::DecodeTraitsFor<KV, D, kKeyRows, kPairs>;
   *tile_tokens = Tr::kTileTokens;
   const cudaError_t e = PrepareDecodeKernel<T, KV, D, kKeyRows, kPairs>(device);
   if (e != cudaSuccess) return e;
@@ -201,13 +199,14 @@ detail::DecodeParams MakeDecodeParams(const DecodeArgs& a) {
                     : a.kv.layer * sh.LayerElems() * sh.ElemBytes());
   p.layer = static_cast<int>(a.kv.layer);
   p.scales = a.kv.scales;
-  if (sh.TokenScales()) {
+  if (const KvCacheShape& pool = a.kv.shape; pool.TokenScales()) {
+    // Scales are indexed by the pool's kv heads (a pair's two), not the kernel's.
     p.token_scales = reinterpret_cast<const float*>(static_cast<const char*>(a.kv.pool) +
-                                                    sh.ScalesByteOffset());
-    p.layer_scales = sh.LayerScales();
-    p.page_scales = sh.PageScales();
-    p.page_size = static_cast<int>(sh.page_size);
-    p.scale_v_offset = static_cast<int>(sh.num_kv_heads * sh.page_size);
+                                                    pool.ScalesByteOffset());
+    p.layer_scales = pool.LayerScales();
+    p.page_scales = pool.PageScales();
+    p.page_size = static_cast<int>(pool.page_size);
+    p.scale_v_offset = static_cast<int>(pool.num_kv_heads * pool.page_size);
   }
   p.page_stride = sh.PageElems();
   p.v_offset = sh.BlockElems();

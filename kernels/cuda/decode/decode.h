@@ -75,8 +75,8 @@ absl::Status LaunchBatchDecode(const DecodeArgs& args, cudaStream_t stream);
 // at start-up (it queries the device, which it makes current for the call and then restores),
 // then set deterministic / fixed_chunk_tokens as wanted.
 // The pool's shape gives the dtype, storage, head_dim, kv heads and layout (num_pages is not
-// read): a head_dim-64 NHD pool of an even number of kv heads, groups of up to 4 and no
-// per-token scales runs two heads a CTA, so kv_head_blocks is half the kv heads.
+// read): a head_dim-64 NHD pool of an even number of kv heads and groups of up to 4 runs two
+// heads a CTA, so kv_head_blocks is half the kv heads.
 absl::StatusOr<DecodePlanConfig> MakeDecodePlanConfig(int device, const KvCacheShape& shape,
                                                       int64_t num_qo_heads,
                                                       int64_t window_left);

@@ -314,7 +314,7 @@ struct WarpSlicePipe {
   int t0, t1;                // the item's tokens
   int warp, lane;
   KV* stages;                // the warp's kStages stages of K then V rows
-  float* stage_scales;       // per-token pools: [stage][K | V][token of the slice]
+  float* stage_scales;       // per-token pools: [stage][K | V][scale head][token of the slice]
 
   __device__ __forceinline__ void Resolve(int tile, Refs& refs) const {
     constexpr int kWT = Tr::kWarpTokens;
@@ -353,31 +353,35 @@ struct WarpSlicePipe {
       CpAsync16(dst + kWT * D * sizeof(KV), src + p.v_offset, valid_r);
     }
     if constexpr (Tr::kTokenScales) {
-      float* sc = stage_scales + stage * 2 * kWT;
+      constexpr int kSH = Tr::kScaleHeads;
+      float* sc = stage_scales + stage * 2 * kSH * kWT;
 #pragma unroll
       for (int h = 0; h < Tr::kRowsPerLane; ++h) {
         const int r = lane + 32 * h;  // kWT >= 32 for fp8: each row is one lane's
-        const float* src = head_scales + refs.scale_off[h];
-        CpAsync4(SmemAddr(sc + r), src, refs.valid[h]);
-        CpAsync4(SmemAddr(sc + kWT + r), src + p.scale_v_offset, refs.valid[h]);
+#pragma unroll
+        for (int e = 0; e < kSH; ++e) {  // a pair's second head: the next page_size scales
+          const float* src = head_scales + refs.scale_off[h] + e * p.page_size;
+          CpAsync4(SmemAddr(sc + e * kWT + r), src, refs.valid[h]);
+          CpAsync4(SmemAddr(sc + (kSH + e) * kWT + r), src + p.scale_v_offset, refs.valid[h]);
+        }
       }
     }
   }
 };
 
-template <typename KV, int D, bool kKeyRows = false>
-using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>, kKeyRows>;
+template <typename KV, int D, bool kKeyRows = false, bool kPairs = false>
+using DecodeTraitsFor = DecodeTraits<D, sizeof(KV), kTokenScaledKv<KV>, kKeyRows, kPairs>;
 
 // T: the model dtype (q, out); KV: the pool's (T, or an fp8 type read through fp16 mma);
 // kKeyRows: the transposed layout of decode_key_rows.cuh (groups of up to 8); kPairs: head pairs
 // (DecodeParams::pair_group; head_dim 128 key rows only), a kernel of its own so that the
 // others carry none of its code.
 template <typename T, typename KV, int D, bool kKeyRows, bool kPairs = false>
-__global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
-                                  DecodeTraitsFor<KV, D, kKeyRows>::kMinBlocks)
+__global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows, kPairs>::kThreads,
+                                  DecodeTraitsFor<KV, D, kKeyRows, kPairs>::kMinBlocks)
     BatchDecodeKernel(const __grid_constant__ DecodeParams p) {
   static_assert(!kPairs || (D == 128 && kKeyRows), "head pairs read as head_dim 128, key rows");
-  using Tr = DecodeTraitsFor<KV, D, kKeyRows>;
+  using Tr = DecodeTraitsFor<KV, D, kKeyRows, kPairs>;
   constexpr bool kFp8 = Tr::kFp8;
   constexpr int S = Tr::kStages;
   constexpr int kKSteps = D / 16;  // k-steps of q.k and 16-wide column pairs of p.v
@@ -389,10 +393,10 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
   float* m_smem = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes);
   float* l_smem = m_smem + Tr::kWarps * Tr::kRows;
   float* acc_smem = reinterpret_cast<float*>(smem);  // aliases pipe, after the pipeline drains
-  // Per-token scales: [warp][stage][K | V][token of the slice].
+  // Per-token scales: [warp][stage][K | V][scale head][token of the slice].
   float* my_scales = reinterpret_cast<float*>(smem + Tr::kPipeBytes + Tr::kQBytes +
                                               Tr::kMergeBytes) +
-                     (threadIdx.x >> 5) * S * 2 * kWT;
+                     (threadIdx.x >> 5) * S * 2 * Tr::kScaleHeads * kWT;
   __shared__ int last_flag;
 
   const int warp = threadIdx.x >> 5;
@@ -415,7 +419,7 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
   const float* head_scales = nullptr;  // this kv head's per-token scales in the layer
   if constexpr (Tr::kTokenScales) {
     const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
-    head_scales = p.token_scales + layer * p.layer_scales + kvh * p.page_size;
+    head_scales = p.token_scales + layer * p.layer_scales + kvh * Tr::kScaleHeads * p.page_size;
     v_scale = 1.f / 256.f;
   } else if constexpr (kFp8) {
     const int layer = p.layer_ptr != nullptr ? __ldg(p.layer_ptr) : p.layer;
@@ -524,7 +528,8 @@ __global__ void __launch_bounds__(DecodeTraitsFor<KV, D, kKeyRows>::kThreads,
       if (tok_base >= t1) continue;  // this warp's slice is past the chunk (warp-uniform)
       const KV* ks = my_pipe + (k % S) * Tr::kStageElems;
       const KV* vs = ks + kWT * D;
-      const float* tile_scales = my_scales + (k % S) * 2 * kWT;  // per-token: K, then V
+      // Per-token pools: K, then V scales (each of kScaleHeads heads).
+      const float* tile_scales = my_scales + (k % S) * 2 * Tr::kScaleHeads * kWT;
       if constexpr (kKeyRows) {
         KeyRowsTile<Tr>(p, scale_pre, qcol, ks, vs, tile_scales, tok_base, t1, m, l, acc, lane);
       } else {

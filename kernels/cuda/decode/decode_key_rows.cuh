@@ -133,15 +133,22 @@ __device__ __forceinline__ void PvKeyRows(float (&acc)[Tr::kHeadDim / 16][4], ui
 }
 
 // One warp stage: scores, masking past t1, the online softmax and p.v. tile_scales: the stage's
-// per-token K scales, then its V scales (per-token pools only).
+// per-token K scales, then its V scales (per-token pools only), of each scale head: with head
+// pairs, a query column takes its own head's (columns from pair_group on are the second's).
 template <typename Tr, typename KV, typename Q>
 __device__ __forceinline__ void KeyRowsTile(const DecodeParams& p, float scale_pre, const Q& q,
                                             const KV* ks, const KV* vs, const float* tile_scales,
                                             int tok_base, int t1, float (&m)[2], float (&l)[2],
                                             float (&acc)[Tr::kHeadDim / 16][4], int lane) {
   using M = std::conditional_t<Tr::kFp8, __half, KV>;  // the mma operands' type
-  constexpr int kSub = Tr::kSubTiles, kWT = Tr::kWarpTokens;
+  constexpr int kSub = Tr::kSubTiles, kWT = Tr::kWarpTokens, kSH = Tr::kScaleHeads;
   const int g = lane >> 2;
+  // The scale rows of the thread's columns 2c and 2c + 1 (e & 1).
+  int scale_row[2] = {0, 0};
+  if constexpr (kSH == 2) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) scale_row[i] = 2 * (lane & 3) + i >= p.pair_group ? kWT : 0;
+  }
   float s[kSub][4];
   QkKeyRows<Tr>(s, q, ks, lane);
   float mx[2] = {-INFINITY, -INFINITY};
@@ -151,7 +158,7 @@ __device__ __forceinline__ void KeyRowsTile(const DecodeParams& p, float scale_p
     for (int e = 0; e < 4; ++e) {
       const int key = j * 16 + g + ((e >> 1) << 3);
       float x = s[j][e];
-      if constexpr (Tr::kTokenScales) x *= tile_scales[key];
+      if constexpr (Tr::kTokenScales) x *= tile_scales[scale_row[e & 1] + key];
       x = p.soft_cap ? p.scale_post * tanhf(scale_pre * x) : scale_pre * x;
       x = tok_base + key < t1 ? x : -INFINITY;
       s[j][e] = x;
@@ -161,10 +168,14 @@ __device__ __forceinline__ void KeyRowsTile(const DecodeParams& p, float scale_p
   OnlineSoftmaxStepKeyRows(s, mx, m, l, acc);
 #pragma unroll
   for (int sub = 0; sub < kSub; ++sub) {
-    if constexpr (Tr::kTokenScales) {  // after the sums: they take the plain probabilities
+    if constexpr (Tr::kTokenScales && kSH == 1) {  // after the sums: plain probabilities there
       const float v0 = 256.f * tile_scales[kWT + sub * 16 + g];
       const float v1 = 256.f * tile_scales[kWT + sub * 16 + g + 8];
       s[sub][0] *= v0, s[sub][1] *= v0, s[sub][2] *= v1, s[sub][3] *= v1;
+    } else if constexpr (Tr::kTokenScales) {
+      const float* v = tile_scales + kSH * kWT + sub * 16 + g;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[sub][e] *= 256.f * v[scale_row[e & 1] + ((e >> 1) << 3)];
     }
     const uint32_t pb0 = MovMatrixTrans(PackPair<M>(s[sub][0], s[sub][1]));
     const uint32_t pb1 = MovMatrixTrans(PackPair<M>(s[sub][2], s[sub][3]));

@@ -116,11 +116,14 @@ struct DecodeParams {
 #endif
 constexpr int kKeyRowsMaxGroup = 8;
 
-template <int D, int kKvBytes = 2, bool kPerTokenScales = false, bool kKeyRowsLayout = false>
+template <int D, int kKvBytes = 2, bool kPerTokenScales = false, bool kKeyRowsLayout = false,
+          bool kHeadPairs = false>
 struct DecodeTraits {
   static constexpr int kHeadDim = D;
   static constexpr bool kFp8 = kKvBytes == 1;
   static constexpr bool kTokenScales = kPerTokenScales;
+  // Per-token scales of head pairs: a token's K and V scales of both pool heads of the pair.
+  static constexpr int kScaleHeads = kPerTokenScales && kHeadPairs ? 2 : 1;
   static constexpr bool kKeyRows = kKeyRowsLayout;
   static constexpr bool kKeyRowsEnabled =
       kFp8 ? ATTND_DECODE_KEY_ROWS_FP8 != 0 : ATTND_DECODE_KEY_ROWS_BF16 != 0;
@@ -149,7 +152,8 @@ struct DecodeTraits {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kMergeBytes = 2 * kWarps * kRows * 4;  // per-warp m and l
   // Per-token scales: each warp stages its slice's K and V scales beside the K/V bytes.
-  static constexpr int kScaleBytes = kTokenScales ? kWarps * kStages * 2 * kWarpTokens * 4 : 0;
+  static constexpr int kScaleBytes =
+      kTokenScales ? kWarps * kStages * 2 * kScaleHeads * kWarpTokens * 4 : 0;
   static constexpr int kSmemBytes = kPipeBytes + kQBytes + kMergeBytes + kScaleBytes;
   // The fp32 per-warp accumulators reuse the pipeline buffers at the end.
   static_assert(kWarps * kRows * D * 4 <= kPipeBytes, "merge scratch must fit the pipeline");
