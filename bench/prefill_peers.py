@@ -9,6 +9,7 @@ Timing as bench/peers.py: CUDA-graph replays, median of 30. TFLOP/s counts 4 * d
 visible (query, key) pair; ours/peer = peer time / our time (above 1: we are faster).
 
   python3 bench/prefill_peers.py --ours ".device/b/run prefill_bench" --md /tmp/prefill.md
+  ncu ... python3 bench/prefill_peers.py --fa3 --no-fa2 --only noncausal --ours "... prefill_bench --quick"
 """
 import argparse
 import csv
@@ -100,6 +101,9 @@ def main():
     ap.add_argument("--md", default=None)
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--fa3", action="store_true", help="also FlashInfer's fa3 backend")
+    ap.add_argument("--no-fa2", action="store_true", help="skip FlashInfer's fa2 backend")
+    ap.add_argument("--only", default=None,
+                    help="the cases whose name contains TEXT, without the mixed rows (ncu)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "ours.csv")
@@ -127,7 +131,7 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, reqs, d, causal, dense in CASES:
         o = ours.get(("prefill", name))
-        if o is None:
+        if o is None or (args.only is not None and args.only not in name):
             continue
         us = float(o["us"])
         fl = flops(reqs, d, causal)
@@ -136,7 +140,8 @@ def main():
         cud = sdpa_time(dense[0], dense[1], d, causal, SDPBackend.CUDNN_ATTENTION)
         f2 = f3 = float("nan")
         if fi is not None:
-            f2 = flashinfer_time(fi, reqs, d, causal, "fa2")
+            if not args.no_fa2:
+                f2 = flashinfer_time(fi, reqs, d, causal, "fa2")
             if args.fa3:
                 f3 = flashinfer_time(fi, reqs, d, causal, "fa3")
         tfs = [fl / (t * 1e9) for t in (fla, cud, f2, f3)]
@@ -157,7 +162,7 @@ def main():
         if kind == "mixed":
             lines.append(f"| {name} | {float(r['us']):.1f} | {float(r['tflops']):.0f} | "
                          f"{r['items']} | {r['merges']} |")
-    if fi is not None:
+    if fi is not None and args.only is None:
         f2 = flashinfer_time(fi, MIXED, 128, True, "fa2")
         lines.append(f"| FlashInfer fa2, one launch | {fmt(f2 * 1e3)} | "
                      f"{fmt(flops(MIXED, 128, True) / (f2 * 1e9), 0)} | | |")
