@@ -162,7 +162,7 @@ def main():
         if kind == "mixed":
             lines.append(f"| {name} | {float(r['us']):.1f} | {float(r['tflops']):.0f} | "
                          f"{r['items']} | {r['merges']} |")
-    if fi is not None and args.only is None:
+    if fi is not None and args.only is None and not args.no_fa2:
         f2 = flashinfer_time(fi, MIXED, 128, True, "fa2")
         lines.append(f"| FlashInfer fa2, one launch | {fmt(f2 * 1e3)} | "
                      f"{fmt(flops(MIXED, 128, True) / (f2 * 1e9), 0)} | | |")
