@@ -8,7 +8,8 @@
 // --quick: the prompts through the default kernel only (no portable, fp8 or mixed rows);
 // --waves: also noncausal cases of 33 requests, whose units fill 132 SMs' slots exactly (4
 // requests leave the last round half full): the kernel's rate without the tail, and at 4096
-// keys with half the units per key (what each unit's start and end cost);
+// keys with half the units per key (what each unit's start and end cost); and 4 requests of
+// 1920 keys, whole tiles of 96, 128 and 160 keys (2048 is whole tiles of 128 only);
 // --only: the prompt cases whose name contains TEXT (experiments and ncu).
 // --mixed: the mixed rows only (with --only, those whose name contains TEXT).
 #include <cuda_runtime.h>
@@ -363,6 +364,8 @@ void BenchPrompts(int dev, cudaStream_t s, std::mt19937& rng, Emitter& emit,
     cases.push_back({"noncausal B33 S2048 d128", std::vector<Req>(33, Req{2048, 2048}), 128, false,
                      false});
     cases.push_back({"noncausal B33 S4096 d128", std::vector<Req>(33, Req{4096, 4096}), 128, false,
+                     false});
+    cases.push_back({"noncausal B4 S1920 d128", std::vector<Req>(4, Req{1920, 1920}), 128, false,
                      false});
   }
   std::printf("hopper prefill kernel: d128 %s, d64 %s\n",
